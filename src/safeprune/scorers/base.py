@@ -1,0 +1,100 @@
+"""Scorer protocol, registry and the per-module weight context."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+
+from ..adapter import LoraModule
+from ..errors import UsageError
+from ..sources import WeightSource, checked_fro_norm, read_module_weight
+
+REGISTRY: dict[str, type["Scorer"]] = {}
+
+
+def register(cls: type["Scorer"]) -> type["Scorer"]:
+    REGISTRY[cls.name] = cls
+    return cls
+
+
+def get_scorer(name: str, **options: Any) -> "Scorer":
+    try:
+        cls = REGISTRY[name]
+    except KeyError:
+        raise UsageError(f"unknown scoring method {name!r}; available: {', '.join(sorted(REGISTRY))}") from None
+    return cls(**options)
+
+
+class ModuleContext:
+    """Weights for one module, read at most once each and released when the module is done.
+
+    ``roles`` maps a role name ("base", "aligned", "unaligned") to a WeightSource.
+    """
+
+    def __init__(self, module: LoraModule, sources: dict[str, WeightSource], device: str | torch.device = "cpu"):
+        self.module = module
+        self.sources = sources
+        self.device = torch.device(device)
+        self._weights: dict[str, torch.Tensor] = {}
+        self._norms: dict[str, float] = {}
+
+    def source(self, role: str) -> WeightSource:
+        src = self.sources.get(role)
+        if src is None:
+            raise UsageError(f"this method needs the {role} model (--{role})")
+        return src
+
+    def weight(self, role: str = "base") -> torch.Tensor:
+        """W for this module in (out, in) orientation, float32, on the context's device."""
+        w = self._weights.get(role)
+        if w is None:
+            w = read_module_weight(self.source(role), self.module).to(self.device)
+            self._weights[role] = w
+        return w
+
+    def prefetched(self, role: str, w: torch.Tensor) -> None:
+        self._weights[role] = w.to(self.device)
+
+    def norm(self, role: str = "base") -> float:
+        """‖W‖_F (float64), raising NonFiniteError if W holds NaN/Inf."""
+        n = self._norms.get(role)
+        if n is None:
+            src = self.source(role)
+            n = checked_fro_norm(self.weight(role), f"{role} weight of module {self.module.name!r}", src.description)
+            self._norms[role] = n
+        return n
+
+    def lora(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, A) on the context's device in float32 or better."""
+        m = self.module
+        B = m.lora_B.to(self.device)
+        A = m.lora_A.to(self.device)
+        if B.dtype not in (torch.float32, torch.float64):
+            B, A = B.float(), A.float()
+        return B, A
+
+    def release(self) -> None:
+        self._weights.clear()
+
+
+class Scorer:
+    """Base class. Subclasses set the class attributes and implement :meth:`score`."""
+
+    name: ClassVar[str] = ""
+    requires: ClassVar[tuple[str, ...]] = ()
+    primary: ClassVar[str] = ""
+    descending: ClassVar[bool] = True  # True: highest value is pruned first
+    description: ClassVar[str] = ""
+
+    def options(self) -> dict[str, Any]:
+        return {}
+
+    def columns(self) -> list[str]:
+        raise NotImplementedError
+
+    def score(self, ctx: ModuleContext) -> dict[str, float]:
+        raise NotImplementedError
+
+    def finalize(self, rows: list[dict[str, Any]]) -> None:
+        """Hook for scores that need every module (e.g. pooled normalisation). Default: nothing."""

@@ -1,0 +1,135 @@
+"""Choosing which modules to edit from a score table.
+
+Rules (DDI paper Eq. 8 and its threshold alternative):
+
+* ``top=τ``: the τ modules a method ranks first (default τ = 10);
+* ``threshold=θ``: every module whose score is at or beyond θ (``≥`` when high means "prune first", as
+  for DDI and SPLoRA; ``≤`` for scores where low means "act", as SafeLoRA's cosine);
+* ``threshold_norm=θ``: the same on the method's bounded column (``ddi_norm``).
+
+Ties are broken deterministically: by score, then layer index, then module path. Module-type and layer
+filters restrict which modules are candidates at all.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterable
+
+from .errors import UsageError
+from .table import ScoreTable, _fmt, sort_key
+
+DEFAULT_TOP = 10
+
+
+@dataclass
+class SelectionRule:
+    method: str
+    column: str
+    descending: bool
+    top: int | None = None
+    threshold: float | None = None
+    module_types: list[str] | None = None
+    layers: list[int] | None = None
+
+    def describe(self) -> str:
+        where = []
+        if self.module_types:
+            where.append("type in " + ",".join(self.module_types))
+        if self.layers is not None:
+            where.append("layer in " + ",".join(map(str, self.layers)))
+        scope = f" among modules with {' and '.join(where)}" if where else ""
+        if self.top is not None:
+            order = "highest" if self.descending else "lowest"
+            return f"top {self.top} by {self.column} ({order} first){scope}"
+        op = ">=" if self.descending else "<="
+        return f"{self.column} {op} {self.threshold}{scope}"
+
+
+@dataclass
+class Selection:
+    rule: SelectionRule
+    selected: list[str]  # in the order the method ranks them
+    reasons: dict[str, str] = field(default_factory=dict)
+    candidates: int = 0
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.reasons
+
+    def __len__(self) -> int:
+        return len(self.selected)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "rule": asdict(self.rule),
+            "description": self.rule.describe(),
+            "candidates": self.candidates,
+            "selected": [{"module": m, "reason": self.reasons[m]} for m in self.selected],
+        }
+
+
+def _parse_types(types: Iterable[str] | str | None) -> list[str] | None:
+    if types is None:
+        return None
+    if isinstance(types, str):
+        types = types.split(",")
+    out = [t.strip() for t in types if t and t.strip()]
+    aliases = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj",
+               "gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
+    return [aliases.get(t, t) for t in out] or None
+
+
+def select(
+    table: ScoreTable,
+    method: str = "ddi",
+    *,
+    top: int | None = None,
+    threshold: float | None = None,
+    threshold_norm: float | None = None,
+    column: str | None = None,
+    module_types: Iterable[str] | str | None = None,
+    layers: Iterable[int] | None = None,
+) -> Selection:
+    if method not in table.methods:
+        raise UsageError(f"the score table has no {method!r} scores (it has: {', '.join(table.methods) or 'none'})")
+    given = sum(x is not None for x in (top, threshold, threshold_norm))
+    if given > 1:
+        raise UsageError("give only one of --top, --threshold and --threshold-norm")
+    info = table.methods[method]
+    col = column or info.primary
+    if threshold_norm is not None:
+        col = f"{info.primary}_norm"
+        threshold = threshold_norm
+    if col not in table.score_columns:
+        raise UsageError(f"method {method!r} has no column {col!r}")
+    if given == 0:
+        top = DEFAULT_TOP
+    if top is not None and top < 0:
+        raise UsageError(f"--top must be >= 0, got {top}")
+    types = _parse_types(module_types)
+    layer_list = None if layers is None else sorted(set(int(x) for x in layers))
+    rule = SelectionRule(method=method, column=col, descending=info.descending, top=top,
+                         threshold=threshold, module_types=types, layers=layer_list)
+
+    cands = [r for r in table.rows
+             if (types is None or r["type"] in types) and (layer_list is None or r["layer"] in layer_list)]
+    if types is not None:
+        unknown = set(types) - {r["type"] for r in table.rows}
+        if unknown:
+            raise UsageError(f"no module of type {', '.join(sorted(unknown))} in the adapter "
+                             f"(types: {', '.join(sorted({r['type'] for r in table.rows}))})")
+    ordered = sorted(cands, key=lambda r: sort_key(r, col, info.descending))
+    if top is not None:
+        chosen = ordered[:top]
+    else:
+        def hit(v: Any) -> bool:
+            return v is not None and v == v and (v >= threshold if info.descending else v <= threshold)
+        chosen = [r for r in ordered if hit(r.get(col))]
+    op = ">=" if info.descending else "<="
+    reasons = {}
+    for i, r in enumerate(chosen, start=1):
+        if top is not None:
+            reasons[r["module"]] = f"rank {i} of {len(cands)} by {col} ({col}={_fmt(r.get(col))})"
+        else:
+            reasons[r["module"]] = f"{col}={_fmt(r.get(col))} {op} {threshold}"
+    return Selection(rule=rule, selected=[r["module"] for r in chosen], reasons=reasons, candidates=len(cands))

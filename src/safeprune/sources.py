@@ -1,0 +1,427 @@
+"""Base-weight sources: read one tensor at a time, lazily, from wherever the base model lives.
+
+* a local Hugging Face directory (``model.safetensors``, or shards with ``model.safetensors.index.json``,
+  or shards without an index);
+* a single ``.safetensors`` file;
+* a GGUF file (or a directory holding exactly one), dequantised tensor by tensor with the ``gguf`` package;
+  llama-family ``attn_q``/``attn_k`` rows are permuted by llama.cpp's converter and are un-permuted here so
+  they match Hugging Face order;
+* a hub id (``org/name``), resolved through huggingface_hub's local cache (and downloaded only when the
+  network is allowed).
+
+All sources present tensors under Hugging Face names (``model.layers.0.self_attn.q_proj.weight``) and return
+float32 (or the requested dtype) tensors on the CPU. Nothing loads the whole model: peak memory is one
+tensor plus the mmap'd pages the OS chooses to keep.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import threading
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import torch
+
+from .errors import InputError, OfflineError, ShapeMismatchError, UnsupportedError
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+_PICKLE_BASES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.ckpt")
+
+
+class WeightSource(ABC):
+    """Lazy access to a model's weights by Hugging Face tensor name."""
+
+    description: str = ""
+
+    @abstractmethod
+    def keys(self) -> set[str]: ...
+
+    @abstractmethod
+    def shape(self, key: str) -> tuple[int, ...]: ...
+
+    @abstractmethod
+    def _read(self, key: str) -> torch.Tensor: ...
+
+    def get(self, key: str, dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
+        if key not in self.keys():
+            raise InputError(f"no tensor named {key!r}", self.description)
+        t = self._read(key)
+        return t if dtype is None or t.dtype == dtype else t.to(dtype)
+
+    def file_of(self, key: str) -> str:
+        return self.description
+
+    def files(self) -> list[Path]:
+        return []
+
+    def close(self) -> None:  # pragma: no cover - trivial
+        pass
+
+    def __enter__(self) -> "WeightSource":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.description})"
+
+
+# -------------------------------------------------------------------------------------------------
+# safetensors (single file, sharded with or without index)
+# -------------------------------------------------------------------------------------------------
+
+class SafetensorsSource(WeightSource):
+    """One or more safetensors files; a tensor -> file map built from the index or from the headers."""
+
+    def __init__(self, files: list[Path], weight_map: dict[str, Path] | None = None, description: str = ""):
+        from .safety_io import check_safetensors_header
+
+        self._files = files
+        self.description = description or str(files[0].parent if len(files) > 1 else files[0])
+        self._shapes: dict[str, tuple[int, ...]] = {}
+        self._file_of: dict[str, Path] = {}
+        for f in files:
+            header = check_safetensors_header(f)
+            for k, info in header.items():
+                if k == "__metadata__":
+                    continue
+                self._shapes[k] = tuple(info["shape"])
+                self._file_of[k] = f
+        if weight_map is not None:
+            for k, f in weight_map.items():
+                if k not in self._file_of:
+                    raise InputError(f"index names tensor {k!r} in {f.name}, but that file does not contain it",
+                                     self.description)
+                if self._file_of[k] != f:
+                    raise InputError(f"index places {k!r} in {f.name} but it is in {self._file_of[k].name}",
+                                     self.description)
+        self._handles: dict[Path, object] = {}
+        self._lock = threading.Lock()
+
+    def keys(self) -> set[str]:
+        return set(self._shapes)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self._shapes[key]
+
+    def file_of(self, key: str) -> str:
+        return str(self._file_of.get(key, self.description))
+
+    def files(self) -> list[Path]:
+        return list(self._files)
+
+    def _handle(self, f: Path):
+        from safetensors import safe_open
+
+        with self._lock:
+            h = self._handles.get(f)
+            if h is None:
+                h = safe_open(str(f), framework="pt")
+                self._handles[f] = h
+            return h
+
+    def _read(self, key: str) -> torch.Tensor:
+        f = self._file_of[key]
+        try:
+            return self._handle(f).get_tensor(key)
+        except Exception as e:
+            raise InputError(f"cannot read tensor {key!r} ({str(e)[:200]})", f) from None
+
+    def close(self) -> None:
+        self._handles.clear()
+
+
+def _safetensors_dir(d: Path) -> SafetensorsSource:
+    from .safety_io import check_inside
+
+    index = d / INDEX_NAME
+    if index.is_file():
+        check_inside(index, d)
+        try:
+            idx = json.loads(index.read_text(encoding="utf-8"))
+            wm = idx["weight_map"]
+            assert isinstance(wm, dict)
+        except Exception:
+            raise InputError("corrupt index: expected JSON with a 'weight_map' object", index) from None
+        shard_names = sorted(set(wm.values()))
+        files = []
+        for name in shard_names:
+            f = d / name
+            if not f.is_file():
+                raise InputError(f"shard {name!r} named in {INDEX_NAME} is missing", d)
+            check_inside(f, d)
+            files.append(f)
+        return SafetensorsSource(files, {k: d / v for k, v in wm.items()}, description=str(d))
+    single = d / SINGLE_NAME
+    if single.is_file():
+        check_inside(single, d)
+        return SafetensorsSource([single], description=str(d))
+    shards = sorted(p for p in d.glob("*.safetensors") if not p.name.startswith("adapter_model"))
+    if shards:
+        for f in shards:
+            check_inside(f, d)
+        return SafetensorsSource(shards, description=str(d))
+    ggufs = sorted(d.glob("*.gguf"))
+    if len(ggufs) == 1:
+        return GGUFSource(ggufs[0])
+    if len(ggufs) > 1:
+        raise InputError(f"several GGUF files; name one of them: {', '.join(p.name for p in ggufs)}", d)
+    for name in _PICKLE_BASES:
+        if (d / name).exists():
+            raise UnsupportedError(
+                f"base weights are pickled ({name}); safeprune reads safetensors or GGUF only. Convert with "
+                "`model.save_pretrained(dir, safe_serialization=True)`",
+                d,
+            )
+    raise InputError("no model weights found (expected model.safetensors, shards with an index, or a .gguf)", d)
+
+
+# -------------------------------------------------------------------------------------------------
+# GGUF
+# -------------------------------------------------------------------------------------------------
+
+# llama.cpp tensor names -> Hugging Face names for decoder-only transformer families
+_GGUF_BLOCK = {
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+}
+_GGUF_GLOBAL = {
+    "token_embd": "model.embed_tokens",
+    "output_norm": "model.norm",
+    "output": "lm_head",
+}
+# architectures whose q/k rows llama.cpp's converter permutes (LlamaModel.permute)
+_PERMUTED_ARCHS = {"llama", "mistral", "granite", "granitemoe"}
+
+
+def gguf_to_hf_name(name: str) -> str | None:
+    m = re.match(r"^blk\.(\d+)\.([a-z_]+)\.(weight|bias)$", name)
+    if m:
+        i, part, kind = m.groups()
+        hf = _GGUF_BLOCK.get(part)
+        return None if hf is None else f"model.layers.{i}.{hf}.{kind}"
+    m = re.match(r"^([a-z_]+)\.(weight|bias)$", name)
+    if m and m.group(1) in _GGUF_GLOBAL:
+        return f"{_GGUF_GLOBAL[m.group(1)]}.{m.group(2)}"
+    return None
+
+
+def unpermute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Invert llama.cpp's ``permute(weights, n_head, n_head_kv)`` on the output rows of q/k weights.
+
+    ``n_head`` is the number of heads of *this* projection (query heads for q, kv heads for k).
+    """
+    out = w.shape[0]
+    if out % (2 * n_head):
+        raise ShapeMismatchError(f"cannot un-permute a {tuple(w.shape)} weight over {n_head} heads")
+    head_dim = out // n_head
+    return w.reshape(n_head, head_dim // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+class GGUFSource(WeightSource):
+    """A GGUF file read tensor by tensor (memory-mapped by the gguf package) and dequantised to float32."""
+
+    def __init__(self, path: Path):
+        try:
+            import gguf
+        except ImportError:  # pragma: no cover - dependency
+            raise InputError("reading GGUF needs the 'gguf' package: pip install gguf", path) from None
+        self.path = path
+        self.description = str(path)
+        try:
+            self._reader = gguf.GGUFReader(str(path), "r")
+        except Exception as e:
+            raise InputError(f"not a readable GGUF file ({str(e)[:200]})", path) from None
+        self.arch = self._field_str("general.architecture") or "unknown"
+        self.n_head = self._field_int(f"{self.arch}.attention.head_count")
+        self.n_head_kv = self._field_int(f"{self.arch}.attention.head_count_kv") or self.n_head
+        self._tensors = {}
+        for t in self._reader.tensors:
+            hf = gguf_to_hf_name(t.name) or t.name
+            self._tensors[hf] = t
+        self._gguf = gguf
+
+    def _field(self, key: str):
+        f = self._reader.fields.get(key)
+        if f is None:
+            return None
+        try:
+            return f.contents()
+        except Exception:  # pragma: no cover - older gguf
+            return None
+
+    def _field_str(self, key: str) -> str | None:
+        v = self._field(key)
+        return v if isinstance(v, str) else None
+
+    def _field_int(self, key: str) -> int | None:
+        v = self._field(key)
+        if isinstance(v, list):  # per-layer head counts: only uniform ones are supported
+            v = v[0] if v and all(x == v[0] for x in v) else None
+        return int(v) if isinstance(v, (int, np.integer)) else None
+
+    def keys(self) -> set[str]:
+        return set(self._tensors)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        # GGUF lists dims innermost-first; HF order is the reverse
+        return tuple(int(x) for x in reversed(self._tensors[key].shape.tolist()))
+
+    def files(self) -> list[Path]:
+        return [self.path]
+
+    def _read(self, key: str) -> torch.Tensor:
+        t = self._tensors[key]
+        qtype = t.tensor_type
+        try:
+            arr = self._gguf.quants.dequantize(t.data, qtype)
+        except NotImplementedError:
+            raise UnsupportedError(
+                f"tensor {t.name!r} uses quantisation {qtype.name}, which the gguf package cannot dequantise",
+                self.path,
+            ) from None
+        except Exception as e:
+            raise InputError(f"cannot dequantise tensor {t.name!r} ({str(e)[:200]})", self.path) from None
+        arr = np.asarray(arr, dtype=np.float32).reshape(self.shape(key))
+        w = torch.from_numpy(arr.copy())
+        if self.arch in _PERMUTED_ARCHS and key.endswith(".weight") and self.n_head:
+            if ".self_attn.q_proj." in key:
+                w = unpermute_qk(w, self.n_head)
+            elif ".self_attn.k_proj." in key:
+                w = unpermute_qk(w, self.n_head_kv or self.n_head)
+        return w
+
+    def close(self) -> None:
+        self._tensors.clear()
+        self._reader = None
+
+
+# -------------------------------------------------------------------------------------------------
+# hub ids
+# -------------------------------------------------------------------------------------------------
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+
+
+def resolve_hub_id(repo_id: str) -> Path:
+    """Local snapshot directory for a hub id: the cache first; the network only if allowed."""
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:  # pragma: no cover
+        raise OfflineError("resolving hub ids needs huggingface_hub", repo_id) from None
+    patterns = ["*.safetensors", "*.json", "*.gguf"]
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True))
+    except Exception:
+        pass
+    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+    if offline:
+        raise OfflineError(
+            "not a local path and not in the Hugging Face cache, and HF_HUB_OFFLINE is set; download it "
+            "first (`huggingface-cli download " + repo_id + "`) or pass a local directory",
+            repo_id,
+        )
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+    except Exception as e:
+        raise OfflineError(
+            f"not a local path, not in the Hugging Face cache, and downloading failed ({str(e)[:160]}); "
+            "pass a local directory",
+            repo_id,
+        ) from None
+
+
+def open_weights(spec: str | Path | WeightSource) -> WeightSource:
+    """Open a base model (or aligned/unaligned model) given as a directory, a file or a hub id."""
+    if isinstance(spec, WeightSource):
+        return spec
+    p = Path(spec)
+    if p.is_dir():
+        return _safetensors_dir(p)
+    if p.is_file():
+        if p.suffix == ".gguf":
+            return GGUFSource(p)
+        if p.suffix == ".safetensors":
+            return SafetensorsSource([p])
+        if p.suffix in (".bin", ".pt", ".pth", ".ckpt"):
+            raise UnsupportedError("pickled weights are refused; use safetensors or GGUF", p)
+        raise InputError("unrecognised weight file (expected a directory, .safetensors or .gguf)", p)
+    if isinstance(spec, str) and _HUB_ID.match(spec) and not spec.startswith((".", "/")):
+        return _safetensors_dir(resolve_hub_id(spec))
+    raise InputError("does not exist (expected a local directory, a .safetensors/.gguf file or a hub id)", spec)
+
+
+# -------------------------------------------------------------------------------------------------
+# adapter module -> base tensor
+# -------------------------------------------------------------------------------------------------
+
+def _name_candidates(module: str) -> Iterable[str]:
+    yield module
+    parts = module.split(".")
+    # checkpoints saved from the bare backbone (no "model." prefix) or wrapped (VLMs)
+    if parts[0] == "model":
+        yield ".".join(parts[1:])
+    else:
+        yield "model." + module
+    for wrapper in ("model.language_model.", "language_model.model.", "language_model."):
+        if module.startswith("model."):
+            yield wrapper + module[len("model."):]
+        yield wrapper + module
+
+
+def base_key_for(source: WeightSource, module: str) -> str:
+    keys = source.keys()
+    tried = []
+    for cand in _name_candidates(module):
+        k = cand + ".weight"
+        tried.append(k)
+        if k in keys:
+            return k
+    raise InputError(
+        f"base model has no weight for LoRA module {module!r} (looked for {tried[0]!r}); is this the model "
+        "the adapter was trained on?",
+        source.description,
+    )
+
+
+def read_module_weight(source: WeightSource, module, *, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Read W0 for a LoraModule in (out, in) orientation, checking its shape."""
+    key = base_key_for(source, module.name)
+    shp = source.shape(key)
+    want = (module.out_features, module.in_features)
+    stored_want = (want[1], want[0]) if module.fan_in_fan_out else want
+    if tuple(shp) != stored_want:
+        hint = " (fan_in_fan_out)" if module.fan_in_fan_out else ""
+        raise ShapeMismatchError(
+            f"base tensor {key!r} has shape {tuple(shp)} but the adapter's module {module.name!r} needs "
+            f"{stored_want}{hint}",
+            source.file_of(key),
+        )
+    w = source.get(key, dtype=dtype)
+    return w.T if module.fan_in_fan_out else w
+
+
+def checked_fro_norm(w: torch.Tensor, what: str, where: str) -> float:
+    """‖w‖_F in float64, raising NonFiniteError if w holds NaN/Inf (one pass, no extra copy)."""
+    from .errors import NonFiniteError
+
+    n = float(torch.linalg.vector_norm(w, dtype=torch.float64))
+    if not (n == n and n != float("inf")):
+        raise NonFiniteError(f"{what} contains NaN or Inf", where)
+    return n

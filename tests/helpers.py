@@ -1,0 +1,100 @@
+"""Tiny random models and adapters, built offline (the way mergekit's tests do).
+
+``make_model(dir, family)`` saves a 2-4 layer, hidden-64 Llama / Qwen2 (with q/k/v biases) / GPT-2 as
+safetensors; ``make_adapter(model_dir, out_dir, ...)`` attaches a PEFT LoRA with random (non-zero) A and B
+and saves it with ``save_pretrained``, so every test starts from files PEFT itself wrote.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+TESTBED = SHARED / "testbed"
+
+
+def tiny_config(family: str = "llama", layers: int = 2, hidden: int = 64):
+    from transformers import GPT2Config, LlamaConfig, Qwen2Config
+
+    if family == "llama":
+        return LlamaConfig(vocab_size=128, hidden_size=hidden, intermediate_size=2 * hidden + 32,
+                           num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                           max_position_embeddings=64, tie_word_embeddings=False)
+    if family == "qwen2":
+        return Qwen2Config(vocab_size=128, hidden_size=hidden, intermediate_size=2 * hidden + 32,
+                           num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                           max_position_embeddings=64, tie_word_embeddings=False)
+    if family == "gpt2":
+        return GPT2Config(vocab_size=128, n_embd=hidden, n_layer=layers, n_head=4, n_positions=64)
+    raise ValueError(family)
+
+
+def make_model(out: Path, family: str = "llama", layers: int = 2, hidden: int = 64, seed: int = 0,
+               shard_size: str | None = None, dtype: torch.dtype = torch.float32) -> Path:
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(family, layers, hidden)).to(dtype)
+    with torch.no_grad():  # make weights non-trivial (default init leaves some at 0/1)
+        for n, p in model.named_parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.05)
+    kw: dict[str, Any] = {"safe_serialization": True}
+    if shard_size:
+        kw["max_shard_size"] = shard_size
+    model.save_pretrained(out, **kw)
+    return Path(out)
+
+
+DEFAULT_TARGETS = {
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "gpt2": ["c_attn", "c_proj", "c_fc"],
+}
+
+
+def load_model(model_dir: Path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+
+def make_adapter(model_dir: Path, out: Path, family: str = "llama", r: int = 4, alpha: float = 8,
+                 targets: list[str] | None = None, seed: int = 1, **lora_kwargs: Any) -> Path:
+    """A PEFT LoRA adapter with random non-zero A and B, saved by PEFT itself."""
+    from peft import LoraConfig, get_peft_model
+
+    model = load_model(model_dir)
+    cfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=targets or DEFAULT_TARGETS[family],
+                     init_lora_weights=False, lora_dropout=0.0, **lora_kwargs)
+    torch.manual_seed(seed)
+    pm = get_peft_model(model, cfg)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_" in n:
+                p.normal_(0, 0.1)
+    pm.save_pretrained(out)
+    return Path(out)
+
+
+def read_config(adapter_dir: Path) -> dict:
+    return json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
+
+
+def write_config(adapter_dir: Path, cfg: dict) -> None:
+    (Path(adapter_dir) / "adapter_config.json").write_text(json.dumps(cfg, indent=2))
+
+
+def tree_checksums(root: Path) -> dict[str, str]:
+    """sha256 of every file under root (to prove an input was not modified)."""
+    import hashlib
+
+    out = {}
+    for p in sorted(Path(root).rglob("*")):
+        if p.is_file():
+            out[str(p.relative_to(root))] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
