@@ -24,10 +24,10 @@ demo: $(STAMP)
 	$(VENV)/bin/safeprune demo
 
 test: $(STAMP)
-	$(VPY) -m pytest
+	$(VPY) -m pytest -q
 
 test-slow: $(STAMP)
-	$(VPY) -m pytest -m slow
+	$(VPY) -m pytest -q -m slow
 
 bench: $(STAMP)
 	$(VPY) benchmarks/bench_scan.py

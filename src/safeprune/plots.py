@@ -40,7 +40,7 @@ def heatmap(
         grid[i, j] = np.nan if v is None else float(v)
         pos[r["module"]] = (i, j)
     h = max(3.0, 0.22 * len(row_labels) + 1.5)
-    w = max(4.0, 0.9 * len(types) + 2.5)
+    w = max(6.0, 0.9 * len(types) + 3.0)
     fig, ax = plt.subplots(figsize=(w, h), dpi=110)
     im = ax.imshow(grid, aspect="auto", cmap="viridis", interpolation="nearest")
     ax.set_xticks(range(len(types)), types, rotation=30, ha="right")
@@ -52,7 +52,7 @@ def heatmap(
             i, j = pos[name]
             ax.text(j, i, "✕", ha="center", va="center", color="red", fontsize=9, fontweight="bold")
     fig.colorbar(im, ax=ax, label=column)
-    ax.set_title(title or f"{column} per module" + (" (✕ = selected)" if marks else ""))
+    ax.set_title(title or f"{column} per module" + (" (✕ = selected)" if marks else ""), fontsize=9, wrap=True)
     fig.tight_layout()
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)

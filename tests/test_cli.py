@@ -1,0 +1,72 @@
+"""The CLI end to end (typer's CliRunner), including one-line errors and exit codes."""
+
+from __future__ import annotations
+
+import json
+
+from typer.testing import CliRunner
+
+from safeprune.cli import app
+
+from helpers import tree_checksums
+
+runner = CliRunner()
+
+
+def run(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def test_scan_writes_table_json_csv_plot(tmp_path, llama_adapter, llama_dir):
+    r = run("scan", llama_adapter, "--base", llama_dir, "--json", tmp_path / "s.json",
+            "--csv", tmp_path / "s.csv", "--plot", tmp_path / "h.png", "--seed", 3)
+    assert r.exit_code == 0, r.output
+    assert "rank ddi" in r.output and "model.layers.1.mlp.down_proj" in r.output
+    data = json.loads((tmp_path / "s.json").read_text())
+    assert len(data["rows"]) == 14 and {"S", "O", "M", "M_norm", "ddi", "ddi_norm", "rank_ddi"} <= set(data["columns"])
+    assert data["methods"]["ddi"]["options"]["seed"] == 3
+    csv = (tmp_path / "s.csv").read_text().splitlines()
+    assert len(csv) == 15 and csv[0].startswith("module,layer,type")
+    assert (tmp_path / "h.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_prune_cli_top_and_threshold(tmp_path, llama_adapter, llama_dir):
+    before = tree_checksums(llama_adapter)
+    r = run("prune", llama_adapter, "--base", llama_dir, "--top", 4, "-o", tmp_path / "out")
+    assert r.exit_code == 0, r.output
+    man = json.loads((tmp_path / "out" / "safeprune.json").read_text())
+    assert len(man["selection"]["selected"]) == 4
+    r = run("prune", llama_adapter, "--base", llama_dir, "--threshold-norm", 0.0001, "--mode", "zero",
+            "-o", tmp_path / "out2")
+    assert r.exit_code == 0, r.output
+    assert tree_checksums(llama_adapter) == before
+
+
+def test_existing_output_needs_force(tmp_path, llama_adapter, llama_dir):
+    (tmp_path / "out").mkdir()
+    r = run("prune", llama_adapter, "--base", llama_dir, "-o", tmp_path / "out")
+    assert r.exit_code == 2 and "already exists" in r.output and "Traceback" not in r.output
+    r = run("prune", llama_adapter, "--base", llama_dir, "--top", 1, "-o", tmp_path / "out", "--force")
+    assert r.exit_code == 0
+
+
+def test_errors_are_one_line_exit_2(tmp_path, llama_adapter, llama_dir):
+    r = run("scan", tmp_path / "missing", "--base", llama_dir)
+    assert r.exit_code == 2
+    assert "missing" in r.output and "does not exist" in r.output and "Traceback" not in r.output
+    r = run("scan", llama_adapter)
+    assert r.exit_code == 2 and "--base" in r.output
+    r = run("scan", llama_adapter, "--base", llama_dir, "--subspace-dim", "abc")
+    assert r.exit_code == 2 and "subspace-dim" in r.output
+    r = run("prune", llama_adapter, "--base", llama_dir, "--top", 2, "--threshold", 0.1, "-o", tmp_path / "x")
+    assert r.exit_code == 2 and "only one" in r.output and not (tmp_path / "x").exists()
+
+
+def test_debug_shows_traceback(tmp_path, llama_dir):
+    r = run("--debug", "scan", tmp_path / "missing", "--base", llama_dir)
+    assert r.exit_code != 0 and r.exception is not None
+
+
+def test_inspect(llama_adapter):
+    r = run("inspect", llama_adapter)
+    assert r.exit_code == 0 and "14 LoRA modules" in r.output
