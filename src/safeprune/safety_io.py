@@ -69,6 +69,10 @@ def check_safetensors_header(file: Path) -> dict:
         if name == "__metadata__":
             if info is not None and not isinstance(info, dict):
                 raise InputError("corrupt safetensors header: __metadata__ is not an object", file)
+            bad = [k for k, v in (info or {}).items() if not isinstance(v, str)]
+            if bad:
+                raise InputError(f"corrupt safetensors header: __metadata__ value of {bad[0]!r} is not a string",
+                                 file)
             continue
         if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
             raise InputError(f"corrupt safetensors header: entry {name!r} lacks dtype/shape/data_offsets", file)

@@ -931,3 +931,27 @@ def _(c: Ctx) -> Setup:
 def _(c: Ctx) -> Setup:
     c.valid()
     return Setup(c.prune(), None, c.out, patch=_interrupt_mid_write)
+
+
+# -------------------------------------------------------------------------------------------------
+# 9. more header lies
+# -------------------------------------------------------------------------------------------------
+
+@case("st_absurd_shape", r"corrupt safetensors header: tensor '.*' spans \d+ bytes but its shape \[1099511627776, "
+      r"1099511627776\] and dtype F32 need")
+def _(c: Ctx) -> Setup:
+    c.valid()
+    header, data = split_safetensors(c.st)
+    name = next(k for k in header if k != "__metadata__")
+    header[name]["shape"] = [2 ** 40, 2 ** 40]
+    raw_safetensors(c.st, header, data)
+    return _adapter_file(c)
+
+
+@case("st_metadata_not_strings", r"corrupt safetensors header: __metadata__ value of 'format' is not a string")
+def _(c: Ctx) -> Setup:
+    c.valid()
+    header, data = split_safetensors(c.st)
+    header["__metadata__"] = {"format": 1}
+    raw_safetensors(c.st, header, data)
+    return _adapter_file(c)
