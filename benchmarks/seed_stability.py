@@ -72,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--base", default="/work/models/aligned")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     ap.add_argument("--top", type=int, default=10)
+    ap.add_argument("--power-iters", type=int, default=2, help="DDI range-finder power iterations")
+    ap.add_argument("--oversample", type=int, default=8, help="DDI range-finder oversampling")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "seed_stability"))
     args = ap.parse_args(argv)
 
@@ -81,10 +83,12 @@ def main(argv: list[str] | None = None) -> int:
     tables, secs = {}, {}
     for s in args.seeds:
         t0 = time.perf_counter()
-        tables[s] = safeprune.scan(adapter, args.base, "ddi", seed=s)
+        tables[s] = safeprune.scan(adapter, args.base, "ddi", seed=s, power_iters=args.power_iters,
+                                   oversample=args.oversample)
         secs[s] = round(time.perf_counter() - t0, 2)
         print(f"seed {s}: {secs[s]}s", file=sys.stderr)
-    again = safeprune.scan(adapter, args.base, "ddi", seed=args.seeds[0])
+    again = safeprune.scan(adapter, args.base, "ddi", seed=args.seeds[0], power_iters=args.power_iters,
+                           oversample=args.oversample)
     res = compare(tables, args.top)
     res.update({
         "adapter": args.adapter, "base": args.base, "seeds": args.seeds, "top": args.top,

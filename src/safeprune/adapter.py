@@ -253,6 +253,9 @@ def _load_pickle(file: Path) -> dict[str, torch.Tensor]:
     import pickle
     import warnings
 
+    from .safety_io import check_regular_file
+
+    check_regular_file(file)
     try:
         with warnings.catch_warnings():  # torch warns about old pickle protocols: not the user's problem
             warnings.simplefilter("ignore")

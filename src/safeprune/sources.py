@@ -247,8 +247,11 @@ class GGUFSource(WeightSource):
             import gguf
         except ImportError:  # pragma: no cover - dependency
             raise InputError("reading GGUF needs the 'gguf' package: pip install gguf", path) from None
+        from .safety_io import check_regular_file
+
         self.path = path
         self.description = str(path)
+        check_regular_file(path)
         try:
             self._reader = gguf.GGUFReader(str(path), "r")
         except Exception as e:
@@ -371,6 +374,10 @@ def open_weights(spec: str | Path | WeightSource) -> WeightSource:
         if p.suffix in (".bin", ".pt", ".pth", ".ckpt"):
             raise UnsupportedError("pickled weights are refused; use safetensors or GGUF", p)
         raise InputError("unrecognised weight file (expected a directory, .safetensors or .gguf)", p)
+    if p.exists():  # a FIFO, a device...
+        from .safety_io import check_regular_file
+
+        check_regular_file(p)
     if isinstance(spec, str) and _HUB_ID.match(spec) and not spec.startswith((".", "/")):
         snap = resolve_hub_id(spec)
         # snapshots/<rev>/file -> ../../blobs/<hash>: the repository folder is the trust root

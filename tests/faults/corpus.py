@@ -955,3 +955,54 @@ def _(c: Ctx) -> Setup:
     header["__metadata__"] = {"format": 1}
     raw_safetensors(c.st, header, data)
     return _adapter_file(c)
+
+
+def _interrupt_during_swap(monkeypatch: Any) -> None:
+    """Ctrl-C at the worst moment of --force: the old output moved aside, the new one not yet in place."""
+    real = os.replace
+
+    def replace(src, dst):
+        if ".safeprune-tmp-" in str(src):
+            raise KeyboardInterrupt
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+
+
+@case("interrupt_while_replacing_with_force", r"^interrupted: no output was written$", code=130)
+def _(c: Ctx) -> Setup:
+    # the previous output must be back in place, untouched
+    c.valid()
+    c.out.mkdir(parents=True)
+    (c.out / "old.txt").write_text("previous result")
+    return Setup(c.prune("--force"), None, c.out, output_preexists=True, patch=_interrupt_during_swap)
+
+
+@case("st_duplicate_tensor_name", r"corrupt safetensors header: '.*q_proj\.lora_A\.weight' appears twice")
+def _(c: Ctx) -> Setup:
+    # two entries for one name: Python's json and safetensors' serde could each pick a different one
+    c.valid()
+    header, data = split_safetensors(c.st)
+    name = f"{Q0}.lora_A.weight"
+    other = next(k for k, v in header.items() if k not in ("__metadata__", name) and v["shape"] == header[name]["shape"])
+    text = json.dumps(header)[:-1] + ", " + json.dumps({name: header[other]})[1:]
+    h = text.encode()
+    c.st.write_bytes(struct.pack("<Q", len(h)) + h + data)
+    return _adapter_file(c)
+
+
+@case("st_is_a_fifo", r"adapter_model\.safetensors: not a regular file \(a FIFO, device or directory\)")
+def _(c: Ctx) -> Setup:
+    # reading a FIFO would block forever
+    c.valid()
+    c.st.unlink()
+    os.mkfifo(c.st)
+    return _adapter_file(c)
+
+
+@case("gguf_is_a_fifo", r"model\.gguf: not a regular file")
+def _(c: Ctx) -> Setup:
+    write_adapter(c.adapter)
+    g = c.tmp / "in" / "model.gguf"
+    os.mkfifo(g)
+    return Setup(c.prune(base=g), str(g), c.out)

@@ -11,6 +11,7 @@ import hashlib
 import os
 import re
 import shutil
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -40,6 +41,8 @@ def snapshot(root: Path) -> dict[str, str]:
                 out[rel] = "link:" + os.readlink(p)
             elif p.is_dir():
                 out[rel] = "dir"
+            elif not p.is_file():  # a FIFO (reading it would block)
+                out[rel] = f"special:{stat.S_IFMT(p.stat().st_mode)}"
             else:
                 out[rel] = hashlib.sha256(p.read_bytes()).hexdigest()
     return out
