@@ -261,11 +261,16 @@ def _load_pickle(file: Path) -> dict[str, torch.Tensor]:
             warnings.simplefilter("ignore")
             sd = torch.load(str(file), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        m = re.search(r"(?:unsupported|Unsupported) (?:GLOBAL|global|operand|class)[:]? ?(\S+)", str(e))
-        what = f" ({m.group(0).rstrip('.,;')})" if m else ""
-        raise UnsupportedError(
-            f"pickle refused: it holds objects other than tensors{what}; nothing in it was executed", file
-        ) from None
+        msg = str(e)
+        glob = re.search(r"GLOBAL ([\w.]+)", msg)
+        op = re.search(r"Unsupported operand (\d+)", msg)
+        if glob:
+            why = f"it references {glob.group(1)}, which is not a tensor type"
+        elif op:
+            why = f"pickle opcode {op.group(1)} is outside what a torch weights file may contain"
+        else:
+            why = "it holds objects other than tensors"
+        raise UnsupportedError(f"pickle refused: {why}; nothing in it was executed", file) from None
     except Exception as e:
         raise InputError(f"not a readable torch pickle ({_short(e)})", file) from None
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):

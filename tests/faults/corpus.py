@@ -476,7 +476,7 @@ class _Evil:
         return (open, (self.marker, "w"))
 
 
-def _pickled_adapter(c: Ctx, payload: Any, use_torch_save: bool = False) -> Path:
+def _pickled_adapter(c: Ctx, payload: Any, use_torch_save: bool = False, protocol: int | None = None) -> Path:
     write_base(c.base)
     write_adapter(c.adapter)
     c.st.unlink()
@@ -485,7 +485,7 @@ def _pickled_adapter(c: Ctx, payload: Any, use_torch_save: bool = False) -> Path
         torch.save(payload, binf)
     else:
         with open(binf, "wb") as f:
-            pickle.dump(payload, f)
+            pickle.dump(payload, f, protocol=protocol)
     return binf
 
 
@@ -495,16 +495,24 @@ def _(c: Ctx) -> Setup:
     return Setup(c.prune(), str(binf), c.out)
 
 
-@case("pickle_malicious_with_allow_pickle", r"pickle refused: it holds objects other than tensors .*"
-      r"nothing in it was executed", tags=("marker",))
+@case("pickle_malicious_with_allow_pickle", r"pickle refused: pickle opcode \d+ is outside what a torch weights "
+      r"file may contain; nothing in it was executed", tags=("marker",))
 def _(c: Ctx) -> Setup:
     binf = _pickled_adapter(c, {"w": _Evil(c.tmp / MARKER_NAME)})
     return Setup(c.prune("--allow-pickle"), str(binf), c.out)
 
 
-@case("pickle_malicious_torch_save", r"pickle refused: it holds objects other than tensors", tags=("marker",))
+@case("pickle_malicious_torch_save", r"pickle refused: it references io\.open, which is not a tensor type; "
+      r"nothing in it was executed", tags=("marker",))
 def _(c: Ctx) -> Setup:
     binf = _pickled_adapter(c, {"w": _Evil(c.tmp / MARKER_NAME)}, use_torch_save=True)
+    return Setup(c.prune("--allow-pickle"), str(binf), c.out)
+
+
+@case("pickle_malicious_protocol2", r"pickle refused: it references io\.open, which is not a tensor type; "
+      r"nothing in it was executed", tags=("marker",))
+def _(c: Ctx) -> Setup:
+    binf = _pickled_adapter(c, {"w": _Evil(c.tmp / MARKER_NAME)}, protocol=2)
     return Setup(c.prune("--allow-pickle"), str(binf), c.out)
 
 
