@@ -201,7 +201,6 @@ def scan_cmd(
     """Score every LoRA module (S, O, M, M_norm, DDI, DDI_norm and rank for DDI)."""
     from .adapter import load_adapter
     from .scan import scan
-
     from .writer import check_output_file, local_inputs
 
     methods = _methods(method)
@@ -249,8 +248,7 @@ def prune_cmd(
     """Score, select and prune modules; write a new PEFT adapter plus safeprune.json."""
     from .adapter import load_adapter
     from .api import prune
-    from .writer import write_adapter
-    from .writer import check_output_file, check_output_path, local_inputs
+    from .writer import check_output_file, check_output_path, local_inputs, write_adapter
 
     methods = _methods(method)
     if len(methods) != 1:

@@ -31,9 +31,8 @@ def check_inside(file: Path, root: Path) -> None:
     real = Path(os.path.realpath(file))
     real_root = Path(os.path.realpath(root))
     if real != real_root and real_root not in real.parents:
-        raise UnsupportedError(
-            f"is a symbolic link to {real}, outside the input directory; refusing to follow it", file
-        )
+        how = "is a symbolic link to" if Path(file).is_symlink() else "resolves to"
+        raise UnsupportedError(f"{how} {real}, outside the input directory; refusing to follow it", file)
 
 
 def check_regular_file(file: Path) -> None:

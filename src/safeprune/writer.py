@@ -48,7 +48,7 @@ def local_inputs(*specs) -> list[Path]:
     """The inputs given as local paths (hub ids and None are skipped): what outputs must stay clear of."""
     out = []
     for s in specs:
-        if s is not None and not hasattr(s, "keys") and Path(s).exists():
+        if isinstance(s, (str, Path)) and Path(s).exists():
             out.append(Path(s))
     return out
 

@@ -1014,3 +1014,14 @@ def _(c: Ctx) -> Setup:
     g = c.tmp / "in" / "model.gguf"
     os.mkfifo(g)
     return Setup(c.prune(base=g), str(g), c.out)
+
+
+@case("base_index_path_traversal", r"resolves to .*outside\.safetensors, outside the input directory")
+def _(c: Ctx) -> Setup:
+    # an index that points a shard at a file beside (not inside) the model directory
+    c.valid()
+    outside = c.tmp / "in" / "outside.safetensors"
+    c.base_st.rename(outside)
+    wm = {k: "../outside.safetensors" for k in base_tensors()}
+    (c.base / "model.safetensors.index.json").write_text(json.dumps({"weight_map": wm}))
+    return Setup(c.prune(), str(c.base / "../outside.safetensors"), c.out)
