@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from corpus import CASES, MARKER_NAME, Ctx, Setup, _enospc_save_file  # noqa: F401
+from corpus import CASES, MARKER_NAME, Ctx, Setup
 
 from safeprune.cli import app
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from corpus import Ctx, write_base
+from corpus import Ctx
 
 from safeprune.cli import app
 
