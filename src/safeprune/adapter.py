@@ -34,6 +34,7 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_WEIGHTS_NAME = "adapter_model.bin"
 PEFT_PREFIX = "base_model.model."
+_MAX_CONFIG_BYTES = 16 * 1024 * 1024
 
 # <prefix?><module path>.lora_A|lora_B[.<adapter name>].weight|bias
 _LORA_KEY = re.compile(
@@ -148,7 +149,7 @@ def pattern_value(patterns: dict[str, Any] | None, module_name: str, default: An
     if not patterns:
         return default
     for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", module_name):
+        if _pattern_matches(key, module_name):
             return value
     return default
 
@@ -158,13 +159,22 @@ def scaling_for(alpha: float, r: int, use_rslora: bool) -> float:
 
 
 def _read_config(path: Path) -> dict[str, Any]:
+    from .safety_io import check_inside
+
     cfg_path = path / CONFIG_NAME
     if not cfg_path.is_file():
+        if cfg_path.is_symlink():
+            raise InputError(f"{CONFIG_NAME} is a broken symbolic link", cfg_path)
         raise InputError(f"missing {CONFIG_NAME}: not a PEFT adapter directory", path)
+    check_inside(cfg_path, path)
     try:
+        if cfg_path.stat().st_size > _MAX_CONFIG_BYTES:
+            raise InputError(f"implausibly large ({cfg_path.stat().st_size} bytes) for an adapter config", cfg_path)
         cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InputError(f"not valid JSON ({e})", cfg_path) from None
+        raise InputError(f"not valid JSON ({_short(e)})", cfg_path) from None
+    except OSError as e:
+        raise InputError(f"cannot read file ({e.strerror or e})", cfg_path) from None
     if not isinstance(cfg, dict):
         raise InputError("expected a JSON object", cfg_path)
     return cfg
@@ -196,6 +206,10 @@ def validate_config(cfg: dict[str, Any], cfg_path: Path | str) -> None:
         if not isinstance(val, dict):
             raise InputError(f"'{key}' must be an object, got {type(val).__name__}", cfg_path)
         for k, v in val.items():
+            try:
+                re.compile(rf"(.*\.)?({k})$")
+            except re.error:
+                raise InputError(f"'{key}' key {k!r} is not a valid regular expression", cfg_path) from None
             if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
                 raise InputError(f"'{key}[{k!r}]' must be a positive number, got {v!r}", cfg_path)
             if key == "rank_pattern" and not isinstance(v, int):
@@ -206,6 +220,8 @@ def validate_config(cfg: dict[str, Any], cfg_path: Path | str) -> None:
     tm = cfg.get("target_modules")
     if tm is not None and not isinstance(tm, (str, list)):
         raise InputError(f"'target_modules' must be a string or a list, got {type(tm).__name__}", cfg_path)
+    if isinstance(tm, list) and not all(isinstance(x, str) for x in tm):
+        raise InputError("'target_modules' must be a list of strings", cfg_path)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -232,10 +248,31 @@ def _load_safetensors(file: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
 
 
 def _load_pickle(file: Path) -> dict[str, torch.Tensor]:
+    """torch.load(weights_only=True): its restricted unpickler builds tensors and plain containers only
+    and refuses every other global (os.system, builtins.eval, ...), so nothing in the file is executed."""
+    import pickle
+    import warnings
+
+    from .safety_io import check_regular_file
+
+    check_regular_file(file)
     try:
-        sd = torch.load(str(file), map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about old pickle protocols: not the user's problem
+            warnings.simplefilter("ignore")
+            sd = torch.load(str(file), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        msg = str(e)
+        glob = re.search(r"GLOBAL ([\w.]+)", msg)
+        op = re.search(r"Unsupported operand (\d+)", msg)
+        if glob:
+            why = f"it references {glob.group(1)}, which is not a tensor type"
+        elif op:
+            why = f"pickle opcode {op.group(1)} is outside what a torch weights file may contain"
+        else:
+            why = "it holds objects other than tensors"
+        raise UnsupportedError(f"pickle refused: {why}; nothing in it was executed", file) from None
     except Exception as e:
-        raise InputError(f"refused to load pickle with weights_only=True ({_short(e)})", file) from None
+        raise InputError(f"not a readable torch pickle ({_short(e)})", file) from None
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise InputError("pickle does not contain a flat dict of tensors", file)
     return sd
@@ -381,7 +418,30 @@ def load_adapter(path: str | Path, *, allow_pickle: bool = False) -> LoraAdapter
     else:
         raise InputError(f"missing {WEIGHTS_NAME}", p)
     modules, extra = build_modules(tensors, cfg, weights_file)
+    warn_unmatched_patterns(cfg, modules, p / CONFIG_NAME)
     return LoraAdapter(config=cfg, modules=modules, extra_tensors=extra, path=p, metadata=meta)
+
+
+def _pattern_matches(key: str, module_name: str) -> bool:
+    return re.match(rf"(.*\.)?({key})$", module_name) is not None
+
+
+def warn_unmatched_patterns(cfg: dict[str, Any], modules: dict[str, LoraModule], cfg_path: Path | str) -> None:
+    """Warn about ``rank_pattern``/``alpha_pattern`` keys that match no LoRA module of the adapter.
+
+    PEFT itself accepts such keys (it only consults a pattern when a module matches it), and every module
+    that *is* present has had its rank checked against its tensors, so an unmatched key cannot change a
+    score: it is reported as a warning, not an error.
+    """
+    import warnings
+
+    from .errors import SafepruneWarning
+
+    for key in ("rank_pattern", "alpha_pattern"):
+        for pat in (cfg.get(key) or {}):
+            if not any(_pattern_matches(pat, name) for name in modules):
+                warnings.warn(SafepruneWarning(f"'{key}' entry {pat!r} matches no LoRA module; ignored", cfg_path),
+                              stacklevel=2)
 
 
 def iter_module_types(modules: Iterable[LoraModule]) -> list[str]:

@@ -7,7 +7,9 @@ traceback unless ``--debug``. Ctrl-C exits 130 and leaves no partial output.
 from __future__ import annotations
 
 import functools
+import inspect
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Callable, List, Optional
 
@@ -16,7 +18,7 @@ from rich.console import Console
 from rich.table import Table
 from typing_extensions import Annotated
 
-from .errors import SafepruneError
+from .errors import SafepruneError, SafepruneWarning
 
 app = typer.Typer(
     name="safeprune",
@@ -30,17 +32,46 @@ err = Console(stderr=True)
 _state: dict[str, Any] = {"debug": False, "quiet": False}
 
 
+def one_line(text: object) -> str:
+    """Make a message safe to print as one terminal line: names in it come from files strangers wrote, so
+    newlines and control characters (ANSI escapes) are shown escaped, never interpreted."""
+    s = str(text)
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in s)
+
+
+def report(label: str, style: str, message: object) -> None:
+    """Print ``label: message`` on stderr as plain text: no rich markup or emoji codes are parsed from it."""
+    from rich.text import Text
+
+    err.print(Text.assemble((f"{label}:", style), " ", one_line(message)), soft_wrap=True)
+
+
+def _warning_printer(previous: Callable) -> Callable:
+    """showwarning that prints a SafepruneWarning as one ``warning: <file>: <problem>`` line."""
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, SafepruneWarning):
+            report("warning", "bold yellow", message)
+        else:
+            previous(message, category, filename, lineno, file, line)
+
+    return show
+
+
 def handle_errors(fn: Callable) -> Callable:
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
-            return fn(*args, **kwargs)
+            with warnings.catch_warnings():
+                warnings.simplefilter("always", SafepruneWarning)
+                warnings.showwarning = _warning_printer(warnings.showwarning)
+                return fn(*args, **kwargs)
         except typer.Exit:
             raise
         except SafepruneError as e:
             if _state["debug"]:
                 raise
-            err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            report("error", "bold red", e)
             raise typer.Exit(e.exit_code) from None
         except KeyboardInterrupt:
             if _state["debug"]:
@@ -50,8 +81,7 @@ def handle_errors(fn: Callable) -> Callable:
         except Exception as e:  # a bug: say so in one line, details with --debug
             if _state["debug"]:
                 raise
-            err.print(f"[bold red]internal error:[/] {type(e).__name__}: {e} (rerun with --debug for a traceback)",
-                      highlight=False, soft_wrap=True)
+            report("internal error", "bold red", f"{type(e).__name__}: {e} (rerun with --debug for a traceback)")
             raise typer.Exit(1) from None
 
     return wrapper
@@ -97,7 +127,7 @@ def _options_for(methods: list[str], ddi: dict[str, Any], seed: int) -> dict[str
     for m in methods:
         if m == "ddi":
             opts[m] = ddi
-        elif m in REGISTRY and "seed" in REGISTRY[m].__init__.__code__.co_varnames:
+        elif m in REGISTRY and "seed" in inspect.signature(REGISTRY[m].__init__).parameters:
             opts[m] = {"seed": seed}
     return opts
 
@@ -171,8 +201,11 @@ def scan_cmd(
     """Score every LoRA module (S, O, M, M_norm, DDI, DDI_norm and rank for DDI)."""
     from .adapter import load_adapter
     from .scan import scan
+    from .writer import check_output_file, local_inputs
 
     methods = _methods(method)
+    for side in (json_out, csv_out, plot):
+        check_output_file(side, local_inputs(adapter, base, aligned, unaligned))
     ad = load_adapter(adapter, allow_pickle=allow_pickle)
     ddi = _ddi_options(subspace_dim, oversample, power_iters, subspace, magnitude, reuse_subspace, eps, seed)
     table = scan(ad, base, methods, aligned=aligned, unaligned=unaligned, device=device, module_types=types,
@@ -215,20 +248,23 @@ def prune_cmd(
     """Score, select and prune modules; write a new PEFT adapter plus safeprune.json."""
     from .adapter import load_adapter
     from .api import prune
-    from .writer import check_output_path
+    from .writer import check_output_file, check_output_path, local_inputs, write_adapter
 
     methods = _methods(method)
     if len(methods) != 1:
         raise typer.BadParameter("prune ranks by exactly one method", param_hint="--method")
+    inputs = local_inputs(adapter, base, aligned, unaligned)
+    check_output_path(output, inputs, force)  # fail before reading or scoring anything
+    for side in (json_out, csv_out, plot):
+        check_output_file(side, inputs, not_equal=[output])
     ad = load_adapter(adapter, allow_pickle=allow_pickle)
-    check_output_path(output, [adapter], force)  # fail before the (slow) scan
     ddi = _ddi_options(subspace_dim, oversample, power_iters, subspace, magnitude, reuse_subspace, eps, seed)
     edited = prune(ad, base, method=methods[0], top=top, threshold=threshold, threshold_norm=threshold_norm,
                    module_types=types, mode=mode, aligned=aligned, unaligned=unaligned, device=device,
                    options=_options_for(methods, ddi, seed), progress=not _state["quiet"])
     marked = set(edited.selection.selected)
     _print_table(edited.scores, marked=marked)
-    path = edited.save(output, force=force)
+    path = write_adapter(edited, output, force=force, extra_inputs=inputs)
     _write_side_outputs(edited.scores, json_out, csv_out, plot, marked=marked)
     ed = edited.manifest["edit"]
     if not _state["quiet"]:

@@ -54,3 +54,14 @@ class UsageError(SafepruneError):
 
 class OutputExistsError(UsageError):
     """The output path exists and --force was not given."""
+
+
+class SafepruneWarning(UserWarning):
+    """Something suspicious but harmless (e.g. a rank_pattern entry that matches no module).
+
+    The CLI prints it as one ``warning: <file>: <problem>`` line and carries on."""
+
+    def __init__(self, problem: str, path: str | Path | None = None):
+        self.problem = problem
+        self.path = None if path is None else str(path)
+        super().__init__(f"{path}: {problem}" if path else problem)

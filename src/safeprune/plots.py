@@ -54,10 +54,20 @@ def heatmap(
     fig.colorbar(im, ax=ax, label=column)
     ax.set_title(title or f"{column} per module" + (" (✕ = selected)" if marks else ""), fontsize=9, wrap=True)
     fig.tight_layout()
+    from .errors import OutputError
+
     p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
     tmp = p.with_name(f".{p.name}.tmp{os.getpid()}.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, p)
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(tmp)
+        os.replace(tmp, p)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise OutputError(f"cannot write the plot ({e.strerror or e}); nothing was written", p) from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    finally:
+        plt.close(fig)
     return p

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import struct
 from pathlib import Path
 
@@ -30,13 +31,36 @@ def check_inside(file: Path, root: Path) -> None:
     real = Path(os.path.realpath(file))
     real_root = Path(os.path.realpath(root))
     if real != real_root and real_root not in real.parents:
-        raise UnsupportedError(
-            f"is a symbolic link to {real}, outside the input directory; refusing to follow it", file
-        )
+        how = "is a symbolic link to" if Path(file).is_symlink() else "resolves to"
+        raise UnsupportedError(f"{how} {real}, outside the input directory; refusing to follow it", file)
+
+
+def check_regular_file(file: Path) -> None:
+    """Refuse anything but a regular file (a FIFO or a device would block or never end)."""
+    try:
+        mode = os.stat(file).st_mode
+    except OSError as e:
+        raise InputError(f"cannot read file ({e.strerror or e})", file) from None
+    if not stat.S_ISREG(mode):
+        raise InputError("not a regular file (a FIFO, device or directory); refusing to read it", file)
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _no_duplicates(pairs: list[tuple[str, object]]) -> dict:
+    d: dict = {}
+    for k, v in pairs:
+        if k in d:
+            raise _DuplicateKey(k)
+        d[k] = v
+    return d
 
 
 def read_safetensors_header(file: Path) -> tuple[dict, int]:
     """Return (header dict, data start offset) after validating the header."""
+    check_regular_file(file)
     try:
         size = file.stat().st_size
         with open(file, "rb") as f:
@@ -52,7 +76,10 @@ def read_safetensors_header(file: Path) -> tuple[dict, int]:
     except OSError as e:
         raise InputError(f"cannot read file ({e.strerror or e})", file) from None
     try:
-        header = json.loads(raw.decode("utf-8"))
+        # readers disagree on which of two equal keys wins: a header that names a tensor twice is refused
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
+    except _DuplicateKey as e:
+        raise InputError(f"corrupt safetensors header: {e.args[0]!r} appears twice", file) from None
     except (UnicodeDecodeError, json.JSONDecodeError):
         raise InputError("corrupt safetensors header: not valid JSON", file) from None
     if not isinstance(header, dict):
@@ -69,6 +96,10 @@ def check_safetensors_header(file: Path) -> dict:
         if name == "__metadata__":
             if info is not None and not isinstance(info, dict):
                 raise InputError("corrupt safetensors header: __metadata__ is not an object", file)
+            bad = [k for k, v in (info or {}).items() if not isinstance(v, str)]
+            if bad:
+                raise InputError(f"corrupt safetensors header: __metadata__ value of {bad[0]!r} is not a string",
+                                 file)
             continue
         if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
             raise InputError(f"corrupt safetensors header: entry {name!r} lacks dtype/shape/data_offsets", file)

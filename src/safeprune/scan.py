@@ -7,6 +7,7 @@ fetches the next module's weights while the current one is being scored.
 
 from __future__ import annotations
 
+import math
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
@@ -16,10 +17,10 @@ from typing import Any, Iterable, Sequence
 import torch
 
 from .adapter import LoraAdapter, LoraModule, load_adapter
-from .errors import UsageError
+from .errors import NonFiniteError, UsageError
 from .scorers import ModuleContext, get_scorer
 from .scorers.base import Scorer
-from .sources import WeightSource, open_weights, read_module_weight
+from .sources import WeightSource, check_modules_present, check_pair, open_weights, read_module_weight
 from .table import MethodInfo, ScoreTable
 
 
@@ -39,6 +40,17 @@ def _methods_list(methods: str | Sequence[str]) -> list[str]:
     return out
 
 
+def _check_row_finite(row: dict[str, Any], adapter: LoraAdapter) -> None:
+    """A score table never holds NaN/Inf silently. Inputs are checked finite when read, so a non-finite
+    score can only come from degenerate weights; it is reported, not ranked."""
+    for k, v in row.items():
+        if isinstance(v, float) and not math.isfinite(v):
+            raise NonFiniteError(
+                f"score {k!r} of module {row['module']!r} is {v} (degenerate weights); refusing to rank it",
+                adapter.path or "adapter",
+            )
+
+
 def resolve_device(device: str | None) -> torch.device:
     d = (device or "cpu").lower()
     if d == "auto":
@@ -55,10 +67,12 @@ def make_progress(enabled: bool):
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+    console = Console(stderr=True)
     return Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
         TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[module]}"),
-        console=Console(stderr=True), transient=True, disable=not enabled,
+        # not a terminal (a log, a pipe): a transient bar would only leave a blank line behind
+        console=console, transient=True, disable=not enabled or not console.is_terminal,
     )
 
 
@@ -119,6 +133,11 @@ def scan(
             if not isinstance(given[role], WeightSource):
                 stack.callback(src.close)
             sources[role] = src
+        # fail fast, from the headers alone: every module's weight exists with the right shape
+        for role, src in sources.items():
+            check_modules_present(src, modules)
+        if "aligned" in sources and "unaligned" in sources:
+            check_pair(sources["aligned"], sources["unaligned"], modules)
 
         def fetch(m: LoraModule) -> tuple[dict[str, torch.Tensor], float]:
             ts = time.perf_counter()
@@ -153,6 +172,8 @@ def scan(
 
     for s in scorers:
         s.finalize(rows)
+    for row in rows:
+        _check_row_finite(row, adapter)
     table = ScoreTable(
         rows=rows,
         methods={s.name: MethodInfo(name=s.name, primary=s.primary, descending=s.descending,

@@ -138,12 +138,16 @@ class SafetensorsSource(WeightSource):
         self._handles.clear()
 
 
-def _safetensors_dir(d: Path) -> SafetensorsSource:
+def _safetensors_dir(d: Path, root: Path | None = None) -> WeightSource:
+    """Open the weights in directory ``d``. Every file read must lie inside ``root`` (default ``d``) after
+    resolving symlinks; a hub cache snapshot passes its repository folder, whose blobs its links point to."""
     from .safety_io import check_inside
+
+    root = d if root is None else root
 
     index = d / INDEX_NAME
     if index.is_file():
-        check_inside(index, d)
+        check_inside(index, root)
         try:
             idx = json.loads(index.read_text(encoding="utf-8"))
             wm = idx["weight_map"]
@@ -156,20 +160,21 @@ def _safetensors_dir(d: Path) -> SafetensorsSource:
             f = d / name
             if not f.is_file():
                 raise InputError(f"shard {name!r} named in {INDEX_NAME} is missing", d)
-            check_inside(f, d)
+            check_inside(f, root)
             files.append(f)
         return SafetensorsSource(files, {k: d / v for k, v in wm.items()}, description=str(d))
     single = d / SINGLE_NAME
     if single.is_file():
-        check_inside(single, d)
+        check_inside(single, root)
         return SafetensorsSource([single], description=str(d))
     shards = sorted(p for p in d.glob("*.safetensors") if not p.name.startswith("adapter_model"))
     if shards:
         for f in shards:
-            check_inside(f, d)
+            check_inside(f, root)
         return SafetensorsSource(shards, description=str(d))
     ggufs = sorted(d.glob("*.gguf"))
     if len(ggufs) == 1:
+        check_inside(ggufs[0], root)
         return GGUFSource(ggufs[0])
     if len(ggufs) > 1:
         raise InputError(f"several GGUF files; name one of them: {', '.join(p.name for p in ggufs)}", d)
@@ -242,8 +247,11 @@ class GGUFSource(WeightSource):
             import gguf
         except ImportError:  # pragma: no cover - dependency
             raise InputError("reading GGUF needs the 'gguf' package: pip install gguf", path) from None
+        from .safety_io import check_regular_file
+
         self.path = path
         self.description = str(path)
+        check_regular_file(path)
         try:
             self._reader = gguf.GGUFReader(str(path), "r")
         except Exception as e:
@@ -301,10 +309,14 @@ class GGUFSource(WeightSource):
         arr = np.asarray(arr, dtype=np.float32).reshape(self.shape(key))
         w = torch.from_numpy(arr.copy())
         if self.arch in _PERMUTED_ARCHS and key.endswith(".weight") and self.n_head:
-            if ".self_attn.q_proj." in key:
-                w = unpermute_qk(w, self.n_head)
-            elif ".self_attn.k_proj." in key:
-                w = unpermute_qk(w, self.n_head_kv or self.n_head)
+            try:
+                if ".self_attn.q_proj." in key:
+                    w = unpermute_qk(w, self.n_head)
+                elif ".self_attn.k_proj." in key:
+                    w = unpermute_qk(w, self.n_head_kv or self.n_head)
+            except ShapeMismatchError as e:
+                raise ShapeMismatchError(f"tensor {t.name!r}: {e.problem} (head counts in the metadata)",
+                                         self.path) from None
         return w
 
     def close(self) -> None:
@@ -362,8 +374,15 @@ def open_weights(spec: str | Path | WeightSource) -> WeightSource:
         if p.suffix in (".bin", ".pt", ".pth", ".ckpt"):
             raise UnsupportedError("pickled weights are refused; use safetensors or GGUF", p)
         raise InputError("unrecognised weight file (expected a directory, .safetensors or .gguf)", p)
+    if p.exists():  # a FIFO, a device...
+        from .safety_io import check_regular_file
+
+        check_regular_file(p)
     if isinstance(spec, str) and _HUB_ID.match(spec) and not spec.startswith((".", "/")):
-        return _safetensors_dir(resolve_hub_id(spec))
+        snap = resolve_hub_id(spec)
+        # snapshots/<rev>/file -> ../../blobs/<hash>: the repository folder is the trust root
+        root = snap.parent.parent if snap.parent.name == "snapshots" else snap
+        return _safetensors_dir(snap, root=root)
     raise InputError("does not exist (expected a local directory, a .safetensors/.gguf file or a hub id)", spec)
 
 
@@ -400,8 +419,8 @@ def base_key_for(source: WeightSource, module: str) -> str:
     )
 
 
-def read_module_weight(source: WeightSource, module, *, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Read W0 for a LoraModule in (out, in) orientation, checking its shape."""
+def module_weight_key(source: WeightSource, module) -> str:
+    """The source's tensor name for a LoraModule's W0, after checking its stored shape (header only)."""
     key = base_key_for(source, module.name)
     shp = source.shape(key)
     want = (module.out_features, module.in_features)
@@ -413,8 +432,70 @@ def read_module_weight(source: WeightSource, module, *, dtype: torch.dtype = tor
             f"{stored_want}{hint}",
             source.file_of(key),
         )
+    return key
+
+
+def check_modules_present(source: WeightSource, modules: Iterable) -> None:
+    """Fail fast (before any tensor is read) if the source lacks a module's weight or has the wrong shape."""
+    for m in modules:
+        module_weight_key(source, m)
+
+
+def read_module_weight(source: WeightSource, module, *, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Read W0 for a LoraModule in (out, in) orientation, checking its shape and that it is finite.
+
+    Every scorer gets its weights through here, so a NaN/Inf in a base (or aligned/unaligned) weight is
+    reported as an error naming the file and the tensor instead of turning into a NaN score.
+    """
+    from .errors import NonFiniteError
+
+    key = module_weight_key(source, module)
     w = source.get(key, dtype=dtype)
+    if w.is_floating_point() and not bool(torch.isfinite(w).all()):
+        bad = "NaN" if bool(torch.isnan(w).any()) else "Inf"
+        raise NonFiniteError(f"tensor {key!r} contains {bad}", source.file_of(key))
     return w.T if module.fan_in_fan_out else w
+
+
+def check_pair(aligned: WeightSource, unaligned: WeightSource, modules: Iterable) -> None:
+    """An aligned/unaligned pair must be the same architecture: same config (model_type, sizes) where both
+    have a config.json, and the same shape for every weight the adapter touches (header only)."""
+    cfgs = [_model_config(s) for s in (aligned, unaligned)]
+    if all(cfgs):
+        for k in ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                  "num_key_value_heads", "intermediate_size"):
+            a, u = cfgs[0].get(k), cfgs[1].get(k)
+            if a is not None and u is not None and a != u:
+                raise ShapeMismatchError(
+                    f"aligned and unaligned models differ in architecture: {k} is {a!r} in {aligned.description} "
+                    f"but {u!r} here; they must be two versions of the same model",
+                    unaligned.description,
+                )
+    for m in modules:
+        ka, ku = module_weight_key(aligned, m), module_weight_key(unaligned, m)
+        sa, su = aligned.shape(ka), unaligned.shape(ku)
+        if tuple(sa) != tuple(su):  # pragma: no cover - both were checked against the adapter above
+            raise ShapeMismatchError(f"tensor {ku!r} has shape {tuple(su)}, the aligned model's {tuple(sa)}",
+                                     unaligned.file_of(ku))
+
+
+def _model_config(source: WeightSource) -> dict | None:
+    from .safety_io import check_inside
+
+    files = source.files()
+    if not isinstance(source, SafetensorsSource) or not files:
+        return None
+    cfg = files[0].parent / "config.json"
+    if not cfg.is_file():
+        return None
+    check_inside(cfg, cfg.parent)
+    try:
+        d = json.loads(cfg.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        raise InputError("not valid JSON", cfg) from None
+    if not isinstance(d, dict):
+        raise InputError("expected a JSON object", cfg)
+    return d.get("text_config") if isinstance(d.get("text_config"), dict) else d
 
 
 def checked_fro_norm(w: torch.Tensor, what: str, where: str) -> float:

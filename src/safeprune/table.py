@@ -138,15 +138,23 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
     import os
     import tempfile
 
+    from .errors import OutputError
+
     p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
+    except OSError as e:
+        raise OutputError(f"cannot write ({e.strerror or e}); nothing was written", p) from None
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, p)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        raise OutputError(f"cannot write ({e.strerror or e}); nothing was written", p) from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

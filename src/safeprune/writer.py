@@ -44,6 +44,32 @@ def check_output_path(out_dir: Path, inputs: list[Path], force: bool) -> None:
             raise UsageError(f"output {out_dir} exists and is not a directory; refusing to replace it")
 
 
+def local_inputs(*specs) -> list[Path]:
+    """The inputs given as local paths (hub ids and None are skipped): what outputs must stay clear of."""
+    out = []
+    for s in specs:
+        if isinstance(s, (str, Path)) and Path(s).exists():
+            out.append(Path(s))
+    return out
+
+
+def check_output_file(path: Path | None, inputs: list[Path], *, not_equal: list[Path] = ()) -> None:
+    """A side output (--json/--csv/--plot) may replace a file of its own, but never an input, a file inside
+    an input directory, a directory, or the adapter output itself."""
+    if path is None:
+        return
+    real = Path(os.path.realpath(path))
+    for inp in inputs:
+        real_in = Path(os.path.realpath(inp))
+        if _is_within(real, real_in) or _is_within(real_in, real):
+            raise UsageError(f"output {path} would write into or over the input {inp}; choose another path")
+    for other in not_equal:
+        if other is not None and real == Path(os.path.realpath(other)):
+            raise UsageError(f"output {path} is also the adapter output directory; choose another path")
+    if path.is_dir():
+        raise UsageError(f"output {path} is a directory; give a file name")
+
+
 def _fsync_dir(d: Path) -> None:
     try:
         fd = os.open(d, os.O_RDONLY)
@@ -64,8 +90,12 @@ def write_adapter(adapter: LoraAdapter, out_dir: str | Path, *, force: bool = Fa
     out = Path(out_dir)
     inputs = ([adapter.path] if adapter.path else []) + list(extra_inputs or [])
     check_output_path(out, inputs, force)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.safeprune-tmp-", dir=out.parent))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.safeprune-tmp-", dir=out.parent))
+    except OSError as e:
+        raise OutputError(f"cannot create the output directory ({e.strerror or e}); nothing was written",
+                          out) from None
     try:
         sd = {k: v.detach().to("cpu").contiguous() for k, v in adapter.state_dict().items()}
         meta = dict(adapter.metadata or {})
