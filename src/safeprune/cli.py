@@ -83,6 +83,8 @@ SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of the randomized ran
 DeviceOpt = Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N or auto.")]
 TypesOpt = Annotated[Optional[str], typer.Option("--types", help="Only these module types, e.g. q_proj,v_proj (or q,k,v,o).")]
 AllowPickleOpt = Annotated[bool, typer.Option("--allow-pickle", help="Read adapter_model.bin with torch.load(weights_only=True).")]
+SploraModeOpt = Annotated[str, typer.Option("--splora-mode", help="SPLoRA E-DIEM: 'sound' (null of rotated updates), 'official' (public code, HEAD rule) or 'official-first' (first-commit rule).")]
+NullSamplesOpt = Annotated[int, typer.Option("--null-samples", help="SPLoRA sound mode: rotated updates in the reference distribution.")]
 
 
 def _ddi_options(subspace_dim, oversample, power_iters, subspace, magnitude, reuse, eps, seed) -> dict[str, Any]:
@@ -90,13 +92,16 @@ def _ddi_options(subspace_dim, oversample, power_iters, subspace, magnitude, reu
             "subspace": subspace, "magnitude": magnitude, "reuse_subspace": reuse, "eps": eps, "seed": seed}
 
 
-def _options_for(methods: list[str], ddi: dict[str, Any], seed: int) -> dict[str, dict[str, Any]]:
+def _options_for(methods: list[str], ddi: dict[str, Any], seed: int,
+                 splora: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
     from .scorers import REGISTRY
 
     opts: dict[str, dict[str, Any]] = {}
     for m in methods:
         if m == "ddi":
             opts[m] = ddi
+        elif m == "splora" and splora:
+            opts[m] = {"seed": seed, **splora}
         elif m in REGISTRY and "seed" in REGISTRY[m].__init__.__code__.co_varnames:
             opts[m] = {"seed": seed}
     return opts
@@ -159,6 +164,8 @@ def scan_cmd(
     reuse_subspace: ReuseOpt = False,
     eps: EpsOpt = None,
     seed: SeedOpt = 0,
+    splora_mode: SploraModeOpt = "sound",
+    null_samples: NullSamplesOpt = 32,
     device: DeviceOpt = "cpu",
     types: TypesOpt = None,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the score table as JSON.")] = None,
@@ -176,8 +183,13 @@ def scan_cmd(
     ad = load_adapter(adapter, allow_pickle=allow_pickle)
     ddi = _ddi_options(subspace_dim, oversample, power_iters, subspace, magnitude, reuse_subspace, eps, seed)
     table = scan(ad, base, methods, aligned=aligned, unaligned=unaligned, device=device, module_types=types,
-                 options=_options_for(methods, ddi, seed), progress=not _state["quiet"])
+                 options=_options_for(methods, ddi, seed, {"mode": splora_mode, "null_samples": null_samples}),
+                 progress=not _state["quiet"])
     _print_table(table, sort=sort, limit=limit)
+    if len(table.methods) > 1:
+        from .cli_pair import print_agreement
+
+        print_agreement(table)
     _write_side_outputs(table, json_out, csv_out, plot)
     if not _state["quiet"]:
         err.print(f"scored {len(table)} modules in {table.meta['seconds']:.2f}s", highlight=False)
@@ -204,6 +216,8 @@ def prune_cmd(
     reuse_subspace: ReuseOpt = False,
     eps: EpsOpt = None,
     seed: SeedOpt = 0,
+    splora_mode: SploraModeOpt = "sound",
+    null_samples: NullSamplesOpt = 32,
     device: DeviceOpt = "cpu",
     types: TypesOpt = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output directory.")] = False,
@@ -225,7 +239,8 @@ def prune_cmd(
     ddi = _ddi_options(subspace_dim, oversample, power_iters, subspace, magnitude, reuse_subspace, eps, seed)
     edited = prune(ad, base, method=methods[0], top=top, threshold=threshold, threshold_norm=threshold_norm,
                    module_types=types, mode=mode, aligned=aligned, unaligned=unaligned, device=device,
-                   options=_options_for(methods, ddi, seed), progress=not _state["quiet"])
+                   options=_options_for(methods, ddi, seed, {"mode": splora_mode, "null_samples": null_samples}),
+                   progress=not _state["quiet"])
     marked = set(edited.selection.selected)
     _print_table(edited.scores, marked=marked)
     path = edited.save(output, force=force)
@@ -284,3 +299,5 @@ def main(argv: List[str] | None = None) -> None:
 
 if __name__ == "__main__":  # pragma: no cover
     main()
+
+from . import cli_pair  # noqa: E402,F401  (registers commands)

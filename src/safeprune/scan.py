@@ -119,6 +119,10 @@ def scan(
             if not isinstance(given[role], WeightSource):
                 stack.callback(src.close)
             sources[role] = src
+        if "aligned" in sources and "unaligned" in sources:
+            from .pair import check_pair
+
+            check_pair(sources["aligned"], sources["unaligned"], modules)
 
         def fetch(m: LoraModule) -> tuple[dict[str, torch.Tensor], float]:
             ts = time.perf_counter()
@@ -168,4 +172,8 @@ def scan(
         },
     )
     table.add_ranks()
+    if len(table.methods) > 1:
+        from .agreement import rank_agreement
+
+        table.meta["agreement"] = rank_agreement(table)
     return table

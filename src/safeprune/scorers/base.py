@@ -38,6 +38,7 @@ class ModuleContext:
         self.device = torch.device(device)
         self._weights: dict[str, torch.Tensor] = {}
         self._norms: dict[str, float] = {}
+        self._memo: dict[str, Any] = {}
 
     def source(self, role: str) -> WeightSource:
         src = self.sources.get(role)
@@ -74,8 +75,15 @@ class ModuleContext:
             B, A = B.float(), A.float()
         return B, A
 
+    def memo(self, key: str, compute):
+        """A per-module cache for quantities several scorers share (e.g. SafeLoRA's C·B)."""
+        if key not in self._memo:
+            self._memo[key] = compute()
+        return self._memo[key]
+
     def release(self) -> None:
         self._weights.clear()
+        self._memo.clear()
 
 
 class Scorer:
