@@ -86,7 +86,7 @@ def project(
     each selected module's lora_B by C·lora_B (C = VVᵀ/‖V‖_F, V = aligned − unaligned); return the edited
     adapter with ``.scores``, ``.selection`` and ``.manifest`` (``action="project"``)."""
     from .errors import UsageError
-    from .project import project_modules
+    from .projection import project_modules
 
     if method != "safelora":
         raise UsageError(f"project applies SafeLoRA's projection and ranks with --method safelora, not {method!r} "

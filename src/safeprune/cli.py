@@ -116,6 +116,8 @@ def _print_table(table, sort: str = "rank", limit: Optional[int] = None, marked:
         rows = rows[:limit]
     t = Table(show_lines=False, header_style="bold", title=f"{len(table)} LoRA modules", title_justify="left")
     cols = ["module"] + [c for c in table.score_columns if c not in ("t", "delta_fro", "base_fro")]
+    if len(table.methods) > 1:  # several methods: their primary scores side by side (all columns: --json/--csv)
+        cols = ["module"] + list(dict.fromkeys(i.primary for i in table.methods.values()))
     cols += [f"rank_{m}" for m in table.methods]
     for c in cols:
         t.add_column(c.replace("rank_", "rank ") if c.startswith("rank_") else c,

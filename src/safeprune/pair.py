@@ -8,7 +8,8 @@ C = V Vᵀ / ‖V‖_F (out×out). Everything safeprune needs is C·Z for a thin
 computed in two passes over row blocks of V, each block formed on the fly from the two weights
 (``Wa[i:j] − Wu[i:j]``). Neither V (out×in) nor C (out×out) is ever materialised: beyond the two weights
 that were read, memory is one row block (at most ``block_elems`` entries) plus O((out + in)·k).
-The subtraction is done in float32 (the weights' precision), products and the norm in float64.
+Each block is formed in float64 (so the difference of two float32 weights is exact), products and the
+norm are float64 as well.
 
 :func:`check_pair` checks, from metadata only, that the two models have the same architecture and the
 same shape for every targeted tensor, so a mismatched pair fails before any scoring.
@@ -59,7 +60,7 @@ def apply_alignment(
     VtZ = torch.zeros(inp, k, dtype=F64, device=Wa.device)
     sq = 0.0
     for i in range(0, out, step):
-        Vb = (Wa[i:i + step] - Wu[i:i + step]).to(F64)
+        Vb = Wa[i:i + step].to(F64) - Wu[i:i + step].to(F64)
         sq += float((Vb * Vb).sum())
         VtZ.addmm_(Vb.T, Z64[i:i + step])
         del Vb
@@ -71,7 +72,7 @@ def apply_alignment(
         CZ.zero_()
         return CZ, 0.0
     for i in range(0, out, step):
-        Vb = (Wa[i:i + step] - Wu[i:i + step]).to(F64)
+        Vb = Wa[i:i + step].to(F64) - Wu[i:i + step].to(F64)
         torch.mm(Vb, VtZ, out=CZ[i:i + step])
         del Vb
     CZ /= vfro
