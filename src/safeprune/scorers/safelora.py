@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from ..errors import InputError, UsageError
-from ..pair import BLOCK_ELEMS, apply_alignment, gram_inner
+from ..pair import BLOCK_ELEMS, apply_alignment
 from .base import ModuleContext, Scorer, register
 
 F64 = torch.float64
@@ -47,11 +47,14 @@ def projected_B(ctx: ModuleContext, block_elems: int = BLOCK_ELEMS) -> tuple[tor
 
 def cosine_from_grams(B: torch.Tensor, CB: torch.Tensor, A: torch.Tensor) -> tuple[float, float]:
     """(cos(C·B·A, B·A), ‖C·B·A‖/‖B·A‖) from r×r Grams; NaN where undefined."""
-    B64, CB64, A64 = B.to(F64), CB.to(F64), A.to(F64)
+    r = B.shape[1]
+    S = torch.cat([B.to(F64), CB.to(F64)], dim=1)  # out × 2r: one Gram gives BᵀB, (CB)ᵀB and (CB)ᵀCB
+    G = S.T @ S
+    A64 = A.to(F64)
     GA = A64 @ A64.T
-    xy = gram_inner(CB64, B64, GA)
-    xx = max(0.0, gram_inner(CB64, CB64, GA))
-    yy = max(0.0, gram_inner(B64, B64, GA))
+    xy = float((G[r:, :r] * GA).sum())
+    xx = max(0.0, float((G[r:, r:] * GA).sum()))
+    yy = max(0.0, float((G[:r, :r] * GA).sum()))
     if xx == 0.0 or yy == 0.0:
         return float("nan"), (math.sqrt(xx / yy) if yy > 0 else float("nan"))
     cos = xy / math.sqrt(xx * yy)
