@@ -13,7 +13,8 @@ from helpers import TESTBED
 
 ALIGNED = Path("/work/models/aligned")
 UNALIGNED = Path("/work/models/unaligned")
-ADAPTER = TESTBED / "adapters" / "mix_s0"
+_TB = next((p for p in (TESTBED, Path("/work/shared/testbed")) if p.is_dir()), TESTBED)
+ADAPTER = _TB / "adapters" / "mix_s0"
 
 pytestmark = [
     pytest.mark.slow,
