@@ -45,8 +45,8 @@ class SelectionRule:
         if self.top is not None:
             order = "highest" if self.descending else "lowest"
             if self.top_rule == "complement":
-                return (f"{self.top} {order} by {self.column}: all but the K-1 others, K={self.requested_top} "
-                        f"(official SPLoRA rule){scope}")
+                return (f"{self.top} {order} by {self.column} = all but the {max(0, self.requested_top - 1)} "
+                        f"highest, K={self.requested_top} (official SPLoRA rule: prune <= the K-th largest){scope}")
             return f"top {self.top} by {self.column} ({order} first){scope}"
         op = ">=" if self.descending else "<="
         return f"{self.column} {op} {self.threshold}{scope}"
