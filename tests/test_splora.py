@@ -181,3 +181,30 @@ def test_null_samples_validated():
     with pytest.raises(UsageError):
         get_scorer("splora", mode="paper")
     assert math.isfinite(get_scorer("splora").null_samples)
+
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=25, deadline=None)
+@given(out=st.integers(3, 20), inp=st.integers(3, 20), r=st.integers(1, 4), c=st.floats(1e-2, 1e2),
+       seed=st.integers(0, 10_000))
+def test_sound_ediem_invariances(out, inp, r, c, seed):
+    """E-DIEM (sound) is scale-free in the update (B, A and s) and depends on A only through AAᵀ."""
+    from safeprune.scorers.splora import sound_ediem
+
+    g = torch.Generator().manual_seed(seed)
+    wa = torch.randn(out, inp, generator=g)
+    wu = wa + 0.3 * torch.randn(out, inp, generator=g)
+    B = torch.randn(out, r, generator=g, dtype=torch.float64)
+    A = torch.randn(r, inp, generator=g, dtype=torch.float64)
+    frames = FrameCache(seed=0)
+    base = sound_ediem(wa, wu, B, A, 2.0, frames, 8)
+    if not math.isfinite(base["ediem"]) or base["ediem_null_iqr"] < 1e-9 * base["ediem_null_median"]:
+        return  # degenerate null (e.g. r = out): nothing to compare
+    Q, _ = torch.linalg.qr(torch.randn(inp, inp, generator=g, dtype=torch.float64))
+    for other in (sound_ediem(wa, wu, c * B, A, 2.0, frames, 8), sound_ediem(wa, wu, B, A, 2.0 * c, frames, 8),
+                  sound_ediem(wa, wu, B, c * A, 2.0, frames, 8), sound_ediem(wa, wu, B, A @ Q, 2.0, frames, 8)):
+        assert other["ediem"] == pytest.approx(base["ediem"], rel=1e-6, abs=1e-6)
+        assert other["ediem_dist_rel"] == pytest.approx(base["ediem_dist_rel"], rel=1e-9)

@@ -55,7 +55,6 @@ V = W_aligned − W_unaligned) with Y = ΔW. Two modes:
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -130,6 +129,36 @@ def null_distances(CZ: torch.Tensor, Z: torch.Tensor, A: torch.Tensor, n: int, r
     return s * sq.sqrt()
 
 
+def sound_ediem(
+    Wa: torch.Tensor, Wu: torch.Tensor, B: torch.Tensor, A: torch.Tensor, s: float, frames: FrameCache,
+    null_samples: int, *, CB: torch.Tensor | None = None, vfro: float | None = None,
+    block_elems: int = BLOCK_ELEMS,
+) -> dict[str, float]:
+    """Sound-mode E-DIEM of ΔW = s·B·A against its Haar-rotation null (see the module docstring)."""
+    nan = float("nan")
+    B64 = B.to(F64)
+    if CB is None or vfro is None:
+        CB, vfro = apply_alignment(Wa, Wu, B64, block_elems=block_elems)
+    out, r = B64.shape
+    d, delta = null_distances(torch.cat([CB, torch.zeros_like(B64)], 1), torch.cat([B64, B64], 1), A, 2, r, s)
+    d, delta = float(d), float(delta)  # ‖CΔW − ΔW‖_F and ‖ΔW‖_F
+    if vfro == 0.0 or delta == 0.0:
+        return {"ediem": nan, "ediem_dist": d, "ediem_dist_rel": nan, "ediem_null_median": nan,
+                "ediem_null_iqr": nan}
+    n = null_samples
+    _, RB = torch.linalg.qr(B64, mode="reduced")  # min(out, r) × r
+    F = frames.get(out, RB.shape[0], n, B64.device)  # n × out × min(out, r)
+    Z = (F @ RB).permute(1, 0, 2).reshape(out, n * r)  # out × (n·r), block k = F_k R_B
+    CZ, _ = apply_alignment(Wa, Wu, Z, block_elems=block_elems)
+    null = null_distances(CZ, Z, A, n, r, s)
+    del Z, CZ
+    med = float(torch.quantile(null, 0.5))
+    iqr = float(torch.quantile(null, 0.75) - torch.quantile(null, 0.25))
+    eps = 1e-12 * abs(med) + 1e-300
+    return {"ediem": (d - med) / (iqr + eps), "ediem_dist": d, "ediem_dist_rel": d / delta,
+            "ediem_null_median": med, "ediem_null_iqr": iqr}
+
+
 @register
 class SPLoRAScorer(Scorer):
     name = "splora"
@@ -169,28 +198,12 @@ class SPLoRAScorer(Scorer):
     # -- sound --------------------------------------------------------------------------------------
     def _score_sound(self, ctx: ModuleContext) -> dict[str, float]:
         m = ctx.module
-        s = float(m.scaling)
         B, A = ctx.lora()
         CB, vfro = projected_B(ctx, self.block_elems)
-        nan = float("nan")
-        B64 = B.to(F64)
-        d = float(null_distances(CB, B64, A, 1, m.r, s)[0])
-        delta = float(null_distances(torch.zeros_like(B64), B64, A, 1, m.r, s)[0])  # ‖ΔW‖_F
-        if vfro == 0.0 or delta == 0.0:
-            return {"ediem": nan, "ediem_dist": d, "ediem_dist_rel": nan, "ediem_null_median": nan,
-                    "ediem_null_iqr": nan, "v_fro": vfro}
-        n, r = self.null_samples, m.r
-        _, RB = torch.linalg.qr(B64, mode="reduced")  # (min(out,r) × r)
-        F = self._frames.get(m.out_features, RB.shape[0], n, B64.device)  # n × out × k
-        Z = (F @ RB).permute(1, 0, 2).reshape(m.out_features, n * r)  # out × (n·r), block k = F_k R_B
-        CZ, _ = apply_alignment(ctx.weight("aligned"), ctx.weight("unaligned"), Z, block_elems=self.block_elems)
-        null = null_distances(CZ, Z, A, n, r, s)
-        del Z, CZ
-        med = float(torch.quantile(null, 0.5))
-        iqr = float(torch.quantile(null, 0.75) - torch.quantile(null, 0.25))
-        eps = 1e-12 * abs(med) + 1e-300
-        return {"ediem": (d - med) / (iqr + eps), "ediem_dist": d, "ediem_dist_rel": d / delta,
-                "ediem_null_median": med, "ediem_null_iqr": iqr, "v_fro": vfro}
+        res = sound_ediem(ctx.weight("aligned"), ctx.weight("unaligned"), B, A, float(m.scaling), self._frames,
+                          self.null_samples, CB=CB, vfro=vfro, block_elems=self.block_elems)
+        res["v_fro"] = vfro
+        return res
 
     # -- official -----------------------------------------------------------------------------------
     def _score_official(self, ctx: ModuleContext) -> dict[str, float]:
