@@ -131,3 +131,29 @@ def test_pair_adapter_shape_mismatch(tmp_path, llama_adapter):
     u = perturb_model(a, tmp_path / "u", scale=0.01)
     res = _run("scan", llama_adapter, "--aligned", a, "--unaligned", u, "--method", "safelora")
     assert res.exit_code == 2 and "shape" in res.output
+
+
+def test_pair_dtype_mismatch(tmp_path, llama_dir, llama_adapter):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    un = perturb_model(llama_dir, tmp_path / "un", scale=0.01)
+    sd = {k: v.to(torch.bfloat16) for k, v in load_file(str(un / "model.safetensors")).items()}
+    save_file(sd, str(un / "model.safetensors"), metadata={"format": "pt"})
+    out = tmp_path / "o"
+    res = _run("project", llama_adapter, "--aligned", llama_dir, "--unaligned", un, "-o", out)
+    assert res.exit_code == 2 and "BF16" in res.output and "F32" in res.output and not out.exists()
+
+
+def test_pair_sharded_sources_give_the_same_scores(tmp_path, llama_dir, llama_adapter, unaligned_dir):
+    """A sharded aligned model (index + shards) scores exactly like the single-file one."""
+    import safeprune
+    from helpers import make_model
+
+    sharded = make_model(tmp_path / "sharded", "llama", layers=2, seed=0, shard_size="100KB")
+    assert (sharded / "model.safetensors.index.json").is_file()
+    ref = safeprune.scan(llama_adapter, None, "safelora,splora", aligned=llama_dir, unaligned=unaligned_dir,
+                         options={"splora": {"null_samples": 8}})
+    got = safeprune.scan(llama_adapter, None, "safelora,splora", aligned=sharded, unaligned=unaligned_dir,
+                         options={"splora": {"null_samples": 8}})
+    assert got.column("cos") == ref.column("cos") and got.column("ediem") == ref.column("ediem")

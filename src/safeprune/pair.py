@@ -26,7 +26,7 @@ from typing import Iterable
 import torch
 
 from .errors import InputError, NonFiniteError, ShapeMismatchError, UsageError
-from .sources import WeightSource, _name_candidates
+from .sources import GGUFSource, SafetensorsSource, WeightSource, _name_candidates
 
 F64 = torch.float64
 BLOCK_ELEMS = 1 << 20  # entries of V formed at a time (4 MiB in float32)
@@ -117,13 +117,30 @@ def _pair_key(src: WeightSource, module: str, role: str) -> str:
                      src.description)
 
 
+def _stored_dtype(src: WeightSource, key: str, headers: dict) -> str | None:
+    """The dtype a tensor is stored in (safetensors dtype or GGUF quantisation type), from metadata only."""
+    if isinstance(src, SafetensorsSource):
+        from .safety_io import check_safetensors_header
+
+        f = src.file_of(key)
+        if f not in headers:
+            headers[f] = check_safetensors_header(Path(f))
+        return str(headers[f].get(key, {}).get("dtype")) or None
+    if isinstance(src, GGUFSource):
+        t = src._tensors.get(key)
+        return None if t is None else t.tensor_type.name
+    return None
+
+
 def check_pair(aligned: WeightSource, unaligned: WeightSource, modules: Iterable) -> None:
     """Fail early (metadata only) if the pair cannot be compared module by module.
 
     * the same files given twice -> UsageError (V would be 0 everywhere);
     * config.json architecture fields that differ -> ShapeMismatchError naming both files;
     * a targeted tensor missing from either -> InputError naming the file;
-    * a targeted tensor with different shapes -> ShapeMismatchError naming both files.
+    * a targeted tensor with different shapes -> ShapeMismatchError naming both files;
+    * a targeted tensor stored in different dtypes (e.g. bfloat16 vs float32, or two GGUF quantisations)
+      -> InputError: V = aligned − unaligned would then be dominated by the rounding of the coarser one.
     (Each model's shapes are also checked against the adapter when the weights are read.)
     """
     fa = [os.path.realpath(f) for f in aligned.files()]
@@ -140,6 +157,7 @@ def check_pair(aligned: WeightSource, unaligned: WeightSource, modules: Iterable
                 f"aligned and unaligned models have different architectures ({'; '.join(diffs)}); "
                 f"aligned: {pa}, unaligned: {pu}"
             )
+    headers: dict = {}
     for m in modules:
         ka = _pair_key(aligned, m.name, "aligned")
         ku = _pair_key(unaligned, m.name, "unaligned")
@@ -148,4 +166,11 @@ def check_pair(aligned: WeightSource, unaligned: WeightSource, modules: Iterable
             raise ShapeMismatchError(
                 f"tensor for module {m.name!r} has shape {sa} in the aligned model ({aligned.file_of(ka)}) but "
                 f"{su} in the unaligned model ({unaligned.file_of(ku)})"
+            )
+        da, du = _stored_dtype(aligned, ka, headers), _stored_dtype(unaligned, ku, headers)
+        if da and du and da != du:
+            raise InputError(
+                f"tensor for module {m.name!r} is stored as {da} in the aligned model ({aligned.file_of(ka)}) but "
+                f"as {du} in the unaligned model ({unaligned.file_of(ku)}); V = aligned − unaligned would be "
+                "dominated by rounding: give both models in the same dtype"
             )
