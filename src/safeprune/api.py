@@ -66,3 +66,47 @@ def prune(
 
 
 __all__ = ["load_adapter", "scan", "select", "prune", "prune_modules", "ScoreTable", "Selection", "LoraAdapter"]
+
+
+def project(
+    adapter: LoraAdapter | str | Path,
+    aligned: str | Path | WeightSource | None = None,
+    unaligned: str | Path | WeightSource | None = None,
+    *,
+    method: str = "safelora",
+    table: ScoreTable | None = None,
+    top: int | None = None,
+    threshold: float | None = None,
+    module_types: Iterable[str] | str | None = None,
+    device: str | None = "cpu",
+    progress: bool = False,
+    **method_options: Any,
+) -> LoraAdapter:
+    """SafeLoRA: score, select (``top`` K lowest cosines, default 10, or ``threshold`` cos ≤ τ) and replace
+    each selected module's lora_B by C·lora_B (C = VVᵀ/‖V‖_F, V = aligned − unaligned); return the edited
+    adapter with ``.scores``, ``.selection`` and ``.manifest`` (``action="project"``)."""
+    from .errors import UsageError
+    from .projection import project_modules
+
+    if method != "safelora":
+        raise UsageError(f"project applies SafeLoRA's projection and ranks with --method safelora, not {method!r} "
+                         "(use `safeprune prune` for splora/ddi)")
+    if aligned is None or unaligned is None:
+        raise UsageError("project needs --aligned and --unaligned")
+    adapter = _as_adapter(adapter)
+    if table is None:
+        table = scan(adapter, None, method, aligned=aligned, unaligned=unaligned, device=device,
+                     progress=progress, **method_options)
+    selection = select(table, method, top=top, threshold=threshold, module_types=module_types)
+    edited, info = project_modules(adapter, selection.selected, aligned, unaligned, device=device)
+    edited.manifest = build_manifest(
+        action="project", original=adapter, edited=edited, table=table, selection=selection,
+        edit={"method": "safelora", "modules": selection.selected, **info},
+        sources={"aligned": aligned, "unaligned": unaligned},
+    )
+    edited.scores = table
+    edited.selection = selection
+    return edited
+
+
+__all__ += ["project"]

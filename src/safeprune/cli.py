@@ -113,6 +113,8 @@ SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of the randomized ran
 DeviceOpt = Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N or auto.")]
 TypesOpt = Annotated[Optional[str], typer.Option("--types", help="Only these module types, e.g. q_proj,v_proj (or q,k,v,o).")]
 AllowPickleOpt = Annotated[bool, typer.Option("--allow-pickle", help="Read adapter_model.bin with torch.load(weights_only=True).")]
+SploraModeOpt = Annotated[str, typer.Option("--splora-mode", help="SPLoRA E-DIEM: 'sound' (null of rotated updates), 'official' (public code, HEAD rule) or 'official-first' (first-commit rule).")]
+NullSamplesOpt = Annotated[int, typer.Option("--null-samples", help="SPLoRA sound mode: rotated updates in the reference distribution.")]
 
 
 def _ddi_options(subspace_dim, oversample, power_iters, subspace, magnitude, reuse, eps, seed) -> dict[str, Any]:
@@ -120,13 +122,16 @@ def _ddi_options(subspace_dim, oversample, power_iters, subspace, magnitude, reu
             "subspace": subspace, "magnitude": magnitude, "reuse_subspace": reuse, "eps": eps, "seed": seed}
 
 
-def _options_for(methods: list[str], ddi: dict[str, Any], seed: int) -> dict[str, dict[str, Any]]:
+def _options_for(methods: list[str], ddi: dict[str, Any], seed: int,
+                 splora: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
     from .scorers import REGISTRY
 
     opts: dict[str, dict[str, Any]] = {}
     for m in methods:
         if m == "ddi":
             opts[m] = ddi
+        elif m == "splora" and splora:
+            opts[m] = {"seed": seed, **splora}
         elif m in REGISTRY and "seed" in inspect.signature(REGISTRY[m].__init__).parameters:
             opts[m] = {"seed": seed}
     return opts
@@ -141,6 +146,8 @@ def _print_table(table, sort: str = "rank", limit: Optional[int] = None, marked:
         rows = rows[:limit]
     t = Table(show_lines=False, header_style="bold", title=f"{len(table)} LoRA modules", title_justify="left")
     cols = ["module"] + [c for c in table.score_columns if c not in ("t", "delta_fro", "base_fro")]
+    if len(table.methods) > 1:  # several methods: their primary scores side by side (all columns: --json/--csv)
+        cols = ["module"] + list(dict.fromkeys(i.primary for i in table.methods.values()))
     cols += [f"rank_{m}" for m in table.methods]
     for c in cols:
         t.add_column(c.replace("rank_", "rank ") if c.startswith("rank_") else c,
@@ -189,6 +196,8 @@ def scan_cmd(
     reuse_subspace: ReuseOpt = False,
     eps: EpsOpt = None,
     seed: SeedOpt = 0,
+    splora_mode: SploraModeOpt = "sound",
+    null_samples: NullSamplesOpt = 32,
     device: DeviceOpt = "cpu",
     types: TypesOpt = None,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the score table as JSON.")] = None,
@@ -209,8 +218,13 @@ def scan_cmd(
     ad = load_adapter(adapter, allow_pickle=allow_pickle)
     ddi = _ddi_options(subspace_dim, oversample, power_iters, subspace, magnitude, reuse_subspace, eps, seed)
     table = scan(ad, base, methods, aligned=aligned, unaligned=unaligned, device=device, module_types=types,
-                 options=_options_for(methods, ddi, seed), progress=not _state["quiet"])
+                 options=_options_for(methods, ddi, seed, {"mode": splora_mode, "null_samples": null_samples}),
+                 progress=not _state["quiet"])
     _print_table(table, sort=sort, limit=limit)
+    if len(table.methods) > 1:
+        from .cli_pair import print_agreement
+
+        print_agreement(table)
     _write_side_outputs(table, json_out, csv_out, plot)
     if not _state["quiet"]:
         err.print(f"scored {len(table)} modules in {table.meta['seconds']:.2f}s", highlight=False)
@@ -237,6 +251,8 @@ def prune_cmd(
     reuse_subspace: ReuseOpt = False,
     eps: EpsOpt = None,
     seed: SeedOpt = 0,
+    splora_mode: SploraModeOpt = "sound",
+    null_samples: NullSamplesOpt = 32,
     device: DeviceOpt = "cpu",
     types: TypesOpt = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output directory.")] = False,
@@ -261,7 +277,8 @@ def prune_cmd(
     ddi = _ddi_options(subspace_dim, oversample, power_iters, subspace, magnitude, reuse_subspace, eps, seed)
     edited = prune(ad, base, method=methods[0], top=top, threshold=threshold, threshold_norm=threshold_norm,
                    module_types=types, mode=mode, aligned=aligned, unaligned=unaligned, device=device,
-                   options=_options_for(methods, ddi, seed), progress=not _state["quiet"])
+                   options=_options_for(methods, ddi, seed, {"mode": splora_mode, "null_samples": null_samples}),
+                   progress=not _state["quiet"])
     marked = set(edited.selection.selected)
     _print_table(edited.scores, marked=marked)
     path = write_adapter(edited, output, force=force, extra_inputs=inputs)
@@ -318,5 +335,10 @@ def main(argv: List[str] | None = None) -> None:
             sys.exit(e.code)
 
 
-if __name__ == "__main__":  # pragma: no cover
-    main()
+from . import cli_pair  # noqa: E402,F401  (registers commands)
+
+
+if __name__ == "__main__":  # pragma: no cover  (python -m safeprune.cli: run the fully registered module)
+    from safeprune.cli import main as _main
+
+    _main()

@@ -58,9 +58,11 @@ def prune_modules(adapter: LoraAdapter, names: Iterable[str], mode: str = "remov
     return adapter.with_modules(kept, config=cfg, manifest=None)
 
 
-def replace_lora_B(adapter: LoraAdapter, new_B: dict[str, torch.Tensor]) -> LoraAdapter:
-    """Return a copy whose listed modules use the given lora_B (cast to the stored dtype)."""
+def replace_lora_B(adapter: LoraAdapter, new_B: dict[str, torch.Tensor],
+                   new_bias: dict[str, torch.Tensor] | None = None) -> LoraAdapter:
+    """Return a copy whose listed modules use the given lora_B (and lora_B bias), cast to the stored dtype."""
     _check_names(adapter, new_B)
+    new_bias = new_bias or {}
     modules: dict[str, LoraModule] = {}
     for n, m in adapter.modules.items():
         if n in new_B:
@@ -68,5 +70,10 @@ def replace_lora_B(adapter: LoraAdapter, new_B: dict[str, torch.Tensor]) -> Lora
             if tuple(B.shape) != tuple(m.lora_B.shape):
                 raise UsageError(f"new lora_B for {n!r} has shape {tuple(B.shape)}, expected {tuple(m.lora_B.shape)}")
             m = replace(m, lora_B=B.detach().to(device="cpu", dtype=m.lora_B.dtype).contiguous())
+        if n in new_bias:
+            b = new_bias[n]
+            if m.lora_B_bias is None or tuple(b.shape) != tuple(m.lora_B_bias.shape):
+                raise UsageError(f"new lora_B bias for {n!r} does not match the module's bias")
+            m = replace(m, lora_B_bias=b.detach().to(device="cpu", dtype=m.lora_B_bias.dtype).contiguous())
         modules[n] = m
     return adapter.with_modules(modules, config=copy.deepcopy(adapter.config), manifest=None)

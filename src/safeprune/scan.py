@@ -20,7 +20,7 @@ from .adapter import LoraAdapter, LoraModule, load_adapter
 from .errors import NonFiniteError, UsageError
 from .scorers import ModuleContext, get_scorer
 from .scorers.base import Scorer
-from .sources import WeightSource, check_modules_present, check_pair, open_weights, read_module_weight
+from .sources import WeightSource, check_modules_present, open_weights, read_module_weight
 from .table import MethodInfo, ScoreTable
 
 
@@ -40,11 +40,12 @@ def _methods_list(methods: str | Sequence[str]) -> list[str]:
     return out
 
 
-def _check_row_finite(row: dict[str, Any], adapter: LoraAdapter) -> None:
+def _check_row_finite(row: dict[str, Any], adapter: LoraAdapter, allowed: frozenset[str] = frozenset()) -> None:
     """A score table never holds NaN/Inf silently. Inputs are checked finite when read, so a non-finite
-    score can only come from degenerate weights; it is reported, not ranked."""
+    score can only come from degenerate weights; it is reported, not ranked — except for the columns a
+    scorer documents as undefined in a degenerate case (``Scorer.nan_allowed``), which are never selected."""
     for k, v in row.items():
-        if isinstance(v, float) and not math.isfinite(v):
+        if isinstance(v, float) and not math.isfinite(v) and not (k in allowed and math.isnan(v)):
             raise NonFiniteError(
                 f"score {k!r} of module {row['module']!r} is {v} (degenerate weights); refusing to rank it",
                 adapter.path or "adapter",
@@ -107,6 +108,7 @@ def scan(
     if unknown:
         raise UsageError(f"options given for methods not being run: {', '.join(sorted(unknown))}")
     scorers: list[Scorer] = [get_scorer(n, **options.get(n, {})) for n in names]
+    nan_ok = frozenset().union(*(s.nan_allowed for s in scorers))
     dev = resolve_device(device)
 
     from .selection import _parse_types
@@ -133,15 +135,21 @@ def scan(
             if not isinstance(given[role], WeightSource):
                 stack.callback(src.close)
             sources[role] = src
-        # fail fast, from the headers alone: every module's weight exists with the right shape
+        # fail fast, from configs and headers alone: a pair is one architecture, every module's weight
+        # exists with the right shape, and the pair agrees tensor by tensor
+        pair = "aligned" in sources and "unaligned" in sources
+        if pair:
+            from .pair import check_pair
+
+            check_pair(sources["aligned"], sources["unaligned"], modules, tensors=False)
         for role, src in sources.items():
-            check_modules_present(src, modules)
-        if "aligned" in sources and "unaligned" in sources:
-            check_pair(sources["aligned"], sources["unaligned"], modules)
+            check_modules_present(src, modules, role)
+        if pair:
+            check_pair(sources["aligned"], sources["unaligned"], modules, config=False)
 
         def fetch(m: LoraModule) -> tuple[dict[str, torch.Tensor], float]:
             ts = time.perf_counter()
-            ws = {role: read_module_weight(src, m) for role, src in sources.items()}
+            ws = {role: read_module_weight(src, m, role=role) for role, src in sources.items()}
             return ws, time.perf_counter() - ts
 
         pool = stack.enter_context(ThreadPoolExecutor(max_workers=1)) if prefetch and sources else None
@@ -173,7 +181,7 @@ def scan(
     for s in scorers:
         s.finalize(rows)
     for row in rows:
-        _check_row_finite(row, adapter)
+        _check_row_finite(row, adapter, nan_ok)
     table = ScoreTable(
         rows=rows,
         methods={s.name: MethodInfo(name=s.name, primary=s.primary, descending=s.descending,
@@ -189,4 +197,8 @@ def scan(
         },
     )
     table.add_ranks()
+    if len(table.methods) > 1:
+        from .agreement import rank_agreement
+
+        table.meta["agreement"] = rank_agreement(table)
     return table

@@ -31,6 +31,9 @@ class SelectionRule:
     threshold: float | None = None
     module_types: list[str] | None = None
     layers: list[int] | None = None
+    # "complement": the official SPLoRA HEAD rule, top K means "all but the K-1 best" (see scorers/splora.py)
+    top_rule: str | None = None
+    requested_top: int | None = None
 
     def describe(self) -> str:
         where = []
@@ -41,6 +44,9 @@ class SelectionRule:
         scope = f" among modules with {' and '.join(where)}" if where else ""
         if self.top is not None:
             order = "highest" if self.descending else "lowest"
+            if self.top_rule == "complement":
+                return (f"{self.top} {order} by {self.column} = all but the {max(0, self.requested_top - 1)} "
+                        f"highest, K={self.requested_top} (official SPLoRA rule: prune <= the K-th largest){scope}")
             return f"top {self.top} by {self.column} ({order} first){scope}"
         op = ">=" if self.descending else "<="
         return f"{self.column} {op} {self.threshold}{scope}"
@@ -113,14 +119,18 @@ def select(
 
     cands = [r for r in table.rows
              if (types is None or r["type"] in types) and (layer_list is None or r["layer"] in layer_list)]
+    if top is not None and info.options.get("top_rule") == "complement":
+        # official SPLoRA (HEAD): threshold = K-th largest score, prune every module at or below it
+        rule.top_rule, rule.requested_top = "complement", top
+        top = rule.top = (len(cands) - min(top, len(cands)) + 1) if top > 0 else 0
     if types is not None:
         unknown = set(types) - {r["type"] for r in table.rows}
         if unknown:
             raise UsageError(f"no module of type {', '.join(sorted(unknown))} in the adapter "
                              f"(types: {', '.join(sorted({r['type'] for r in table.rows}))})")
     ordered = sorted(cands, key=lambda r: sort_key(r, col, info.descending))
-    if top is not None:
-        chosen = ordered[:top]
+    if top is not None:  # a module whose score is undefined (NaN/None, documented per scorer) is never chosen
+        chosen = [r for r in ordered if r.get(col) is not None and r.get(col) == r.get(col)][:top]
     else:
         def hit(v: Any) -> bool:
             return v is not None and v == v and (v >= threshold if info.descending else v <= threshold)

@@ -404,7 +404,7 @@ def _name_candidates(module: str) -> Iterable[str]:
         yield wrapper + module
 
 
-def base_key_for(source: WeightSource, module: str) -> str:
+def base_key_for(source: WeightSource, module: str, role: str = "base") -> str:
     keys = source.keys()
     tried = []
     for cand in _name_candidates(module):
@@ -413,35 +413,38 @@ def base_key_for(source: WeightSource, module: str) -> str:
         if k in keys:
             return k
     raise InputError(
-        f"base model has no weight for LoRA module {module!r} (looked for {tried[0]!r}); is this the model "
+        f"{role} model has no weight for LoRA module {module!r} (looked for {tried[0]!r}); is this the model "
         "the adapter was trained on?",
         source.description,
     )
 
 
-def module_weight_key(source: WeightSource, module) -> str:
-    """The source's tensor name for a LoraModule's W0, after checking its stored shape (header only)."""
-    key = base_key_for(source, module.name)
+def module_weight_key(source: WeightSource, module, role: str = "base") -> str:
+    """The source's tensor name for a LoraModule's W0, after checking its stored shape (header only).
+
+    ``role`` ("base", "aligned", "unaligned") names the model in error messages."""
+    key = base_key_for(source, module.name, role)
     shp = source.shape(key)
     want = (module.out_features, module.in_features)
     stored_want = (want[1], want[0]) if module.fan_in_fan_out else want
     if tuple(shp) != stored_want:
         hint = " (fan_in_fan_out)" if module.fan_in_fan_out else ""
         raise ShapeMismatchError(
-            f"base tensor {key!r} has shape {tuple(shp)} but the adapter's module {module.name!r} needs "
+            f"{role} tensor {key!r} has shape {tuple(shp)} but the adapter's module {module.name!r} needs "
             f"{stored_want}{hint}",
             source.file_of(key),
         )
     return key
 
 
-def check_modules_present(source: WeightSource, modules: Iterable) -> None:
+def check_modules_present(source: WeightSource, modules: Iterable, role: str = "base") -> None:
     """Fail fast (before any tensor is read) if the source lacks a module's weight or has the wrong shape."""
     for m in modules:
-        module_weight_key(source, m)
+        module_weight_key(source, m, role)
 
 
-def read_module_weight(source: WeightSource, module, *, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def read_module_weight(source: WeightSource, module, *, dtype: torch.dtype = torch.float32,
+                       role: str = "base") -> torch.Tensor:
     """Read W0 for a LoraModule in (out, in) orientation, checking its shape and that it is finite.
 
     Every scorer gets its weights through here, so a NaN/Inf in a base (or aligned/unaligned) weight is
@@ -449,53 +452,12 @@ def read_module_weight(source: WeightSource, module, *, dtype: torch.dtype = tor
     """
     from .errors import NonFiniteError
 
-    key = module_weight_key(source, module)
+    key = module_weight_key(source, module, role)
     w = source.get(key, dtype=dtype)
     if w.is_floating_point() and not bool(torch.isfinite(w).all()):
         bad = "NaN" if bool(torch.isnan(w).any()) else "Inf"
         raise NonFiniteError(f"tensor {key!r} contains {bad}", source.file_of(key))
     return w.T if module.fan_in_fan_out else w
-
-
-def check_pair(aligned: WeightSource, unaligned: WeightSource, modules: Iterable) -> None:
-    """An aligned/unaligned pair must be the same architecture: same config (model_type, sizes) where both
-    have a config.json, and the same shape for every weight the adapter touches (header only)."""
-    cfgs = [_model_config(s) for s in (aligned, unaligned)]
-    if all(cfgs):
-        for k in ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                  "num_key_value_heads", "intermediate_size"):
-            a, u = cfgs[0].get(k), cfgs[1].get(k)
-            if a is not None and u is not None and a != u:
-                raise ShapeMismatchError(
-                    f"aligned and unaligned models differ in architecture: {k} is {a!r} in {aligned.description} "
-                    f"but {u!r} here; they must be two versions of the same model",
-                    unaligned.description,
-                )
-    for m in modules:
-        ka, ku = module_weight_key(aligned, m), module_weight_key(unaligned, m)
-        sa, su = aligned.shape(ka), unaligned.shape(ku)
-        if tuple(sa) != tuple(su):  # pragma: no cover - both were checked against the adapter above
-            raise ShapeMismatchError(f"tensor {ku!r} has shape {tuple(su)}, the aligned model's {tuple(sa)}",
-                                     unaligned.file_of(ku))
-
-
-def _model_config(source: WeightSource) -> dict | None:
-    from .safety_io import check_inside
-
-    files = source.files()
-    if not isinstance(source, SafetensorsSource) or not files:
-        return None
-    cfg = files[0].parent / "config.json"
-    if not cfg.is_file():
-        return None
-    check_inside(cfg, cfg.parent)
-    try:
-        d = json.loads(cfg.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        raise InputError("not valid JSON", cfg) from None
-    if not isinstance(d, dict):
-        raise InputError("expected a JSON object", cfg)
-    return d.get("text_config") if isinstance(d.get("text_config"), dict) else d
 
 
 def checked_fro_norm(w: torch.Tensor, what: str, where: str) -> float:

@@ -78,11 +78,13 @@ class ScoreTable:
         return [{c: r.get(c) for c in self.columns} for r in self.rows]
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: NaN (a score a method leaves undefined) becomes null."""
+        rows = [{k: (None if isinstance(v, float) and v != v else v) for k, v in r.items()} for r in self.to_records()]
         return {
             "methods": {k: vars(v) for k, v in self.methods.items()},
             "meta": self.meta,
             "columns": self.columns,
-            "rows": self.to_records(),
+            "rows": rows,
         }
 
     def to_json(self) -> str:

@@ -779,7 +779,7 @@ def _(c: Ctx) -> Setup:
     return Setup(args, str(un), c.out, patch=register_pair_scorer)
 
 
-@case("pair_unaligned_shape_differs", r"base tensor 'model\.layers\.0\.self_attn\.k_proj\.weight' has shape \(16, 64\)")
+@case("pair_unaligned_shape_differs", r"unaligned tensor 'model\.layers\.0\.self_attn\.k_proj\.weight' has shape \(16, 64\)")
 def _(c: Ctx) -> Setup:
     write_adapter(c.adapter)
     al, un = c.tmp / "in" / "aligned", c.tmp / "in" / "unaligned"

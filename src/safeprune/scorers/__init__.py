@@ -9,3 +9,5 @@ New methods register with :func:`register` and are then available to ``safeprune
 
 from .base import REGISTRY, ModuleContext, Scorer, get_scorer, register  # noqa: F401
 from . import ddi  # noqa: F401  (registers "ddi")
+from . import safelora  # noqa: F401,E402  (registers "safelora")
+from . import splora  # noqa: F401,E402  (registers "splora")

@@ -38,6 +38,7 @@ class ModuleContext:
         self.device = torch.device(device)
         self._weights: dict[str, torch.Tensor] = {}
         self._norms: dict[str, float] = {}
+        self._memo: dict[str, Any] = {}
 
     def source(self, role: str) -> WeightSource:
         src = self.sources.get(role)
@@ -49,7 +50,7 @@ class ModuleContext:
         """W for this module in (out, in) orientation, float32, on the context's device."""
         w = self._weights.get(role)
         if w is None:
-            w = read_module_weight(self.source(role), self.module).to(self.device)
+            w = read_module_weight(self.source(role), self.module, role=role).to(self.device)
             self._weights[role] = w
         return w
 
@@ -74,8 +75,15 @@ class ModuleContext:
             B, A = B.float(), A.float()
         return B, A
 
+    def memo(self, key: str, compute):
+        """A per-module cache for quantities several scorers share (e.g. SafeLoRA's C·B)."""
+        if key not in self._memo:
+            self._memo[key] = compute()
+        return self._memo[key]
+
     def release(self) -> None:
         self._weights.clear()
+        self._memo.clear()
 
 
 class Scorer:
@@ -85,6 +93,9 @@ class Scorer:
     requires: ClassVar[tuple[str, ...]] = ()
     primary: ClassVar[str] = ""
     descending: ClassVar[bool] = True  # True: highest value is pruned first
+    # columns that are NaN by definition in a documented degenerate case (e.g. SafeLoRA's cosine when the
+    # aligned and unaligned weights are identical); such a module is never selected. Any other NaN is an error.
+    nan_allowed: ClassVar[frozenset[str]] = frozenset()
     description: ClassVar[str] = ""
 
     def options(self) -> dict[str, Any]:

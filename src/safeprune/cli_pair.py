@@ -1,0 +1,72 @@
+"""CLI for the pair methods (SafeLoRA, SPLoRA): ``safeprune project`` and the method-agreement table that
+``safeprune scan --method all`` prints. Scoring and pruning go through the shared ``scan``/``prune`` commands."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+from typing_extensions import Annotated
+
+from .cli import (AdapterArg, AlignedOpt, AllowPickleOpt, DeviceOpt, TypesOpt, UnalignedOpt, _print_table,
+                  _state, _write_side_outputs, app, err, handle_errors, out)
+
+
+def print_agreement(table) -> None:
+    """Spearman ρ / Kendall τ between every pair of methods' rankings, and their top-K overlap."""
+    agr = table.meta.get("agreement") or []
+    if _state["quiet"] or not agr:
+        return
+    k = agr[0]["top_k"]
+    t = Table(header_style="bold", title="agreement between the methods' rankings", title_justify="left")
+    for c in ("methods", "Spearman ρ", "p", "Kendall τ", "p", f"top-{k} overlap"):
+        t.add_column(c, justify="left" if c == "methods" else "right")
+
+    def f(x):
+        return "" if x is None else f"{x:.3f}" if abs(x) >= 1e-3 else f"{x:.1e}"
+
+    for a in agr:
+        t.add_row(f"{a['a']} vs {a['b']}", f(a["spearman"]), f(a["spearman_p"]), f(a["kendall"]),
+                  f(a["kendall_p"]), f"{a['top_overlap']}/{k}")
+    out.print(t)
+
+
+@app.command("project")
+@handle_errors
+def project_cmd(
+    adapter: AdapterArg,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Output adapter directory (must not exist unless --force).")],
+    aligned: AlignedOpt = None,
+    unaligned: UnalignedOpt = None,
+    method: Annotated[str, typer.Option("--method", "-m", help="Ranking method; the projection is SafeLoRA's.")] = "safelora",
+    top: Annotated[Optional[int], typer.Option("--top", help="Project the K modules with the lowest cosine (default 10).")] = None,
+    threshold: Annotated[Optional[float], typer.Option("--threshold", help="Project every module with cos <= τ (paper: 0.5).")] = None,
+    device: DeviceOpt = "cpu",
+    types: TypesOpt = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing output directory.")] = False,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the score table as JSON.")] = None,
+    csv_out: Annotated[Optional[Path], typer.Option("--csv", help="Also write the score table as CSV.")] = None,
+    allow_pickle: AllowPickleOpt = False,
+) -> None:
+    """SafeLoRA: replace lora_B of the least-aligned modules by C·lora_B (C = VVᵀ/‖V‖_F); write a PEFT adapter + safeprune.json."""
+    from .adapter import load_adapter
+    from .api import project
+    from .errors import UsageError
+    from .writer import check_output_path
+
+    if aligned is None or unaligned is None:
+        raise UsageError("project needs --aligned (the aligned/chat model) and --unaligned (its base counterpart)")
+    ad = load_adapter(adapter, allow_pickle=allow_pickle)
+    check_output_path(output, [adapter], force)  # fail before the (slow) scan
+    edited = project(ad, aligned, unaligned, method=method, top=top, threshold=threshold, module_types=types,
+                     device=device, progress=not _state["quiet"])
+    marked = set(edited.selection.selected)
+    _print_table(edited.scores, marked=marked)
+    path = edited.save(output, force=force)
+    _write_side_outputs(edited.scores, json_out, csv_out, None, marked=marked)
+    if not _state["quiet"]:
+        err.print(f"projected {len(marked)} of {len(ad)} modules ({edited.selection.rule.describe()})",
+                  highlight=False)
+    out.print(f"wrote {path}", highlight=False)
