@@ -227,3 +227,14 @@ def test_scan_default_t_equals_r_per_module(qwen_adapter, qwen_dir):
     assert ranks == list(range(1, len(table) + 1))
     top = table.ordered("ddi")[0]
     assert top["rank_ddi"] == 1 and top["ddi"] == max(r["ddi"] for r in table)
+
+
+def test_exact_subspace_equals_dense_reference_on_full_rank_W0():
+    W0 = decaying_matrix(64, 48, seed=8, decay=0.3)  # slow decay: the randomized basis is only approximate
+    g = torch.Generator().manual_seed(2)
+    B, A = torch.randn(64, 4, generator=g), torch.randn(4, 48, generator=g)
+    mod = module(B, A)
+    exact = score(W0, mod, exact_subspace=True)
+    ref = dense_ddi(W0, mod.lora_B, mod.lora_A, 2.0, t=4)
+    for k in ("S", "O", "M", "ddi"):
+        assert rel(exact[k], ref[k]) <= 1e-4

@@ -31,18 +31,31 @@ pytestmark = [
 
 
 def test_testbed_scan_matches_dense_reference():
+    from scipy.stats import kendalltau
+
     adapter = safeprune.load_adapter(ADAPTER)
-    table = safeprune.scan(adapter, ALIGNED)
+    fast = safeprune.scan(adapter, ALIGNED)
+    exact = safeprune.scan(adapter, ALIGNED, exact_subspace=True)
     src = open_weights(ALIGNED)
-    worst = {k: 0.0 for k in ("S", "O", "M", "ddi")}
-    for row in table:
+    worst_fast = {k: 0.0 for k in ("S", "O", "M", "ddi")}
+    worst_exact = dict(worst_fast)
+    ref = {}
+    for row, erow in zip(fast, exact):
         m = adapter.modules[row["module"]]
-        ref = dense_ddi(src.get(row["module"] + ".weight"), m.lora_B, m.lora_A, m.scaling, t=m.r)
-        for k in worst:
-            worst[k] = max(worst[k], abs(row[k] - ref[k]) / abs(ref[k]))
-    assert worst["S"] <= 1e-4 and worst["M"] <= 1e-4
-    # O uses a randomized basis of W0's top-8 column space: close to, not equal to, the exact one
-    assert worst["O"] <= 1e-2, worst
+        ref[m.name] = dense_ddi(src.get(m.name + ".weight"), m.lora_B, m.lora_A, m.scaling, t=m.r)
+        for k in worst_fast:
+            worst_fast[k] = max(worst_fast[k], abs(row[k] - ref[m.name][k]) / abs(ref[m.name][k]))
+            worst_exact[k] = max(worst_exact[k], abs(erow[k] - ref[m.name][k]) / abs(ref[m.name][k]))
+    # exact subspace: every component equals the dense reference
+    assert max(worst_exact.values()) <= 1e-4, worst_exact
+    # randomized range finder: S and M exact; O approximate because σ_8 ≈ σ_9 in these weights,
+    # yet the ranking and the top-10 agree with the dense reference
+    assert worst_fast["S"] <= 1e-4 and worst_fast["M"] <= 1e-4
+    top_fast = {r["module"] for r in fast.ordered("ddi")[:10]}
+    top_ref = set(sorted(ref, key=lambda k: -ref[k]["ddi"])[:10])
+    assert top_fast == top_ref
+    tau = kendalltau([r["ddi"] for r in fast], [ref[r["module"]]["ddi"] for r in fast]).statistic
+    assert tau >= 0.95, tau
 
 
 def test_testbed_prune_loads_in_peft(tmp_path):

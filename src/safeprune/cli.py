@@ -108,6 +108,7 @@ PowerItersOpt = Annotated[int, typer.Option("--power-iters", help="DDI range-fin
 SubspaceOpt = Annotated[str, typer.Option("--subspace", help="DDI: 'column' (sound default) or 'row' (paper wording).")]
 MagnitudeOpt = Annotated[str, typer.Option("--magnitude", help="DDI magnitude term: 'norm' (M/(1+M)) or 'raw' (M).")]
 ReuseOpt = Annotated[bool, typer.Option("--reuse-subspace", help="Paper-faithful: reuse one subspace per module type and shape (off: each module uses its own W0).")]
+ExactOpt = Annotated[bool, typer.Option("--exact-subspace", help="DDI: W0's subspace from a full SVD instead of the randomized range finder (exact; slow for large models).")]
 EpsOpt = Annotated[Optional[float], typer.Option("--eps", help="Absolute ε (paper: 1e-6). Default: relative 1e-12·tr(G).")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of the randomized range finder.")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N or auto.")]
@@ -117,9 +118,11 @@ SploraModeOpt = Annotated[str, typer.Option("--splora-mode", help="SPLoRA E-DIEM
 NullSamplesOpt = Annotated[int, typer.Option("--null-samples", help="SPLoRA sound mode: rotated updates in the reference distribution.")]
 
 
-def _ddi_options(subspace_dim, oversample, power_iters, subspace, magnitude, reuse, eps, seed) -> dict[str, Any]:
+def _ddi_options(subspace_dim, oversample, power_iters, subspace, magnitude, reuse, eps, seed,
+                 exact: bool = False) -> dict[str, Any]:
     return {"subspace_dim": subspace_dim, "oversample": oversample, "power_iters": power_iters,
-            "subspace": subspace, "magnitude": magnitude, "reuse_subspace": reuse, "eps": eps, "seed": seed}
+            "subspace": subspace, "magnitude": magnitude, "reuse_subspace": reuse, "eps": eps, "seed": seed,
+            "exact_subspace": exact}
 
 
 def _options_for(methods: list[str], ddi: dict[str, Any], seed: int,
@@ -194,6 +197,7 @@ def scan_cmd(
     subspace: SubspaceOpt = "column",
     magnitude: MagnitudeOpt = "norm",
     reuse_subspace: ReuseOpt = False,
+    exact_subspace: ExactOpt = False,
     eps: EpsOpt = None,
     seed: SeedOpt = 0,
     splora_mode: SploraModeOpt = "sound",
@@ -216,7 +220,8 @@ def scan_cmd(
     for side in (json_out, csv_out, plot):
         check_output_file(side, local_inputs(adapter, base, aligned, unaligned))
     ad = load_adapter(adapter, allow_pickle=allow_pickle)
-    ddi = _ddi_options(subspace_dim, oversample, power_iters, subspace, magnitude, reuse_subspace, eps, seed)
+    ddi = _ddi_options(subspace_dim, oversample, power_iters, subspace, magnitude, reuse_subspace, eps, seed,
+                      exact_subspace)
     table = scan(ad, base, methods, aligned=aligned, unaligned=unaligned, device=device, module_types=types,
                  options=_options_for(methods, ddi, seed, {"mode": splora_mode, "null_samples": null_samples}),
                  progress=not _state["quiet"])
@@ -249,6 +254,7 @@ def prune_cmd(
     subspace: SubspaceOpt = "column",
     magnitude: MagnitudeOpt = "norm",
     reuse_subspace: ReuseOpt = False,
+    exact_subspace: ExactOpt = False,
     eps: EpsOpt = None,
     seed: SeedOpt = 0,
     splora_mode: SploraModeOpt = "sound",
@@ -274,7 +280,8 @@ def prune_cmd(
     for side in (json_out, csv_out, plot):
         check_output_file(side, inputs, not_equal=[output])
     ad = load_adapter(adapter, allow_pickle=allow_pickle)
-    ddi = _ddi_options(subspace_dim, oversample, power_iters, subspace, magnitude, reuse_subspace, eps, seed)
+    ddi = _ddi_options(subspace_dim, oversample, power_iters, subspace, magnitude, reuse_subspace, eps, seed,
+                      exact_subspace)
     edited = prune(ad, base, method=methods[0], top=top, threshold=threshold, threshold_norm=threshold_norm,
                    module_types=types, mode=mode, aligned=aligned, unaligned=unaligned, device=device,
                    options=_options_for(methods, ddi, seed, {"mode": splora_mode, "null_samples": null_samples}),

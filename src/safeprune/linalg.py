@@ -124,6 +124,7 @@ def range_finder(
 
 
 def exact_left_basis(W: torch.Tensor, t: int) -> torch.Tensor:
-    """Dense reference: the exact top-t left singular vectors (float64). For tests."""
+    """The exact top-t left singular vectors (float64) from a full SVD: the dense reference, and DDI's
+    ``exact_subspace`` option."""
     U, _, _ = torch.linalg.svd(W.to(F64), full_matrices=False)
     return U[:, :t]
