@@ -7,6 +7,7 @@ fetches the next module's weights while the current one is being scored.
 
 from __future__ import annotations
 
+import os
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
@@ -51,6 +52,31 @@ def resolve_device(device: str | None) -> torch.device:
         raise UsageError(f"unknown device {device!r} (use cpu, cuda, cuda:N or auto)") from None
 
 
+def scan_threads(threads: int | None = None) -> int:
+    """Torch threads for scoring: ``threads`` if given, else $SAFEPRUNE_THREADS, else one fewer than the
+    cores this process may use (the reader thread needs one), at least 1 and at most 8.
+
+    The per-module work is thin matmuls (memory-bound) and small QR/SVDs; OpenMP teams larger than the
+    free cores make them *slower* (on a loaded 2-core machine, 2 threads were 5-50x slower than 1 because
+    the team waits for a descheduled thread), and beyond a few threads memory bandwidth is the limit."""
+    if threads is None:
+        env = os.environ.get("SAFEPRUNE_THREADS", "").strip()
+        if env:
+            try:
+                threads = int(env)
+            except ValueError:
+                raise UsageError(f"SAFEPRUNE_THREADS must be an integer, got {env!r}") from None
+    if threads is None:
+        try:
+            cores = len(os.sched_getaffinity(0))
+        except (AttributeError, OSError):  # pragma: no cover - non-Linux
+            cores = os.cpu_count() or 1
+        threads = min(8, max(1, cores - 1))
+    if threads < 1:
+        raise UsageError(f"threads must be >= 1, got {threads}")
+    return int(threads)
+
+
 def make_progress(enabled: bool):
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -74,9 +100,12 @@ def scan(
     options: dict[str, dict[str, Any]] | None = None,
     progress: bool = False,
     prefetch: bool = True,
+    threads: int | None = None,
     **method_options: Any,
 ) -> ScoreTable:
     """Score every LoRA module of ``adapter`` with each of ``methods``.
+
+    ``threads``: torch threads while scoring on CPU (default: see :func:`scan_threads`); restored after.
 
     ``options`` maps a method name to its keyword options (e.g. ``{"ddi": {"subspace_dim": "2r"}}``);
     with a single method, its options can also be passed directly as keyword arguments.
@@ -112,7 +141,11 @@ def scan(
     rows: list[dict[str, Any]] = []
     t0 = time.perf_counter()
     read_s = 0.0
+    n_threads = scan_threads(threads) if dev.type == "cpu" else torch.get_num_threads()
     with ExitStack() as stack:
+        prev_threads = torch.get_num_threads()
+        torch.set_num_threads(n_threads)
+        stack.callback(torch.set_num_threads, prev_threads)
         sources: dict[str, WeightSource] = {}
         for role in needed:
             src = open_weights(given[role])
@@ -122,7 +155,8 @@ def scan(
 
         def fetch(m: LoraModule) -> tuple[dict[str, torch.Tensor], float]:
             ts = time.perf_counter()
-            ws = {role: read_module_weight(src, m) for role, src in sources.items()}
+            # stored dtype (bf16 stays bf16): converting is left to the scorers that need float32
+            ws = {role: read_module_weight(src, m, dtype=None) for role, src in sources.items()}
             return ws, time.perf_counter() - ts
 
         pool = stack.enter_context(ThreadPoolExecutor(max_workers=1)) if prefetch and sources else None
@@ -162,6 +196,7 @@ def scan(
             "adapter": str(adapter.path) if adapter.path else None,
             **{role: str(getattr(src, "description", src)) for role, src in sources.items()},
             "device": str(dev),
+            "threads": n_threads,
             "seconds": round(time.perf_counter() - t0, 4),
             "read_seconds": round(read_s, 4),
             "modules": len(rows),

@@ -36,7 +36,8 @@ class ModuleContext:
         self.module = module
         self.sources = sources
         self.device = torch.device(device)
-        self._weights: dict[str, torch.Tensor] = {}
+        self._raw: dict[str, torch.Tensor] = {}  # stored dtype (e.g. bfloat16), on self.device
+        self._weights: dict[str, torch.Tensor] = {}  # float32 copies, made only when asked for
         self._norms: dict[str, float] = {}
 
     def source(self, role: str) -> WeightSource:
@@ -45,23 +46,43 @@ class ModuleContext:
             raise UsageError(f"this method needs the {role} model (--{role})")
         return src
 
+    def raw_weight(self, role: str = "base") -> torch.Tensor:
+        """W in (out, in) orientation in the dtype it is stored in (bfloat16, float16, float32...), on the
+        context's device. Read at most once per module."""
+        w = self._raw.get(role)
+        if w is None:
+            w = read_module_weight(self.source(role), self.module, dtype=None)
+            if w.dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+                w = w.float()
+            w = w.to(self.device)
+            self._raw[role] = w
+        return w
+
     def weight(self, role: str = "base") -> torch.Tensor:
-        """W for this module in (out, in) orientation, float32, on the context's device."""
+        """W for this module in (out, in) orientation, float32 (or float64 if stored so), on the context's
+        device. Converted from :meth:`raw_weight` on first use only."""
         w = self._weights.get(role)
         if w is None:
-            w = read_module_weight(self.source(role), self.module).to(self.device)
+            w = self.raw_weight(role)
+            if w.dtype not in (torch.float32, torch.float64):
+                w = w.float()
             self._weights[role] = w
         return w
 
     def prefetched(self, role: str, w: torch.Tensor) -> None:
-        self._weights[role] = w.to(self.device)
+        """Hand over a weight read ahead of time (any float dtype; moved to the context's device)."""
+        if w.dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+            w = w.float()
+        self._raw[role] = w.to(self.device)
 
     def norm(self, role: str = "base") -> float:
-        """‖W‖_F (float64), raising NonFiniteError if W holds NaN/Inf."""
+        """‖W‖_F (float64), raising NonFiniteError if W holds NaN/Inf. Computed from the stored dtype in
+        float64 blocks, without a full-size float32 copy."""
         n = self._norms.get(role)
         if n is None:
             src = self.source(role)
-            n = checked_fro_norm(self.weight(role), f"{role} weight of module {self.module.name!r}", src.description)
+            n = checked_fro_norm(self.raw_weight(role), f"{role} weight of module {self.module.name!r}",
+                                 src.description)
             self._norms[role] = n
         return n
 
@@ -76,6 +97,7 @@ class ModuleContext:
 
     def release(self) -> None:
         self._weights.clear()
+        self._raw.clear()
 
 
 class Scorer:

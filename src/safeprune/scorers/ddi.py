@@ -20,6 +20,9 @@ Sound readings of the paper's ambiguities (../shared/design/methods.md §4), all
 * ``reuse_subspace=True`` is the paper's "cache Q per layer shape": every module of the same type and
   shape is scored against the subspace of the *first* such module. That measures overlap with another
   layer's geometry, so it is off by default and exists only to reproduce the paper.
+* Speed: W0 is read once in its stored dtype; a bfloat16 W0 is multiplied as bf16 (float32 accumulation)
+  on GPUs and on CPUs with native bf16 matmuls, float32 otherwise (``matmul_dtype="float32"`` forces it);
+  ‖W0‖_F is accumulated in float64 blocks. No full-size float32 copy of W0 is made on that path.
 * ε: by default relative (``1e-12·tr G``), so that tiny updates are not dominated by the regulariser;
   ``eps=1e-6`` gives the paper's absolute constant.
 """
@@ -30,7 +33,8 @@ import math
 from typing import Any
 
 from ..errors import UsageError
-from ..linalg import OmegaCache, left_projected_energy, lowrank_svals, range_finder, right_projected_energy
+from ..linalg import (OmegaCache, left_projected_energy, lowrank_svals, matmul_weight, range_finder,
+                      right_projected_energy)
 from .base import ModuleContext, Scorer, register
 
 _TINY = 1e-300
@@ -78,6 +82,7 @@ class DDIScorer(Scorer):
         reuse_subspace: bool = False,
         eps: float | None = None,
         seed: int = 0,
+        matmul_dtype: str = "auto",
     ):
         self.subspace_dim = subspace_dim
         self._mult, self._fixed_t = parse_subspace_dim(subspace_dim)
@@ -98,6 +103,9 @@ class DDIScorer(Scorer):
         self.reuse_subspace = bool(reuse_subspace)
         self.eps = eps
         self.seed = int(seed)
+        if matmul_dtype not in ("auto", "float32"):
+            raise UsageError(f"matmul_dtype must be 'auto' or 'float32', got {matmul_dtype!r}")
+        self.matmul_dtype = matmul_dtype
         self._omegas = OmegaCache(seed=self.seed)
         self._shared_basis: dict[tuple, Any] = {}
 
@@ -111,6 +119,7 @@ class DDIScorer(Scorer):
             "reuse_subspace": self.reuse_subspace,
             "eps": "relative 1e-12*tr(G)" if self.eps is None else self.eps,
             "seed": self.seed,
+            "matmul_dtype": self.matmul_dtype,
         }
 
     def columns(self) -> list[str]:
@@ -128,7 +137,8 @@ class DDIScorer(Scorer):
         key = (m.module_type, m.out_features, m.in_features, t, self.subspace)
         if self.reuse_subspace and key in self._shared_basis:
             return self._shared_basis[key]
-        W = ctx.weight("base")
+        # bf16 weights are multiplied as stored where that is exact enough and faster (linalg.matmul_weight)
+        W = matmul_weight(ctx.raw_weight("base"), self.matmul_dtype)
         if self.subspace == "row":
             W = W.T
         U = range_finder(W, t, oversample=self.oversample, power_iters=self.power_iters, omegas=self._omegas).U
