@@ -148,15 +148,17 @@ def worker_scan(args: dict) -> dict:
 
     kw = {k: args[k] for k in ("aligned", "unaligned") if args.get(k)}
     hwm0 = vm_hwm_mb()
+    c0 = time.process_time()
     t0 = time.perf_counter()
     table = scan_fn(args["adapter"], args["base"], args["methods"], device=args.get("device", "cpu"),
                     threads=args.get("threads"), **kw)
     dt = time.perf_counter() - t0
+    cpu = time.process_time() - c0  # all threads of this process
     out = Path(args["table_out"])
     rows = [{k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in r.items()}
             for r in table.rows]
     out.write_text(json.dumps(rows))
-    return {"seconds": dt, "read_seconds_in_reader": table.meta.get("read_seconds"), "modules": len(table.rows),
+    return {"seconds": dt, "cpu_seconds": cpu, "read_seconds_in_reader": table.meta.get("read_seconds"), "modules": len(table.rows),
             "hwm_mb": vm_hwm_mb(), "hwm_before_scan_mb": hwm0, "torch_threads": table.meta.get("threads")}
 
 
@@ -299,9 +301,9 @@ def markdown(res: dict) -> str:
          f"Command: `{res['command']}`  ", f"Date: {res['date']}; host: {res['host']}; "
          f"torch {res['torch']} ({res['torch_threads']} threads); page cache: {res['cache']} "
          f"({res['cache_method']}); import-only RSS {res['idle_rss_mb']:.0f} MB", "",
-         "| case | modules | W0 read (GB) | (a) floor s | (b) scan s | b/a (median; all) | peak RSS of (b) MB "
-         "| (c) dense s/module | c/b | max abs diff vs dense (O, ddi) |",
-         "|---|---|---|---|---|---|---|---|---|---|"]
+         "| case | modules | W0 read (GB) | (a) floor s | (b) scan s | scan CPU s | b/a (median; all) | load avg "
+         "| peak RSS of (b) MB | (c) dense s/module | c/b | max abs diff vs dense (O, ddi) |",
+         "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for c in res["cases"]:
         dense = c.get("dense")
         dpm = "; ".join(f"{k}: {v['seconds_per_module']:.1f}" for k, v in dense["per_shape"].items()) if dense else "-"
@@ -309,8 +311,10 @@ def markdown(res: dict) -> str:
         dd = (f"{c['dense_max_abs_diff']['O']:.1e}, {c['dense_max_abs_diff']['ddi']:.1e}"
               if c.get("dense_max_abs_diff") else "-")
         L.append(f"| {c['case']} | {c['modules']} | {c['floor_bytes'] / 1e9:.2f} | {c['floor_seconds_median']:.2f} "
-                 f"| {c['scan_seconds_median']:.2f} | {c['ratio_b_over_a_median']:.2f}; "
-                 f"{', '.join(f'{x:.2f}' for x in c['ratio_b_over_a_all'])} | {c['scan_peak_rss_mb_max']:.0f} "
+                 f"| {c['scan_seconds_median']:.2f} | {statistics.median(r['scan']['cpu_seconds'] for r in c['repeats']):.2f} "
+                 f"| {c['ratio_b_over_a_median']:.2f}; "
+                 f"{', '.join(f'{x:.2f}' for x in c['ratio_b_over_a_all'])} "
+                 f"| {', '.join(str(r['scan']['load']) for r in c['repeats'])} | {c['scan_peak_rss_mb_max']:.0f} "
                  f"| {dpm} | {cb} | {dd} |")
     if res.get("skipped_methods"):
         L += ["", f"Skipped (not registered in this checkout): {', '.join(res['skipped_methods'])}"]
@@ -331,7 +335,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch threads in the scan process")
     ap.add_argument("--cases", default=None, help="comma list of case names to run (default: all of the mode)")
     ap.add_argument("--dense-shapes", type=int, default=None,
-                    help="how many distinct module shapes the dense reference times (0: none; default all)")
+                    help="how many distinct module shapes (smallest first) the dense reference times in every "
+                         "case (0: none; default: per case, see the case list)")
     ap.add_argument("--workdir", default=None, help="where to build bases (default: a temporary directory)")
     ap.add_argument("--out", default=str(HERE / "results"), help="directory for the JSON + Markdown results")
     ap.add_argument("--tag", default=None, help="results file stem (default scan_<mode>)")
@@ -352,18 +357,22 @@ def main(argv: list[str] | None = None) -> int:
     qkvo, all_lin = synth.ATTN, synth.ATTN + synth.MLP
     if a.tiny:
         mode = "tiny"
-        cases = [("tiny-2L-qkvo-r8", synth.TINY, qkvo, 8), ("tiny-4L-qkvo-r8", synth.TINY.with_layers(4), qkvo, 8),
-                 ("tiny-2L-all-r16", synth.TINY, all_lin, 16)]
+        cases = [("tiny-2L-qkvo-r8", synth.TINY, qkvo, 8, None),
+                 ("tiny-4L-qkvo-r8", synth.TINY.with_layers(4), qkvo, 8, None),
+                 ("tiny-2L-all-r16", synth.TINY, all_lin, 16, None)]
     elif a.quick:
         mode = "quick"
-        cases = [("llama2-7b-2L-qkvo-r8", synth.LLAMA2_7B.with_layers(2), qkvo, 8),
-                 ("llama2-7b-4L-qkvo-r8", synth.LLAMA2_7B.with_layers(4), qkvo, 8)]
+        cases = [("llama2-7b-2L-qkvo-r8", synth.LLAMA2_7B.with_layers(2), qkvo, 8, 0),
+                 ("llama2-7b-4L-qkvo-r8", synth.LLAMA2_7B.with_layers(4), qkvo, 8, None)]
     else:
         mode = "full"
-        cases = [("llama2-7b-qkvo-r8", synth.LLAMA2_7B, qkvo, 8),
-                 ("llama2-7b-all-r16", synth.LLAMA2_7B, all_lin, 16),
-                 ("llama2-7b-8L-qkvo-r8", synth.LLAMA2_7B.with_layers(8), qkvo, 8),
-                 ("llama3-8b-qkvo-r8", synth.LLAMA3_8B, qkvo, 8)]
+        # dense reference: one module per shape costs ~100 s at 4096x4096 and ~5 min at 4096x11008 on
+        # 2 cores, so it is timed where it is new (4096^2 once; GQA k/v 1024x4096 once) and skipped for the
+        # 8-layer case, which is there to show that peak RSS does not depend on the number of layers
+        cases = [("llama2-7b-qkvo-r8", synth.LLAMA2_7B, qkvo, 8, None),
+                 ("llama2-7b-all-r16", synth.LLAMA2_7B, all_lin, 16, 0),
+                 ("llama2-7b-8L-qkvo-r8", synth.LLAMA2_7B.with_layers(8), qkvo, 8, 0),
+                 ("llama3-8b-qkvo-r8", synth.LLAMA3_8B, qkvo, 8, 1)]
     if a.cases:
         keep = set(a.cases.split(","))
         cases = [c for c in cases if c[0] in keep]
@@ -378,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
     idle = run_worker("idle", {})
     built: dict[str, Path] = {}
     try:
-        for name, spec, targets, r in cases:
+        for name, spec, targets, r, case_dense in cases:
             base = built.get(spec.name)
             if base is None:
                 for old in list(built.values()):  # keep one base on disk at a time
@@ -394,8 +403,8 @@ def main(argv: list[str] | None = None) -> int:
                 pair = (base, synth.write_base(tmp / (spec.name + "-unaligned"), spec, seed=0,
                                                delta=synth.unaligned_delta()))
             adapter = synth.write_adapter(tmp / name, spec, targets, r, 2 * r)
-            res = run_case(name, base, adapter, methods, a.cache, a.repeats, tmp,
-                           0 if a.dense_shapes == 0 else a.dense_shapes, a.threads, pair)
+            dshapes = a.dense_shapes if a.dense_shapes is not None else case_dense
+            res = run_case(name, base, adapter, methods, a.cache, a.repeats, tmp, dshapes, a.threads, pair)
             res["spec"] = spec.__dict__
             res["r"] = r
             res["targets"] = list(targets)
