@@ -338,6 +338,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="how many distinct module shapes (smallest first) the dense reference times in every "
                          "case (0: none; default: per case, see the case list)")
     ap.add_argument("--workdir", default=None, help="where to build bases (default: a temporary directory)")
+    ap.add_argument("--bases", default=None,
+                    help="keep generated bases in this directory and reuse them on later runs (same seed)")
     ap.add_argument("--out", default=str(HERE / "results"), help="directory for the JSON + Markdown results")
     ap.add_argument("--tag", default=None, help="results file stem (default scan_<mode>)")
     a = ap.parse_args(argv)
@@ -389,12 +391,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for name, spec, targets, r, case_dense in cases:
             base = built.get(spec.name)
+            cached = Path(a.bases) / spec.name if a.bases else None
+            if base is None and cached is not None and (cached / "model.safetensors.index.json").is_file():
+                base = built[spec.name] = cached
+                print(f"reusing {cached}", flush=True)
             if base is None:
-                for old in list(built.values()):  # keep one base on disk at a time
-                    shutil.rmtree(old, ignore_errors=True)
-                built.clear()
+                if not a.bases:
+                    for old in list(built.values()):  # keep one base on disk at a time
+                        shutil.rmtree(old, ignore_errors=True)
+                    built.clear()
                 t0 = time.perf_counter()
-                base = synth.write_base(tmp / spec.name, spec, seed=0)
+                base = synth.write_base((Path(a.bases) if a.bases else tmp) / spec.name, spec, seed=0)
                 built[spec.name] = base
                 print(f"built {spec.name} in {time.perf_counter() - t0:.0f} s "
                       f"({sum(f.stat().st_size for f in shard_files(base)) / 1e9:.1f} GB)", flush=True)

@@ -15,6 +15,7 @@ thin factors, truncated to exactly ``t`` vectors *after* the small SVD (never ``
 from __future__ import annotations
 
 import hashlib
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -69,9 +70,14 @@ class OmegaCache:
         self.seed = seed
         self.max_entries = max_entries
         self._cache: dict[tuple, torch.Tensor] = {}
+        self._lock = threading.Lock()  # scan() may score modules in several threads
 
     def get(self, n: int, ell: int, device: torch.device | str = "cpu", dtype=torch.float32) -> torch.Tensor:
         key = (n, ell, str(device), dtype)
+        with self._lock:
+            return self._get(key, n, ell, device, dtype)
+
+    def _get(self, key: tuple, n: int, ell: int, device, dtype) -> torch.Tensor:
         om = self._cache.get(key)
         if om is None:
             g = torch.Generator(device="cpu").manual_seed(stable_seed("omega", self.seed, n, ell))

@@ -1,14 +1,16 @@
 """Scoring every module of an adapter: adapter + weight sources -> ScoreTable.
 
-Weights are read one module at a time (each tensor at most once per module, shared by all methods) and
-released before the next module, so memory does not grow with the number of layers. A reader thread
-fetches the next module's weights while the current one is being scored.
+Weights are read once per module (each tensor at most once, shared by all methods) in their stored dtype and
+released when the module is done, so memory does not grow with the number of layers. On CPU, when every
+scorer allows it, a few modules are read and scored at once in worker threads (one torch thread each);
+otherwise a reader thread fetches the next module's weights while the current one is being scored.
 """
 
 from __future__ import annotations
 
 import os
 import time
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
 from pathlib import Path
@@ -53,12 +55,13 @@ def resolve_device(device: str | None) -> torch.device:
 
 
 def scan_threads(threads: int | None = None) -> int:
-    """Torch threads for scoring: ``threads`` if given, else $SAFEPRUNE_THREADS, else one fewer than the
-    cores this process may use (the reader thread needs one), at least 1 and at most 8.
+    """CPU threads for scoring: ``threads`` if given, else $SAFEPRUNE_THREADS, else the cores this process
+    may use, at most 8.
 
-    The per-module work is thin matmuls (memory-bound) and small QR/SVDs; OpenMP teams larger than the
-    free cores make them *slower* (on a loaded 2-core machine, 2 threads were 5-50x slower than 1 because
-    the team waits for a descheduled thread), and beyond a few threads memory bandwidth is the limit."""
+    On CPU, modules are scored *concurrently*, one module per thread, each with a single torch thread (see
+    :func:`scan`). The per-module work is thin matmuls (memory-bound) and small QR/SVDs: an OpenMP team
+    splitting each op waits at every barrier for its slowest thread, and on a loaded 2-core machine 2 torch
+    threads were 5-50x slower than 1, while independent modules in independent threads have no barrier."""
     if threads is None:
         env = os.environ.get("SAFEPRUNE_THREADS", "").strip()
         if env:
@@ -71,7 +74,7 @@ def scan_threads(threads: int | None = None) -> int:
             cores = len(os.sched_getaffinity(0))
         except (AttributeError, OSError):  # pragma: no cover - non-Linux
             cores = os.cpu_count() or 1
-        threads = min(8, max(1, cores - 1))
+        threads = min(8, max(1, cores))
     if threads < 1:
         raise UsageError(f"threads must be >= 1, got {threads}")
     return int(threads)
@@ -105,7 +108,9 @@ def scan(
 ) -> ScoreTable:
     """Score every LoRA module of ``adapter`` with each of ``methods``.
 
-    ``threads``: torch threads while scoring on CPU (default: see :func:`scan_threads`); restored after.
+    ``threads``: CPU threads for scoring (default: see :func:`scan_threads`). When every scorer is
+    ``concurrent``, that many modules are scored at once with one torch thread each; otherwise modules are
+    scored in order with ``threads - 1`` torch threads and a reader thread. Torch's setting is restored.
 
     ``options`` maps a method name to its keyword options (e.g. ``{"ddi": {"subspace_dim": "2r"}}``);
     with a single method, its options can also be passed directly as keyword arguments.
@@ -141,11 +146,23 @@ def scan(
     rows: list[dict[str, Any]] = []
     t0 = time.perf_counter()
     read_s = 0.0
-    n_threads = scan_threads(threads) if dev.type == "cpu" else torch.get_num_threads()
+    n_threads = scan_threads(threads) if dev.type == "cpu" else 1
+    # CPU and every scorer safe to run on several modules at once: one module per thread, 1 torch thread
+    # each, n_threads + 1 modules in flight (reads overlap other modules' compute; memory stays bounded by
+    # the modules in flight, whatever the number of layers). Otherwise: modules in order, the next one's
+    # weights read ahead by a reader thread.
+    parallel = (dev.type == "cpu" and prefetch and n_threads > 1
+                and all(getattr(s, "concurrent", False) for s in scorers))
+
+    def new_row(m: LoraModule) -> dict[str, Any]:
+        return {"module": m.name, "layer": m.layer, "type": m.module_type, "r": m.r,
+                "in": m.in_features, "out": m.out_features, "scaling": m.scaling}
+
     with ExitStack() as stack:
         prev_threads = torch.get_num_threads()
-        torch.set_num_threads(n_threads)
-        stack.callback(torch.set_num_threads, prev_threads)
+        if dev.type == "cpu":
+            torch.set_num_threads(1 if parallel else max(1, n_threads - 1))
+            stack.callback(torch.set_num_threads, prev_threads)
         sources: dict[str, WeightSource] = {}
         for role in needed:
             src = open_weights(given[role])
@@ -159,31 +176,54 @@ def scan(
             ws = {role: read_module_weight(src, m, dtype=None) for role, src in sources.items()}
             return ws, time.perf_counter() - ts
 
-        pool = stack.enter_context(ThreadPoolExecutor(max_workers=1)) if prefetch and sources else None
-        pending: Future | None = pool.submit(fetch, modules[0]) if pool else None
-        prog = stack.enter_context(make_progress(progress))
-        task = prog.add_task("scoring", total=len(modules), module="")
-        for i, m in enumerate(modules):
-            prog.update(task, module=m.name)
+        def work(m: LoraModule) -> tuple[dict[str, Any], float]:
+            ws, dt = fetch(m)
             ctx = ModuleContext(m, sources, dev)
-            if pool is not None:
-                ws, dt = pending.result()
-                read_s += dt
-                pending = pool.submit(fetch, modules[i + 1]) if i + 1 < len(modules) else None
-                for role, w in ws.items():
-                    ctx.prefetched(role, w)
-                del ws
-            row: dict[str, Any] = {
-                "module": m.name, "layer": m.layer, "type": m.module_type, "r": m.r,
-                "in": m.in_features, "out": m.out_features, "scaling": m.scaling,
-            }
+            for role, w in ws.items():
+                ctx.prefetched(role, w)
+            del ws
+            row = new_row(m)
             for s in scorers:
                 row.update(s.score(ctx))
             ctx.release()
-            rows.append(row)
-            prog.advance(task)
-        if pending is not None:  # pragma: no cover - only on early exit
-            pending.cancel()
+            return row, dt
+
+        prog = stack.enter_context(make_progress(progress))
+        task = prog.add_task("scoring", total=len(modules), module="")
+        if parallel:
+            window = n_threads + 1
+            pool = ThreadPoolExecutor(max_workers=window)
+            stack.callback(pool.shutdown, wait=True, cancel_futures=True)
+            inflight: deque[Future] = deque(pool.submit(work, m) for m in modules[:window])
+            for i, m in enumerate(modules):
+                prog.update(task, module=m.name)
+                row, dt = inflight.popleft().result()
+                read_s += dt
+                if i + window < len(modules):
+                    inflight.append(pool.submit(work, modules[i + window]))
+                rows.append(row)
+                prog.advance(task)
+        else:
+            pool = stack.enter_context(ThreadPoolExecutor(max_workers=1)) if prefetch and sources else None
+            pending: Future | None = pool.submit(fetch, modules[0]) if pool else None
+            for i, m in enumerate(modules):
+                prog.update(task, module=m.name)
+                ctx = ModuleContext(m, sources, dev)
+                if pool is not None:
+                    ws, dt = pending.result()
+                    read_s += dt
+                    pending = pool.submit(fetch, modules[i + 1]) if i + 1 < len(modules) else None
+                    for role, w in ws.items():
+                        ctx.prefetched(role, w)
+                    del ws
+                row = new_row(m)
+                for s in scorers:
+                    row.update(s.score(ctx))
+                ctx.release()
+                rows.append(row)
+                prog.advance(task)
+            if pending is not None:  # pragma: no cover - only on early exit
+                pending.cancel()
 
     for s in scorers:
         s.finalize(rows)
@@ -197,6 +237,7 @@ def scan(
             **{role: str(getattr(src, "description", src)) for role, src in sources.items()},
             "device": str(dev),
             "threads": n_threads,
+            "parallel_modules": parallel,
             "seconds": round(time.perf_counter() - t0, 4),
             "read_seconds": round(read_s, 4),
             "modules": len(rows),

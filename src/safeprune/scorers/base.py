@@ -108,6 +108,9 @@ class Scorer:
     primary: ClassVar[str] = ""
     descending: ClassVar[bool] = True  # True: highest value is pruned first
     description: ClassVar[str] = ""
+    # True if score() may run for different modules at the same time in several threads (no state shared
+    # between modules, or shared state guarded); scan() then scores modules concurrently on CPU.
+    concurrent: bool = False
 
     def options(self) -> dict[str, Any]:
         return {}

@@ -108,6 +108,8 @@ class DDIScorer(Scorer):
         self.matmul_dtype = matmul_dtype
         self._omegas = OmegaCache(seed=self.seed)
         self._shared_basis: dict[tuple, Any] = {}
+        # modules are independent unless the paper's "first module of each shape" basis is reused
+        self.concurrent = not self.reuse_subspace
 
     def options(self) -> dict[str, Any]:
         return {
