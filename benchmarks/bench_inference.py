@@ -2,7 +2,8 @@
 """Unmerged inference speed of a pruned adapter: base vs base+adapter vs base+pruned adapter (PEFT, CPU).
 
 Greedy generation of a fixed number of new tokens (EOS disabled) at batch 1 and batch 16 on a local HF model
-directory; tokens/s = batch·new_tokens / wall seconds, median of ``--repeats`` after one warm-up. Each
+directory; tokens/s = batch·new_tokens / wall seconds, median of ``--repeats`` rounds after one warm-up, the
+variants timed round-robin within each round so load drift on a shared machine hits them alike. Each
 adapter is loaded unmerged with ``PeftModel.from_pretrained`` (the serving setting where LoRA costs extra
 matmuls per module), so removing modules removes work. Also prints what vLLM would load for each adapter:
 LoRA modules, their rank and the bytes of adapter_model.safetensors.
@@ -58,22 +59,31 @@ def vllm_summary(adapter: Path) -> dict:
             "target_modules_entries": len(cfg.get("target_modules") or [])}
 
 
-def bench(model, tok, batch: int, new_tokens: int, repeats: int) -> dict:
+def bench_round_robin(models: dict, tok, batch: int, new_tokens: int, repeats: int) -> dict:
+    """Time every variant once per round, ``repeats`` rounds, so that load drift on a shared machine hits
+    all variants alike. Returns {variant: stats}."""
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(batch)]
     enc = tok(prompts, return_tensors="pt", padding=True)
     kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
               pad_token_id=tok.pad_token_id, eos_token_id=None)
+    times: dict[str, list[float]] = {k: [] for k in models}
+    loads: list[float] = []
     with torch.inference_mode():
-        model.generate(**enc, max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=tok.pad_token_id)
-        times = []
+        for model in models.values():  # warm-up
+            model.generate(**enc, max_new_tokens=4, min_new_tokens=4, do_sample=False,
+                           pad_token_id=tok.pad_token_id)
         for _ in range(repeats):
-            t0 = time.perf_counter()
-            out = model.generate(**enc, **kw)
-            times.append(time.perf_counter() - t0)
-    assert out.shape[1] - enc["input_ids"].shape[1] == new_tokens
-    med = statistics.median(times)
-    return {"seconds": times, "median_s": med, "tokens_per_s": batch * new_tokens / med,
-            "load": round(os.getloadavg()[0], 2)}
+            loads.append(round(os.getloadavg()[0], 2))
+            for name, model in models.items():
+                t0 = time.perf_counter()
+                out = model.generate(**enc, **kw)
+                times[name].append(time.perf_counter() - t0)
+                assert out.shape[1] - enc["input_ids"].shape[1] == new_tokens
+    res = {}
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        res[name] = {"seconds": ts, "median_s": med, "tokens_per_s": batch * new_tokens / med, "loads": loads}
+    return res
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -99,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         tok.pad_token = tok.eos_token
     batches = [int(b) for b in a.batches.split(",")]
     variants = [("base", None)] + [tuple(s.split("=", 1)) for s in a.adapter]
-    results = []
+    models, results = {}, []
     for name, adir in variants:
         model = AutoModelForCausalLM.from_pretrained(a.base, dtype=torch.float32).eval()
         info: dict = {"variant": name, "adapter": adir}
@@ -108,20 +118,21 @@ def main(argv: list[str] | None = None) -> int:
             info["vllm"] = vllm_summary(Path(adir))
             info["peft_lora_layers"] = sum(1 for _, m in model.named_modules()
                                            if hasattr(m, "lora_A") and len(getattr(m, "lora_A", {})) > 0)
-        for b in batches:
-            r = bench(model, tok, b, a.new_tokens, a.repeats)
-            info[f"batch{b}"] = r
-            print(f"{name:10s} batch {b:2d}: {r['tokens_per_s']:8.1f} tok/s  (median {r['median_s']:.2f} s, "
-                  f"load {r['load']})", flush=True)
+        models[name] = model
         results.append(info)
-        del model
-
+    for b in batches:
+        rr = bench_round_robin(models, tok, b, a.new_tokens, a.repeats)
+        for info in results:
+            r = info[f"batch{b}"] = rr[info["variant"]]
+            print(f"{info['variant']:10s} batch {b:2d}: {r['tokens_per_s']:8.1f} tok/s  (median {r['median_s']:.2f} s, "
+                  f"loads {r['loads']})", flush=True)
     base_tps = {b: results[0][f"batch{b}"]["tokens_per_s"] for b in batches}
     full = next((r for r in results if r["variant"] != "base"), None)
     L = ["# Unmerged inference speed (PEFT, CPU)", "",
          f"Command: `python {os.path.relpath(__file__)} {' '.join(argv if argv is not None else sys.argv[1:])}`  ",
          f"Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; torch {torch.__version__}, {a.threads} "
-         f"thread(s); greedy, {a.new_tokens} new tokens, median of {a.repeats}", "",
+         f"thread(s); greedy, {a.new_tokens} new tokens, median of {a.repeats} rounds (variants timed "
+         f"round-robin)", "",
          "| variant | LoRA modules | adapter bytes | " + " | ".join(
              f"tok/s b={b} | vs base | vs full adapter" for b in batches) + " |",
          "|---|---|---|" + "---|---|---|" * len(batches)]
