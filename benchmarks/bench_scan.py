@@ -299,7 +299,8 @@ def run_case(name: str, base: Path, adapter: Path, methods: list[str], cache: st
 def markdown(res: dict) -> str:
     L = [f"# scan benchmark ({res['mode']})", "",
          f"Command: `{res['command']}`  ", f"Date: {res['date']}; host: {res['host']}; "
-         f"torch {res['torch']} ({res['torch_threads']} threads); page cache: {res['cache']} "
+         f"torch {res['torch']}; scan threads {res['torch_threads']} (modules scored concurrently, 1 torch thread "
+         f"each); page cache: {res['cache']} "
          f"({res['cache_method']}); import-only RSS {res['idle_rss_mb']:.0f} MB", "",
          "| case | modules | W0 read (GB) | (a) floor s | (b) scan s | scan CPU s | b/a (median; all) | load avg "
          "| peak RSS of (b) MB | (c) dense s/module | c/b | max abs diff vs dense (O, ddi) |",
