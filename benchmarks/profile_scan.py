@@ -58,12 +58,12 @@ def steps(src, key: str, r: int = 8, oversample: int = 8) -> dict:
         "W.T @ Q (bf16, x2)": cpu_ms(lambda: Wb.T @ Q.to(torch.bfloat16)),
         "W @ Z (bf16)": cpu_ms(lambda: Wb @ Z.to(torch.bfloat16)),
         "Q.T @ W (bf16, x1)": cpu_ms(lambda: Q.to(torch.bfloat16).T @ Wb),
-        "QR of m x l (float64, x5)": cpu_ms(lambda: _orth(Wb @ om)) - cpu_ms(lambda: Wb @ om),
+        "QR of m x l (float64, x5)": round(max(0.0, cpu_ms(lambda: _orth(Wb @ om)) - cpu_ms(lambda: Wb @ om)), 2),
         "small SVD l x n (float64)": cpu_ms(lambda: torch.linalg.svd(torch.randn(ell, n, dtype=F64),
                                                                   full_matrices=False)),
         "r x r algebra (svals + projection)": cpu_ms(lambda: (lowrank_svals(B, A), left_projected_energy(Q, B, A))),
         "bf16 -> fp32 full copy (avoided)": cpu_ms(lambda: Wb.float()),
-        "fp32 W @ Omega (for comparison)": cpu_ms(lambda: Wb.float() @ om.float()) - cpu_ms(lambda: Wb.float()),
+        "fp32 W @ Omega (for comparison)": round(cpu_ms(lambda: Wb.float() @ om.float()) - cpu_ms(lambda: Wb.float()), 2),
     }
     passes = 3 * out["W @ Omega (bf16, x3 per module)"] + 2 * out["W.T @ Q (bf16, x2)"] + out["Q.T @ W (bf16, x1)"]
     out["total per module (read+norm+6 passes+QRs+SVD+algebra)"] = round(
