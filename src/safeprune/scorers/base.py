@@ -8,7 +8,7 @@ import torch
 
 from ..adapter import LoraModule
 from ..errors import UsageError
-from ..sources import WeightSource, checked_fro_norm, read_module_weight
+from ..sources import WeightSource, checked_fro_norm, read_weight_and_norm
 
 REGISTRY: dict[str, type["Scorer"]] = {}
 
@@ -36,7 +36,8 @@ class ModuleContext:
         self.module = module
         self.sources = sources
         self.device = torch.device(device)
-        self._weights: dict[str, torch.Tensor] = {}
+        self._raw: dict[str, torch.Tensor] = {}  # stored dtype (e.g. bfloat16), on self.device
+        self._weights: dict[str, torch.Tensor] = {}  # float32 copies, made only when asked for
         self._norms: dict[str, float] = {}
         self._memo: dict[str, Any] = {}
 
@@ -46,23 +47,44 @@ class ModuleContext:
             raise UsageError(f"this method needs the {role} model (--{role})")
         return src
 
+    def raw_weight(self, role: str = "base") -> torch.Tensor:
+        """W in (out, in) orientation in the dtype it is stored in (bfloat16, float16, float32...), on the
+        context's device. Read at most once per module."""
+        w = self._raw.get(role)
+        if w is None:
+            w, n = read_weight_and_norm(self.source(role), self.module, dtype=None, role=role)
+            self.prefetched(role, w, n)
+            w = self._raw[role]
+        return w
+
     def weight(self, role: str = "base") -> torch.Tensor:
-        """W for this module in (out, in) orientation, float32, on the context's device."""
+        """W for this module in (out, in) orientation, float32 (or float64 if stored so), on the context's
+        device. Converted from :meth:`raw_weight` on first use only."""
         w = self._weights.get(role)
         if w is None:
-            w = read_module_weight(self.source(role), self.module, role=role).to(self.device)
+            w = self.raw_weight(role)
+            if w.dtype not in (torch.float32, torch.float64):
+                w = w.float()
             self._weights[role] = w
         return w
 
-    def prefetched(self, role: str, w: torch.Tensor) -> None:
-        self._weights[role] = w.to(self.device)
+    def prefetched(self, role: str, w: torch.Tensor, norm: float | None = None) -> None:
+        """Hand over a weight read ahead of time (any float dtype; moved to the context's device), with
+        its ‖W‖_F when known (from :func:`read_weight_and_norm`, which also proved it finite)."""
+        if w.dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+            w = w.float()
+        self._raw[role] = w.to(self.device)
+        if norm is not None:
+            self._norms[role] = norm
 
     def norm(self, role: str = "base") -> float:
-        """‖W‖_F (float64), raising NonFiniteError if W holds NaN/Inf."""
+        """‖W‖_F (float64), raising NonFiniteError if W holds NaN/Inf. Computed from the stored dtype in
+        float64 blocks, without a full-size float32 copy."""
         n = self._norms.get(role)
         if n is None:
             src = self.source(role)
-            n = checked_fro_norm(self.weight(role), f"{role} weight of module {self.module.name!r}", src.description)
+            n = checked_fro_norm(self.raw_weight(role), f"{role} weight of module {self.module.name!r}",
+                                 src.description)
             self._norms[role] = n
         return n
 
@@ -84,6 +106,7 @@ class ModuleContext:
     def release(self) -> None:
         self._weights.clear()
         self._memo.clear()
+        self._raw.clear()
 
 
 class Scorer:
@@ -97,6 +120,9 @@ class Scorer:
     # aligned and unaligned weights are identical); such a module is never selected. Any other NaN is an error.
     nan_allowed: ClassVar[frozenset[str]] = frozenset()
     description: ClassVar[str] = ""
+    # True if score() may run for different modules at the same time in several threads (no state shared
+    # between modules, or shared state guarded); scan() then scores modules concurrently on CPU.
+    concurrent: bool = False
 
     def options(self) -> dict[str, Any]:
         return {}

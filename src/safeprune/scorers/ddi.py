@@ -25,6 +25,9 @@ Sound readings of the paper's ambiguities (../shared/design/methods.md §4), all
   are often nearly equal (SmolLM2 testbed: σ₈/σ₉ has minimum 1.001 and median 1.014), so the top-t subspace itself is
   ill-conditioned and the randomized O can differ from the exact one by a few hundredths while the ranking
   barely moves (testbed: identical top-10, Kendall τ 0.98; see docs/methods.md).
+* Speed: W0 is read once in its stored dtype; a bfloat16 W0 is multiplied as bf16 (float32 accumulation)
+  on GPUs and on CPUs with native bf16 matmuls, float32 otherwise (``matmul_dtype="float32"`` forces it);
+  ‖W0‖_F is accumulated in float64 blocks. No full-size float32 copy of W0 is made on that path.
 * ε: by default relative (``1e-12·tr G``), so that tiny updates are not dominated by the regulariser;
   ``eps=1e-6`` gives the paper's absolute constant.
 """
@@ -35,7 +38,8 @@ import math
 from typing import Any
 
 from ..errors import UsageError
-from ..linalg import OmegaCache, exact_left_basis, left_projected_energy, lowrank_svals, range_finder, right_projected_energy
+from ..linalg import (OmegaCache, exact_left_basis, left_projected_energy, lowrank_svals, matmul_weight,
+                      range_finder, right_projected_energy)
 from .base import ModuleContext, Scorer, register
 
 _TINY = 1e-300
@@ -84,6 +88,7 @@ class DDIScorer(Scorer):
         exact_subspace: bool = False,
         eps: float | None = None,
         seed: int = 0,
+        matmul_dtype: str = "auto",
     ):
         self.subspace_dim = subspace_dim
         self._mult, self._fixed_t = parse_subspace_dim(subspace_dim)
@@ -105,8 +110,13 @@ class DDIScorer(Scorer):
         self.exact_subspace = bool(exact_subspace)
         self.eps = eps
         self.seed = int(seed)
+        if matmul_dtype not in ("auto", "float32"):
+            raise UsageError(f"matmul_dtype must be 'auto' or 'float32', got {matmul_dtype!r}")
+        self.matmul_dtype = matmul_dtype
         self._omegas = OmegaCache(seed=self.seed)
         self._shared_basis: dict[tuple, Any] = {}
+        # modules are independent unless the paper's "first module of each shape" basis is reused
+        self.concurrent = not self.reuse_subspace
 
     def options(self) -> dict[str, Any]:
         return {
@@ -119,6 +129,7 @@ class DDIScorer(Scorer):
             "exact_subspace": self.exact_subspace,
             "eps": "relative 1e-12*tr(G)" if self.eps is None else self.eps,
             "seed": self.seed,
+            "matmul_dtype": self.matmul_dtype,
         }
 
     def columns(self) -> list[str]:
@@ -136,7 +147,8 @@ class DDIScorer(Scorer):
         key = (m.module_type, m.out_features, m.in_features, t, self.subspace)
         if self.reuse_subspace and key in self._shared_basis:
             return self._shared_basis[key]
-        W = ctx.weight("base")
+        # bf16 weights are multiplied as stored where that is exact enough and faster (linalg.matmul_weight)
+        W = matmul_weight(ctx.raw_weight("base"), self.matmul_dtype)
         if self.subspace == "row":
             W = W.T
         if self.exact_subspace:
