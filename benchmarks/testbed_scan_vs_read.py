@@ -2,10 +2,10 @@
 """Testbed: DDI scan time against the time to read the same W0 tensors once (and a dense reference).
 
     python benchmarks/testbed_scan_vs_read.py --base /work/models/aligned \
-        --adapter ../shared/testbed/adapters/mix_s0 --out benchmarks/results
+        --adapter ../shared/testbed/adapters/mix_s0 --out benchmarks/results [--cache cold]
 
 All timings in one run, page cache warm for every variant (one untimed read pass first); each variant is
-repeated and the median reported. Writes testbed_scan.json and testbed_scan.md.
+repeated and the median reported. Writes testbed_scan_{warm,cold}.json and .md.
 """
 
 from __future__ import annotations
@@ -24,9 +24,10 @@ import safeprune
 from safeprune.sources import module_weight_key, open_weights
 
 
-def timed(fn, repeats: int) -> tuple[float, object]:
+def timed(fn, repeats: int, before=lambda: None) -> tuple[float, object]:
     ts, out = [], None
     for _ in range(repeats):
+        before()
         t0 = time.perf_counter()
         out = fn()
         ts.append(time.perf_counter() - t0)
@@ -39,7 +40,14 @@ def main() -> None:
     ap.add_argument("--adapter", required=True)
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--cache", choices=["warm", "cold"], default="warm",
+                    help="cold: drop the page cache (root; /proc/sys/vm/drop_caches) before every timed run")
     a = ap.parse_args()
+
+    def drop() -> None:
+        if a.cache == "cold":
+            os.sync()
+            Path("/proc/sys/vm/drop_caches").write_text("3\n")
 
     adapter = safeprune.load_adapter(a.adapter)
     src = open_weights(a.base)
@@ -51,10 +59,10 @@ def main() -> None:
             n += src.get(k).numel()
         return n
 
-    read_all()  # warm the page cache: every variant below reads warm
-    t_read, n_elems = timed(read_all, a.repeats)
-    t_scan, table = timed(lambda: safeprune.scan(adapter, src), a.repeats)
-    t_exact, _ = timed(lambda: safeprune.scan(adapter, src, exact_subspace=True), 1)
+    read_all()  # warm: every variant below reads from the page cache (unless --cache cold)
+    t_read, n_elems = timed(read_all, a.repeats, drop)
+    t_scan, table = timed(lambda: safeprune.scan(adapter, src), a.repeats, drop)
+    t_exact, _ = timed(lambda: safeprune.scan(adapter, src, exact_subspace=True), 1, drop)
 
     def dense_reference():  # full SVD of W0 + dense ΔW and its Gram matrix, per module
         for m in adapter:
@@ -64,11 +72,11 @@ def main() -> None:
             U = torch.linalg.svd(W, full_matrices=False)[0][:, : m.r]
             (U @ (U.T @ dW)).norm()
 
-    t_dense, _ = timed(dense_reference, 1)
+    t_dense, _ = timed(dense_reference, 1, drop)
     res = {
         "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
         "adapter": a.adapter, "base": a.base, "modules": len(adapter), "w0_elements": n_elems,
-        "torch_threads": torch.get_num_threads(), "load_average": os.getloadavg(),
+        "torch_threads": torch.get_num_threads(), "load_average": os.getloadavg(), "page_cache": a.cache,
         "seconds": {"read_w0_once": t_read, "scan_ddi": t_scan, "scan_ddi_exact_subspace": t_exact,
                     "dense_reference": t_dense},
         "ratios": {"scan_over_read": t_scan / t_read, "exact_over_scan": t_exact / t_scan,
@@ -77,14 +85,14 @@ def main() -> None:
     }
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "testbed_scan.json").write_text(json.dumps(res, indent=2))
+    (out / f"testbed_scan_{a.cache}.json").write_text(json.dumps(res, indent=2))
     s = res["seconds"]
     md = [
         "# Testbed: DDI scan vs reading W0 once",
         "",
         f"`{res['command']}`",
         "",
-        f"{len(adapter)} modules (q/k/v/o of SmolLM2-135M, r=8), {n_elems / 1e6:.1f} M W0 elements (fp32), warm page "
+        f"{len(adapter)} modules (q/k/v/o of SmolLM2-135M, r=8), {n_elems / 1e6:.1f} M W0 elements (fp32), {a.cache} page "
         f"cache, median of {a.repeats} runs; torch threads {res['torch_threads']}, load average "
         f"{', '.join(f'{x:.1f}' for x in res['load_average'])} (machine shared with other jobs).",
         "",
@@ -96,7 +104,7 @@ def main() -> None:
         f"| dense reference (dense ΔW, eigvalsh, full SVD) | {s['dense_reference']:.3f} | {res['ratios']['dense_over_scan']:.1f} × scan |",
         "",
     ]
-    (out / "testbed_scan.md").write_text("\n".join(md))
+    (out / f"testbed_scan_{a.cache}.md").write_text("\n".join(md))
     print("\n".join(md))
 
 

@@ -324,7 +324,7 @@ def inspect_cmd(adapter: AdapterArg, allow_pickle: AllowPickleOpt = False) -> No
 @handle_errors
 def demo_cmd(
     output: Annotated[Path, typer.Option("--output", "-o", help="Where the demo writes its results.")] = Path("demo-out"),
-    steps: Annotated[int, typer.Option("--steps", help="LoRA training steps for the demo adapter.")] = 30,
+    steps: Annotated[int, typer.Option("--steps", help="LoRA training steps (batch 2) for the demo adapter.")] = 24,
     top: Annotated[int, typer.Option("--top", help="Modules to prune.")] = 10,
     retrain: Annotated[bool, typer.Option("--retrain", help="Ignore the cached demo adapter.")] = False,
 ) -> None:

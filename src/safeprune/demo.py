@@ -53,7 +53,8 @@ def demo_adapter(steps: int, retrain: bool, console, quiet: bool) -> Path:
     from .finetune import LoraSettings, TrainSettings, builtin_examples, train_lora
 
     gguf = smollm2_gguf()
-    lora, train = LoraSettings(), TrainSettings(steps=steps)
+    # one pass over the 48 built-in examples at batch 2: enough to move the LoRA, small enough for a 2-core CPU
+    lora, train = LoraSettings(), TrainSettings(steps=steps, batch_size=2, lr=1e-3)
     key = hashlib.sha256(json.dumps([GGUF_FILE, gguf.stat().st_size, vars(lora), vars(train)],
                                     sort_keys=True).encode()).hexdigest()[:12]
     out = cache_dir() / f"demo-adapter-{key}"
@@ -87,7 +88,7 @@ def demo_adapter(steps: int, retrain: bool, console, quiet: bool) -> Path:
     return out
 
 
-def run_demo(output: Path, *, steps: int = 30, top: int = 10, retrain: bool = False, console=None,
+def run_demo(output: Path, *, steps: int = 24, top: int = 10, retrain: bool = False, console=None,
              quiet: bool = False) -> dict:
     from rich.console import Console
 
