@@ -212,7 +212,34 @@ def worker_streamed(a: dict) -> dict:
             "cos": cos}
 
 
-WORKERS = {"idle": worker_idle, "ours": worker_ours, "official": worker_official, "streamed": worker_streamed}
+def worker_dense64(a: dict) -> dict:
+    """Exactness reference (not timed against anything): the d×d approach entirely in float64, on the modules
+    with out_features ≤ ``max_out`` (a float64 C at 11008² costs ~1 TFLOP)."""
+    import torch
+
+    import safeprune
+    from safeprune.sources import open_weights, read_module_weight
+
+    torch.set_num_threads(a["threads"])
+    ad = safeprune.load_adapter(a["adapter"])
+    sa, su = open_weights(a["aligned"]), open_weights(a["unaligned"])
+    cos = {}
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for m in ad:
+            if m.out_features > a["max_out"]:
+                continue
+            V = read_module_weight(sa, m).double() - read_module_weight(su, m).double()
+            C = torch.mm(V, V.t()) / torch.norm(V)
+            del V
+            cos[m.name] = _official_cos(C, m.lora_B.double(), m.lora_A.double())
+            del C
+    sa.close()
+    su.close()
+    return {"seconds": time.perf_counter() - t0, "modules": len(cos), "cos": cos}
+
+
+WORKERS = {"dense64": worker_dense64, "idle": worker_idle, "ours": worker_ours, "official": worker_official, "streamed": worker_streamed}
 
 
 def run_worker(kind: str, args: dict) -> dict:
@@ -244,6 +271,7 @@ def loadavg() -> float:
 
 def agreement(ours: dict, ref: dict) -> dict:
     names = sorted(ref)
+    ours = {n: ours[n] for n in names}
     rel = [abs(ours[n] - ref[n]) / max(abs(ref[n]), 1e-30) for n in names]
     absd = [abs(ours[n] - ref[n]) for n in names]
     rank_o = sorted(names, key=lambda n: (ours[n], n))
@@ -267,6 +295,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="torch threads for the official approach")
     ap.add_argument("--no-mlp", action="store_true", help="q/k/v/o only (skip the 11008×4096 modules)")
     ap.add_argument("--no-streamed", action="store_true", help="skip (b'), the per-module d×d run")
+    ap.add_argument("--dense64-max-out", type=int, default=4096,
+                    help="float64 d×d exactness reference on modules with out_features ≤ this (0: none)")
     ap.add_argument("--tiny", action="store_true", help="hidden-64 pair (smoke test of the code path)")
     ap.add_argument("--workdir", default=None, help="where to build the pair (default: a temporary directory)")
     ap.add_argument("--out", default=str(HERE / "results"))
@@ -308,6 +338,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {label:10s} {r['seconds']:8.2f} s  {r['seconds_per_module']:.3f} s/module  peak RSS "
                   f"{r['peak_rss_mb']:.0f} MB (above imports {r['peak_above_imports_mb']:.0f}, anon above "
                   f"{r['anon_above_mb']:.0f})  load {la}", flush=True)
+        if a.dense64_max_out:
+            r = run_worker("dense64", dict(pair, adapter=str(adapters[big]), threads=a.threads,
+                                           max_out=a.dense64_max_out))
+            res["dense64"] = r
+            print(f"  dense64    {r['seconds']:8.2f} s for {r['modules']} modules (float64 exactness reference)",
+                  flush=True)
     finally:
         tmp_ctx.cleanup()
 
@@ -345,6 +381,10 @@ def main(argv: list[str] | None = None) -> int:
         R["official compute at 4096² / ours (qkvo scan)"] = {
             "time_per_module": off_shape[attn_shape]["seconds_per_module"] / ours_q["seconds_per_module"]}
     summary["agreement"] = {"ours_vs_official": agreement(ours_big["cos"], off["cos"])}
+    if "dense64" in res and res["dense64"]["cos"]:
+        d64 = res["dense64"]["cos"]
+        summary["agreement"]["ours_vs_dense64"] = agreement(ours_big["cos"], d64)
+        summary["agreement"]["official_fp32_vs_dense64"] = agreement(off["cos"], d64)
     if "streamed" in res:
         summary["agreement"]["ours_vs_streamed"] = agreement(ours_big["cos"], res["streamed"]["cos"])
 
@@ -394,7 +434,7 @@ def markdown(s: dict, big: str) -> str:
           + f". Dense C matrices held: {off['C_matrices_mb']:.0f} MiB; both models in float32: "
           f"{off['models_fp32_mb']:.0f} MiB.", ""]
     for k, g in s["agreement"].items():
-        L.append(f"- agreement {k}: {g['modules']} modules, max |Δcos| {g['max_abs_diff']:.1e}, max relative "
+        L.append(f"- {k}: {g['modules']} modules, max |Δcos| {g['max_abs_diff']:.1e}, max relative "
                  f"{g['max_rel_diff']:.1e}, same ranking: {g['same_ranking']}")
     return "\n".join(L) + "\n"
 

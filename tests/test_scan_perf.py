@@ -221,7 +221,8 @@ def test_safelora_scale_benchmark_smoke(tmp_path, monkeypatch):
     assert bench.main(["--tiny", "--workdir", str(tmp_path), "--out", str(tmp_path / "res"), "--tag", "t"]) == 0
     res = json.loads((tmp_path / "res" / "t.json").read_text())
     for g in res["agreement"].values():
-        assert g["modules"] == 14 and g["max_rel_diff"] < 1e-5 and g["same_ranking"]
+        assert g["modules"] in (10, 14) and g["max_rel_diff"] < 1e-5 and g["same_ranking"]
+    assert res["agreement"]["ours_vs_dense64"]["max_rel_diff"] < 1e-9
     r = res["results"]
     assert r["ours_all"]["modules"] == 14 and r["ours_qkvo"]["modules"] == 8
     assert r["official"]["C_matrices_mb"] > 0 and set(res["official_per_shape_compute"]) == {
