@@ -192,13 +192,15 @@ def write_base(out: Path, spec: Spec, seed: int = 0,
     return out
 
 
-def unaligned_delta(rank: int = 16, rel: float = 0.05, seed: int = 1) -> Callable[[str, torch.Tensor], torch.Tensor]:
-    """W -> W + a rank-``rank`` q/k/v/o perturbation of relative Frobenius size ``rel`` (a stand-in for
-    what removing safety alignment changes); other matrices are left as they are."""
+def unaligned_delta(rank: int = 16, rel: float = 0.05, seed: int = 1,
+                    targets: tuple[str, ...] = ATTN) -> Callable[[str, torch.Tensor], torch.Tensor]:
+    """W -> W + a rank-``rank`` perturbation of relative Frobenius size ``rel`` on the ``targets`` projections
+    (default q/k/v/o; a stand-in for what removing safety alignment changes); other matrices are left as
+    they are."""
     g = torch.Generator().manual_seed(seed)
 
     def f(name: str, W: torch.Tensor) -> torch.Tensor:
-        if not any(f".{p}." in name for p in ATTN):
+        if not any(f".{p}." in name for p in targets):
             return W
         m, n = W.shape
         U = torch.randn(m, rank, generator=g)

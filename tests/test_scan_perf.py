@@ -207,3 +207,27 @@ def test_inference_vllm_summary(llama_adapter):
     s = bench_inference.vllm_summary(Path(llama_adapter))
     assert s["lora_modules"] == len(load_adapter(llama_adapter))
     assert s["file_bytes"] > s["lora_params"] > 0
+
+
+def test_safelora_scale_benchmark_smoke(tmp_path, monkeypatch):
+    """bench_safelora_scale.py end to end at hidden 64, workers in-process: safeprune's SafeLoRA scan and the
+    two dense d×d references (all C kept / per module) agree on every cosine and on the ranking."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        import bench_safelora_scale as bench
+    finally:
+        sys.path.remove(str(BENCH))
+    monkeypatch.setattr(bench, "run_worker", lambda kind, args: bench.WORKERS[kind](args))
+    assert bench.main(["--tiny", "--workdir", str(tmp_path), "--out", str(tmp_path / "res"), "--tag", "t"]) == 0
+    res = json.loads((tmp_path / "res" / "t.json").read_text())
+    for g in res["agreement"].values():
+        assert g["modules"] in (10, 14) and g["max_rel_diff"] < 1e-5 and g["same_ranking"]
+    assert res["agreement"]["ours_vs_dense64"]["max_rel_diff"] < 1e-9
+    r = res["results"]
+    assert r["ours_all"]["modules"] == 14 and r["ours_qkvo"]["modules"] == 8
+    assert r["official"]["C_matrices_mb"] > 0 and set(res["official_per_shape_compute"]) == {
+        "64x64", "32x64", "160x64", "64x160"}
+    assert "official/ours (all)" in res["ratios"] and "streamed/ours (all)" in res["ratios"]
+    md = (tmp_path / "res" / "t.md").read_text()
+    assert "(b) official" in md and "same ranking: True" in md
+    assert not any(p.name.startswith("safeprune-slscale-") for p in tmp_path.iterdir())  # pair cleaned up

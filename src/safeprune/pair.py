@@ -40,6 +40,15 @@ def _rows_per_block(out: int, inp: int, block_elems: int) -> int:
     return max(1, min(out, block_elems // max(1, inp)))
 
 
+def _diff_block(Wa: torch.Tensor, Wu: torch.Tensor, i: int, step: int, buf: torch.Tensor) -> torch.Tensor:
+    """Rows i:i+step of V = Wa − Wu in float64, written into ``buf``."""
+    n = min(step, Wa.shape[0] - i)
+    Vb = buf[:n]
+    Vb.copy_(Wa[i:i + n])
+    Vb.sub_(Wu[i:i + n])
+    return Vb
+
+
 def apply_alignment(
     Wa: torch.Tensor, Wu: torch.Tensor, Z: torch.Tensor, *, block_elems: int = BLOCK_ELEMS,
     what: str = "alignment matrix", where: str = "",
@@ -57,13 +66,15 @@ def apply_alignment(
     Z64 = Z.to(device=Wa.device, dtype=F64)
     k = Z64.shape[1]
     step = _rows_per_block(out, inp, block_elems)
-    VtZ = torch.zeros(inp, k, dtype=F64, device=Wa.device)
+    # one float64 block buffer reused by both passes (no per-block allocations); blocks are formed straight
+    # from the stored dtype (bf16/fp16/fp32 -> float64 is exact, and so is the float64 difference)
+    buf = torch.empty(min(step, out), inp, dtype=F64, device=Wa.device)
+    ZtV = torch.zeros(k, inp, dtype=F64, device=Wa.device)  # (VᵀZ)ᵀ, accumulated as Zᵀ·V (row-major friendly)
     sq = 0.0
     for i in range(0, out, step):
-        Vb = Wa[i:i + step].to(F64) - Wu[i:i + step].to(F64)
-        sq += float((Vb * Vb).sum())
-        VtZ.addmm_(Vb.T, Z64[i:i + step])
-        del Vb
+        Vb = _diff_block(Wa, Wu, i, step, buf)
+        sq += float(torch.linalg.vector_norm(Vb) ** 2)
+        ZtV.addmm_(Z64[i:i + step].T, Vb)
     vfro = math.sqrt(sq)
     if not math.isfinite(vfro):
         raise NonFiniteError(f"{what} (aligned − unaligned) contains NaN or Inf", where or None)
@@ -71,10 +82,10 @@ def apply_alignment(
     if vfro == 0.0:
         CZ.zero_()
         return CZ, 0.0
+    VtZ = ZtV.T
     for i in range(0, out, step):
-        Vb = Wa[i:i + step].to(F64) - Wu[i:i + step].to(F64)
+        Vb = _diff_block(Wa, Wu, i, step, buf)
         torch.mm(Vb, VtZ, out=CZ[i:i + step])
-        del Vb
     CZ /= vfro
     return CZ, vfro
 

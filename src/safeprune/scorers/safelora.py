@@ -39,7 +39,9 @@ def projected_B(ctx: ModuleContext, block_elems: int = BLOCK_ELEMS) -> tuple[tor
     def compute():
         B, _ = ctx.lora()
         where = f"{ctx.source('aligned').description} / {ctx.source('unaligned').description}"
-        return apply_alignment(ctx.weight("aligned"), ctx.weight("unaligned"), B, block_elems=block_elems,
+        # the stored dtype (e.g. bf16) is enough: row blocks of V are formed in float64 from it, so no
+        # full-size float32 copies of the two weights are made
+        return apply_alignment(ctx.raw_weight("aligned"), ctx.raw_weight("unaligned"), B, block_elems=block_elems,
                                what=f"alignment matrix of module {ctx.module.name!r}", where=where)
 
     return ctx.memo("safelora.CB", compute)
