@@ -284,3 +284,4 @@ def main(argv: List[str] | None = None) -> None:
 
 if __name__ == "__main__":  # pragma: no cover
     main()
+from . import cli_eval  # noqa: E402,F401  (registers commands)
