@@ -54,7 +54,14 @@ class GenerationCache:
             return
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            torn = False
+            if self.path.is_file() and self.path.stat().st_size:
+                with open(self.path, "rb") as fb:
+                    fb.seek(-1, os.SEEK_END)
+                    torn = fb.read(1) != b"\n"
             with open(self.path, "a", encoding="utf-8") as f:
+                if torn:  # an interrupted write left half a line: end it so the next record stands alone
+                    f.write("\n")
                 for r in recs:
                     f.write(json.dumps(r, ensure_ascii=False) + "\n")
                 f.flush()
