@@ -21,6 +21,8 @@ from safeprune.eval.prompts import ids_from_subsets
 from safeprune.eval.utility import auarc, rouge_scores
 from safeprune.eval.wordnet import LEXNAMES, lexnames_text, setup_wordnet
 
+# the shared folder sits beside the checkout (../shared); from a worktree under wt/ it is one more level up
+SHARED = next((p / "shared" for p in Path(__file__).resolve().parents if (p / "shared" / "data").is_dir()), SHARED)
 DATA = SHARED / "data"
 needs_data = pytest.mark.skipif(not DATA.is_dir(), reason="shared data not present")
 
