@@ -541,3 +541,22 @@ def test_cli_eval_and_compare_fake_backend(tmp_path):
     r = runner.invoke(app, ["eval", "--backend", "fake", "--base", "fake", "-o", str(tmp_path / "o2")])
     assert r.exit_code == 2 and "--safety" in r.output
     assert isinstance(UsageError("x"), SafepruneError)
+
+
+# -- real model (slow) -----------------------------------------------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/work/models/aligned/config.json").is_file(), reason="testbed models not built")
+def test_testbed_reference_generations_reproduced():
+    """Greedy, chat template with its default system prompt, fp32, batched left padding: the aligned
+    model and aligned+mix_s0 reproduce the testbed's reference generations."""
+    gen_dir = SHARED / "testbed" / "generations"
+    b = HFBackend("/work/models/aligned", {"mix_s0": str(SHARED / "testbed" / "adapters" / "mix_s0")})
+    s = GenSettings(max_new_tokens=64, batch_size=8)
+    for adapter, f in ((None, "aligned.adv.jsonl"), ("mix_s0", "mix_s0.adv.jsonl")):
+        ref = [json.loads(x) for x in (gen_dir / f).read_text().splitlines()[:8]]
+        gens = b.generate([r["prompt"] for r in ref], adapter, s)
+        same = sum(g.text == r["output"] for g, r in zip(gens, ref))
+        assert same >= 7, [(g.text, r["output"]) for g, r in zip(gens, ref)]
+        j = KeywordJudge()
+        assert [j.refused(g.text) for g in gens] == [r["refusal"] for r in ref]
