@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Batched vs batch-1 generation throughput of safeprune's HF backend on SmolLM2 (CPU).
 
-Same prompts, same greedy settings; tokens/s = generated tokens (up to and including EOS) over wall time.
+Same prompts, same greedy settings; tokens/s = generated tokens (up to and including EOS) over wall time,
+and tokens per CPU-second of this process (less sensitive to other processes on a shared machine).
 Writes a JSON record to benchmarks/results/bench_generation.json.
 
     PYTHONPATH=src python benchmarks/bench_generation.py --model /work/models/aligned --n 16 --max-new-tokens 32
@@ -38,6 +39,7 @@ def main() -> None:
     from safeprune.eval.backends import GenSettings, HFBackend
 
     prompts = FALLBACK[: a.n]
+    load0 = os.getloadavg()
     b = HFBackend(a.model)
     warm = GenSettings(max_new_tokens=4, batch_size=2)
     b.generate(prompts[:2], None, warm)
@@ -45,6 +47,7 @@ def main() -> None:
     def run(bs: int):
         s = GenSettings(max_new_tokens=a.max_new_tokens, batch_size=bs)
         t0 = time.perf_counter()
+        c0 = time.process_time()
         gens = []
         if bs == 1:
             for p in prompts:  # a plain loop, one generate call per prompt
@@ -52,9 +55,10 @@ def main() -> None:
         else:
             gens = b.generate(prompts, None, s)
         dt = time.perf_counter() - t0
+        cpu = time.process_time() - c0
         toks = sum(g.new_tokens for g in gens)
-        return {"batch_size": bs, "seconds": dt, "new_tokens": toks, "tokens_per_s": toks / dt,
-                "texts": [g.text for g in gens]}
+        return {"batch_size": bs, "seconds": dt, "cpu_seconds": cpu, "new_tokens": toks, "tokens_per_s": toks / dt,
+                "tokens_per_cpu_s": toks / cpu, "texts": [g.text for g in gens]}
 
     r1 = run(1)
     rb = run(a.batch_size)
@@ -64,6 +68,8 @@ def main() -> None:
         "batch1": {k: v for k, v in r1.items() if k != "texts"},
         "batched": {k: v for k, v in rb.items() if k != "texts"},
         "ratio_tokens_per_s": rb["tokens_per_s"] / r1["tokens_per_s"],
+        "ratio_tokens_per_cpu_s": rb["tokens_per_cpu_s"] / r1["tokens_per_cpu_s"],
+        "loadavg_at_start": load0,
         "identical_outputs": same,
         "torch_threads": __import__("torch").get_num_threads(),
         "cpu_count": os.cpu_count(), "loadavg_at_end": os.getloadavg(), "platform": platform.platform(),
