@@ -33,6 +33,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=16)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--max-new-tokens", type=int, default=32)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "bench_generation.json"))
     a = ap.parse_args()
 
@@ -40,7 +41,7 @@ def main() -> None:
 
     prompts = FALLBACK[: a.n]
     load0 = os.getloadavg()
-    b = HFBackend(a.model)
+    b = HFBackend(a.model, threads=a.threads)
     warm = GenSettings(max_new_tokens=4, batch_size=2)
     b.generate(prompts[:2], None, warm)
 
