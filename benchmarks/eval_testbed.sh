@@ -19,6 +19,6 @@ sp eval --base "$MODELS/aligned" --adapter lora="$SHARED/testbed/adapters/mix_s0
     --safety "$SHARED/data/advbench/harmful_behaviors.csv" \
     --over-refusal "$SHARED/data/xstest/xstest_prompts.csv" \
     --utility "$SHARED/data/dialogsum/validation.jsonl" \
-    --rows-from "$SHARED/testbed/eval_subsets.json" --limit 100 --cache "$CACHE" -o "$OUT"
+    --rows-from "$SHARED/testbed/eval_subsets.json" --limit 100 --threads 1 --cache "$CACHE" -o "$OUT"
 sp compare "$OUT" --a base --b lora
 sp compare "$OUT" --a lora --b pruned

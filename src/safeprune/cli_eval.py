@@ -85,6 +85,7 @@ def eval_cmd(
     no_meteor: Annotated[bool, typer.Option("--no-meteor", help="Skip METEOR.")] = False,
     cache: Annotated[Optional[Path], typer.Option("--cache", help="Generation cache JSONL (default OUT/cache/generations.jsonl).")] = None,
     device: Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N or auto.")] = "cpu",
+    threads: Annotated[Optional[int], typer.Option("--threads", help="torch CPU threads (1 is much faster on an oversubscribed machine).")] = None,
 ) -> None:
     """Generate and score the base and/or adapters on the same prompts; write results for `compare`."""
     from .eval.evaluate import EvalConfig, evaluate
@@ -107,7 +108,7 @@ def eval_cmd(
     cfg = EvalConfig(safety_max_new_tokens=safety_tokens, utility_max_new_tokens=utility_tokens, batch_size=batch_size,
                      system_prompt=system_prompt, chat_template=not no_chat_template, do_sample=do_sample,
                      temperature=temperature, seed=seed)
-    opts = {"device": device} if backend == "hf" else {}
+    opts = {"device": device, "threads": threads} if backend == "hf" else {}
     progress = None
     if not _state["quiet"]:
         def progress(label: str, done: int, n: int) -> None:
