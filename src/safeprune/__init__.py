@@ -3,6 +3,7 @@
 from .adapter import LoraAdapter, LoraModule, load_adapter
 from .api import project, prune
 from .edits import prune_modules, replace_lora_B
+from .eval import compare, evaluate
 from .errors import SafepruneError
 from .scan import scan
 from .selection import Selection, select
@@ -14,4 +15,5 @@ __version__ = "0.1.0"
 __all__ = [
     "LoraAdapter", "LoraModule", "load_adapter", "open_weights", "scan", "select", "prune", "project",
     "prune_modules", "replace_lora_B", "ScoreTable", "Selection", "SafepruneError", "__version__",
+    "evaluate", "compare",
 ]

@@ -1,0 +1,161 @@
+"""CLI commands ``eval``, ``compare`` and ``setup-wordnet`` (a thin layer over :mod:`safeprune.eval`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from typing_extensions import Annotated
+
+from .cli import _state, app, err, handle_errors, out
+from .errors import UsageError
+
+
+def _parse_named(specs: list[str]) -> dict[str, str]:
+    named: dict[str, str] = {}
+    for s in specs:
+        if "=" in s:
+            name, path = s.split("=", 1)
+        else:
+            name, path = Path(s).name, s
+        if not name or not path:
+            raise UsageError(f"--adapter {s!r}: use NAME=DIR")
+        if name in named:
+            raise UsageError(f"--adapter name {name!r} given twice")
+        named[name] = path
+    return named
+
+
+def _split_column(spec: str) -> tuple[str, str | None]:
+    """FILE or FILE:COLUMN (the column part only when FILE exists without it)."""
+    if ":" in spec and not Path(spec).exists():
+        f, c = spec.rsplit(":", 1)
+        return f, c or None
+    return spec, None
+
+
+def _load_sets(kind: str, specs: list[str], rows_from, limit, sample, seed, include_overlap, id_column, reference_column):
+    from .eval.prompts import ids_from_subsets, load_prompts, subset
+
+    sets = []
+    for spec in specs:
+        path, column = _split_column(spec)
+        ps = load_prompts(path, kind, column=column, id_column=id_column, reference_column=reference_column,
+                          include_overlap=include_overlap)
+        ids = None
+        if rows_from is not None:
+            found = ids_from_subsets(rows_from, path)
+            if found:
+                ps.info["rows_from"] = f"{rows_from}:{found[0]}"
+                ids = found[1]
+        ps = subset(ps, ids=ids, limit=limit, sample=sample, seed=seed)
+        sets.append(ps)
+    return sets
+
+
+@app.command("eval")
+@handle_errors
+def eval_cmd(
+    base: Annotated[str, typer.Option("--base", "-b", help="Base model directory (Hugging Face format).")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Results directory (results.json, items.jsonl, summary.csv/.md).")],
+    adapter: Annotated[Optional[List[str]], typer.Option("--adapter", "-a", help="NAME=DIR of a PEFT adapter; repeat for several (all on one loaded base).")] = None,
+    no_adapter_baseline: Annotated[bool, typer.Option("--no-adapter-baseline", help="Also evaluate the base with every adapter disabled (variant 'base').")] = False,
+    safety: Annotated[Optional[List[str]], typer.Option("--safety", help="Harmful prompt set (ASR): FILE or FILE:COLUMN; repeatable.")] = None,
+    over_refusal: Annotated[Optional[List[str]], typer.Option("--over-refusal", help="Benign prompt set that should be answered (XSTest: label=safe rows).")] = None,
+    utility: Annotated[Optional[List[str]], typer.Option("--utility", help="Utility set with references (DialogSum, HotpotQA, or FILE:COLUMN with --reference-column).")] = None,
+    rows_from: Annotated[Optional[Path], typer.Option("--rows-from", help="eval_subsets.json-style file: evaluate the listed row ids of each matching set.")] = None,
+    limit: Annotated[Optional[int], typer.Option("--limit", help="First N rows of each set (after --rows-from / --sample).")] = None,
+    sample: Annotated[Optional[int], typer.Option("--sample", help="Seeded random sample of N rows of each set.")] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed for --sample, sampling decoding and the bootstrap.")] = 0,
+    include_overlap: Annotated[bool, typer.Option("--include-overlap", help="Keep rows flagged in_jbb_harmful_ft (still excluded from ASR).")] = False,
+    id_column: Annotated[Optional[str], typer.Option("--id-column", help="Generic loader: id column.")] = None,
+    reference_column: Annotated[Optional[str], typer.Option("--reference-column", help="Generic loader: reference column.")] = None,
+    backend: Annotated[str, typer.Option("--backend", help="hf (transformers), vllm (optional extra) or fake.")] = "hf",
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Prompts per generate call (left padding).")] = 16,
+    safety_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Max new tokens for safety / over-refusal prompts.")] = 64,
+    utility_tokens: Annotated[int, typer.Option("--utility-max-new-tokens", help="Max new tokens for utility prompts.")] = 96,
+    system_prompt: Annotated[Optional[str], typer.Option("--system-prompt", help="System prompt (default: the chat template's own).")] = None,
+    no_chat_template: Annotated[bool, typer.Option("--no-chat-template", help="Feed raw prompts.")] = False,
+    do_sample: Annotated[bool, typer.Option("--sample-decoding", help="Sample instead of greedy decoding.")] = False,
+    temperature: Annotated[float, typer.Option("--temperature")] = 1.0,
+    keywords: Annotated[Optional[str], typer.Option("--keywords", help="Refusal keywords: FILE (.json list, refusal_keywords.json[:KEY], or one per line).")] = None,
+    case_insensitive: Annotated[bool, typer.Option("--case-insensitive", help="Keyword match ignoring case (default: case-sensitive, as the papers).")] = False,
+    judge: Annotated[Optional[List[str]], typer.Option("--judge", help="Harmfulness judge: hf:CLASSIFIER_DIR or openai:MODEL@URL; repeatable (never averaged).")] = None,
+    no_meteor: Annotated[bool, typer.Option("--no-meteor", help="Skip METEOR.")] = False,
+    cache: Annotated[Optional[Path], typer.Option("--cache", help="Generation cache JSONL (default OUT/cache/generations.jsonl).")] = None,
+    device: Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N or auto.")] = "cpu",
+    threads: Annotated[Optional[int], typer.Option("--threads", help="torch CPU threads (1 is much faster on an oversubscribed machine).")] = None,
+) -> None:
+    """Generate and score the base and/or adapters on the same prompts; write results for `compare`."""
+    from .eval.evaluate import EvalConfig, evaluate
+    from .eval.judges import KeywordJudge, parse_judge_spec
+
+    adapters = _parse_named(adapter or [])
+    sets = []
+    args = (rows_from, limit, sample, seed, include_overlap, id_column, reference_column)
+    sets += _load_sets("safety", safety or [], *args)
+    sets += _load_sets("over_refusal", over_refusal or [], *args)
+    sets += _load_sets("utility", utility or [], *args)
+    if not sets:
+        raise UsageError("give at least one of --safety, --over-refusal, --utility")
+    if keywords:
+        f, key = _split_column(keywords)
+        kj = KeywordJudge.from_file(f, key, case_sensitive=not case_insensitive)
+    else:
+        kj = KeywordJudge(case_sensitive=not case_insensitive)
+    hjs = [parse_judge_spec(j) for j in (judge or [])]
+    cfg = EvalConfig(safety_max_new_tokens=safety_tokens, utility_max_new_tokens=utility_tokens, batch_size=batch_size,
+                     system_prompt=system_prompt, chat_template=not no_chat_template, do_sample=do_sample,
+                     temperature=temperature, seed=seed)
+    opts = {"device": device, "threads": threads} if backend == "hf" else {}
+    progress = None
+    if not _state["quiet"]:
+        def progress(label: str, done: int, n: int) -> None:
+            err.print(f"  {label}: {done}/{n}", highlight=False)
+    res = evaluate(base, adapters, prompt_sets=sets, include_base=no_adapter_baseline, out_dir=output,
+                   backend=backend, refusal_judge=kj, harm_judges=hjs, config=cfg, cache=cache,
+                   meteor=not no_meteor, backend_options=opts, progress=progress)
+    if not _state["quiet"]:
+        from .eval.report import summary_markdown
+
+        out.print(summary_markdown(res.results), highlight=False, markup=False)
+    out.print(f"wrote {output}", highlight=False)
+
+
+@app.command("compare")
+@handle_errors
+def compare_cmd(
+    results: Annotated[Path, typer.Argument(help="Directory written by `safeprune eval`.")],
+    a: Annotated[str, typer.Option("--a", help="Variant before (e.g. lora).")],
+    b: Annotated[str, typer.Option("--b", help="Variant after (e.g. pruned).")],
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Where to write compare_A_vs_B.{json,csv,md} (default: RESULTS).")] = None,
+    n_boot: Annotated[int, typer.Option("--n-boot", help="Bootstrap resamples.")] = 10000,
+    seed: Annotated[int, typer.Option("--seed", help="Bootstrap seed.")] = 0,
+) -> None:
+    """Paired deltas with bootstrap CIs, exact McNemar for ASR / refusal, and the prompts that flipped."""
+    from .eval.compare import compare, compare_markdown
+
+    c = compare(results, a, b, n_boot=n_boot, seed=seed, out_dir=output or results)
+    if not _state["quiet"]:
+        out.print(compare_markdown(c, max_flips=10), highlight=False, markup=False)
+    out.print(f"wrote {output or results}/compare_{a}_vs_{b}.{{json,csv,md}}", highlight=False)
+
+
+@app.command("setup-wordnet")
+@handle_errors
+def setup_wordnet_cmd(
+    source: Annotated[Optional[Path], typer.Option("--from", help="WordNet 3.0 database dir (default /usr/share/wordnet from Debian's wordnet-base).")] = None,
+    target: Annotated[Optional[Path], typer.Option("--to", help="Target dir (default ~/.cache/safeprune/nltk_data/corpora/wordnet).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Rebuild even if present.")] = False,
+) -> None:
+    """Make WordNet usable by NLTK's METEOR offline (adds the lexnames file Debian's package lacks)."""
+    from .eval.wordnet import load_wordnet, setup_wordnet
+
+    d = setup_wordnet(source, target, force=force)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        n = len(list(load_wordnet(d).all_lemma_names("n")))
+    out.print(f"WordNet ready at {d} ({n} noun lemmas)", highlight=False)
