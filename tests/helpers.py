@@ -98,3 +98,24 @@ def tree_checksums(root: Path) -> dict[str, str]:
         if p.is_file():
             out[str(p.relative_to(root))] = hashlib.sha256(p.read_bytes()).hexdigest()
     return out
+
+
+def dict_source(tensors: dict[str, torch.Tensor]):
+    """An in-memory WeightSource (tensor name -> tensor) for unit tests."""
+    from safeprune.sources import WeightSource
+
+    class DictSource(WeightSource):
+        def __init__(self, t):
+            self.t = t
+            self.description = "memory"
+
+        def keys(self):
+            return set(self.t)
+
+        def shape(self, key):
+            return tuple(self.t[key].shape)
+
+        def _read(self, key):
+            return self.t[key]
+
+    return DictSource(tensors)

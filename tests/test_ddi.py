@@ -15,28 +15,14 @@ from safeprune.linalg import (
     exact_left_basis, gram_energy, left_projected_energy, lowrank_svals, range_finder, right_projected_energy,
 )
 from safeprune.scorers import ModuleContext, get_scorer
-from safeprune.sources import WeightSource
 
+from helpers import dict_source
 from reference import decaying_matrix, dense_ddi, low_rank_matrix
 
 F64 = torch.float64
 
 
-class DictSource(WeightSource):
-    """An in-memory WeightSource for unit tests."""
-
-    def __init__(self, tensors: dict[str, torch.Tensor]):
-        self.t = tensors
-        self.description = "memory"
-
-    def keys(self):
-        return set(self.t)
-
-    def shape(self, key):
-        return tuple(self.t[key].shape)
-
-    def _read(self, key):
-        return self.t[key]
+DictSource = dict_source  # one in-memory WeightSource for the tests (tests/helpers.py)
 
 
 def module(B, A, s=2.0, name="model.layers.0.self_attn.q_proj"):

@@ -22,7 +22,6 @@ from hypothesis import strategies as st
 import safeprune
 from safeprune.adapter import LoraAdapter, LoraModule, load_adapter, scaling_for
 from safeprune.scorers import ModuleContext, get_scorer
-from safeprune.sources import WeightSource
 from safeprune.table import ScoreTable
 from safeprune.writer import write_adapter
 
@@ -98,21 +97,9 @@ def test_ranking_ignores_row_order(llama_adapter, llama_dir):
 # DDI components: properties for any (A, B, W0)
 # -------------------------------------------------------------------------------------------------
 
-class DictSource(WeightSource):
-    """An in-memory base model."""
+from helpers import dict_source  # noqa: E402
 
-    def __init__(self, tensors: dict[str, torch.Tensor]):
-        self.t = tensors
-        self.description = "memory"
-
-    def keys(self):
-        return set(self.t)
-
-    def shape(self, key):
-        return tuple(self.t[key].shape)
-
-    def _read(self, key):
-        return self.t[key]
+DictSource = dict_source  # one in-memory WeightSource for the tests (tests/helpers.py)
 
 
 NAME = "model.layers.0.self_attn.q_proj"

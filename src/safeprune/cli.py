@@ -346,6 +346,6 @@ from . import cli_eval, cli_pair  # noqa: E402,F401  (register their commands)
 
 
 if __name__ == "__main__":  # pragma: no cover  (python -m safeprune.cli: run the fully registered module)
-    from safeprune.cli import main as _main
+    from safeprune.cli import main as _run
 
-    _main()
+    _run()

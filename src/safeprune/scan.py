@@ -204,17 +204,20 @@ def scan(
             ws = {role: read_weight_and_norm(src, m, dtype=None, role=role) for role, src in sources.items()}
             return ws, time.perf_counter() - ts
 
-        def work(m: LoraModule) -> tuple[dict[str, Any], float]:
-            ws, dt = fetch(m)
+        def score_module(m: LoraModule, ws: dict[str, tuple[torch.Tensor, float]] | None) -> dict[str, Any]:
+            """Every scorer on one module; ``ws`` are its prefetched weights (None: read on demand)."""
             ctx = ModuleContext(m, sources, dev)
-            for role, (w, n) in ws.items():
+            for role, (w, n) in (ws or {}).items():
                 ctx.prefetched(role, w, n)
-            del ws
             row = new_row(m)
             for s in scorers:
                 row.update(s.score(ctx))
             ctx.release()
-            return row, dt
+            return row
+
+        def work(m: LoraModule) -> tuple[dict[str, Any], float]:
+            ws, dt = fetch(m)
+            return score_module(m, ws), dt
 
         prog = stack.enter_context(make_progress(progress))
         task = prog.add_task("scoring", total=len(modules), module="")
@@ -236,19 +239,13 @@ def scan(
             pending: Future | None = pool.submit(fetch, modules[0]) if pool else None
             for i, m in enumerate(modules):
                 prog.update(task, module=m.name)
-                ctx = ModuleContext(m, sources, dev)
+                ws = None
                 if pool is not None:
                     ws, dt = pending.result()
                     read_s += dt
                     pending = pool.submit(fetch, modules[i + 1]) if i + 1 < len(modules) else None
-                    for role, (w, n) in ws.items():
-                        ctx.prefetched(role, w, n)
-                    del ws
-                row = new_row(m)
-                for s in scorers:
-                    row.update(s.score(ctx))
-                ctx.release()
-                rows.append(row)
+                rows.append(score_module(m, ws))
+                del ws
                 prog.advance(task)
             if pending is not None:  # pragma: no cover - only on early exit
                 pending.cancel()
