@@ -4,7 +4,7 @@ VENV    ?= .venv
 VPY     := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 
-.PHONY: install demo test test-slow bench clean
+.PHONY: install demo test test-slow bench clean wordnet
 
 $(VPY):
 	$(PY) -m venv $(VENV)
@@ -34,3 +34,8 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .hypothesis
+
+# optional: offline WordNet for METEOR (Debian's wordnet-base + the lexnames file NLTK needs)
+wordnet: $(STAMP)
+	apt-get install -y -q wordnet-base
+	$(VENV)/bin/safeprune setup-wordnet

@@ -383,6 +383,8 @@ def main(argv: list[str] | None = None) -> int:
     from safeprune.scan import scan_threads
 
     torch.set_num_threads(scan_threads(a.threads))  # the dense reference runs with the scan's thread count
+    if a.workdir:
+        Path(a.workdir).mkdir(parents=True, exist_ok=True)
     tmp_ctx = tempfile.TemporaryDirectory(prefix="safeprune-bench-", dir=a.workdir)
     tmp = Path(tmp_ctx.name)
     t_start = time.time()
