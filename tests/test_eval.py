@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import SHARED, make_adapter, make_model
+from helpers import SHARED, TESTBED_MODELS, make_adapter, make_model
 from safeprune.errors import InputError, SafepruneError, UsageError
 from safeprune.eval import compare, evaluate, load_prompts, subset
 from safeprune.eval.backends import FakeBackend, GenSettings, HFBackend
@@ -546,12 +546,12 @@ def test_cli_eval_and_compare_fake_backend(tmp_path):
 # -- real model (slow) -----------------------------------------------------------------------------
 
 @pytest.mark.slow
-@pytest.mark.skipif(not Path("/work/models/aligned/config.json").is_file(), reason="testbed models not built")
+@pytest.mark.skipif(not (TESTBED_MODELS / "aligned" / "config.json").is_file(), reason="testbed models not built")
 def test_testbed_reference_generations_reproduced():
     """Greedy, chat template with its default system prompt, fp32, batched left padding: the aligned
     model and aligned+mix_s0 reproduce the testbed's reference generations."""
     gen_dir = SHARED / "testbed" / "generations"
-    b = HFBackend("/work/models/aligned", {"mix_s0": str(SHARED / "testbed" / "adapters" / "mix_s0")})
+    b = HFBackend(str(TESTBED_MODELS / "aligned"), {"mix_s0": str(SHARED / "testbed" / "adapters" / "mix_s0")})
     s = GenSettings(max_new_tokens=64, batch_size=8)
     for adapter, f in ((None, "aligned.adv.jsonl"), ("mix_s0", "mix_s0.adv.jsonl")):
         ref = [json.loads(x) for x in (gen_dir / f).read_text().splitlines()[:8]]

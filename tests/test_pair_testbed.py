@@ -11,8 +11,10 @@ import torch
 
 from helpers import TESTBED
 
-ALIGNED = Path("/work/models/aligned")
-UNALIGNED = Path("/work/models/unaligned")
+from helpers import TESTBED_MODELS  # noqa: E402
+
+ALIGNED = TESTBED_MODELS / "aligned"
+UNALIGNED = TESTBED_MODELS / "unaligned"
 _TB = next((p for p in (TESTBED, Path("/work/shared/testbed")) if p.is_dir()), TESTBED)
 ADAPTER = _TB / "adapters" / "mix_s0"
 

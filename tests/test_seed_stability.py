@@ -17,7 +17,9 @@ from helpers import TESTBED
 # ../shared beside the checkout (CI, the main checkout); /work/shared from a worktree
 ADAPTER = next((d / "adapters" / "mix_s0" for d in (TESTBED, Path("/work/shared/testbed"))
                 if (d / "adapters" / "mix_s0").is_dir()), TESTBED / "adapters" / "mix_s0")
-BASE = Path(os.environ.get("SAFEPRUNE_TESTBED_ALIGNED", "/work/models/aligned"))
+from helpers import TESTBED_MODELS  # noqa: E402
+
+BASE = Path(os.environ.get("SAFEPRUNE_TESTBED_ALIGNED", TESTBED_MODELS / "aligned"))
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "seed_stability.py"
 
 pytestmark = [

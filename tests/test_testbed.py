@@ -6,8 +6,6 @@ Set SAFEPRUNE_TESTBED_MODELS to the directory given to build_models.py --out (de
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,10 +13,10 @@ import torch
 import safeprune
 from safeprune.sources import open_weights
 
-from helpers import TESTBED
+from helpers import TESTBED, TESTBED_MODELS
 from reference import dense_ddi
 
-MODELS = Path(os.environ.get("SAFEPRUNE_TESTBED_MODELS", "/work/models"))
+MODELS = TESTBED_MODELS
 ALIGNED = MODELS / "aligned"
 ADAPTER = TESTBED / "adapters" / "mix_s0"
 
