@@ -32,12 +32,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import resource
-import shutil
-import subprocess
 import sys
 import tempfile
 import threading
@@ -243,13 +240,10 @@ WORKERS = {"dense64": worker_dense64, "idle": worker_idle, "ours": worker_ours, 
 
 
 def run_worker(kind: str, args: dict) -> dict:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(HERE.parent / "src") + os.pathsep + env.get("PYTHONPATH", "")
-    p = subprocess.run([sys.executable, str(Path(__file__).resolve()), "_worker", kind, json.dumps(args)],
-                       capture_output=True, text=True, env=env)
-    if p.returncode != 0:
-        raise RuntimeError(f"worker {kind} failed:\n{p.stderr[-3000:]}")
-    return json.loads(p.stdout.strip().splitlines()[-1])
+    """Run this script's ``_worker KIND`` in a fresh process (so its peak RSS is its own)."""
+    import synth
+
+    return synth.run_worker(Path(__file__), kind, args)
 
 
 # ------------------------------------------------------------------------------------------------

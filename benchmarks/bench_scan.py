@@ -34,7 +34,6 @@ import os
 import platform
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -169,13 +168,8 @@ def worker_idle(args: dict) -> dict:
 
 
 def run_worker(kind: str, args: dict) -> dict:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(HERE.parent / "src") + os.pathsep + env.get("PYTHONPATH", "")
-    p = subprocess.run([sys.executable, str(Path(__file__).resolve()), "_worker", kind, json.dumps(args)],
-                       capture_output=True, text=True, env=env)
-    if p.returncode != 0:
-        raise RuntimeError(f"worker {kind} failed:\n{p.stderr[-3000:]}")
-    return json.loads(p.stdout.strip().splitlines()[-1])
+    """Run this script's ``_worker KIND`` in a fresh process (so its peak RSS is its own)."""
+    return synth.run_worker(Path(__file__), kind, args)
 
 
 # ------------------------------------------------------------------------------------------------

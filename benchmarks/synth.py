@@ -252,3 +252,21 @@ def write_adapter(out: Path, spec: Spec, targets: tuple[str, ...], r: int, alpha
         cfg["layers_to_transform"] = list(layers)
     (out / "adapter_config.json").write_text(json.dumps(cfg, indent=2))
     return out
+
+
+def run_worker(script: Path, kind: str, args: dict) -> dict:
+    """Run ``python SCRIPT _worker KIND ARGS_JSON`` in a fresh process and return the JSON it prints last.
+
+    The benchmarks measure each approach in its own process, so that peak RSS (VmHWM) is per approach."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent / "src") + os.pathsep + env.get("PYTHONPATH", "")
+    p = subprocess.run([sys.executable, str(Path(script).resolve()), "_worker", kind, json.dumps(args)],
+                       capture_output=True, text=True, env=env)
+    if p.returncode != 0:
+        raise RuntimeError(f"worker {kind} failed:\n{p.stderr[-3000:]}")
+    return json.loads(p.stdout.strip().splitlines()[-1])
