@@ -43,8 +43,9 @@ def project_modules(
         mods = [adapter.modules[n] for n in names if n in adapter.modules]
         check_pair(src_a, src_u, mods)
         for m in mods:
-            Wa = read_module_weight(src_a, m, role="aligned").to(dev)
-            Wu = read_module_weight(src_u, m, role="unaligned").to(dev)
+            # stored dtype, as the SafeLoRA scorer does: apply_alignment forms float64 blocks of V itself
+            Wa = read_module_weight(src_a, m, dtype=None, role="aligned").to(dev)
+            Wu = read_module_weight(src_u, m, dtype=None, role="unaligned").to(dev)
             B = m.lora_B.to(dev, torch.float64)
             Z = B if m.lora_B_bias is None else torch.cat([B, m.lora_B_bias.to(dev, torch.float64)[:, None]], 1)
             CZ, vfro = apply_alignment(Wa, Wu, Z, what=f"alignment matrix of module {m.name!r}",
