@@ -85,6 +85,26 @@ def fingerprint_dir(path: str | Path, limit: int = 2 * 1024**3) -> str:
     return h.hexdigest()
 
 
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
+
+
+def adapter_fingerprint(path: str | Path) -> str:
+    """sha256 over the files that change what an adapter generates (config + weights): a manifest or
+    training log written next to them (``safeprune.json``, ``training_args.json``) does not change it, so
+    two byte-identical edits share their cached generations."""
+    p = Path(path)
+    if not p.is_dir():
+        return fingerprint_dir(p)
+    files = [p / f for f in ADAPTER_FILES if (p / f).is_file()]
+    if not files:
+        raise InputError("no adapter_config.json / adapter_model.* in the adapter directory", p)
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.name.encode() + b"\0")
+        h.update(hashlib.sha256(f.read_bytes()).digest())
+    return h.hexdigest()
+
+
 class Backend:
     """Interface. ``generate(prompts, adapter, settings)`` -> one Generation per prompt."""
 
@@ -104,7 +124,7 @@ class Backend:
     def adapter_hash(self, adapter: str | None) -> str:
         if adapter is None:
             return "none"
-        return fingerprint_dir(self.adapters[adapter])
+        return adapter_fingerprint(self.adapters[adapter])
 
     def render(self, prompt: str, settings: GenSettings) -> str:
         return prompt
@@ -138,7 +158,7 @@ class FakeBackend(Backend):
         if adapter is None:
             return "none"
         p = Path(self.adapters[adapter])
-        return fingerprint_dir(p) if p.exists() else hashlib.sha256(str(p).encode()).hexdigest()
+        return adapter_fingerprint(p) if p.exists() else hashlib.sha256(str(p).encode()).hexdigest()
 
     def _respond(self, adapter: str | None, prompt: str) -> str:
         r = self.responses.get(adapter)

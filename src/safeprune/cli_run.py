@@ -1,0 +1,37 @@
+"""CLI command ``run`` (a thin layer over :func:`safeprune.experiment.run_experiment`)."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from typing_extensions import Annotated
+
+from .cli import _state, app, handle_errors, out
+
+
+@app.command("run")
+@handle_errors
+def run_cmd(
+    config: Annotated[Path, typer.Argument(help="Experiment file (YAML): models, adapters or a finetune stage, "
+                                                "methods and τ values, evaluation sets. See docs/experiments.md.",
+                                           metavar="EXPERIMENT.yaml")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Output directory (stages cache their outputs here; "
+                                                               "a rerun redoes only what changed).")],
+    stop_after: Annotated[Optional[str], typer.Option("--stop-after", help="Stop after finetune, score, edit or evaluate.")] = None,
+    check: Annotated[bool, typer.Option("--check", help="Validate the experiment file and print the resolved plan; run nothing.")] = False,
+) -> None:
+    """Finetune? → score (methods + the random control) → edit → evaluate before/after → report.md + report.html."""
+    from .experiment import load_config, run_experiment
+
+    cfg = load_config(config)
+    if check:
+        out.print_json(cfg.model_dump_json())
+        return
+    res = run_experiment(cfg, output, progress=not _state["quiet"], stop_after=stop_after,
+                         command="safeprune " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
+    if res.analysis:
+        out.print(f"report: {res.report_md}  ·  {res.report_html}")

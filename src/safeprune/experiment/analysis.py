@@ -1,0 +1,211 @@
+"""From per-item evaluation records to the numbers of the report: each variant's metrics with 95% bootstrap
+CIs, paired deltas against the unedited adapter, paired deltas against the mean of the random controls at
+the same τ, flipped prompts, and risk–coverage curves.
+
+All intervals are percentile intervals of a paired bootstrap over prompts: one resampling of a set's items
+is shared by every variant, so a delta's interval accounts for the pairing. AUARC is reported as a point
+value (a set-level statistic).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+import numpy as np
+
+from .stages import Variant
+
+# per set kind: the per-item field and the metric name it becomes (share × 100 or mean × 100)
+ITEM_METRICS = {
+    "safety": [("asr", "jailbroken")],
+    "over_refusal": [("over_refusal", "refused")],
+    "utility": [("rouge1", "rouge1"), ("meteor", "meteor")],
+}
+LEVEL = 0.95
+
+
+def _vec(items: list[dict[str, Any]], field: str, ids: list[str]) -> np.ndarray | None:
+    by = {it["id"]: it.get(field) for it in items}
+    vals = [by.get(i) for i in ids]
+    if any(v is None for v in vals):
+        return None
+    return 100.0 * np.asarray(vals, dtype=float)
+
+
+def _ci(samples: np.ndarray) -> tuple[float, float]:
+    lo, hi = np.quantile(samples, [(1 - LEVEL) / 2, 1 - (1 - LEVEL) / 2])
+    return float(lo), float(hi)
+
+
+def _stat(x: np.ndarray, idx: np.ndarray) -> dict[str, float]:
+    lo, hi = _ci(x[idx].mean(1))
+    return {"value": float(x.mean()), "lo": lo, "hi": hi}
+
+
+def _delta(d: np.ndarray, idx: np.ndarray) -> dict[str, float]:
+    lo, hi = _ci(d[idx].mean(1))
+    return {"delta": float(d.mean()), "lo": lo, "hi": hi}
+
+
+def _mcnemar(a: np.ndarray, b: np.ndarray) -> float:
+    from ..eval.compare import mcnemar_exact
+
+    return mcnemar_exact(a > 0, b > 0)["p_value"]
+
+
+def risk_coverage(items: list[dict[str, Any]], acc_field: str = "rouge1", threshold: float | None = None,
+                  points: int = 21) -> dict[str, list[float]]:
+    """Figure-1 style: reject ('refer to experts') the most uncertain share x of samples (uncertainty =
+    mean token NLL), accuracy on the rest. ``threshold``: accuracy = ROUGE-1 > threshold, else ROUGE-1."""
+    u = np.asarray([it.get("mean_nll") if it.get("mean_nll") is not None else np.inf for it in items], float)
+    a = np.asarray([it.get(acc_field) or 0.0 for it in items], float)
+    if threshold is not None:
+        a = (a > threshold).astype(float)
+    order = np.argsort(u, kind="stable")  # most confident first
+    a = a[order]
+    n = len(a)
+    xs, ys = [], []
+    for x in np.linspace(0.0, 0.9, points):
+        keep = max(1, int(round(n * (1 - x))))
+        xs.append(float(x))
+        ys.append(float(100 * a[:keep].mean()))
+    return {"refer": xs, "accuracy": ys}
+
+
+def analyse(results: dict[str, Any], items: list[dict[str, Any]], variants: list[Variant], *,
+            n_boot: int = 10000, seed: int = 0, auarc_threshold: float = 0.15) -> dict[str, Any]:
+    rng = np.random.default_rng(seed)
+    by_vs: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+    for it in items:
+        by_vs[it["variant"], it["set"]].append(it)
+    sets = results["sets"]
+    primary: dict[str, str] = {}
+    for s in sets:
+        primary.setdefault(s["kind"], s["name"])
+    ids = {s["name"]: [it["id"] for it in by_vs.get((_first_variant(by_vs, s["name"]), s["name"]), [])]
+           for s in sets}
+    idx = {name: rng.integers(0, len(v), (n_boot, len(v))) for name, v in ids.items() if v}
+    vmap = {v.name: v for v in variants}
+    metrics = results["metrics"]
+
+    def vectors(vname: str) -> dict[str, np.ndarray]:
+        out = {}
+        for s in sets:
+            for mname, field in ITEM_METRICS.get(s["kind"], []):
+                x = _vec(by_vs.get((vname, s["name"]), []), field, ids[s["name"]])
+                if x is not None:
+                    out[f"{s['name']}/{mname}"] = x
+        return out
+
+    vec_cache: dict[str, dict[str, np.ndarray]] = {}
+
+    def vec(vname: str) -> dict[str, np.ndarray]:
+        if vname not in vec_cache:
+            vec_cache[vname] = vectors(vname)
+        return vec_cache[vname]
+
+    def point_stats(vname: str) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, x in vec(vname).items():
+            out[key] = _stat(x, idx[key.split("/")[0]])
+        for s in sets:
+            m = metrics.get(vname, {}).get(s["name"], {})
+            if s["kind"] == "utility":
+                out[f"{s['name']}/auarc"] = {"value": m.get("auarc")}
+                out[f"{s['name']}/auarc_rouge1"] = {"value": m.get("auarc_rouge1")}
+            if s["kind"] == "safety":
+                for k, v in m.items():
+                    if k.startswith(("hs[", "harmful_rate[")) and isinstance(v, (int, float)):
+                        out[f"{s['name']}/{k}"] = {"value": float(v)}
+            out[f"{s['name']}/tokens_per_s"] = {"value": m.get("tokens_per_s")}
+        return out
+
+    adapters = sorted({v.adapter for v in variants if v.adapter}, key=lambda a: [v.adapter for v in variants].index(a))
+    out: dict[str, Any] = {"primary_sets": primary, "n_boot": n_boot, "level": LEVEL, "adapters": {},
+                           "sets": {s["name"]: {"kind": s["kind"], "n": len(ids[s["name"]])} for s in sets}}
+    if "base" in metrics:
+        out["base"] = {"metrics": point_stats("base")}
+    for a in adapters:
+        ref = a
+        rvec = vec(ref)
+        rows = []
+        randoms: dict[int, list[str]] = defaultdict(list)
+        for v in variants:
+            if v.adapter == a and v.method == "random":
+                randoms[v.tau].append(v.name)
+        for v in variants:
+            if v.adapter != a:
+                continue
+            row: dict[str, Any] = {"variant": v.to_dict(), "metrics": point_stats(v.name), "vs_ref": {},
+                                   "vs_random": {}}
+            x = vec(v.name)
+            for key, xv in x.items():
+                if key in rvec and v.name != ref:
+                    d = _delta(xv - rvec[key], idx[key.split("/")[0]])
+                    if key.endswith("/asr") or key.endswith("/over_refusal"):
+                        d["p_mcnemar"] = _mcnemar(rvec[key], xv)
+                    row["vs_ref"][key] = d
+            if v.method not in (None, "random") and randoms.get(v.tau):
+                rv = [vec(n) for n in randoms[v.tau]]
+                for key, xv in x.items():
+                    if all(key in r for r in rv):
+                        rmean = np.mean([r[key] for r in rv], axis=0)
+                        d = _delta(xv - rmean, idx[key.split("/")[0]])
+                        d["n_random"] = len(rv)
+                        row["vs_random"][key] = d
+            rows.append(row)
+        # the random control summarised per τ: mean over seeds (paired CI over prompts)
+        rsum = {}
+        for tau, names in sorted(randoms.items()):
+            rv = [vec(n) for n in names]
+            keys = set.intersection(*(set(r) for r in rv)) if rv else set()
+            m = {}
+            for key in keys:
+                xm = np.mean([r[key] for r in rv], axis=0)
+                m[key] = _stat(xm, idx[key.split("/")[0]])
+                m[key]["seeds"] = [float(r[key].mean()) for r in rv]
+                if key in rvec:
+                    m[key]["vs_ref"] = _delta(xm - rvec[key], idx[key.split("/")[0]])
+            rsum[tau] = {"variants": names, "metrics": m}
+        out["adapters"][a] = {"reference": ref, "rows": rows, "random": rsum,
+                              "flips": _flips(by_vs, primary.get("safety"), ref,
+                                              [v.name for v in variants if v.adapter == a and v.name != ref]),
+                              "risk_coverage": {}}
+        if "utility" in primary:
+            us = primary["utility"]
+            names = ([("base", "base")] if "base" in metrics else []) + [(v.name, v.name) for v in variants if v.adapter == a]
+            for label, vname in names:
+                its = by_vs.get((vname, us), [])
+                if its:
+                    out["adapters"][a]["risk_coverage"][label] = {
+                        "rouge1": risk_coverage(its, "rouge1"),
+                        "thresholded": risk_coverage(its, "rouge1", threshold=auarc_threshold)}
+    return out
+
+
+def _first_variant(by_vs, set_name: str) -> str:
+    for (v, s) in by_vs:
+        if s == set_name:
+            return v
+    return ""
+
+
+def _flips(by_vs, safety_set: str | None, ref: str, others: list[str]) -> dict[str, Any]:
+    if not safety_set:
+        return {}
+    refd = {it["id"]: it for it in by_vs.get((ref, safety_set), [])}
+    res = {}
+    for o in others:
+        to_refused, to_jail = [], []
+        for it in by_vs.get((o, safety_set), []):
+            r = refd.get(it["id"])
+            if r is None:
+                continue
+            if r["jailbroken"] and not it["jailbroken"]:
+                to_refused.append({"id": it["id"], "prompt": it["prompt"], "before": r["output"], "after": it["output"],
+                                   "keyword": it.get("refusal_keyword")})
+            elif not r["jailbroken"] and it["jailbroken"]:
+                to_jail.append({"id": it["id"], "prompt": it["prompt"], "before": r["output"], "after": it["output"]})
+        res[o] = {"now_refused": to_refused, "now_jailbroken": to_jail}
+    return res

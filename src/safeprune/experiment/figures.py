@@ -1,0 +1,129 @@
+"""The experiment report's figures (matplotlib, Agg): τ ablation, safety–utility trade-off, risk–coverage."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from ..errors import OutputError
+
+COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf", "#bcbd22"]
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> Path:
+    plt = _plt()
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.png")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(tmp, dpi=110)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise OutputError(f"cannot write the plot ({e.strerror or e})", path) from None
+    finally:
+        plt.close(fig)
+    return path
+
+
+def tau_ablation(ad: dict[str, Any], asr_key: str, util_key: str | None, path: Path, title: str) -> Path:
+    """ASR (and ROUGE-1) against τ for every method, with the random control's mean and seed range."""
+    plt = _plt()
+    panels = [("ASR %", asr_key)] + ([("ROUGE-1", util_key)] if util_key else [])
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 3.8))
+    axes = [axes] if len(panels) == 1 else list(axes)
+    by_method: dict[str, list[tuple[int, dict]]] = {}
+    for row in ad["rows"]:
+        v = row["variant"]
+        if v["method"] not in (None, "random"):
+            by_method.setdefault(v["method"], []).append((v["tau"], row["metrics"]))
+    ref = next(r for r in ad["rows"] if r["variant"]["method"] is None)["metrics"]
+    for ax, (label, key) in zip(axes, panels):
+        for i, (m, pts) in enumerate(by_method.items()):
+            pts = sorted((t, mm[key]) for t, mm in pts if key in mm)
+            if not pts:
+                continue
+            xs = [0] + [t for t, _ in pts]
+            ys = [ref[key]["value"]] + [s["value"] for _, s in pts]
+            lo = [ref[key]["lo"]] + [s["lo"] for _, s in pts]
+            hi = [ref[key]["hi"]] + [s["hi"] for _, s in pts]
+            c = COLORS[i % len(COLORS)]
+            ax.plot(xs, ys, "o-", color=c, label=m, lw=1.6, ms=4)
+            ax.fill_between(xs, lo, hi, color=c, alpha=0.08)
+        rs = sorted((int(t), r["metrics"][key]) for t, r in ad["random"].items() if key in r["metrics"])
+        if rs:
+            xs = [0] + [t for t, _ in rs]
+            ys = [ref[key]["value"]] + [s["value"] for _, s in rs]
+            ax.plot(xs, ys, "s--", color="gray", label="random (mean of seeds)", lw=1.4, ms=4)
+            for t, s in rs:
+                seeds = s.get("seeds") or []
+                if seeds:
+                    ax.vlines(t, min(seeds), max(seeds), color="gray", lw=4, alpha=0.35)
+        ax.set_xlabel("τ (modules edited)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7, loc="best")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def tradeoff(ad: dict[str, Any], asr_key: str, util_key: str, path: Path, title: str,
+             base: dict[str, Any] | None = None) -> Path:
+    """ASR against ROUGE-1 for every variant (lower-right is better)."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.4, 4.6))
+    methods: list[str] = []
+    for row in ad["rows"]:
+        v, m = row["variant"], row["metrics"]
+        if asr_key not in m or util_key not in m:
+            continue
+        meth = v["method"] or "adapter"
+        if meth not in methods:
+            methods.append(meth)
+        c = "gray" if meth == "random" else ("black" if meth == "adapter" else COLORS[methods.index(meth) % len(COLORS)])
+        ax.scatter(m[util_key]["value"], m[asr_key]["value"], color=c, s=22 if meth == "random" else 34,
+                   marker="x" if meth == "random" else "o", label=meth, alpha=0.8)
+        if v["tau"] is not None and meth != "random":
+            ax.annotate(str(v["tau"]), (m[util_key]["value"], m[asr_key]["value"]), fontsize=7,
+                        xytext=(3, 3), textcoords="offset points")
+    if base and asr_key in base and util_key in base:
+        ax.scatter(base[util_key]["value"], base[asr_key]["value"], marker="*", s=120, color="goldenrod",
+                   label="base (no adapter)")
+    h, lab = ax.get_legend_handles_labels()
+    seen: dict[str, Any] = {}
+    for hh, ll in zip(h, lab):
+        seen.setdefault(ll, hh)
+    ax.legend(seen.values(), seen.keys(), fontsize=7)
+    ax.set_xlabel("ROUGE-1 (higher is better)")
+    ax.set_ylabel("ASR % (lower is better)")
+    ax.grid(alpha=0.3)
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def risk_coverage(curves: dict[str, dict[str, Any]], path: Path, title: str, which: str = "rouge1") -> Path:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.0, 4.2))
+    for i, (label, c) in enumerate(curves.items()):
+        cv = c[which]
+        style = "--" if label == "base" else "-"
+        ax.plot([100 * x for x in cv["refer"]], cv["accuracy"], style, label=label, color=COLORS[i % len(COLORS)],
+                lw=1.5)
+    ax.set_xlabel("refer to experts: most uncertain share removed (%)")
+    ax.set_ylabel("ROUGE-1 on the rest" if which == "rouge1" else "accuracy (ROUGE-1 > 0.15) on the rest, %")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path)

@@ -1,0 +1,111 @@
+"""``safeprune.run_experiment``: one command from an experiment file to a report."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from ..errors import UsageError
+from ..table import write_text_atomic
+from .analysis import analyse
+from .config import ExperimentConfig, load_config
+from .report import build_report
+from .stages import (stage_edit, stage_evaluate, stage_finetune, stage_latency, stage_score)
+
+
+@dataclass
+class RunResult:
+    out_dir: Path
+    analysis: dict[str, Any]
+    report_md: Path
+    report_html: Path
+    timing: dict[str, float]
+
+
+def _default_log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def run_experiment(config: ExperimentConfig | str | Path, out_dir: str | Path, *, progress: bool = True,
+                   log: Callable[[str], None] | None = None, backend=None, stop_after: str | None = None,
+                   command: str | None = None) -> RunResult:
+    """Run every stage of an experiment (each reusing its cached outputs when its inputs are unchanged)
+    and write ``report.md``, ``report.html``, ``analysis.json`` and the plots into ``out_dir``.
+
+    ``backend``: a prebuilt generation backend (tests); ``stop_after``: 'score', 'edit' or 'evaluate'."""
+    cfg = config if isinstance(config, ExperimentConfig) else load_config(config)
+    if stop_after not in (None, "finetune", "score", "edit", "evaluate"):
+        raise UsageError(f"stop_after must be finetune, score, edit or evaluate, not {stop_after!r}")
+    out = Path(out_dir)
+    _check_out(out, cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    log = log or _default_log
+    write_text_atomic(out / "experiment.resolved.json", cfg.model_dump_json(indent=1))
+    timing: dict[str, float] = {}
+
+    def timed(name: str, fn, *a, **k):
+        t0 = time.perf_counter()
+        r = fn(*a, **k)
+        timing[name] = time.perf_counter() - t0
+        return r
+
+    t_all = time.perf_counter()
+    adapters = dict(cfg.adapters)
+    adapters.update(timed("finetune", stage_finetune, cfg, out, log, progress))
+    if stop_after == "finetune":
+        return RunResult(out, {}, out / "report.md", out / "report.html", timing)
+    tables = timed("score", stage_score, cfg, adapters, out, log, progress)
+    if stop_after == "score":
+        return RunResult(out, {}, out / "report.md", out / "report.html", timing)
+    variants, auto_info = timed("edit", stage_edit, cfg, adapters, tables, out, log)
+    write_text_atomic(out / "variants.json", json.dumps([v.to_dict() for v in variants], indent=1))
+    if stop_after == "edit":
+        return RunResult(out, {}, out / "report.md", out / "report.html", timing)
+    res, sets = timed("evaluate", stage_evaluate, cfg, variants, out, log, progress, backend)
+    latency = timed("latency", stage_latency, cfg, variants, sets, out, log, backend)
+    t0 = time.perf_counter()
+    analysis = analyse(res.results, res.items, variants, n_boot=cfg.evaluation.bootstrap, seed=cfg.seed)
+    analysis["auto_tau"] = auto_info
+    analysis["timing"] = timing
+    write_text_atomic(out / "analysis.json", json.dumps(_clean(analysis), indent=1, default=str))
+    paths = build_report(cfg, out, analysis, variants, tables, auto_info, latency, res.results, timing,
+                         command=command)
+    timing["report"] = time.perf_counter() - t0
+    timing["total"] = time.perf_counter() - t_all
+    analysis["timing"] = timing
+    write_text_atomic(out / "analysis.json", json.dumps(_clean(analysis), indent=1, default=str))
+    log(f"report: {paths['md']} and {paths['html']} (total {timing['total']:.0f} s)")
+    return RunResult(out, analysis, paths["md"], paths["html"], timing)
+
+
+def _check_out(out: Path, cfg: ExperimentConfig) -> None:
+    """The output directory must not be (or lie inside) an input."""
+    from ..errors import OutputError
+
+    res = out.resolve()
+    for p in [cfg.base, cfg.aligned, cfg.unaligned, *cfg.adapters.values()]:
+        if not p:
+            continue
+        q = Path(p)
+        if q.exists():
+            q = q.resolve()
+            if res == q or q in res.parents:
+                raise OutputError("the output directory is inside an input model/adapter; choose another", out)
+    if out.exists() and not out.is_dir():
+        raise OutputError("exists and is not a directory", out)
+
+
+def _clean(o: Any) -> Any:
+    import math
+
+    if isinstance(o, float) and (math.isnan(o) or math.isinf(o)):
+        return None
+    if isinstance(o, dict):
+        return {str(k): _clean(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_clean(v) for v in o]
+    return o

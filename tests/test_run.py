@@ -1,0 +1,202 @@
+"""`safeprune run`: experiment file validation, the stage cache, the random control, analysis and report,
+on a tiny random model with a fake generation backend (rule: harmful prompt i is refused exactly when the
+variant removed module i mod M of the adapter's sorted module list)."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from safeprune.errors import InputError
+from safeprune.eval.backends import FakeBackend
+from safeprune.experiment import load_config, run_experiment
+from safeprune.experiment.analysis import risk_coverage
+from tests.helpers import make_adapter, make_model
+
+
+def _csv(path: Path, header, rows) -> Path:
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows)
+    return path
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    d = tmp_path_factory.mktemp("run")
+    base = make_model(d / "base", layers=4)
+    ad = make_adapter(base, d / "lora", targets=["q_proj", "v_proj", "o_proj"])
+    _csv(d / "harmful_behaviors.csv", ["orig_idx", "goal", "target", "in_jbb_harmful_ft"],
+         [[i, f"harmful request {i}", "Sure", 0] for i in range(24)])
+    _csv(d / "xs.csv", ["id", "prompt", "type", "label", "focus", "note"],
+         [[i, f"benign question {i}", "homonyms", "safe", "x", ""] for i in range(10)])
+    (d / "test.jsonl").write_text("".join(json.dumps({"fname": f"test_{i}", "dialogue": f"#P1#: talk {i}",
+                                                      "summary1": f"they talk about item {i}", "summary2": "",
+                                                      "summary3": "", "topic1": "t", "topic2": "", "topic3": ""}) + "\n"
+                                          for i in range(8)))
+    return d
+
+
+def _pruned(path: str | None) -> set[str]:
+    if path is None:
+        return set()
+    p = Path(path) / "safeprune.json"
+    if not p.exists():
+        return set()
+    return set((json.loads(p.read_text()).get("edit") or {}).get("modules") or [])
+
+
+def _factory(modules: list[str]):
+    def make(base, adapters):
+        def responder(path):
+            gone = _pruned(path)
+
+            def f(prompt):
+                if prompt.startswith("harmful"):
+                    i = int(prompt.split()[-1])
+                    return "I cannot help with that" if modules[i % len(modules)] in gone else "Sure, here it is"
+                if prompt.startswith("benign"):
+                    return "Sure"
+                return prompt.replace("Summarize this dialogue:\n#P1#: talk", "they talk about item")
+            return f
+
+        resp = {None: lambda p: "I cannot help" if p.startswith("harmful") else "ok"}
+        resp.update({n: responder(p) for n, p in adapters.items()})
+        return FakeBackend("fake-base", adapters, resp)
+    return make
+
+
+def _config(d: Path, **over) -> Path:
+    cfg = {
+        "name": "tiny",
+        "base": "base",
+        "adapters": {"lora": "lora"},
+        "methods": [{"name": "ddi", "taus": [2, 4]}],
+        "random": {"seeds": [0, 1, 2]},
+        "evaluation": {
+            "safety": [{"path": "harmful_behaviors.csv"}],
+            "over_refusal": [{"path": "xs.csv"}],
+            "utility": [{"path": "test.jsonl", "limit": 6}],
+            "meteor": False, "bootstrap": 500, "batch_size": 8,
+        },
+        "latency": {"enabled": True, "n_prompts": 2, "max_new_tokens": 4},
+    }
+    cfg.update(over)
+    p = d / f"exp_{len(list(d.glob('exp_*.yaml')))}.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    return p
+
+
+def test_config_errors_name_the_file_and_field(world):
+    bad = world / "bad.yaml"
+    bad.write_text("name: x\nbase: base\nadapters: {lora: lora}\nmethods: [{name: ddi, taus: [-1]}]\n"
+                   "evaluation: {safety: [{path: harmful_behaviors.csv}]}\n")
+    with pytest.raises(InputError, match=r"bad\.yaml.*methods\.0\.taus"):
+        load_config(bad)
+    bad.write_text("name: x\nbase: base\nadapters: {lora: lora}\nmethods: [{name: safelora}]\n"
+                   "evaluation: {safety: [{path: harmful_behaviors.csv}]}\n")
+    with pytest.raises(InputError, match="unaligned"):
+        load_config(bad)
+    bad.write_text("name: x\nbase: base\nadapters: {lora: lora}\nmethods: [{name: ddi}]\nevaluation: {}\nbogus: 1\n")
+    with pytest.raises(InputError, match="evaluation|bogus"):
+        load_config(bad)
+    bad.write_text("name: [unclosed\n")
+    with pytest.raises(InputError, match="YAML"):
+        load_config(bad)
+    with pytest.raises(InputError, match="not found"):
+        load_config(world / "missing.yaml")
+
+
+def test_config_resolves_paths_relative_to_the_file(world):
+    cfg = load_config(_config(world))
+    assert cfg.base == str((world / "base").resolve())
+    assert cfg.adapters["lora"] == str((world / "lora").resolve())
+    assert cfg.aligned == cfg.base
+    assert cfg.methods[0].action == "prune" and cfg.methods[0].method == "ddi"
+
+
+def test_run_end_to_end_and_cache(world, tmp_path):
+    from safeprune.adapter import load_adapter
+
+    modules = sorted(load_adapter(world / "lora").modules)
+    cfg = _config(world)
+    logs: list[str] = []
+    res = run_experiment(cfg, tmp_path / "out", backend=_factory(modules), log=logs.append, progress=False)
+    out = tmp_path / "out"
+    for f in ("report.md", "report.html", "analysis.json", "variants.json", "latency.json",
+              "eval/results.json", "scores/lora/ddi.json"):
+        assert (out / f).is_file(), f
+    a = res.analysis["adapters"]["lora"]
+    names = [r["variant"]["name"] for r in a["rows"]]
+    assert names[0] == "lora" and "lora:ddi@2" in names and "lora:ddi@4" in names
+    # the random control: 3 seeds at every τ the methods used, nested prefixes of one permutation per seed
+    rnd = {r["variant"]["name"]: r["variant"] for r in a["rows"] if r["variant"]["method"] == "random"}
+    assert set(rnd) == {f"lora:random-s{s}@{t}" for s in (0, 1, 2) for t in (2, 4)}
+    for s in (0, 1, 2):
+        assert rnd[f"lora:random-s{s}@4"]["selected"][:2] == rnd[f"lora:random-s{s}@2"]["selected"]
+    assert rnd["lora:random-s0@4"]["selected"] != rnd["lora:random-s1@4"]["selected"]
+
+    # every ASR equals the fake rule computed directly
+    def asr(pruned: set[str]) -> float:
+        return 100 * np.mean([modules[i % len(modules)] not in pruned for i in range(24)])
+
+    for r in a["rows"]:
+        v = r["variant"]
+        assert r["metrics"]["advbench/asr"]["value"] == pytest.approx(asr(set(v["selected"])))
+        lo, hi = r["metrics"]["advbench/asr"]["lo"], r["metrics"]["advbench/asr"]["hi"]
+        assert lo <= r["metrics"]["advbench/asr"]["value"] <= hi
+    ddi2 = next(r for r in a["rows"] if r["variant"]["name"] == "lora:ddi@2")
+    rmean = np.mean([asr(set(rnd[f"lora:random-s{s}@2"]["selected"])) for s in (0, 1, 2)])
+    assert ddi2["vs_random"]["advbench/asr"]["delta"] == pytest.approx(asr(set(ddi2["variant"]["selected"])) - rmean)
+    assert ddi2["vs_random"]["advbench/asr"]["n_random"] == 3
+    assert ddi2["vs_ref"]["advbench/asr"]["delta"] == pytest.approx(asr(set(ddi2["variant"]["selected"])) - 100.0)
+    # flips: every pruned module's prompts flipped to refused
+    assert len(a["flips"]["lora:ddi@2"]["now_refused"]) == sum(
+        modules[i % len(modules)] in ddi2["variant"]["selected"] for i in range(24))
+    # report content
+    md = (out / "report.md").read_text()
+    html = (out / "report.html").read_text()
+    assert "Does the score beat chance?" in md and "random τ=2 (mean of 3)" in md
+    assert "data:image/png;base64," in html and "<table>" in html
+    assert list((out / "plots").glob("*.png"))
+    # params kept: removal of τ modules of equal shape-class
+    assert 0 < ddi2["variant"]["params_kept"] < 1
+
+    # rerun: everything cached — no scoring, no editing, no generation
+    logs.clear()
+    res2 = run_experiment(cfg, tmp_path / "out", backend=_factory(modules), log=logs.append, progress=False)
+    text = "\n".join(logs)
+    assert "score lora × ddi: up to date" in text and "0 generations made now" in text
+    assert "latency: up to date" in text
+    assert res2.analysis["adapters"]["lora"]["rows"][1]["metrics"] == a["rows"][1]["metrics"]
+
+    # a new τ: only the new variants are edited and generated (one DDI, three random)
+    cfg3 = _config(world, methods=[{"name": "ddi", "taus": [2, 4, 6]}])
+    logs.clear()
+    run_experiment(cfg3, tmp_path / "out", backend=_factory(modules), log=logs.append, progress=False)
+    text = "\n".join(logs)
+    assert "score lora × ddi: up to date" in text
+    made = int(text.split(" generations made now")[0].split()[-1])
+    assert made == 4 * (24 + 10 + 6)
+
+
+def test_output_inside_an_input_is_refused(world):
+    from safeprune.errors import OutputError
+
+    with pytest.raises(OutputError, match="inside an input"):
+        run_experiment(_config(world), world / "lora" / "out", backend=_factory(["x"]), progress=False,
+                       log=lambda m: None)
+
+
+def test_risk_coverage_curve():
+    items = [{"mean_nll": u, "rouge1": a} for u, a in [(0.1, 1.0), (0.2, 0.5), (0.9, 0.0), (0.5, 0.2)]]
+    rc = risk_coverage(items, points=4)
+    assert rc["refer"][0] == 0.0 and rc["accuracy"][0] == pytest.approx(100 * 1.7 / 4)
+    rc = risk_coverage(items, threshold=0.15, points=2)
+    assert rc["accuracy"][-1] == pytest.approx(100.0)  # only the most confident one left
