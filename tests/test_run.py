@@ -31,7 +31,7 @@ def _csv(path: Path, header, rows) -> Path:
 def world(tmp_path_factory):
     d = tmp_path_factory.mktemp("run")
     base = make_model(d / "base", layers=4)
-    ad = make_adapter(base, d / "lora", targets=["q_proj", "v_proj", "o_proj"])
+    make_adapter(base, d / "lora", targets=["q_proj", "v_proj", "o_proj"])
     _csv(d / "harmful_behaviors.csv", ["orig_idx", "goal", "target", "in_jbb_harmful_ft"],
          [[i, f"harmful request {i}", "Sure", 0] for i in range(24)])
     _csv(d / "xs.csv", ["id", "prompt", "type", "label", "focus", "note"],
@@ -200,3 +200,22 @@ def test_risk_coverage_curve():
     assert rc["refer"][0] == 0.0 and rc["accuracy"][0] == pytest.approx(100 * 1.7 / 4)
     rc = risk_coverage(items, threshold=0.15, points=2)
     assert rc["accuracy"][-1] == pytest.approx(100.0)  # only the most confident one left
+
+
+def test_cli_check_only_and_errors(world):
+    from typer.testing import CliRunner
+
+    from safeprune.cli import app
+
+    runner = CliRunner()
+    cfg = _config(world)
+    r = runner.invoke(app, ["run", str(cfg), "-o", str(world / "o"), "--check"])
+    assert r.exit_code == 0 and '"name": "tiny"' in r.output
+    r = runner.invoke(app, ["run", str(cfg), "-o", str(world / "o"), "--check", "--only", "lora"])
+    assert r.exit_code == 0
+    r = runner.invoke(app, ["run", str(cfg), "-o", str(world / "o"), "--only", "nope"])
+    assert r.exit_code == 2 and "unknown adapter" in r.output
+    bad = world / "bad2.yaml"
+    bad.write_text("name: x\n")
+    r = runner.invoke(app, ["run", str(bad), "-o", str(world / "o")])
+    assert r.exit_code == 2 and "bad2.yaml" in r.output and not (world / "o").exists()

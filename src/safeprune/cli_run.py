@@ -23,11 +23,17 @@ def run_cmd(
                                                                "a rerun redoes only what changed).")],
     stop_after: Annotated[Optional[str], typer.Option("--stop-after", help="Stop after finetune, score, edit or evaluate.")] = None,
     check: Annotated[bool, typer.Option("--check", help="Validate the experiment file and print the resolved plan; run nothing.")] = False,
+    only: Annotated[Optional[str], typer.Option("--only", help="Run only these adapters (comma-separated names), e.g. to split one study over several processes; combine later with one full run that reuses their caches.")] = None,
+    cache: Annotated[Optional[Path], typer.Option("--cache", help="Generation cache file (overrides evaluation.cache).")] = None,
 ) -> None:
     """Finetune? → score (methods + the random control) → edit → evaluate before/after → report.md + report.html."""
     from .experiment import load_config, run_experiment
 
     cfg = load_config(config)
+    if only:
+        cfg = cfg.restrict(only.split(","))
+    if cache:
+        cfg.evaluation.cache = str(cache.resolve())
     if check:
         out.print_json(cfg.model_dump_json())
         return

@@ -86,7 +86,6 @@ def analyse(results: dict[str, Any], items: list[dict[str, Any]], variants: list
     ids = {s["name"]: [it["id"] for it in by_vs.get((_first_variant(by_vs, s["name"]), s["name"]), [])]
            for s in sets}
     idx = {name: rng.integers(0, len(v), (n_boot, len(v))) for name, v in ids.items() if v}
-    vmap = {v.name: v for v in variants}
     metrics = results["metrics"]
 
     def vectors(vname: str) -> dict[str, np.ndarray]:

@@ -211,6 +211,20 @@ class ExperimentConfig(_Strict):
             raise ValueError("safelora/splora need `unaligned:` (and `aligned:`, default base)")
         return self
 
+    def restrict(self, names: list[str]) -> "ExperimentConfig":
+        """The same experiment on a subset of its adapters (``--only``)."""
+        from ..errors import UsageError
+
+        names = [n.strip() for n in names if n.strip()]
+        unknown = [n for n in names if n not in self.adapter_names]
+        if unknown or not names:
+            raise UsageError(f"--only: unknown adapter(s) {unknown or names}; the experiment has "
+                             f"{', '.join(self.adapter_names)}")
+        d = self.model_copy(deep=True)
+        d.adapters = {k: v for k, v in d.adapters.items() if k in names}
+        d.finetune = [f for f in d.finetune if f.name in names]
+        return d
+
     @property
     def adapter_names(self) -> list[str]:
         return list(self.adapters) + [f.name for f in self.finetune]

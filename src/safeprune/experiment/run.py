@@ -54,6 +54,7 @@ def run_experiment(config: ExperimentConfig | str | Path, out_dir: str | Path, *
         return r
 
     t_all = time.perf_counter()
+    cpu0 = time.process_time()
     adapters = dict(cfg.adapters)
     adapters.update(timed("finetune", stage_finetune, cfg, out, log, progress))
     if stop_after == "finetune":
@@ -71,11 +72,14 @@ def run_experiment(config: ExperimentConfig | str | Path, out_dir: str | Path, *
     analysis = analyse(res.results, res.items, variants, n_boot=cfg.evaluation.bootstrap, seed=cfg.seed)
     analysis["auto_tau"] = auto_info
     analysis["timing"] = timing
+    timing["total (before the report)"] = time.perf_counter() - t_all
     write_text_atomic(out / "analysis.json", json.dumps(_clean(analysis), indent=1, default=str))
     paths = build_report(cfg, out, analysis, variants, tables, auto_info, latency, res.results, timing,
                          command=command)
+    timing.pop("total (before the report)")
     timing["report"] = time.perf_counter() - t0
     timing["total"] = time.perf_counter() - t_all
+    timing["cpu_total"] = time.process_time() - cpu0  # CPU seconds of this process (all threads)
     analysis["timing"] = timing
     write_text_atomic(out / "analysis.json", json.dumps(_clean(analysis), indent=1, default=str))
     log(f"report: {paths['md']} and {paths['html']} (total {timing['total']:.0f} s)")

@@ -27,7 +27,7 @@ from typing import Any, Callable
 from .. import __version__
 from ..errors import InputError, UsageError
 from ..table import ScoreTable, write_text_atomic
-from .config import AUTO_TAUS, ExperimentConfig, MethodSpec
+from .config import ExperimentConfig, MethodSpec
 
 Log = Callable[[str], None]
 
