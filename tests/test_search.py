@@ -153,6 +153,13 @@ def test_utility_budget_is_respected(llama_adapter, probes, tmp_path):
     assert res2.tau == 7 and res2.cost["generated"] == 0
 
 
+def test_point_missing_both_constraints_ends_the_search(llama_adapter, probes, tmp_path):
+    # utility breaks after 2 pruned modules: τ=3 misses the ASR target and the budget → stop there
+    res = _run(llama_adapter, probes, tmp_path / "w", PruneAwareBackend(total=N_HARM, break_at=2))
+    assert not res.feasible and [h["tau"] for h in res.history] == [0, 14, 7, 3]
+    assert "no τ meets both" in res.reason and res.best["tau"] == 0
+
+
 def test_unpruned_already_meets_target(llama_adapter, probes, tmp_path):
     res = _run(llama_adapter, probes, tmp_path / "w", PruneAwareBackend(total=N_HARM), target_asr=1.0)
     assert res.tau == 0 and res.feasible and len(res.history) == 1

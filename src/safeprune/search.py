@@ -17,7 +17,8 @@ Algorithm: evaluate τ = 0 (the reference utility; if it already meets the targe
 answer) and τ_max; if τ_max misses the ASR target, the search is infeasible. Otherwise bisect τ on the
 ASR condition (assuming ASR does not rise as more modules are pruned) until the bracket closes; the
 upper end is the candidate, and it is feasible if its utility drop is within the budget (utility is
-assumed not to improve with pruning, so a candidate over the budget means no τ is feasible). ASR along a
+assumed not to improve with pruning, so a candidate over the budget means no τ is feasible; so does a
+bisection point that misses the ASR target *and* the budget, which ends the search early). ASR along a
 prefix order is not exactly monotone: ``verify_below`` extra evaluations below the candidate test this,
 and any smaller evaluated τ that met both constraints is reported (and returned). Infeasible results
 carry the best trade-off seen: the lowest probe ASR among the evaluated τ within the utility budget.
@@ -293,16 +294,29 @@ def budgeted_search(
         top = evaluate(tau_max)
         if not top["meets_asr"]:
             tau, reason = None, f"τ_max={tau_max} does not reach probe ASR ≤ {target_asr} (got {top['probe_asr']:.3f})"
+            if not top["within_budget"]:
+                reason += (f" and already drops ROUGE-1 by {top['utility_drop']:.2f} > {max_utility_drop} points, so "
+                           "a larger τ_max would not help either (assuming monotone ASR and utility)")
         else:
             lo, hi = 0, tau_max  # invariant: ASR(lo) > target, ASR(hi) ≤ target
+            dead_end = None
             while hi - lo > 1:
                 mid = (lo + hi) // 2
-                if evaluate(mid)["meets_asr"]:
+                r = evaluate(mid)
+                if r["meets_asr"]:
                     hi = mid
+                elif not r["within_budget"]:  # smaller τ miss the ASR target, larger τ lose more utility
+                    dead_end = mid
+                    break
                 else:
                     lo = mid
             tau = hi
-            if not seen[hi]["within_budget"]:
+            if dead_end is not None:
+                tau = None
+                reason = (f"τ={dead_end} misses the ASR target and already drops ROUGE-1 by "
+                          f"{seen[dead_end]['utility_drop']:.2f} > {max_utility_drop} points: with ASR not rising "
+                          "and utility not improving as τ grows, no τ meets both")
+            elif not seen[hi]["within_budget"]:
                 reason = (f"the smallest τ meeting the ASR target ({hi}) drops ROUGE-1 by "
                           f"{seen[hi]['utility_drop']:.2f} > {max_utility_drop} points")
                 tau = None
