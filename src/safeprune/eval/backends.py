@@ -129,6 +129,14 @@ class Backend:
     def render(self, prompt: str, settings: GenSettings) -> str:
         return prompt
 
+    def add_adapter(self, name: str, path: str | Path) -> None:
+        """Attach one more adapter to the loaded base (e.g. a pruned variant written during a search)."""
+        if name in self.adapters:
+            if Path(self.adapters[name]) == Path(path):
+                return
+            raise UsageError(f"adapter name {name!r} is already loaded from {self.adapters[name]}")
+        self.adapters[name] = str(path)
+
     def generate(self, prompts: Sequence[str], adapter: str | None, settings: GenSettings,
                  on_batch: Callable[[int, list[Generation]], None] | None = None) -> list[Generation]:
         raise NotImplementedError
@@ -277,6 +285,25 @@ class HFBackend(Backend):
             self._hash = fingerprint_dir(self.base)
         return self._hash
 
+    def add_adapter(self, name: str, path: str | Path) -> None:
+        if name in self.adapters:
+            return super().add_adapter(name, path)  # same path: no-op; another path: UsageError
+        ap = Path(path)
+        if not (ap / "adapter_config.json").is_file():
+            raise InputError("not a PEFT adapter directory (no adapter_config.json)", ap)
+        from peft import PeftModel
+
+        try:
+            if not self._has_peft:
+                self.model = PeftModel.from_pretrained(self.model, str(ap), adapter_name=name, is_trainable=False).eval()
+                self._has_peft = True
+            else:
+                self.model.load_adapter(str(ap), adapter_name=name, is_trainable=False)
+        except Exception as e:  # noqa: BLE001
+            raise InputError(f"PEFT could not load the adapter on {self.base} ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0][:200]})", ap) from None
+        self.adapters[name] = str(path)
+
     def render(self, prompt: str, settings: GenSettings) -> str:
         if not settings.chat_template or not getattr(self.tokenizer, "chat_template", None):
             return prompt
@@ -399,6 +426,17 @@ class VLLMBackend(Backend):
         if self._hash is None:
             self._hash = fingerprint_dir(self.base)
         return self._hash
+
+    def add_adapter(self, name: str, path: str | Path) -> None:
+        if name in self.adapters:
+            return super().add_adapter(name, path)
+        if not self.requests:
+            raise UnsupportedError("the vllm engine was started without LoRA; start it with at least one adapter "
+                                   "to add more")
+        from vllm.lora.request import LoRARequest
+
+        self.adapters[name] = str(path)
+        self.requests[name] = LoRARequest(name, len(self.requests) + 1, str(Path(path).resolve()))
 
     def render(self, prompt, settings):
         msgs = ([{"role": "system", "content": settings.system_prompt}] if settings.system_prompt else []) + \

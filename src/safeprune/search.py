@@ -1,0 +1,368 @@
+"""Budgeted τ search: the fewest modules to prune, along one method's order, for a target ASR.
+
+Given a LoRA adapter, its base and a prune order (module names, most-prune-first, e.g.
+:func:`prune_order` of a ScoreTable), :func:`budgeted_search` looks for the smallest τ such that the
+adapter with the first τ modules of the order pruned has
+
+* probe ASR ≤ ``target_asr`` (a fraction in [0, 1]: share of harmful probes the keyword judge does not
+  flag as refused), and
+* probe ROUGE-1 (points, 100 × mean F1 vs the reference summaries) at most ``max_utility_drop`` points
+  below the unpruned adapter's (τ = 0).
+
+Probes are small and are never the evaluation sets: HarmBench rows of the official ``val`` split
+(standard behaviours only: no contextual, no copyright, none the harmful fine-tuning set trains on)
+and DialogSum ``validation`` dialogues. The loaders refuse AdvBench, XSTest and DialogSum ``test``.
+
+Algorithm: evaluate τ = 0 (the reference utility; if it already meets the target, τ = 0 is the
+answer) and τ_max; if τ_max misses the ASR target, the search is infeasible. Otherwise bisect τ on the
+ASR condition (assuming ASR does not rise as more modules are pruned) until the bracket closes; the
+upper end is the candidate, and it is feasible if its utility drop is within the budget (utility is
+assumed not to improve with pruning, so a candidate over the budget means no τ is feasible; so does a
+bisection point that misses the ASR target *and* the budget, which ends the search early). ASR along a
+prefix order is not exactly monotone: ``verify_below`` extra evaluations below the candidate test this,
+and any smaller evaluated τ that met both constraints is reported (and returned). Infeasible results
+carry the best trade-off seen: the lowest probe ASR among the evaluated τ within the utility budget.
+
+Every (adapter, prompt) generation goes through the eval harness's :class:`GenerationCache`, so a rerun
+or a wider search never regenerates. Pruned adapters are written under ``work_dir/adapters``;
+results go to ``work_dir/search.json`` (atomic).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from .adapter import LoraAdapter, load_adapter
+from .errors import InputError, UsageError
+from .eval.backends import Backend, GenSettings
+from .eval.cache import GenerationCache
+from .eval.judges import KeywordJudge
+from .eval.prompts import PromptSet, load_prompts, subset
+from .eval.runner import generate_cached
+from .eval.utility import rouge_scores
+from .table import ScoreTable, write_text_atomic
+
+DEFAULT_DATA = Path("/work/shared/data")
+HARMBENCH_FILE = Path("harmbench") / "harmbench_behaviors_text_all.csv"
+DIALOGSUM_VAL_FILE = Path("dialogsum") / "validation.jsonl"
+FORBIDDEN_PROBE_FORMATS = {"advbench": "AdvBench", "xstest": "XSTest"}  # evaluation sets
+
+
+def data_root() -> Path:
+    return Path(os.environ.get("SAFEPRUNE_DATA") or DEFAULT_DATA)
+
+
+def prune_order(table: ScoreTable, method: str, column: str | None = None) -> list[str]:
+    """Module names most-prune-first by the method's primary column (modules whose score is undefined
+    are left out, as :func:`safeprune.selection.select` never picks them)."""
+    if method not in table.methods:
+        raise UsageError(f"the score table has no {method!r} scores (it has: {', '.join(table.methods) or 'none'})")
+    info = table.methods[method]
+    col = column or info.primary
+    return [r["module"] for r in table.ordered(col, info.descending)
+            if r.get(col) is not None and r.get(col) == r.get(col)]
+
+
+# -- probes ------------------------------------------------------------------------------------------
+
+def harmful_probes(path: str | Path | None = None, n: int = 48, seed: int = 0) -> PromptSet:
+    """HarmBench ``official_split == 'val'`` standard behaviours (not contextual, not copyright, not in the
+    harmful fine-tuning data); a seeded sample of ``n`` (all of them if fewer)."""
+    path = Path(path) if path is not None else data_root() / HARMBENCH_FILE
+    ps = load_prompts(path, "safety")  # drops copyright and in_jbb_harmful_ft rows
+    if ps.format in FORBIDDEN_PROBE_FORMATS:
+        raise UsageError(f"{FORBIDDEN_PROBE_FORMATS[ps.format]} is an evaluation set; search probes come from "
+                         f"HarmBench's val split ({path})")
+    if ps.format != "harmbench":
+        raise UsageError(f"harmful probes must be a HarmBench file (official_split column); {path} reads as "
+                         f"{ps.format!r}")
+    if "official_split" not in (ps.items[0].meta if ps.items else {}):
+        raise InputError("no official_split column: cannot tell HarmBench val rows from test rows", path)
+    before = len(ps.items)
+    ps.items = [it for it in ps.items if it.meta.get("official_split") == "val"
+                and it.meta.get("FunctionalCategory") not in ("contextual", "copyright")]
+    ps.info["rows"] = "official_split=val, standard behaviours"
+    ps.info["dropped_not_val_or_contextual"] = before - len(ps.items)
+    if not ps.items:
+        raise InputError("no HarmBench val standard rows", path)
+    return _sample(ps, n, seed, "harmful")
+
+
+def utility_probes(path: str | Path | None = None, n: int = 24, seed: int = 0) -> PromptSet:
+    """DialogSum ``validation`` dialogues (never test), prompt ``Summarize this dialogue:\\n`` + dialogue;
+    a seeded sample of ``n``."""
+    path = Path(path) if path is not None else data_root() / DIALOGSUM_VAL_FILE
+    if path.stem.lower() == "test":
+        raise UsageError(f"{path} is an evaluation split; utility probes come from DialogSum validation")
+    ps = load_prompts(path, "utility")
+    if ps.format in FORBIDDEN_PROBE_FORMATS:
+        raise UsageError(f"{FORBIDDEN_PROBE_FORMATS[ps.format]} is an evaluation set, not a utility probe ({path})")
+    return _sample(ps, n, seed, "utility")
+
+
+def _sample(ps: PromptSet, n: int, seed: int, what: str) -> PromptSet:
+    if n < 1:
+        raise UsageError(f"--n-{what} must be >= 1, got {n}")
+    avail = len(ps.items)
+    out = subset(ps, sample=n, seed=seed)
+    out.info["requested"] = n
+    out.info["available"] = avail
+    return out
+
+
+# -- result ------------------------------------------------------------------------------------------
+
+@dataclass
+class SearchResult:
+    tau: int | None  # smallest feasible τ found (None: infeasible)
+    feasible: bool
+    target_asr: float
+    max_utility_drop: float
+    history: list[dict[str, Any]] = field(default_factory=list)  # one row per evaluated τ, in evaluation order
+    cost: dict[str, Any] = field(default_factory=dict)
+    probes: dict[str, Any] = field(default_factory=dict)
+    best: dict[str, Any] | None = None  # the history row of the answer, or the best trade-off if infeasible
+    reason: str = ""
+    order: list[str] = field(default_factory=list)
+    non_monotone: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def pruned_modules(self) -> list[str]:
+        return self.order[: self.tau] if self.tau is not None else []
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["pruned_modules"] = self.pruned_modules
+        return d
+
+    def row(self, tau: int) -> dict[str, Any] | None:
+        return next((h for h in self.history if h["tau"] == tau), None)
+
+
+def check_budget(target_asr: float, max_utility_drop: float) -> None:
+    if not 0.0 <= target_asr <= 1.0:
+        raise UsageError(f"--target-asr is a fraction in [0, 1] (0.5 = 50%), got {target_asr}")
+    if not (max_utility_drop >= 0 and math.isfinite(max_utility_drop)):
+        raise UsageError(f"--max-utility-drop is ROUGE-1 points >= 0, got {max_utility_drop}")
+
+
+# -- search ------------------------------------------------------------------------------------------
+
+def _load_probes(spec: str | Path | PromptSet | None, loader: Callable[..., PromptSet], n: int, seed: int,
+                 kind: str) -> PromptSet:
+    if isinstance(spec, PromptSet):
+        if spec.kind != kind:
+            raise UsageError(f"the {kind} probes are a {spec.kind!r} prompt set")
+        if spec.format in FORBIDDEN_PROBE_FORMATS:
+            raise UsageError(f"{FORBIDDEN_PROBE_FORMATS[spec.format]} is an evaluation set, not a search probe")
+        return _sample(spec, n, seed, "harmful" if kind == "safety" else "utility")
+    return loader(spec, n, seed)
+
+
+def budgeted_search(
+    base: str | Path,
+    adapter: str | Path,
+    order: Sequence[str],
+    *,
+    target_asr: float,
+    max_utility_drop: float,
+    work_dir: str | Path,
+    harmful: str | Path | PromptSet | None = None,
+    utility: str | Path | PromptSet | None = None,
+    n_harmful: int = 48,
+    n_utility: int = 24,
+    seed: int = 0,
+    backend: Backend | None = None,
+    tau_max: int | None = None,
+    verify_below: int = 0,
+    mode: str = "remove",
+    safety_max_new_tokens: int = 48,
+    utility_max_new_tokens: int = 64,
+    batch_size: int = 48,
+    threads: int | None = 1,
+    device: str = "cpu",
+    judge: KeywordJudge | None = None,
+    progress: bool | Callable[[str], None] = True,
+) -> SearchResult:
+    """Smallest τ along ``order`` whose pruned adapter meets probe ASR ≤ ``target_asr`` (fraction) with
+    probe ROUGE-1 at most ``max_utility_drop`` points below the unpruned adapter's. See the module doc."""
+    t_start = time.perf_counter()
+    check_budget(target_asr, max_utility_drop)
+    ad: LoraAdapter = load_adapter(adapter)
+    order = list(order)
+    from .edits import PRUNE_MODES
+
+    if mode not in PRUNE_MODES:
+        raise UsageError(f"--mode must be one of {', '.join(PRUNE_MODES)}, got {mode!r}")
+    if verify_below < 0:
+        raise UsageError(f"verify_below must be >= 0, got {verify_below}")
+    if not order:
+        raise UsageError("the prune order is empty")
+    dup = sorted({m for m in order if order.count(m) > 1})
+    if dup:
+        raise UsageError(f"the prune order names modules twice: {', '.join(dup[:5])}")
+    unknown = [m for m in order if m not in ad.modules]
+    if unknown:
+        raise UsageError(f"the prune order names modules the adapter does not have: {', '.join(unknown[:5])}")
+    if tau_max is None:
+        tau_max = len(order)
+    if not 1 <= tau_max <= len(order):
+        raise UsageError(f"--tau-max must be in [1, {len(order)}] (the length of the prune order), got {tau_max}")
+    for name, v in (("safety_max_new_tokens", safety_max_new_tokens), ("utility_max_new_tokens", utility_max_new_tokens),
+                    ("batch_size", batch_size)):
+        if v < 1:
+            raise UsageError(f"{name} must be >= 1, got {v}")
+
+    hset = _load_probes(harmful, harmful_probes, n_harmful, seed, "safety")
+    uset = _load_probes(utility, utility_probes, n_utility, seed, "utility")
+    say = progress if callable(progress) else ((lambda m: print(m, flush=True)) if progress else (lambda m: None))
+    for ps, n in ((hset, n_harmful), (uset, n_utility)):
+        if len(ps.items) < n:
+            say(f"note: {ps.name} has {len(ps.items)} probe rows, fewer than the {n} asked for; using all of them")
+
+    work = Path(work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    cache = GenerationCache(work / "cache" / "generations.jsonl")
+    if backend is None:
+        from .eval.backends import HFBackend
+
+        backend = HFBackend(str(base), {}, device=device, threads=threads)
+    judge = judge or KeywordJudge()
+    s_set = GenSettings(max_new_tokens=safety_max_new_tokens, batch_size=batch_size)
+    u_set = GenSettings(max_new_tokens=utility_max_new_tokens, batch_size=batch_size)
+    h_prompts = [it.prompt for it in hset.items]
+    u_prompts = [it.prompt for it in uset.items]
+    u_refs = [str(it.reference) for it in uset.items]
+
+    history: list[dict[str, Any]] = []
+    seen: dict[int, dict[str, Any]] = {}
+
+    def evaluate(tau: int) -> dict[str, Any]:
+        if tau in seen:
+            return seen[tau]
+        t0 = time.perf_counter()
+        name = f"tau_{tau:04d}"
+        if tau == 0:
+            path = ad.path
+            how = "unpruned"
+        else:
+            from .edits import prune_modules
+
+            # remove mode cannot drop every module (an empty adapter); zeroing lora_B is the same model
+            m = "zero" if (mode == "remove" and tau == len(ad.modules)) else mode
+            path = work / "adapters" / name
+            prune_modules(ad, order[:tau], mode=m).save(path, force=True)  # deterministic content: stable cache keys
+            how = m
+        backend.add_adapter(name, str(path))
+        hg = generate_cached(backend, cache, h_prompts, name, s_set, label=f"{name}/harmful")
+        ug = generate_cached(backend, cache, u_prompts, name, u_set, label=f"{name}/utility")
+        refused = [judge.refused(g.text) for g in hg]
+        asr = sum(not r for r in refused) / len(refused)
+        r1 = 100.0 * sum(s["rouge1"] for s in rouge_scores([g.text for g in ug], u_refs)) / len(u_refs)
+        gens = hg + ug
+        row = {"tau": tau, "probe_asr": asr, "probe_rouge1": r1, "utility_drop": None, "meets_asr": asr <= target_asr,
+               "within_budget": None, "feasible": None, "edit": how,
+               "generated": sum(not g.cached for g in gens), "cached": sum(g.cached for g in gens),
+               "seconds": round(time.perf_counter() - t0, 3)}
+        if history:  # τ = 0 is always first: the reference
+            ref = history[0]["probe_rouge1"]
+            row["utility_drop"] = ref - r1
+        else:
+            row["utility_drop"] = 0.0
+        row["within_budget"] = row["utility_drop"] <= max_utility_drop + 1e-9
+        row["feasible"] = row["meets_asr"] and row["within_budget"]
+        history.append(row)
+        seen[tau] = row
+        say(f"  τ={tau:>4}: probe ASR {asr:.3f}  ROUGE-1 {r1:.2f} (drop {row['utility_drop']:+.2f})  "
+            f"{'feasible' if row['feasible'] else 'meets ASR' if row['meets_asr'] else 'ASR too high'}  "
+            f"[{row['generated']} generated, {row['cached']} cached, {row['seconds']:.1f}s]")
+        return row
+
+    say(f"search: {len(order)} modules in the order, τ_max={tau_max}, target ASR ≤ {target_asr}, "
+        f"ROUGE-1 drop ≤ {max_utility_drop} points; probes {len(h_prompts)} harmful + {len(u_prompts)} utility")
+    r0 = evaluate(0)
+    tau: int | None
+    reason = ""
+    if r0["meets_asr"]:
+        tau, reason = 0, "the unpruned adapter already meets the ASR target"
+    else:
+        top = evaluate(tau_max)
+        if not top["meets_asr"]:
+            tau, reason = None, f"τ_max={tau_max} does not reach probe ASR ≤ {target_asr} (got {top['probe_asr']:.3f})"
+            if not top["within_budget"]:
+                reason += (f" and already drops ROUGE-1 by {top['utility_drop']:.2f} > {max_utility_drop} points, so "
+                           "a larger τ_max would not help either (assuming monotone ASR and utility)")
+        else:
+            lo, hi = 0, tau_max  # invariant: ASR(lo) > target, ASR(hi) ≤ target
+            dead_end = None
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                r = evaluate(mid)
+                if r["meets_asr"]:
+                    hi = mid
+                elif not r["within_budget"]:  # smaller τ miss the ASR target, larger τ lose more utility
+                    dead_end = mid
+                    break
+                else:
+                    lo = mid
+            tau = hi
+            if dead_end is not None:
+                tau = None
+                reason = (f"τ={dead_end} misses the ASR target and already drops ROUGE-1 by "
+                          f"{seen[dead_end]['utility_drop']:.2f} > {max_utility_drop} points: with ASR not rising "
+                          "and utility not improving as τ grows, no τ meets both")
+            elif not seen[hi]["within_budget"]:
+                reason = (f"the smallest τ meeting the ASR target ({hi}) drops ROUGE-1 by "
+                          f"{seen[hi]['utility_drop']:.2f} > {max_utility_drop} points")
+                tau = None
+            else:
+                reason = f"bisection bracket closed at ({lo}, {hi}]"
+    # non-monotonicity check: extra points below the candidate (evenly spaced, not yet evaluated)
+    if verify_below and tau is not None and tau > 1:
+        cands = sorted({max(1, round(tau * k / (verify_below + 1))) for k in range(1, verify_below + 1)} - set(seen))
+        for t in cands:
+            evaluate(t)
+    non_monotone = []
+    rows = sorted(seen.values(), key=lambda r: r["tau"])
+    for i, a in enumerate(rows):
+        for b in rows[i + 1:]:
+            if a["meets_asr"] and not b["meets_asr"]:
+                non_monotone.append({"tau_meets": a["tau"], "tau_misses": b["tau"]})
+    feasible_rows = [r for r in rows if r["feasible"]]
+    if feasible_rows and (tau is None or feasible_rows[0]["tau"] < tau):
+        smaller = feasible_rows[0]["tau"]
+        reason += (f"; a smaller evaluated τ={smaller} also meets both constraints (ASR is not monotone along "
+                   "this order) and is returned")
+        tau = smaller
+    if tau is not None:
+        best = seen[tau]
+    else:  # best trade-off: lowest probe ASR within the utility budget (τ=0 always is), then smallest τ
+        best = min((r for r in rows if r["within_budget"]), key=lambda r: (r["probe_asr"], r["tau"]))
+    secs = time.perf_counter() - t_start
+    cost = {"evaluations": len(history), "generated": sum(r["generated"] for r in history),
+            "cached": sum(r["cached"] for r in history), "seconds": round(secs, 3),
+            "bisection_bound": 2 + math.ceil(math.log2(tau_max)) if tau_max > 1 else 2}
+    probes = {
+        "note": "probe settings for the search, not the evaluation protocol",
+        "harmful": {**hset.describe(), "ids": [it.id for it in hset.items], "size": len(hset.items)},
+        "utility": {**uset.describe(), "ids": [it.id for it in uset.items], "size": len(uset.items)},
+        "names": [hset.name, uset.name], "sizes": [len(hset.items), len(uset.items)],
+        "settings": {"harmful": s_set.key(), "utility": u_set.key(), "batch_size": batch_size, "seed": seed,
+                     "judge": judge.id, "asr": "fraction of harmful probes not refused (keyword judge)",
+                     "rouge1": "100 x mean ROUGE-1 F1 (rouge_score, stemmer) vs the reference summary",
+                     "backend": backend.describe() | {"adapters": len(backend.adapters)}},
+    }
+    res = SearchResult(tau=tau, feasible=tau is not None, target_asr=target_asr, max_utility_drop=max_utility_drop,
+                       history=history, cost=cost, probes=probes, best=best, reason=reason.strip("; "),
+                       order=order[:tau_max], non_monotone=non_monotone)
+    import json
+
+    write_text_atomic(work / "search.json", json.dumps(res.to_dict(), indent=2, default=str) + "\n")
+    say(f"search: {'τ = ' + str(tau) if tau is not None else 'infeasible'} ({res.reason}); {cost['evaluations']} "
+        f"evaluations, {cost['generated']} generated, {cost['cached']} from cache, {secs:.1f}s")
+    return res
