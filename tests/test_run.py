@@ -219,3 +219,24 @@ def test_cli_check_only_and_errors(world):
     bad.write_text("name: x\n")
     r = runner.invoke(app, ["run", str(bad), "-o", str(world / "o")])
     assert r.exit_code == 2 and "bad2.yaml" in r.output and not (world / "o").exists()
+
+
+def test_random_controls_on_some_kinds_only(world, tmp_path):
+    from safeprune.adapter import load_adapter
+
+    modules = sorted(load_adapter(world / "lora").modules)
+    cfg = _config(world, random={"seeds": [0, 1], "kinds": ["safety"]}, methods=[{"name": "ddi", "taus": [2]}],
+                  latency={"enabled": False})
+    logs: list[str] = []
+    res = run_experiment(cfg, tmp_path / "o", backend=_factory(modules), log=logs.append, progress=False)
+    a = res.analysis["adapters"]["lora"]
+    rows = {r["variant"]["name"]: r for r in a["rows"]}
+    assert "dialogsum_test/rouge1" not in rows["lora:random-s0@2"]["metrics"]
+    assert "advbench/asr" in rows["lora:random-s0@2"]["metrics"]
+    assert "dialogsum_test/rouge1" in rows["lora:ddi@2"]["metrics"]
+    assert set(rows["lora:ddi@2"]["vs_random"]) == {"advbench/asr"}
+    # 3 main variants (base, lora, ddi@2) × 40 prompts + 2 controls × 24 safety prompts
+    assert "168 generations made now" in "\n".join(logs)
+    results = json.loads((tmp_path / "o" / "eval" / "results.json").read_text())
+    assert results["controls_sets"]["sets"] == ["advbench"]
+    assert (tmp_path / "o" / "report.html").is_file()

@@ -34,11 +34,14 @@ class GenSettings:
     system_prompt: str | None = None  # None: the chat template's own default
     chat_template: bool = True
     batch_size: int = 16
+    sort_by_length: bool = False  # batch prompts of similar length together (less padding, faster)
 
     def key(self) -> dict[str, Any]:
-        """The settings that change a generation (batch size does not, up to float rounding)."""
+        """The settings that change a generation (batch size and batch composition do not, up to float
+        rounding)."""
         d = asdict(self)
         d.pop("batch_size")
+        d.pop("sort_by_length")
         if not self.do_sample:
             d.pop("temperature"), d.pop("top_p"), d.pop("seed")
         return d

@@ -33,12 +33,13 @@ class EvalConfig:
     top_p: float = 1.0
     seed: int = 0
     auarc_threshold: float = 0.15
+    sort_by_length: bool = False
 
     def settings(self, kind: str) -> GenSettings:
         return GenSettings(max_new_tokens=self.utility_max_new_tokens if kind == "utility" else self.safety_max_new_tokens,
                            do_sample=self.do_sample, temperature=self.temperature, top_p=self.top_p, seed=self.seed,
                            system_prompt=self.system_prompt, chat_template=self.chat_template,
-                           batch_size=self.batch_size)
+                           batch_size=self.batch_size, sort_by_length=self.sort_by_length)
 
 
 @dataclass

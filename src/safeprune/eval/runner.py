@@ -22,6 +22,9 @@ def generate_cached(backend: Backend, cache: GenerationCache, prompts: Sequence[
     for i in todo:
         uniq.setdefault(keys[i], i)
     todo = list(uniq.values())
+    if settings.sort_by_length:
+        # batches of similar length: less left padding (a batch costs its longest prompt × its size)
+        todo.sort(key=lambda i: (len(rendered[i]), i))
     done = len(prompts) - len(todo)
     if progress:
         progress(done, len(prompts))

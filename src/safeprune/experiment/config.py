@@ -97,6 +97,9 @@ class RandomSpec(_Strict):
     """The random-pruning control: seed s prunes the first τ modules of a seeded permutation."""
     seeds: list[int] = Field(default_factory=lambda: [0])
     taus: list[int] | None = None  # default: every integer τ the methods use (auto τ resolved)
+    # which kinds of prompt sets the controls are evaluated on (default: all). The selection question
+    # compares ASR with the controls; their utility can be skipped when generation time is short.
+    kinds: list[Literal["safety", "over_refusal", "utility"]] | None = None
 
     @field_validator("seeds")
     @classmethod
@@ -130,6 +133,7 @@ class EvalSpec(_Strict):
     safety_max_new_tokens: int = 64
     utility_max_new_tokens: int = 96
     batch_size: int = 50
+    sort_by_length: bool = True  # batch prompts of similar length together (less padding)
     backend: Literal["hf", "vllm", "fake"] = "hf"
     device: str = "cpu"
     dtype: str = "float32"

@@ -304,19 +304,42 @@ def stage_evaluate(cfg: ExperimentConfig, variants: list[Variant], out: Path, lo
     judge = KeywordJudge.from_file(e.refusal_keywords) if e.refusal_keywords else KeywordJudge()
     harm = [_make_judge(j) for j in e.judges]
     adapters = {v.name: v.path for v in variants if v.path}
+    kinds = cfg.random.kinds
+    controls = {v.name: v.path for v in variants if v.method == "random"} if kinds else {}
+    main = {k: p for k, p in adapters.items() if k not in controls}
     ecfg = EvalConfig(safety_max_new_tokens=e.safety_max_new_tokens, utility_max_new_tokens=e.utility_max_new_tokens,
-                      batch_size=e.batch_size, system_prompt=e.system_prompt, seed=cfg.seed)
+                      batch_size=e.batch_size, system_prompt=e.system_prompt, seed=cfg.seed,
+                      sort_by_length=e.sort_by_length)
     opts: dict[str, Any] = {}
-    if e.backend == "hf":
+    if e.backend == "hf" and backend is None:
         opts = {"device": e.device, "dtype": e.dtype, "threads": e.threads}
-    elif e.backend == "vllm":
+    elif e.backend == "vllm" and backend is None:
         opts = {"dtype": e.dtype}
     cb = _progress_cb(log) if progress else None
     t0 = time.perf_counter()
     be = backend(cfg.base, adapters) if callable(backend) else (backend or e.backend)
-    res = evaluate(cfg.base, adapters, prompt_sets=sets, include_base=e.include_base, out_dir=out / "eval",
-                   backend=be, refusal_judge=judge, harm_judges=harm, config=ecfg,
-                   cache=Path(e.cache) if e.cache else out / "cache" / "generations.jsonl", meteor=e.meteor, backend_options=opts, progress=cb)
+    if isinstance(be, str):
+        from ..eval.backends import make_backend
+
+        be = make_backend(be, cfg.base, adapters, **opts)
+    cache = Path(e.cache) if e.cache else out / "cache" / "generations.jsonl"
+    common = dict(backend=be, refusal_judge=judge, harm_judges=harm, config=ecfg, cache=cache, meteor=e.meteor,
+                  progress=cb)
+    res = evaluate(cfg.base, main, prompt_sets=sets, include_base=e.include_base,
+                   out_dir=None if controls else out / "eval", **common)
+    if controls:  # the random controls on the configured kinds of sets only, merged into one result
+        from ..eval.evaluate import EvalResult
+        from ..eval.report import write_results
+
+        rsets = [s for s in sets if s.kind in kinds]
+        r2 = evaluate(cfg.base, controls, prompt_sets=rsets, include_base=False, out_dir=None, **common)
+        merged = dict(res.results)
+        merged["metrics"] = {**res.results["metrics"], **r2.results["metrics"]}
+        merged["variants"] = {**res.results["variants"], **r2.results["variants"]}
+        merged["controls_sets"] = {"kinds": list(kinds), "sets": [s.name for s in rsets]}
+        merged["timing"] = {"seconds": res.results["timing"]["seconds"] + r2.results["timing"]["seconds"]}
+        res = EvalResult(merged, res.items + r2.items, out / "eval")
+        write_results(res, out / "eval")
     gen = sum(m.get("generated_now", 0) for v in res.metrics.values() for m in v.values())
     log(f"evaluate: {len(adapters) + int(e.include_base)} variants × {len(sets)} sets, {gen} generations "
         f"made now, {time.perf_counter() - t0:.0f} s")
