@@ -34,6 +34,8 @@ def prune(
     top: int | None = None,
     threshold: float | None = None,
     threshold_norm: float | None = None,
+    auto: str | None = None,
+    mad_k: float = 3.0,
     module_types: Iterable[str] | str | None = None,
     mode: str = "remove",
     aligned: str | Path | WeightSource | None = None,
@@ -53,7 +55,7 @@ def prune(
         table = scan(adapter, base, method, aligned=aligned, unaligned=unaligned, device=device,
                      options=options, progress=progress, **method_options)
     selection = select(table, method, top=top, threshold=threshold, threshold_norm=threshold_norm,
-                       module_types=module_types)
+                       module_types=module_types, auto=auto, mad_k=mad_k)
     edited = prune_modules(adapter, selection.selected, mode=mode)
     edited.manifest = build_manifest(
         action="prune", original=adapter, edited=edited, table=table, selection=selection,
@@ -77,6 +79,8 @@ def project(
     table: ScoreTable | None = None,
     top: int | None = None,
     threshold: float | None = None,
+    auto: str | None = None,
+    mad_k: float = 3.0,
     module_types: Iterable[str] | str | None = None,
     device: str | None = "cpu",
     progress: bool = False,
@@ -97,7 +101,8 @@ def project(
     if table is None:
         table = scan(adapter, None, method, aligned=aligned, unaligned=unaligned, device=device,
                      progress=progress, **method_options)
-    selection = select(table, method, top=top, threshold=threshold, module_types=module_types)
+    selection = select(table, method, top=top, threshold=threshold, module_types=module_types, auto=auto,
+                       mad_k=mad_k)
     edited, info = project_modules(adapter, selection.selected, aligned, unaligned, device=device)
     edited.manifest = build_manifest(
         action="project", original=adapter, edited=edited, table=table, selection=selection,

@@ -115,6 +115,8 @@ DeviceOpt = Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N or a
 TypesOpt = Annotated[Optional[str], typer.Option("--types", help="Only these module types, e.g. q_proj,v_proj (or q,k,v,o).")]
 AllowPickleOpt = Annotated[bool, typer.Option("--allow-pickle", help="Read adapter_model.bin with torch.load(weights_only=True).")]
 SploraModeOpt = Annotated[str, typer.Option("--splora-mode", help="SPLoRA E-DIEM: 'sound' (null of rotated updates), 'official' (public code, HEAD rule) or 'official-first' (first-commit rule).")]
+AutoTauOpt = Annotated[Optional[str], typer.Option("--auto-tau", help="Choose τ from the scores: 'knee' (Kneedle on the sorted scores) or 'mad' (outliers beyond median + k·MAD).")]
+MadKOpt = Annotated[float, typer.Option("--mad-k", help="k for --auto-tau mad.")]
 NullSamplesOpt = Annotated[int, typer.Option("--null-samples", help="SPLoRA sound mode: rotated updates in the reference distribution.")]
 
 
@@ -175,6 +177,35 @@ def _write_side_outputs(table, json_path, csv_path, plot_path, marked=()) -> Non
 
         first = next(iter(table.methods.values()))
         heatmap(table, plot_path, column=first.primary, marked=marked)
+
+
+def read_score_table(path: Path, adapter=None):
+    """A score table written by ``scan --json`` / ``scan-act -o``; with ``adapter``, check that it scores
+    exactly that adapter's modules."""
+    import json
+
+    from .errors import InputError
+    from .table import ScoreTable
+
+    try:
+        table = ScoreTable.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
+    except OSError as e:
+        raise InputError(f"cannot read the score table ({e.strerror or e})", path) from None
+    except (ValueError, KeyError, TypeError) as e:
+        raise InputError(f"not a safeprune score table ({type(e).__name__}: {e})", path) from None
+    for r in table.rows:  # JSON null = an undefined score
+        for c in table.score_columns:
+            if r.get(c) is None and c in r:
+                r[c] = float("nan")
+    if adapter is not None:
+        have, want = {r["module"] for r in table.rows}, set(adapter.modules)
+        if have != want:
+            extra, missing = sorted(have - want), sorted(want - have)
+            raise InputError("the score table does not match the adapter's modules ("
+                             + "; ".join(x for x in (f"not in the adapter: {', '.join(extra[:3])}" if extra else "",
+                                                     f"not scored: {', '.join(missing[:3])}" if missing else "") if x)
+                             + ")", path)
+    return table
 
 
 def _methods(method: str) -> list[str]:
@@ -247,6 +278,9 @@ def prune_cmd(
     top: Annotated[Optional[int], typer.Option("--top", help="Prune the τ highest-ranked modules (default 10).")] = None,
     threshold: Annotated[Optional[float], typer.Option("--threshold", help="Prune modules whose score is at/over θ.")] = None,
     threshold_norm: Annotated[Optional[float], typer.Option("--threshold-norm", help="Same on the bounded score (ddi_norm).")] = None,
+    auto_tau: AutoTauOpt = None,
+    mad_k: MadKOpt = 3.0,
+    scores: Annotated[Optional[Path], typer.Option("--scores", help="Rank with this precomputed score table (JSON from scan --json or scan-act) instead of scoring.")] = None,
     mode: Annotated[str, typer.Option("--mode", help="'remove' (drop tensors, rewrite target_modules) or 'zero' (zero lora_B).")] = "remove",
     subspace_dim: SubspaceDimOpt = "r",
     oversample: OversampleOpt = 8,
@@ -280,10 +314,11 @@ def prune_cmd(
     for side in (json_out, csv_out, plot):
         check_output_file(side, inputs, not_equal=[output])
     ad = load_adapter(adapter, allow_pickle=allow_pickle)
+    table = read_score_table(scores, ad) if scores is not None else None
     ddi = _ddi_options(subspace_dim, oversample, power_iters, subspace, magnitude, reuse_subspace, eps, seed,
                       exact_subspace)
-    edited = prune(ad, base, method=methods[0], top=top, threshold=threshold, threshold_norm=threshold_norm,
-                   module_types=types, mode=mode, aligned=aligned, unaligned=unaligned, device=device,
+    edited = prune(ad, base, method=methods[0], table=table, top=top, threshold=threshold,
+                   threshold_norm=threshold_norm, auto=auto_tau, mad_k=mad_k, module_types=types, mode=mode, aligned=aligned, unaligned=unaligned, device=device,
                    options=_options_for(methods, ddi, seed, {"mode": splora_mode, "null_samples": null_samples}),
                    progress=not _state["quiet"])
     marked = set(edited.selection.selected)
@@ -342,7 +377,7 @@ def main(argv: List[str] | None = None) -> None:
             sys.exit(e.code)
 
 
-from . import cli_eval, cli_pair, cli_run, cli_search  # noqa: E402,F401  (register their commands)
+from . import cli_act, cli_eval, cli_pair, cli_run, cli_search  # noqa: E402,F401  (register their commands)
 
 
 if __name__ == "__main__":  # pragma: no cover  (python -m safeprune.cli: run the fully registered module)

@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 from typing_extensions import Annotated
 
-from .cli import (AdapterArg, AlignedOpt, AllowPickleOpt, DeviceOpt, TypesOpt, UnalignedOpt, _print_table,
+from .cli import (AdapterArg, AlignedOpt, AllowPickleOpt, AutoTauOpt, DeviceOpt, MadKOpt, TypesOpt, UnalignedOpt, _print_table,
                   _state, _write_side_outputs, app, err, handle_errors, out)
 
 
@@ -43,6 +43,8 @@ def project_cmd(
     method: Annotated[str, typer.Option("--method", "-m", help="Ranking method; the projection is SafeLoRA's.")] = "safelora",
     top: Annotated[Optional[int], typer.Option("--top", help="Project the K modules with the lowest cosine (default 10).")] = None,
     threshold: Annotated[Optional[float], typer.Option("--threshold", help="Project every module with cos <= τ (paper: 0.5).")] = None,
+    auto_tau: AutoTauOpt = None,
+    mad_k: MadKOpt = 3.0,
     device: DeviceOpt = "cpu",
     types: TypesOpt = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output directory.")] = False,
@@ -60,8 +62,8 @@ def project_cmd(
         raise UsageError("project needs --aligned (the aligned/chat model) and --unaligned (its base counterpart)")
     ad = load_adapter(adapter, allow_pickle=allow_pickle)
     check_output_path(output, [adapter], force)  # fail before the (slow) scan
-    edited = project(ad, aligned, unaligned, method=method, top=top, threshold=threshold, module_types=types,
-                     device=device, progress=not _state["quiet"])
+    edited = project(ad, aligned, unaligned, method=method, top=top, threshold=threshold, auto=auto_tau, mad_k=mad_k,
+                     module_types=types, device=device, progress=not _state["quiet"])
     marked = set(edited.selection.selected)
     _print_table(edited.scores, marked=marked)
     path = edited.save(output, force=force)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable, Sequence
 
 from .table import ScoreTable
 
@@ -54,6 +54,55 @@ def heatmap(
     fig.colorbar(im, ax=ax, label=column)
     ax.set_title(title or f"{column} per module" + (" (✕ = selected)" if marks else ""), fontsize=9, wrap=True)
     fig.tight_layout()
+    return _save(fig, path)
+
+
+def score_curve(
+    scores: Sequence[Any],
+    descending: bool,
+    auto_results: Iterable[Any] = (),
+    path: str | Path = "score_curve.png",
+    title: str | None = None,
+    ylabel: str = "score",
+) -> Path:
+    """The scores sorted in the method's prune-first order (rank 1 = pruned first), with the τ of each
+    :class:`safeprune.autotau.AutoTau` in ``auto_results`` marked: the knee as a point + vertical line, the
+    MAD rule as its cutoff (horizontal) and τ (vertical). NaN scores are left out."""
+    import math
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ys = sorted((float(v) for v in scores if v is not None and not math.isnan(float(v))), reverse=descending)
+    xs = list(range(1, len(ys) + 1))
+    fig, ax = plt.subplots(figsize=(6.5, 4.0), dpi=110)
+    ax.plot(xs, ys, marker=".", ms=3, lw=1, color="tab:blue", label="sorted scores")
+    colors = {"knee": "tab:red", "mad": "tab:green"}
+    for res in auto_results:
+        c = colors.get(res.rule, "tab:gray")
+        d = res.details
+        if res.tau > 0:
+            ax.axvline(res.tau + 0.5, color=c, ls="--", lw=1, label=f"{res.rule}: τ = {res.tau}")
+        else:
+            ax.plot([], [], color=c, ls="--", label=f"{res.rule}: τ = 0 ({d.get('reason', '')})")
+        if res.rule == "knee" and res.tau > 0:
+            ax.plot([res.tau], [ys[res.tau - 1]], "o", color=c, ms=6)
+        if res.rule == "mad" and "cutoff" in d:
+            ax.axhline(d["cutoff"], color=c, ls=":", lw=1, label=f"median {'+' if descending else '−'} "
+                                                               f"{d['k']:g}·MAD = {d['cutoff']:.3g}")
+    ax.set_xlabel("rank (1 = pruned first)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title or f"sorted {ylabel}", fontsize=9, wrap=True)
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _save(fig, path: str | Path) -> Path:
+    import matplotlib.pyplot as plt
+
     from .errors import OutputError
 
     p = Path(path)

@@ -5,7 +5,11 @@ Rules (DDI paper Eq. 8 and its threshold alternative):
 * ``top=τ``: the τ modules a method ranks first (default τ = 10);
 * ``threshold=θ``: every module whose score is at or beyond θ (``≥`` when high means "prune first", as
   for DDI and SPLoRA; ``≤`` for scores where low means "act", as SafeLoRA's cosine);
-* ``threshold_norm=θ``: the same on the method's bounded column (``ddi_norm``).
+* ``threshold_norm=θ``: the same on the method's bounded column (``ddi_norm``);
+* ``auto="knee"|"mad"``: τ chosen from the candidates' scores (:mod:`safeprune.autotau`), then top τ.
+  The rule, τ and its details are recorded in :class:`SelectionRule` (and so in ``safeprune.json``).
+  SPLoRA's official "complement" top rule is not applied to an automatic τ: τ counts modules in the
+  method's prune-first order.
 
 Ties are broken deterministically: by score, then layer index, then module path. Module-type and layer
 filters restrict which modules are candidates at all.
@@ -34,6 +38,9 @@ class SelectionRule:
     # "complement": the official SPLoRA HEAD rule, top K means "all but the K-1 best" (see scorers/splora.py)
     top_rule: str | None = None
     requested_top: int | None = None
+    auto: str | None = None  # "knee" | "mad": τ computed from the scores
+    auto_tau: int | None = None
+    auto_details: dict[str, Any] | None = None
 
     def describe(self) -> str:
         where = []
@@ -47,7 +54,8 @@ class SelectionRule:
             if self.top_rule == "complement":
                 return (f"{self.top} {order} by {self.column} = all but the {max(0, self.requested_top - 1)} "
                         f"highest, K={self.requested_top} (official SPLoRA rule: prune <= the K-th largest){scope}")
-            return f"top {self.top} by {self.column} ({order} first){scope}"
+            how = f" (τ chosen by the {self.auto} rule)" if self.auto else ""
+            return f"top {self.top} by {self.column} ({order} first){how}{scope}"
         op = ">=" if self.descending else "<="
         return f"{self.column} {op} {self.threshold}{scope}"
 
@@ -95,12 +103,19 @@ def select(
     column: str | None = None,
     module_types: Iterable[str] | str | None = None,
     layers: Iterable[int] | None = None,
+    auto: str | None = None,
+    mad_k: float = 3.0,
 ) -> Selection:
     if method not in table.methods:
         raise UsageError(f"the score table has no {method!r} scores (it has: {', '.join(table.methods) or 'none'})")
-    given = sum(x is not None for x in (top, threshold, threshold_norm))
+    given = sum(x is not None for x in (top, threshold, threshold_norm, auto))
     if given > 1:
-        raise UsageError("give only one of --top, --threshold and --threshold-norm")
+        raise UsageError("give only one of --top, --threshold, --threshold-norm and --auto-tau")
+    if auto is not None:
+        from .autotau import RULES
+
+        if auto not in RULES:
+            raise UsageError(f"unknown --auto-tau rule {auto!r}; known: {', '.join(RULES)}")
     info = table.methods[method]
     col = column or info.primary
     if threshold_norm is not None:
@@ -119,7 +134,13 @@ def select(
 
     cands = [r for r in table.rows
              if (types is None or r["type"] in types) and (layer_list is None or r["layer"] in layer_list)]
-    if top is not None and info.options.get("top_rule") == "complement":
+    if auto is not None:
+        from .autotau import auto_tau
+
+        at = auto_tau([r.get(col) for r in cands], info.descending, auto, mad_k)
+        top = rule.top = rule.auto_tau = at.tau
+        rule.auto, rule.auto_details = auto, at.details
+    elif top is not None and info.options.get("top_rule") == "complement":
         # official SPLoRA (HEAD): threshold = K-th largest score, prune every module at or below it
         rule.top_rule, rule.requested_top = "complement", top
         top = rule.top = (len(cands) - min(top, len(cands)) + 1) if top > 0 else 0
