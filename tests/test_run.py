@@ -240,3 +240,24 @@ def test_random_controls_on_some_kinds_only(world, tmp_path):
     results = json.loads((tmp_path / "o" / "eval" / "results.json").read_text())
     assert results["controls_sets"]["sets"] == ["advbench"]
     assert (tmp_path / "o" / "report.html").is_file()
+
+
+def test_automatic_tau_variants(world, tmp_path):
+    from safeprune.adapter import load_adapter
+    from safeprune.autotau import auto_tau
+    from safeprune.table import ScoreTable
+
+    modules = sorted(load_adapter(world / "lora").modules)
+    cfg = _config(world, random={"seeds": [0], "kinds": ["safety"]},
+                  methods=[{"name": "ddi", "taus": ["knee", "mad", 3], "mad_k": 1.0}], latency={"enabled": False})
+    res = run_experiment(cfg, tmp_path / "o", backend=_factory(modules), log=lambda m: None, progress=False)
+    table = ScoreTable.from_dict(json.loads((tmp_path / "o" / "scores" / "lora" / "ddi.json").read_text()))
+    want = {r: auto_tau(table.column("ddi"), True, r, 1.0).tau for r in ("knee", "mad")}
+    auto = res.analysis["auto_tau"]["lora"]["ddi"]
+    assert {r: d["tau"] for r, d in auto.items()} == want
+    rows = [r["variant"] for r in res.analysis["adapters"]["lora"]["rows"] if r["variant"]["method"] == "ddi"]
+    for rule, tau in want.items():
+        v = next(v for v in rows if v["tau"] == tau)
+        assert rule in v["auto"] and len(v["selected"]) == tau
+    assert (tmp_path / "o" / "plots" / "lora_ddi_auto_tau.png").is_file()
+    assert "Automatic τ" in (tmp_path / "o" / "report.md").read_text()

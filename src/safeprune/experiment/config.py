@@ -66,6 +66,7 @@ class MethodSpec(_Strict):
     taus: list[Tau] = Field(default_factory=lambda: [10])
     options: dict[str, Any] = Field(default_factory=dict)  # scorer options
     module_types: list[str] | None = None
+    mad_k: float = 3.0  # k of the "mad" automatic τ (median + k·MAD)
 
     @field_validator("name")
     @classmethod

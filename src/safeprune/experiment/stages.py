@@ -169,13 +169,29 @@ def resolve_taus(table: ScoreTable, m: MethodSpec) -> tuple[list[int], dict[str,
         if isinstance(t, int):
             taus.append(t)
             continue
-        from ..selection import auto_select_tau
+        from ..selection import select
 
-        res = auto_select_tau(table, m.name if m.name in table.methods else m.method, rule=t,
-                              module_types=m.module_types)
-        autos[t] = res
-        taus.append(int(res["tau"]))
+        sel = select(table, _method_key(table, m), auto=t, module_types=m.module_types, mad_k=m.mad_k)
+        autos[t] = {"tau": int(sel.rule.auto_tau), "details": dict(sel.rule.auto_details or {})}
+        taus.append(int(sel.rule.auto_tau))
     return list(dict.fromkeys(taus)), autos
+
+
+def auto_plot(table: ScoreTable, m: MethodSpec, autos: dict[str, Any], path: Path) -> Path | None:
+    """The sorted score curve with every automatic τ of this method marked."""
+    if not autos:
+        return None
+    from ..autotau import auto_tau
+    from ..plots import score_curve
+    from ..selection import _parse_types
+
+    key = _method_key(table, m)
+    info = table.methods[key]
+    types = _parse_types(m.module_types)
+    scores = [r.get(info.primary) for r in table.rows if types is None or r["type"] in types]
+    res = [auto_tau(scores, info.descending, rule, m.mad_k) for rule in autos]
+    return score_curve(scores, info.descending, res, path, title=f"{m.name}: sorted {info.primary} with automatic τ",
+                       ylabel=info.primary)
 
 
 def _method_key(table: ScoreTable, m: MethodSpec) -> str:
@@ -199,8 +215,16 @@ def stage_edit(cfg: ExperimentConfig, adapters: dict[str, str], tables: dict[tup
         for m in cfg.methods:
             table = tables[aname, m.name]
             taus, autos = resolve_taus(table, m)
+            if autos:
+                p = auto_plot(table, m, autos, out / "plots" / f"{aname}_{m.name}_auto_tau.png")
+                for d in autos.values():
+                    d["plot"] = str(p)
             auto_info.setdefault(aname, {})[m.name] = autos
             for tau in taus:
+                if tau == 0:  # an automatic τ of 0: nothing to edit (the adapter itself is evaluated anyway)
+                    log(f"edit {aname}:{m.name}: τ = 0 ({', '.join(r for r, d in autos.items() if d['tau'] == 0)}); "
+                        "no variant")
+                    continue
                 used_taus.append(tau)
                 name = variant_name(aname, m.name, tau)
                 dest = out / "variants" / aname / f"{m.name}@{tau}"
