@@ -59,12 +59,17 @@ class GenerationCache:
                 with open(self.path, "rb") as fb:
                     fb.seek(-1, os.SEEK_END)
                     torn = fb.read(1) != b"\n"
-            with open(self.path, "a", encoding="utf-8") as f:
-                if torn:  # an interrupted write left half a line: end it so the next record stands alone
-                    f.write("\n")
-                for r in recs:
-                    f.write(json.dumps(r, ensure_ascii=False) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
+            data = ("\n" if torn else "") + "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs)
+            # one write() on an O_APPEND descriptor per batch: processes sharing a cache file do not interleave
+            # their lines (an interrupted write left half a line: the leading newline ends it)
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                buf = data.encode("utf-8")
+                while buf:
+                    n = os.write(fd, buf)
+                    buf = buf[n:]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
         except OSError as e:
             raise OutputError(f"cannot append to the generation cache ({e.strerror})", self.path) from None
