@@ -34,12 +34,14 @@ class EvalConfig:
     seed: int = 0
     auarc_threshold: float = 0.15
     sort_by_length: bool = False
+    utility_batch_size: int | None = None  # long prompts (dialogues): smaller batches pad less
 
     def settings(self, kind: str) -> GenSettings:
         return GenSettings(max_new_tokens=self.utility_max_new_tokens if kind == "utility" else self.safety_max_new_tokens,
                            do_sample=self.do_sample, temperature=self.temperature, top_p=self.top_p, seed=self.seed,
                            system_prompt=self.system_prompt, chat_template=self.chat_template,
-                           batch_size=self.batch_size, sort_by_length=self.sort_by_length)
+                           batch_size=(self.utility_batch_size or self.batch_size) if kind == "utility"
+                           else self.batch_size, sort_by_length=self.sort_by_length)
 
 
 @dataclass

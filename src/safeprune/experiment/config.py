@@ -135,6 +135,7 @@ class EvalSpec(_Strict):
     utility_max_new_tokens: int = 96
     batch_size: int = 50
     sort_by_length: bool = True  # batch prompts of similar length together (less padding)
+    utility_batch_size: int = 16  # utility prompts (dialogues) are long: smaller batches pad less
     backend: Literal["hf", "vllm", "fake"] = "hf"
     device: str = "cpu"
     dtype: str = "float32"

@@ -333,7 +333,7 @@ def stage_evaluate(cfg: ExperimentConfig, variants: list[Variant], out: Path, lo
     main = {k: p for k, p in adapters.items() if k not in controls}
     ecfg = EvalConfig(safety_max_new_tokens=e.safety_max_new_tokens, utility_max_new_tokens=e.utility_max_new_tokens,
                       batch_size=e.batch_size, system_prompt=e.system_prompt, seed=cfg.seed,
-                      sort_by_length=e.sort_by_length)
+                      sort_by_length=e.sort_by_length, utility_batch_size=e.utility_batch_size)
     opts: dict[str, Any] = {}
     if e.backend == "hf" and backend is None:
         opts = {"device": e.device, "dtype": e.dtype, "threads": e.threads}
