@@ -342,7 +342,7 @@ def main(argv: List[str] | None = None) -> None:
             sys.exit(e.code)
 
 
-from . import cli_eval, cli_pair  # noqa: E402,F401  (register their commands)
+from . import cli_eval, cli_finetune, cli_pair  # noqa: E402,F401  (register their commands)
 
 
 if __name__ == "__main__":  # pragma: no cover  (python -m safeprune.cli: run the fully registered module)
