@@ -377,7 +377,7 @@ def main(argv: List[str] | None = None) -> None:
             sys.exit(e.code)
 
 
-from . import cli_act, cli_eval, cli_pair, cli_run, cli_search  # noqa: E402,F401  (register their commands)
+from . import cli_act, cli_eval, cli_finetune, cli_pair, cli_run, cli_search  # noqa: E402,F401  (register their commands)
 
 
 if __name__ == "__main__":  # pragma: no cover  (python -m safeprune.cli: run the fully registered module)
