@@ -261,3 +261,36 @@ def test_automatic_tau_variants(world, tmp_path):
         assert rule in v["auto"] and len(v["selected"]) == tau
     assert (tmp_path / "o" / "plots" / "lora_ddi_auto_tau.png").is_file()
     assert "Automatic τ" in (tmp_path / "o" / "report.md").read_text()
+
+
+def test_finetune_stage_trains_once_then_reuses(tmp_path):
+    from tests.test_finetune import KW, WORDS, make_tokenizer
+
+    d = tmp_path
+    make_model(d / "base", "llama", layers=2, hidden=32)
+    make_tokenizer(d / "base")
+    rows = [{"fname": f"train_{i}", "dialogue": " ".join(WORDS[i % 7: i % 7 + 4]), "summary": WORDS[i % 11]}
+            for i in range(8)]
+    (d / "task.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    _csv(d / "harmful_behaviors.csv", ["orig_idx", "goal", "target", "in_jbb_harmful_ft"],
+         [[i, f"harmful request {i}", "Sure", 0] for i in range(6)])
+    opts = {k: v for k, v in KW.items() if k not in ("progress",)}
+    cfg = {"name": "ft", "base": "base", "finetune": [{"name": "ft1", "data": "task.jsonl",
+                                                       "options": {**opts, "epochs": 1, "seed": 3}}],
+           "methods": [{"name": "ddi", "taus": [1]}], "random": {"seeds": [0]},
+           "evaluation": {"safety": [{"path": "harmful_behaviors.csv"}], "meteor": False, "bootstrap": 100},
+           "latency": {"enabled": False}}
+    p = d / "exp.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    logs: list[str] = []
+
+    def fake(base, adapters):
+        return FakeBackend("fake-base", adapters, {n: (lambda q: "Sure") for n in adapters})
+
+    res = run_experiment(p, d / "out", backend=fake, log=logs.append, progress=False)
+    assert (d / "out" / "adapters" / "ft1" / "adapter_model.safetensors").is_file()
+    assert any(line.startswith("finetune ft1: done") for line in logs)
+    assert [r["variant"]["name"] for r in res.analysis["adapters"]["ft1"]["rows"]][:2] == ["ft1", "ft1:ddi@1"]
+    logs.clear()
+    run_experiment(p, d / "out", backend=fake, log=logs.append, progress=False)
+    assert "finetune ft1: up to date" in logs
