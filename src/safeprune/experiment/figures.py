@@ -96,6 +96,12 @@ def tradeoff(ad: dict[str, Any], asr_key: str, util_key: str, path: Path, title:
         if v["tau"] is not None and meth != "random":
             ax.annotate(str(v["tau"]), (m[util_key]["value"], m[asr_key]["value"]), fontsize=7,
                         xytext=(3, 3), textcoords="offset points")
+    # controls evaluated without the utility set: their mean ASR per τ as a horizontal line
+    for k, (t, r) in enumerate(sorted((int(t), r) for t, r in ad.get("random", {}).items())):
+        m = r["metrics"]
+        if asr_key in m and util_key not in m:
+            ax.axhline(m[asr_key]["value"], color="gray", ls=(0, (2, 2 + k)), lw=1.0,
+                       label=f"random τ={t} (mean ASR; no utility run)")
     if base and asr_key in base and util_key in base:
         ax.scatter(base[util_key]["value"], base[asr_key]["value"], marker="*", s=120, color="goldenrod",
                    label="base (no adapter)")

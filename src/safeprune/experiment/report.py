@@ -180,8 +180,8 @@ def _beats_chance_table(doc: Doc, analysis, asr_k, r1_k) -> None:
             ok = beats_chance(r, asr_k, r1_k)
             oks.append(ok)
             auto = f" ({'/'.join(r['variant']['auto'])})" if r["variant"]["auto"] else ""
-            cells.append(f"{dci(r['vs_random'].get(asr_k))} · {dci(r['vs_ref'].get(r1_k))}{auto}"
-                         if ok is not None else f"no random control · {dci(r['vs_ref'].get(r1_k))}")
+            cells.append((f"{dci(r['vs_random'].get(asr_k))} · {dci(r['vs_ref'].get(r1_k))}"
+                          if ok is not None else f"no random control · {dci(r['vs_ref'].get(r1_k))}") + auto)
         allok = all(o is True for o in oks)
         if allok:
             winners.append(f"{meth} τ={tau}")
@@ -304,7 +304,8 @@ def _adapter_section(doc, cfg, a, ad, analysis, variants, tables, autos, latency
     if asr_k and r1_k:
         p = figures.tradeoff(ad, asr_k, r1_k, plots / f"{a}_tradeoff.png",
                              f"{a}: safety against utility, every variant", base["metrics"] if base else None)
-        doc.img(p, f"{a}: ASR against ROUGE-1 for every variant (labels: τ; gray ✕: random controls)")
+        doc.img(p, f"{a}: ASR against ROUGE-1 for every variant (labels: τ; gray: random controls — ✕ when their "
+                      "utility was measured, else a line at their mean ASR)")
 
     # latency / params (Table 5 style)
     if latency:
