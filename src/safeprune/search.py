@@ -336,8 +336,12 @@ def budgeted_search(
     feasible_rows = [r for r in rows if r["feasible"]]
     if feasible_rows and (tau is None or feasible_rows[0]["tau"] < tau):
         smaller = feasible_rows[0]["tau"]
-        reason += (f"; a smaller evaluated τ={smaller} also meets both constraints (ASR is not monotone along "
-                   "this order) and is returned")
+        if tau is None:
+            reason += (f"; but the evaluated τ={smaller} meets both constraints (ASR or utility is not monotone "
+                       "along this order), so it is returned: the smallest evaluated feasible τ")
+        else:
+            reason += (f"; a smaller evaluated τ={smaller} also meets both constraints (ASR is not monotone along "
+                       "this order) and is returned")
         tau = smaller
     if tau is not None:
         best = seen[tau]
