@@ -121,7 +121,9 @@ def analyse(results: dict[str, Any], items: list[dict[str, Any]], variants: list
         return out
 
     adapters = sorted({v.adapter for v in variants if v.adapter}, key=lambda a: [v.adapter for v in variants].index(a))
+    gen_s = sum((it.get("latency_s") or 0.0) / max(1, it.get("batch_size") or 1) for it in items)
     out: dict[str, Any] = {"primary_sets": primary, "n_boot": n_boot, "level": LEVEL, "adapters": {},
+                           "generation_seconds": gen_s, "generations": len(items),
                            "sets": {s["name"]: {"kind": s["kind"], "n": len(ids[s["name"]])} for s in sets}}
     if "base" in metrics:
         out["base"] = {"metrics": point_stats("base")}
