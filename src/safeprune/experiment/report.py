@@ -77,7 +77,7 @@ def build_report(cfg: ExperimentConfig, out: Path, analysis: dict[str, Any], var
     if cfg.paper and asr_k and r1_k:
         doc.p(_paper_sentence(cfg, analysis, asr_k, r1_k))
     if asr_k and any(ad["random"] for ad in analysis["adapters"].values()):
-        _beats_chance_table(doc, analysis, asr_k, r1_k)
+        _beats_chance_table(doc, analysis, asr_k, r1_k, cfg)
     doc.p("Every interval is a 95% percentile interval of a paired bootstrap over prompts "
           f"({analysis['n_boot']} resamples shared by all variants). \"vs random\" compares a method with the mean "
           "of the random-pruning controls at the same τ (same prompts, paired). McNemar p-values are exact.")
@@ -161,28 +161,39 @@ def beats_chance(row: dict[str, Any], asr_k: str, r1_k: str | None, max_drop: fl
     return vx["hi"] < 0 and ok_util
 
 
-def _beats_chance_table(doc: Doc, analysis, asr_k, r1_k) -> None:
+def _row_label(v: dict[str, Any], explicit: dict[str, set[int]]) -> str:
+    """A variant's τ as the table shows it: the integer when the method asked for it, else its auto rule
+    (an automatic τ differs between adapters, so it is matched by rule, not by value)."""
+    if v["tau"] in explicit.get(v["method"], set()) or not v["auto"]:
+        return str(v["tau"])
+    return "/".join(v["auto"])
+
+
+def _beats_chance_table(doc: Doc, analysis, asr_k, r1_k, cfg=None) -> None:
     adapters = list(analysis["adapters"])
-    keys: list[tuple[str, int]] = []
+    explicit = {m.name: {t for t in m.taus if isinstance(t, int)} for m in cfg.methods} if cfg else {}
+    keys: list[tuple[str, str]] = []
     for ad in analysis["adapters"].values():
         for r in ad["rows"]:
             v = r["variant"]
-            if v["method"] not in (None, "random") and (v["method"], v["tau"]) not in keys:
-                keys.append((v["method"], v["tau"]))
+            k = (v["method"], _row_label(v, explicit))
+            if v["method"] not in (None, "random") and k not in keys:
+                keys.append(k)
     heads = ["method", "τ"] + [f"{a}: ΔASR vs random · ΔROUGE-1" for a in adapters] + ["meets the bar on every adapter"]
     body, classes, winners = [], [], []
     for meth, tau in keys:
         cells, oks = [], []
         for a in adapters:
             r = next((r for r in analysis["adapters"][a]["rows"]
-                      if r["variant"]["method"] == meth and r["variant"]["tau"] == tau), None)
+                      if r["variant"]["method"] == meth and _row_label(r["variant"], explicit) == tau), None)
             if r is None:
                 cells.append("not run")
                 oks.append(None)
                 continue
             ok = beats_chance(r, asr_k, r1_k)
             oks.append(ok)
-            auto = f" ({'/'.join(r['variant']['auto'])})" if r["variant"]["auto"] else ""
+            auto = (f" (τ={r['variant']['tau']})" if not tau.isdigit() else
+                    f" ({'/'.join(r['variant']['auto'])})" if r["variant"]["auto"] else "")
             cells.append((f"{dci(r['vs_random'].get(asr_k))} · {dci(r['vs_ref'].get(r1_k))}"
                           if ok is not None else f"no random control · {dci(r['vs_ref'].get(r1_k))}") + auto)
         allok = all(o is True for o in oks)
