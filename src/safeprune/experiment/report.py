@@ -103,9 +103,9 @@ def build_report(cfg: ExperimentConfig, out: Path, analysis: dict[str, Any], var
                                      "not measured — no judge configured (evaluation.judges: hf_classifier or openai)"),
              "METEOR: " + ("available" if (eval_results.get("meteor") or {}).get("available") else
                            "unavailable — " + str((eval_results.get("meteor") or {}).get("reason", "disabled"))),
-             f"generation time recorded with the {analysis.get('generations', 0)} generations (batch wall time "
-             f"shared over its prompts; what a cold run spends generating, whichever run produced them): "
-             f"{analysis.get('generation_seconds', 0) / 60:.1f} min",
+             f"generation time recorded with the {analysis.get('generations', 0)} generations (each batch's wall "
+             f"time shared over its prompts, under whatever machine load they were made; cached generations keep "
+             f"the time of the run that made them): {analysis.get('generation_seconds', 0) / 60:.1f} min",
              "stage wall times: " + ", ".join(f"{k} {v:.0f} s" for k, v in timing.items() if not k.endswith("cpu_total"))
              + (" (this run; cached stages take ~0 s)" if timing else "")]
     doc.bullets(setup)
