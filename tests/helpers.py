@@ -121,3 +121,19 @@ def dict_source(tensors: dict[str, torch.Tensor]):
             return self.t[key]
 
     return DictSource(tensors)
+
+
+def tiny_chat_tokenizer(model_dir: Path) -> None:
+    """A word-level tokenizer (w0..w120 + ChatML markers) with a chat template, saved into ``model_dir``:
+    enough for transformers' chat/generation code paths on the tiny models above."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<unk>", "<|im_start|>", "<|im_end|>", "system", "user", "assistant", "\n"] + [f"w{i}" for i in range(121)]
+    t = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    t.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    t.decoder = decoders.WordPiece()
+    ft = PreTrainedTokenizerFast(tokenizer_object=t, unk_token="<unk>", eos_token="<|im_end|>", pad_token="<|im_end|>")
+    ft.chat_template = ("{% for m in messages %}<|im_start|> {{ m['role'] }} {{ m['content'] }} <|im_end|> {% endfor %}"
+                        "{% if add_generation_prompt %}<|im_start|> assistant {% endif %}")
+    ft.save_pretrained(model_dir)

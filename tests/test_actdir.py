@@ -18,7 +18,7 @@ from safeprune.cli import app
 from safeprune.errors import UsageError
 from safeprune.selection import select
 
-from helpers import SHARED, make_adapter
+from helpers import SHARED, make_adapter, tiny_chat_tokenizer
 
 
 def _ids(n, seed, lo, hi, vocab=(3, 128)):
@@ -128,18 +128,6 @@ def test_default_probes_are_seeded_and_tuning_only():
     assert len(ps) == 8 and pinfo["format"] == "strongreject"
 
 
-def _tiny_chat_tokenizer(model_dir) -> None:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    words = ["<unk>", "<|im_start|>", "<|im_end|>", "system", "user", "assistant", "\n"] + [f"w{i}" for i in range(121)]
-    t = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    t.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    t.decoder = decoders.WordPiece()
-    ft = PreTrainedTokenizerFast(tokenizer_object=t, unk_token="<unk>", eos_token="<|im_end|>", pad_token="<|im_end|>")
-    ft.chat_template = ("{% for m in messages %}<|im_start|> {{ m['role'] }} {{ m['content'] }} <|im_end|> {% endfor %}"
-                        "{% if add_generation_prompt %}<|im_start|> assistant {% endif %}")
-    ft.save_pretrained(model_dir)
 
 
 def test_scan_act_cli_with_chat_template(tmp_path):
@@ -149,7 +137,7 @@ def test_scan_act_cli_with_chat_template(tmp_path):
     from helpers import make_model
 
     base = make_model(tmp_path / "base", "llama", layers=2)
-    _tiny_chat_tokenizer(base)
+    tiny_chat_tokenizer(base)
     adapter = make_adapter(base, tmp_path / "ad", "llama", r=2, targets=["q_proj", "o_proj"])
     tok = AutoTokenizer.from_pretrained(base)
     ids = encode(tok, ["w1 w2 w3 w4 w5 w6 w7 w8 w9 w10"], max_length=4)[0]

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import SHARED, TESTBED_MODELS, make_adapter, make_model
+from helpers import SHARED, TESTBED_MODELS, make_adapter, make_model, tiny_chat_tokenizer
 from safeprune.errors import InputError, SafepruneError, UsageError
 from safeprune.eval import compare, evaluate, load_prompts, subset
 from safeprune.eval.backends import FakeBackend, GenSettings, HFBackend
@@ -211,25 +211,13 @@ def test_parse_score():
     assert parse_score("score 7") is None
 
 
-def _tiny_tokenizer(model_dir: Path) -> None:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    words = ["<unk>", "<|im_start|>", "<|im_end|>", "system", "user", "assistant", "\n"] + [f"w{i}" for i in range(121)]
-    t = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    t.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    t.decoder = decoders.WordPiece()
-    ft = PreTrainedTokenizerFast(tokenizer_object=t, unk_token="<unk>", eos_token="<|im_end|>", pad_token="<|im_end|>")
-    ft.chat_template = ("{% for m in messages %}<|im_start|> {{ m['role'] }} {{ m['content'] }} <|im_end|> {% endfor %}"
-                        "{% if add_generation_prompt %}<|im_start|> assistant {% endif %}")
-    ft.save_pretrained(model_dir)
 
 
 @pytest.fixture(scope="module")
 def tiny_chat(tmp_path_factory):
     d = tmp_path_factory.mktemp("tinychat")
     m = make_model(d / "base", "llama", layers=2)
-    _tiny_tokenizer(m)
+    tiny_chat_tokenizer(m)
     a1 = make_adapter(m, d / "ad1", "llama", seed=1)
     a2 = make_adapter(m, d / "ad2", "llama", seed=2)
     return m, a1, a2
@@ -250,7 +238,7 @@ def test_hf_classifier_judge(tmp_path, tiny_chat):
     torch.manual_seed(0)
     clf = AutoModelForSequenceClassification.from_config(cfg)
     clf.save_pretrained(tmp_path / "clf")
-    _tiny_tokenizer(tmp_path / "clf")
+    tiny_chat_tokenizer(tmp_path / "clf")
     j = HFClassifierJudge(tmp_path / "clf")
     s = j.score_batch(["w1 w2", "w3"], ["w4 w5 w6", "w7"])
     assert all(0.0 <= x.score <= 1.0 for x in s)

@@ -214,11 +214,11 @@ def test_cli_search_tiny_model(llama_dir, llama_adapter, probes, tmp_path):
 
     import shutil
 
+    from helpers import tiny_chat_tokenizer
     from safeprune.cli import app
-    from test_eval import _tiny_tokenizer
 
     base = shutil.copytree(llama_dir, tmp_path / "base")
-    _tiny_tokenizer(base)
+    tiny_chat_tokenizer(base)
     args = ["search", llama_adapter, "--base", base, "--target-asr", "0.0", "--max-utility-drop", "100",
             "--harmful", probes[0], "--utility", probes[1], "--n-harmful", "3", "--n-utility", "2",
             "--max-new-tokens", "3", "--utility-max-new-tokens", "3", "--tau-max", "3", "-o", tmp_path / "out"]
