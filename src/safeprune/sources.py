@@ -390,6 +390,11 @@ class GGUFSource(WeightSource):
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
 
+def looks_like_hub_id(spec: str) -> bool:
+    """``owner/name`` that is not a relative or absolute path."""
+    return bool(_HUB_ID.match(spec)) and not spec.startswith((".", "/"))
+
+
 def resolve_hub_id(repo_id: str) -> Path:
     """Local snapshot directory for a hub id: the cache first; the network only if allowed."""
     try:
@@ -437,7 +442,7 @@ def open_weights(spec: str | Path | WeightSource) -> WeightSource:
         from .safety_io import check_regular_file
 
         check_regular_file(p)
-    if isinstance(spec, str) and _HUB_ID.match(spec) and not spec.startswith((".", "/")):
+    if isinstance(spec, str) and looks_like_hub_id(spec):
         snap = resolve_hub_id(spec)
         # snapshots/<rev>/file -> ../../blobs/<hash>: the repository folder is the trust root
         root = snap.parent.parent if snap.parent.name == "snapshots" else snap

@@ -122,7 +122,11 @@ class Backend:
         return self.base
 
     def model_hash(self) -> str:
-        raise NotImplementedError
+        """sha256 of the base model's files (computed once per backend)."""
+        h = getattr(self, "_hash", None)
+        if h is None:
+            h = self._hash = fingerprint_dir(self.base)
+        return h
 
     def adapter_hash(self, adapter: str | None) -> str:
         if adapter is None:
@@ -283,11 +287,6 @@ class HFBackend(Backend):
         self.model = model.eval()
         self._hash: str | None = None
 
-    def model_hash(self) -> str:
-        if self._hash is None:
-            self._hash = fingerprint_dir(self.base)
-        return self._hash
-
     def add_adapter(self, name: str, path: str | Path) -> None:
         if name in self.adapters:
             return super().add_adapter(name, path)  # same path: no-op; another path: UsageError
@@ -424,11 +423,6 @@ class VLLMBackend(Backend):
         self.requests = {n: LoRARequest(n, i + 1, str(Path(p).resolve())) for i, (n, p) in enumerate(self.adapters.items())}
         self.tokenizer = self.llm.get_tokenizer()
         self._hash: str | None = None
-
-    def model_hash(self) -> str:
-        if self._hash is None:
-            self._hash = fingerprint_dir(self.base)
-        return self._hash
 
     def add_adapter(self, name: str, path: str | Path) -> None:
         if name in self.adapters:

@@ -28,6 +28,7 @@ from typing import Any, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..errors import InputError
+from ..sources import looks_like_hub_id
 
 AUTO_TAUS = ("knee", "mad")
 PAIR_METHODS = ("safelora", "splora")
@@ -243,7 +244,7 @@ class ExperimentConfig(_Strict):
             q = Path(p).expanduser()
             if not q.is_absolute() and (root / q).exists():
                 return str((root / q).resolve())
-            if not q.is_absolute() and not _looks_like_hub_id(p):
+            if not q.is_absolute() and not looks_like_hub_id(p):
                 return str((root / q).resolve())
             return str(q) if q.is_absolute() else p
 
@@ -280,10 +281,6 @@ def expand_vars(text: str) -> str:
         raise ValueError(f"environment variable {name} is not set (in {text!r})")
 
     return re.sub(r"\$\{(\w+)(?::-([^}]*))?\}|\$(\w+)", sub, text)
-
-
-def _looks_like_hub_id(p: str) -> bool:
-    return bool(re.match(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$", p)) and not p.startswith((".", "/"))
 
 
 def load_config(path: str | Path) -> ExperimentConfig:
