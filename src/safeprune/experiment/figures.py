@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
-from ..errors import OutputError
+from ..plots import _save
 
 COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf", "#bcbd22"]
 
@@ -20,26 +19,11 @@ def _plt():
     return plt
 
 
-def _save(fig, path: Path) -> Path:
-    plt = _plt()
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.png")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise OutputError(f"cannot write the plot ({e.strerror or e})", path) from None
-    finally:
-        plt.close(fig)
-    return path
-
-
 def tau_ablation(ad: dict[str, Any], asr_key: str, util_key: str | None, path: Path, title: str) -> Path:
     """ASR (and ROUGE-1) against τ for every method, with the random control's mean and seed range."""
     plt = _plt()
     panels = [("ASR %", asr_key)] + ([("ROUGE-1", util_key)] if util_key else [])
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 3.8))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 3.8), dpi=110)
     axes = [axes] if len(panels) == 1 else list(axes)
     by_method: dict[str, list[tuple[int, dict]]] = {}
     for row in ad["rows"]:
@@ -81,7 +65,7 @@ def tradeoff(ad: dict[str, Any], asr_key: str, util_key: str, path: Path, title:
              base: dict[str, Any] | None = None) -> Path:
     """ASR against ROUGE-1 for every variant (lower-right is better)."""
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(6.4, 4.6))
+    fig, ax = plt.subplots(figsize=(6.4, 4.6), dpi=110)
     methods: list[str] = []
     for row in ad["rows"]:
         v, m = row["variant"], row["metrics"]
@@ -120,7 +104,7 @@ def tradeoff(ad: dict[str, Any], asr_key: str, util_key: str, path: Path, title:
 
 def risk_coverage(curves: dict[str, dict[str, Any]], path: Path, title: str, which: str = "rouge1") -> Path:
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(6.0, 4.2))
+    fig, ax = plt.subplots(figsize=(6.0, 4.2), dpi=110)
     for i, (label, c) in enumerate(curves.items()):
         cv = c[which]
         style = "--" if label == "base" else "-"

@@ -4,10 +4,10 @@ self-contained HTML file (PNG figures embedded)."""
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
+from ..eval.report import fmt
 from ..table import ScoreTable, write_text_atomic
 from . import figures
 from .config import ExperimentConfig
@@ -16,9 +16,8 @@ from .stages import Variant
 
 
 def _f(x: Any, nd: int = 1) -> str:
-    if x is None or (isinstance(x, float) and math.isnan(x)):
-        return "—"
-    return f"{x:.{nd}f}"
+    """A number with ``nd`` decimals (integers too); "—" for a missing or NaN value."""
+    return fmt(float(x) if isinstance(x, int) and not isinstance(x, bool) else x, nd)
 
 
 def ci(s: dict[str, Any] | None, nd: int = 1) -> str:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import UsageError
+from ..eval.report import dumps
 from ..table import write_text_atomic
 from .analysis import analyse
 from .config import ExperimentConfig, load_config
@@ -66,14 +67,14 @@ def run_experiment(config: ExperimentConfig | str | Path, out_dir: str | Path, *
     write_text_atomic(out / "variants.json", json.dumps([v.to_dict() for v in variants], indent=1))
     if stop_after == "edit":
         return RunResult(out, {}, out / "report.md", out / "report.html", timing)
-    res, sets = timed("evaluate", stage_evaluate, cfg, variants, out, log, progress, backend)
-    latency = timed("latency", stage_latency, cfg, variants, sets, out, log, backend)
+    res, sets, be = timed("evaluate", stage_evaluate, cfg, variants, out, log, progress, backend)
+    latency = timed("latency", stage_latency, cfg, variants, sets, out, log, be)
     t0 = time.perf_counter()
     analysis = analyse(res.results, res.items, variants, n_boot=cfg.evaluation.bootstrap, seed=cfg.seed)
     analysis["auto_tau"] = auto_info
     analysis["timing"] = timing
     timing["total (before the report)"] = time.perf_counter() - t_all
-    write_text_atomic(out / "analysis.json", json.dumps(_clean(analysis), indent=1, default=str))
+    write_text_atomic(out / "analysis.json", dumps(analysis))
     paths = build_report(cfg, out, analysis, variants, tables, auto_info, latency, res.results, timing,
                          command=command)
     timing.pop("total (before the report)")
@@ -81,7 +82,7 @@ def run_experiment(config: ExperimentConfig | str | Path, out_dir: str | Path, *
     timing["total"] = time.perf_counter() - t_all
     timing["cpu_total"] = time.process_time() - cpu0  # CPU seconds of this process (all threads)
     analysis["timing"] = timing
-    write_text_atomic(out / "analysis.json", json.dumps(_clean(analysis), indent=1, default=str))
+    write_text_atomic(out / "analysis.json", dumps(analysis))
     log(f"report: {paths['md']} and {paths['html']} (total {timing['total']:.0f} s)")
     return RunResult(out, analysis, paths["md"], paths["html"], timing)
 
@@ -102,14 +103,3 @@ def _check_out(out: Path, cfg: ExperimentConfig) -> None:
     if out.exists() and not out.is_dir():
         raise OutputError("exists and is not a directory", out)
 
-
-def _clean(o: Any) -> Any:
-    import math
-
-    if isinstance(o, float) and (math.isnan(o) or math.isinf(o)):
-        return None
-    if isinstance(o, dict):
-        return {str(k): _clean(v) for k, v in o.items()}
-    if isinstance(o, (list, tuple)):
-        return [_clean(v) for v in o]
-    return o

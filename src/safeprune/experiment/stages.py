@@ -367,7 +367,7 @@ def stage_evaluate(cfg: ExperimentConfig, variants: list[Variant], out: Path, lo
     gen = sum(m.get("generated_now", 0) for v in res.metrics.values() for m in v.values())
     log(f"evaluate: {len(adapters) + int(e.include_base)} variants × {len(sets)} sets, {gen} generations "
         f"made now, {time.perf_counter() - t0:.0f} s")
-    return res, sets
+    return res, sets, be
 
 
 def _make_judge(j):
@@ -393,7 +393,7 @@ def _progress_cb(log: Log):
 # -- latency ---------------------------------------------------------------------------------------
 
 def stage_latency(cfg: ExperimentConfig, variants: list[Variant], sets, out: Path, log: Log,
-                  backend=None) -> dict[str, Any] | None:
+                  backend) -> dict[str, Any] | None:
     """Batch-1 greedy generation time per new token, variants interleaved prompt by prompt (so machine
     load drifts affect all alike). Adapters stay unmerged (what a LoRA server runs)."""
     lat = cfg.latency
@@ -419,16 +419,10 @@ def stage_latency(cfg: ExperimentConfig, variants: list[Variant], sets, out: Pat
     if old and old.get("key") == json.loads(json.dumps(key, default=str)):
         log("latency: up to date")
         return old
-    from ..eval.backends import GenSettings, make_backend
+    from ..eval.backends import GenSettings
 
     e = cfg.evaluation
-    lat_adapters = {n: byname[n].path for n in names if n != "base"}
-    if callable(backend):
-        be = backend(cfg.base, lat_adapters)
-    else:
-        be = backend or make_backend(e.backend, cfg.base, lat_adapters,
-                                     **({"device": e.device, "dtype": e.dtype, "threads": e.threads}
-                                        if e.backend == "hf" else {}))
+    be = backend  # the evaluation stage's backend: the base and every variant are loaded once
     s = GenSettings(max_new_tokens=lat.max_new_tokens, batch_size=1, system_prompt=e.system_prompt)
     be.generate(prompts[:1], None, s)  # warm-up
     acc = {n: {"seconds": 0.0, "tokens": 0} for n in names}
