@@ -192,6 +192,18 @@ def test_output_inside_an_input_is_refused(world):
     with pytest.raises(OutputError, match="inside an input"):
         run_experiment(_config(world), world / "lora" / "out", backend=_factory(["x"]), progress=False,
                        log=lambda m: None)
+    assert not (world / "lora" / "out").exists()
+
+
+def test_unset_environment_variable_is_an_error(world, monkeypatch):
+    monkeypatch.delenv("SAFEPRUNE_SURELY_UNSET", raising=False)
+    p = _config(world, base="${SAFEPRUNE_SURELY_UNSET}/base")
+    with pytest.raises(InputError, match=r"exp_\d+\.yaml.*SAFEPRUNE_SURELY_UNSET is not set"):
+        load_config(p)
+    monkeypatch.setenv("SAFEPRUNE_SURELY_UNSET", str(world))
+    assert load_config(p).base == str((world / "base").resolve())
+    p = _config(world, base="${SAFEPRUNE_SURELY_UNSET_2:-" + str(world) + "}/base")
+    assert load_config(p).base == str((world / "base").resolve())
 
 
 def test_risk_coverage_curve():
