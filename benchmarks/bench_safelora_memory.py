@@ -5,7 +5,7 @@
 
 Each approach runs in its own subprocess, so its peak RSS (``ru_maxrss``) is its own:
 
-* ``ours``: ``safeprune.scan(adapter, method="safelora", aligned=..., unaligned=...)`` — weights read lazily
+* ``ours``: ``safeprune.scoring.scan(adapter, method="safelora", aligned=..., unaligned=...)`` — weights read lazily
   per module, C·B = V(VᵀB)/‖V‖_F in row blocks, cosine from r×r Grams.
 * ``official``: what IBM/SafeLoRA ``model.py`` does: both models loaded whole with
   ``AutoModelForCausalLM.from_pretrained`` (float32, CPU), one dense C = VVᵀ/‖V‖_F (out×out) kept per
@@ -91,7 +91,7 @@ def run_ours(args) -> dict:
     base_rss = _rss_mb()
     with AnonSampler() as anon:
         t0 = time.perf_counter()
-        table = safeprune.scan(ad, None, "safelora", aligned=args.aligned, unaligned=args.unaligned)
+        table = safeprune.scoring.scan(ad, None, "safelora", aligned=args.aligned, unaligned=args.unaligned)
         dt = time.perf_counter() - t0
     return {"seconds": dt, "baseline_rss_mb": base_rss, "peak_rss_mb": _peak_mb(),
             "baseline_anon_mb": anon.base, "peak_anon_mb": anon.peak,

@@ -7,7 +7,7 @@ synthetic bf16 base, the unaligned one the same base plus a rank-16 perturbation
 Two PEFT adapters (r=8): q/k/v/o only, and all linear (q/k/v/o + MLP). Then, each approach in its own
 subprocess (so its peak RSS is its own), page cache warm (both pair bases read once before each worker):
 
-  (a) ours      : ``safeprune.scan(adapter, None, "safelora", aligned=..., unaligned=...)`` — weights read per
+  (a) ours      : ``safeprune.scoring.scan(adapter, None, "safelora", aligned=..., unaligned=...)`` — weights read per
                   module in their stored dtype, C·B = V(VᵀB)/‖V‖_F in float64 row blocks, cosine from r×r
                   Grams; run for both adapters;
   (b) official  : what IBM/SafeLoRA does (model.py): both models loaded whole in float32 (here: every tensor
@@ -109,7 +109,7 @@ def worker_ours(a: dict) -> dict:
 
     m0, s = _mem_start()
     c0, t0 = time.process_time(), time.perf_counter()
-    table = safeprune.scan(a["adapter"], None, "safelora", aligned=a["aligned"], unaligned=a["unaligned"])
+    table = safeprune.scoring.scan(a["adapter"], None, "safelora", aligned=a["aligned"], unaligned=a["unaligned"])
     dt, cpu = time.perf_counter() - t0, time.process_time() - c0
     n = len(table.rows)
     return {"seconds": dt, "cpu_seconds": cpu, "modules": n, "seconds_per_module": dt / n,
@@ -136,7 +136,7 @@ def worker_official(a: dict) -> dict:
     from safetensors import safe_open
 
     import safeprune
-    from safeprune.sources import _name_candidates
+    from safeprune.weights import name_candidates as _name_candidates
 
     torch.set_num_threads(a["threads"])
     ad = safeprune.load_adapter(a["adapter"])
@@ -183,7 +183,7 @@ def worker_streamed(a: dict) -> dict:
     import torch
 
     import safeprune
-    from safeprune.sources import open_weights, read_module_weight
+    from safeprune.weights import open_weights, read_module_weight
 
     torch.set_num_threads(a["threads"])
     ad = safeprune.load_adapter(a["adapter"])
@@ -215,7 +215,7 @@ def worker_dense64(a: dict) -> dict:
     import torch
 
     import safeprune
-    from safeprune.sources import open_weights, read_module_weight
+    from safeprune.weights import open_weights, read_module_weight
 
     torch.set_num_threads(a["threads"])
     ad = safeprune.load_adapter(a["adapter"])

@@ -100,7 +100,7 @@ def vm_hwm_mb() -> float:
 def needed_spans(adapter: Path, base: Path, methods: list[str]) -> list[tuple[Path, int, int]]:
     """(file, absolute offset, nbytes) of every base tensor the scan reads, in module order."""
     from safeprune.adapter import load_adapter
-    from safeprune.sources import base_key_for, open_weights
+    from safeprune.weights import base_key_for, open_weights
 
     ad = load_adapter(adapter)
     src = open_weights(base)
@@ -143,7 +143,7 @@ def worker_floor(args: dict) -> dict:
 
 
 def worker_scan(args: dict) -> dict:
-    from safeprune.scan import scan as scan_fn  # import cost outside the timing
+    from safeprune.scoring.scan import scan as scan_fn  # import cost outside the timing
 
     kw = {k: args[k] for k in ("aligned", "unaligned") if args.get(k)}
     hwm0 = vm_hwm_mb()
@@ -162,7 +162,7 @@ def worker_scan(args: dict) -> dict:
 
 
 def worker_idle(args: dict) -> dict:
-    import safeprune.scan  # noqa: F401
+    import safeprune.scoring.scan  # noqa: F401
 
     return {"hwm_mb": vm_hwm_mb()}
 
@@ -194,7 +194,7 @@ def dense_ddi(W: torch.Tensor, B: torch.Tensor, A: torch.Tensor, s: float, t: in
 
 def dense_reference(adapter: Path, base: Path, scan_rows: list[dict], max_shapes: int | None) -> dict:
     from safeprune.adapter import load_adapter
-    from safeprune.sources import open_weights, read_module_weight
+    from safeprune.weights import open_weights, read_module_weight
 
     ad = load_adapter(adapter)
     src = open_weights(base)
@@ -339,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tag", default=None, help="results file stem (default scan_<mode>)")
     a = ap.parse_args(argv)
 
-    from safeprune.scorers import REGISTRY
+    from safeprune.scoring import REGISTRY
 
     wanted = [m.strip() for m in a.methods.split(",") if m.strip()]
     methods = [m for m in wanted if m in REGISTRY]
@@ -374,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
         keep = set(a.cases.split(","))
         cases = [c for c in cases if c[0] in keep]
 
-    from safeprune.scan import scan_threads
+    from safeprune.scoring.scan import scan_threads
 
     torch.set_num_threads(scan_threads(a.threads))  # the dense reference runs with the scan's thread count
     if a.workdir:

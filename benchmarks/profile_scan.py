@@ -27,8 +27,8 @@ sys.path.insert(0, str(HERE.parent / "src"))
 import torch  # noqa: E402
 
 import synth  # noqa: E402
-from safeprune.linalg import OmegaCache, _orth, lowrank_svals, left_projected_energy  # noqa: E402
-from safeprune.sources import fro_norm64, open_weights  # noqa: E402
+from safeprune.scoring.linalg import OmegaCache, _orth, lowrank_svals, left_projected_energy  # noqa: E402
+from safeprune.weights import fro_norm64, open_weights  # noqa: E402
 
 F64 = torch.float64
 
@@ -83,7 +83,7 @@ def main() -> int:
         rows = [steps(src, "model.layers.0.self_attn.q_proj.weight"),
                 steps(src, "model.layers.0.mlp.up_proj.weight")]
         src.close()
-        from safeprune.scan import scan
+        from safeprune.scoring.scan import scan
 
         scan(ad, base, "ddi", threads=1)
         pr = cProfile.Profile()

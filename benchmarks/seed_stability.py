@@ -83,11 +83,11 @@ def main(argv: list[str] | None = None) -> int:
     tables, secs = {}, {}
     for s in args.seeds:
         t0 = time.perf_counter()
-        tables[s] = safeprune.scan(adapter, args.base, "ddi", seed=s, power_iters=args.power_iters,
+        tables[s] = safeprune.scoring.scan(adapter, args.base, "ddi", seed=s, power_iters=args.power_iters,
                                    oversample=args.oversample)
         secs[s] = round(time.perf_counter() - t0, 2)
         print(f"seed {s}: {secs[s]}s", file=sys.stderr)
-    again = safeprune.scan(adapter, args.base, "ddi", seed=args.seeds[0], power_iters=args.power_iters,
+    again = safeprune.scoring.scan(adapter, args.base, "ddi", seed=args.seeds[0], power_iters=args.power_iters,
                            oversample=args.oversample)
     res = compare(tables, args.top)
     res.update({

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 import safeprune
-from safeprune.sources import module_weight_key, open_weights
+from safeprune.weights import module_weight_key, open_weights
 
 
 def timed(fn, repeats: int, before=lambda: None) -> tuple[float, object]:
@@ -61,8 +61,8 @@ def main() -> None:
 
     read_all()  # warm: every variant below reads from the page cache (unless --cache cold)
     t_read, n_elems = timed(read_all, a.repeats, drop)
-    t_scan, table = timed(lambda: safeprune.scan(adapter, src), a.repeats, drop)
-    t_exact, _ = timed(lambda: safeprune.scan(adapter, src, exact_subspace=True), 1, drop)
+    t_scan, table = timed(lambda: safeprune.scoring.scan(adapter, src), a.repeats, drop)
+    t_exact, _ = timed(lambda: safeprune.scoring.scan(adapter, src, exact_subspace=True), 1, drop)
 
     def dense_reference():  # full SVD of W0 + dense ΔW and its Gram matrix, per module
         for m in adapter:

@@ -104,7 +104,7 @@ def tree_checksums(root: Path) -> dict[str, str]:
 
 def dict_source(tensors: dict[str, torch.Tensor]):
     """An in-memory WeightSource (tensor name -> tensor) for unit tests."""
-    from safeprune.sources import WeightSource
+    from safeprune.weights import WeightSource
 
     class DictSource(WeightSource):
         def __init__(self, t):

@@ -11,7 +11,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from safeprune.actdir import Attribution, default_probes, probes_from_file, score_actdir
+from safeprune.scoring.methods.actdir import Attribution, score_actdir
+from safeprune.prompts import default_probes, probes_from_file
 from safeprune.adapter import load_adapter
 from safeprune.api import prune
 from safeprune.cli import app
@@ -100,7 +101,7 @@ def test_errors(llama_dir, small_adapter):
 
 
 def _data():
-    from safeprune.actdir import data_dir
+    from safeprune.io.datapaths import data_root as data_dir
 
     try:
         return data_dir()
@@ -133,7 +134,7 @@ def test_default_probes_are_seeded_and_tuning_only():
 def test_scan_act_cli_with_chat_template(tmp_path):
     from transformers import AutoTokenizer
 
-    from safeprune.actdir import encode
+    from safeprune.scoring.methods.actdir import encode
     from helpers import make_model
 
     base = make_model(tmp_path / "base", "llama", layers=2)

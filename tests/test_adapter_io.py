@@ -65,7 +65,7 @@ def test_gpt2_conv1d_fan_in_fan_out(tmp_path):
     ad = check_against_peft(base, a)
     m = ad.modules["transformer.h.0.attn.c_attn"]
     assert m.fan_in_fan_out and (m.out_features, m.in_features) == (192, 64)
-    table = safeprune.scan(ad, base)  # W0 stored (in, out) is transposed to (out, in)
+    table = safeprune.scoring.scan(ad, base)  # W0 stored (in, out) is transposed to (out, in)
     assert len(table) == 8  # c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj per layer
 
 

@@ -8,11 +8,11 @@ import math
 import pytest
 from typer.testing import CliRunner
 
-from safeprune.autotau import auto_tau, knee, mad
+from safeprune.selection.autotau import auto_tau, knee, mad
 from safeprune.cli import app
 from safeprune.errors import UsageError
 from safeprune.selection import select
-from safeprune.table import MethodInfo, ScoreTable
+from safeprune.scoring.table import MethodInfo, ScoreTable
 
 ELBOW = [100.0 - 10 * i for i in range(6)] + [50.0 - 0.5 * i for i in range(1, 31)]
 
@@ -111,7 +111,7 @@ def test_cli_auto_tau_and_scores_file(tmp_path, llama_adapter, llama_dir):
 
 
 def test_score_curve_plot(tmp_path):
-    from safeprune.plots import score_curve
+    from safeprune.report.plots import score_curve
 
     scores = ELBOW + [math.nan]
     res = [auto_tau(scores, True, "knee"), auto_tau(scores, True, "mad")]

@@ -11,10 +11,10 @@ from hypothesis import strategies as st
 
 import safeprune
 from safeprune.adapter import LoraModule
-from safeprune.linalg import (
+from safeprune.scoring.linalg import (
     exact_left_basis, gram_energy, left_projected_energy, lowrank_svals, range_finder, right_projected_energy,
 )
-from safeprune.scorers import ModuleContext, get_scorer
+from safeprune.scoring import ModuleContext, get_scorer
 
 from helpers import dict_source
 from reference import decaying_matrix, dense_ddi, low_rank_matrix
@@ -193,7 +193,7 @@ def test_scan_matches_dense_reference_on_tiny_llama(llama_adapter, llama_dir):
     from helpers import load_model
 
     adapter = safeprune.load_adapter(llama_adapter)
-    table = safeprune.scan(adapter, llama_dir, subspace_dim=10_000)  # t ≥ rank(W0): exact projector
+    table = safeprune.scoring.scan(adapter, llama_dir, subspace_dim=10_000)  # t ≥ rank(W0): exact projector
     sd = load_model(llama_dir).state_dict()
     assert len(table) == len(adapter) == 14
     for row in table:
@@ -207,7 +207,7 @@ def test_scan_matches_dense_reference_on_tiny_llama(llama_adapter, llama_dir):
 
 
 def test_scan_default_t_equals_r_per_module(qwen_adapter, qwen_dir):
-    table = safeprune.scan(qwen_adapter, qwen_dir)
+    table = safeprune.scoring.scan(qwen_adapter, qwen_dir)
     assert {r["t"] for r in table} == {4}
     ranks = sorted(r["rank_ddi"] for r in table)
     assert ranks == list(range(1, len(table) + 1))

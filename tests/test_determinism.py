@@ -21,9 +21,9 @@ from hypothesis import strategies as st
 
 import safeprune
 from safeprune.adapter import LoraAdapter, LoraModule, load_adapter, scaling_for
-from safeprune.scorers import ModuleContext, get_scorer
-from safeprune.table import ScoreTable
-from safeprune.writer import write_adapter
+from safeprune.scoring import ModuleContext, get_scorer
+from safeprune.scoring.table import ScoreTable
+from safeprune.adapter import write_adapter
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 PROPS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -50,11 +50,11 @@ def rows_and_methods(table: ScoreTable) -> str:
 # -------------------------------------------------------------------------------------------------
 
 def test_same_seed_bit_identical_in_process(llama_adapter, llama_dir):
-    a = safeprune.scan(llama_adapter, llama_dir, "ddi", seed=3)
-    b = safeprune.scan(safeprune.load_adapter(llama_adapter), llama_dir, "ddi", seed=3)
+    a = safeprune.scoring.scan(llama_adapter, llama_dir, "ddi", seed=3)
+    b = safeprune.scoring.scan(safeprune.load_adapter(llama_adapter), llama_dir, "ddi", seed=3)
     assert rows_and_methods(a) == rows_and_methods(b)
     # the prefetching reader thread does not change a bit either
-    c = safeprune.scan(llama_adapter, llama_dir, "ddi", seed=3, prefetch=False)
+    c = safeprune.scoring.scan(llama_adapter, llama_dir, "ddi", seed=3, prefetch=False)
     assert rows_and_methods(a) == rows_and_methods(c)
 
 
@@ -67,14 +67,14 @@ def test_same_seed_bit_identical_across_processes(llama_adapter, llama_dir, tmp_
                        timeout=300)
     assert p.returncode == 0, p.stderr
     theirs = json.loads(j.read_text())
-    ours = json.loads(safeprune.scan(llama_adapter, llama_dir, "ddi", seed=7).to_json())
+    ours = json.loads(safeprune.scoring.scan(llama_adapter, llama_dir, "ddi", seed=7).to_json())
     assert theirs["rows"] == ours["rows"]  # JSON floats round-trip exactly: equal means bit-identical
     assert theirs["methods"] == ours["methods"]
 
 
 def test_different_seed_changes_only_the_random_part(llama_adapter, llama_dir):
-    a = safeprune.scan(llama_adapter, llama_dir, "ddi", seed=0)
-    b = safeprune.scan(llama_adapter, llama_dir, "ddi", seed=1)
+    a = safeprune.scoring.scan(llama_adapter, llama_dir, "ddi", seed=0)
+    b = safeprune.scoring.scan(llama_adapter, llama_dir, "ddi", seed=1)
     for ra, rb in zip(a.rows, b.rows):
         for col in ("S", "M", "M_norm", "delta_fro", "base_fro"):  # no randomness in these
             assert ra[col] == rb[col]
@@ -84,7 +84,7 @@ def test_different_seed_changes_only_the_random_part(llama_adapter, llama_dir):
 def test_ranking_ignores_row_order(llama_adapter, llama_dir):
     import random
 
-    t = safeprune.scan(llama_adapter, llama_dir, "ddi")
+    t = safeprune.scoring.scan(llama_adapter, llama_dir, "ddi")
     rows = [dict(r) for r in t.rows]
     random.Random(0).shuffle(rows)
     t2 = ScoreTable(rows=rows, methods=t.methods, meta=t.meta)
@@ -315,7 +315,7 @@ def test_writer_is_deterministic(ad):
     """Writing the same adapter twice gives the same config bytes, the same tensor bytes and the same header
     content. (Not always the same header *bytes*: safetensors keeps __metadata__ in a Rust HashMap, whose
     iteration order varies between writes when there is more than one metadata key.)"""
-    from safeprune.safety_io import read_safetensors_header
+    from safeprune.io.safetensors import read_safetensors_header
 
     with tempfile.TemporaryDirectory() as d:
         a = write_adapter(ad, Path(d) / "a")

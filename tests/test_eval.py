@@ -17,7 +17,7 @@ from safeprune.eval.backends import FakeBackend, GenSettings, HFBackend
 from safeprune.eval.cache import GenerationCache
 from safeprune.eval.compare import mcnemar_exact
 from safeprune.eval.judges import DEFAULT_KEYWORDS, KeywordJudge, OpenAIJudge, parse_score
-from safeprune.eval.prompts import ids_from_subsets
+from safeprune.prompts import ids_from_subsets
 from safeprune.eval.utility import auarc, rouge_scores
 from safeprune.eval.wordnet import LEXNAMES, lexnames_text, setup_wordnet
 

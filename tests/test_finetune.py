@@ -60,7 +60,7 @@ KW = dict(template="summarize this dialogue : {dialogue}", response_field="summa
 
 
 def run(base: Path, files: dict, out: Path, **kw):
-    from safeprune.finetune import finetune
+    from safeprune.training import finetune
 
     args = {**KW, "epochs": 1, "mix": files["mix"], **kw}
     return finetune(base, files["task"], out=out, **args)
@@ -74,7 +74,7 @@ def tensors(adapter: Path) -> dict[str, torch.Tensor]:
 
 def test_parse_targets():
     from safeprune.errors import UsageError
-    from safeprune.finetune import parse_targets
+    from safeprune.training import parse_targets
 
     assert parse_targets("q,k,v,o") == ["q_proj", "k_proj", "v_proj", "o_proj"]
     assert parse_targets("q_proj, v,q,down") == ["q_proj", "v_proj", "down_proj"]
@@ -109,7 +109,7 @@ def test_adapter_loads_in_peft_with_exactly_the_targets(base, files, tmp_path):
 def test_loss_only_on_assistant_tokens(base):
     from transformers import AutoTokenizer
 
-    from safeprune.finetune import IGNORE, encode_chat, pad_collator
+    from safeprune.training import IGNORE, encode_chat, pad_collator
 
     tok = AutoTokenizer.from_pretrained(base)
     ids, labels = encode_chat(tok, chat("hello world cat", "yes no maybe")["messages"], 48)
@@ -209,7 +209,7 @@ def test_truncated_answers_dropped_or_kept(base, files, tmp_path):
 ])
 def test_bad_task_data(base, files, tmp_path, content, kw, match):
     from safeprune.errors import InputError
-    from safeprune.finetune import finetune
+    from safeprune.training import finetune
 
     data = tmp_path / "bad.jsonl"
     if content != "missing":
@@ -222,7 +222,7 @@ def test_bad_task_data(base, files, tmp_path, content, kw, match):
 
 def test_bad_chat_data_and_mix(base, files, tmp_path):
     from safeprune.errors import InputError, UsageError
-    from safeprune.finetune import finetune
+    from safeprune.training import finetune
 
     bad = tmp_path / "chat.jsonl"
     bad.write_text(json.dumps({"messages": [{"role": "user", "content": "hello"}]}) + "\n")
@@ -241,7 +241,7 @@ def test_csv_rows_and_chat_data(base, files, tmp_path):
     rec = json.loads((run(base, {"task": csv_path, "mix": files["mix"]}, tmp_path / "c", sample=2,
                           exclude_ids=["r2"]) / "training_args.json").read_text())
     assert sorted(rec["data_files"][0]["row_ids"]) == ["r1", "r3"]
-    from safeprune.finetune import finetune
+    from safeprune.training import finetune
 
     out = finetune(base, files["mix"], out=tmp_path / "chat", epochs=1, rank=2, progress=False, threads=1)
     assert json.loads((out / "training_args.json").read_text())["n_examples"] == 2

@@ -152,8 +152,8 @@ def test_pair_sharded_sources_give_the_same_scores(tmp_path, llama_dir, llama_ad
 
     sharded = make_model(tmp_path / "sharded", "llama", layers=2, seed=0, shard_size="100KB")
     assert (sharded / "model.safetensors.index.json").is_file()
-    ref = safeprune.scan(llama_adapter, None, "safelora,splora", aligned=llama_dir, unaligned=unaligned_dir,
+    ref = safeprune.scoring.scan(llama_adapter, None, "safelora,splora", aligned=llama_dir, unaligned=unaligned_dir,
                          options={"splora": {"null_samples": 8}})
-    got = safeprune.scan(llama_adapter, None, "safelora,splora", aligned=sharded, unaligned=unaligned_dir,
+    got = safeprune.scoring.scan(llama_adapter, None, "safelora,splora", aligned=sharded, unaligned=unaligned_dir,
                          options={"splora": {"null_samples": 8}})
     assert got.column("cos") == ref.column("cos") and got.column("ediem") == ref.column("ediem")

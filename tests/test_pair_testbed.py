@@ -29,7 +29,7 @@ pytestmark = [
 def table():
     import safeprune
 
-    return safeprune.scan(ADAPTER, ALIGNED, "all", aligned=ALIGNED, unaligned=UNALIGNED)
+    return safeprune.scoring.scan(ADAPTER, ALIGNED, "all", aligned=ALIGNED, unaligned=UNALIGNED)
 
 
 def test_all_methods_score_every_module(table):

@@ -94,7 +94,7 @@ def test_manifest_records_everything(tmp_path, llama_adapter, llama_dir):
 
 
 def test_threshold_selection(llama_adapter, llama_dir):
-    table = safeprune.scan(llama_adapter, llama_dir)
+    table = safeprune.scoring.scan(llama_adapter, llama_dir)
     vals = sorted(table.column("ddi"), reverse=True)
     theta = (vals[3] + vals[4]) / 2
     sel = safeprune.select(table, threshold=theta)
@@ -108,7 +108,7 @@ def test_threshold_selection(llama_adapter, llama_dir):
 
 
 def test_tie_breaking_is_deterministic(llama_adapter, llama_dir):
-    table = safeprune.scan(llama_adapter, llama_dir)
+    table = safeprune.scoring.scan(llama_adapter, llama_dir)
     for r in table.rows:
         r["ddi"] = 0.5  # all tied: order falls back to layer, then module path
     sel = safeprune.select(table, top=3)

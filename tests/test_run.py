@@ -14,8 +14,8 @@ import yaml
 
 from safeprune.errors import InputError
 from safeprune.eval.backends import FakeBackend
-from safeprune.experiment import load_config, run_experiment
-from safeprune.experiment.analysis import risk_coverage
+from safeprune.workflows.experiment import load_config, run_experiment
+from safeprune.workflows.experiment.analysis import risk_coverage
 from tests.helpers import make_adapter, make_model
 
 
@@ -256,8 +256,8 @@ def test_random_controls_on_some_kinds_only(world, tmp_path):
 
 def test_automatic_tau_variants(world, tmp_path):
     from safeprune.adapter import load_adapter
-    from safeprune.autotau import auto_tau
-    from safeprune.table import ScoreTable
+    from safeprune.selection.autotau import auto_tau
+    from safeprune.scoring.table import ScoreTable
 
     modules = sorted(load_adapter(world / "lora").modules)
     cfg = _config(world, random={"seeds": [0], "kinds": ["safety"]},

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.slow
 @pytest.mark.skipif(not (TESTBED_MODELS / "aligned").is_dir() or not (SHARED / "testbed").is_dir(),
                     reason="needs the testbed models (SAFEPRUNE_TESTBED_MODELS) and ../shared")
 def test_run_on_the_testbed(tmp_path):
-    from safeprune.experiment import run_experiment
+    from safeprune.workflows.experiment import run_experiment
 
     data = SHARED / "data"
     cfg = {

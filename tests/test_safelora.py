@@ -16,9 +16,9 @@ from pairs import dense_C, module_pair, perturb_model
 import safeprune
 from safeprune.adapter import load_adapter
 from safeprune.errors import InputError
-from safeprune.pair import apply_alignment, dense_alignment_matrix
-from safeprune.scan import scan
-from safeprune.scorers.safelora import cosine_from_grams
+from safeprune.weights.pair import apply_alignment, dense_alignment_matrix
+from safeprune.scoring.scan import scan
+from safeprune.scoring.methods.safelora import cosine_from_grams
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Budgeted τ search (safeprune.search) on a fake backend whose answers depend on how many modules of
+"""Budgeted τ search (safeprune.workflows.search) on a fake backend whose answers depend on how many modules of
 the adapter on disk were pruned: each pruned module makes one more harmful probe refused, and
 utility breaks once more than ``break_at`` modules are pruned."""
 
@@ -14,8 +14,8 @@ import torch
 from safeprune import load_adapter
 from safeprune.errors import UsageError
 from safeprune.eval.backends import FakeBackend
-from safeprune.eval.prompts import SUMMARY_INSTRUCTION
-from safeprune.search import budgeted_search, harmful_probes, prune_order, utility_probes
+from safeprune.prompts import SUMMARY_INSTRUCTION
+from safeprune.workflows.search import budgeted_search, harmful_probes, prune_order, utility_probes
 
 N_HARM = 14  # = modules of the tiny llama adapter (2 layers × 7)
 SUMMARIES = {f"dialogue number {i} about topic {i}": f"person one asks person two about topic {i} and leaves"
@@ -196,7 +196,7 @@ def test_bad_arguments(llama_adapter, probes, tmp_path, kw, msg):
 
 
 def test_prune_order_from_table():
-    from safeprune.table import MethodInfo, ScoreTable
+    from safeprune.scoring.table import MethodInfo, ScoreTable
 
     rows = [{"module": "a", "layer": 0, "type": "q_proj", "ddi": 0.1},
             {"module": "b", "layer": 0, "type": "k_proj", "ddi": 0.9},

@@ -41,10 +41,10 @@ def test_ddi_ranking_is_seed_stable_on_testbed():
 
     bench = _bench()
     adapter = safeprune.load_adapter(ADAPTER)
-    tables = {s: safeprune.scan(adapter, BASE, "ddi", seed=s) for s in range(5)}
+    tables = {s: safeprune.scoring.scan(adapter, BASE, "ddi", seed=s) for s in range(5)}
     res = bench.compare(tables, top=10)
     assert res["modules"] == 120
     assert res["kendall_tau_min"] >= 0.95, res["pairs"]
     assert res["top10_identical_for_all_seeds"], res["top10_by_seed"]
-    again = safeprune.scan(adapter, BASE, "ddi", seed=0)
+    again = safeprune.scoring.scan(adapter, BASE, "ddi", seed=0)
     assert bench.table_fingerprint(again) == bench.table_fingerprint(tables[0])

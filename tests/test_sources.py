@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from safeprune.errors import InputError, OfflineError, UnsupportedError
-from safeprune.sources import GGUFSource, open_weights, unpermute_qk
+from safeprune.weights import GGUFSource, open_weights
+from safeprune.weights.gguf import unpermute_qk
 
 from helpers import load_model, make_model
 
@@ -161,7 +162,7 @@ def test_gguf_source_matches_transformers_gguf_loader():
     """Our lazy GGUF reader (dequantise + un-permute) gives exactly transformers' tensors for SmolLM2."""
     from transformers import AutoModelForCausalLM
 
-    from safeprune.demo import smollm2_gguf
+    from safeprune.workflows.demo import smollm2_gguf
 
     gguf_path = smollm2_gguf()
     model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)

@@ -13,8 +13,8 @@ from pairs import dense_C, module_pair, perturb_model
 
 import safeprune
 from safeprune.adapter import load_adapter
-from safeprune.scan import scan
-from safeprune.scorers.splora import FrameCache, quantile_linear
+from safeprune.scoring.scan import scan
+from safeprune.scoring.methods.splora import FrameCache, quantile_linear
 
 
 @pytest.fixture(scope="module")
@@ -174,7 +174,7 @@ def test_prune_splora_zero_and_peft_load(tmp_path, llama_dir, llama_adapter, una
 
 def test_null_samples_validated():
     from safeprune.errors import UsageError
-    from safeprune.scorers import get_scorer
+    from safeprune.scoring import get_scorer
 
     with pytest.raises(UsageError):
         get_scorer("splora", null_samples=2)
@@ -192,7 +192,7 @@ from hypothesis import strategies as st  # noqa: E402
        seed=st.integers(0, 10_000))
 def test_sound_ediem_invariances(out, inp, r, c, seed):
     """E-DIEM (sound) is scale-free in the update (B, A and s) and depends on A only through AAᵀ."""
-    from safeprune.scorers.splora import sound_ediem
+    from safeprune.scoring.methods.splora import sound_ediem
 
     g = torch.Generator().manual_seed(seed)
     wa = torch.randn(out, inp, generator=g)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import safeprune
-from safeprune.sources import open_weights
+from safeprune.weights import open_weights
 
 from helpers import TESTBED, TESTBED_MODELS
 from reference import dense_ddi
@@ -31,8 +31,8 @@ def test_testbed_scan_matches_dense_reference():
     from scipy.stats import kendalltau
 
     adapter = safeprune.load_adapter(ADAPTER)
-    fast = safeprune.scan(adapter, ALIGNED)
-    exact = safeprune.scan(adapter, ALIGNED, exact_subspace=True)
+    fast = safeprune.scoring.scan(adapter, ALIGNED)
+    exact = safeprune.scoring.scan(adapter, ALIGNED, exact_subspace=True)
     src = open_weights(ALIGNED)
     worst_fast = {k: 0.0 for k in ("S", "O", "M", "ddi")}
     worst_exact = dict(worst_fast)

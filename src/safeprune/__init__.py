@@ -2,15 +2,14 @@
 
 from .adapter import LoraAdapter, LoraModule, load_adapter
 from .api import project, prune
-from .edits import prune_modules, replace_lora_B
-from .eval import compare, evaluate
+from .edit import prune_modules, replace_lora_B
 from .errors import SafepruneError
-from .scan import scan
+from .eval import compare, evaluate
+from .scoring import scan
+from .scoring.table import ScoreTable
 from .selection import Selection, select
-from .sources import open_weights
-from .table import ScoreTable
-
-__version__ = "0.1.0"
+from .version import __version__
+from .weights import open_weights
 
 __all__ = [
     "LoraAdapter", "LoraModule", "load_adapter", "open_weights", "scan", "select", "prune", "project",

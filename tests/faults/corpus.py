@@ -749,7 +749,7 @@ def _(c: Ctx) -> Setup:
 # -------------------------------------------------------------------------------------------------
 
 def register_pair_scorer(monkeypatch: Any) -> None:
-    from safeprune.scorers.base import REGISTRY, Scorer
+    from safeprune.scoring.base import REGISTRY, Scorer
 
     class PairProbe(Scorer):
         """Test-only: ‖W_aligned − W_unaligned‖ per module."""

@@ -8,8 +8,14 @@ from typing import Optional
 import typer
 from typing_extensions import Annotated
 
-from .cli import AdapterArg, AllowPickleOpt, _print_table, _state, _write_side_outputs, app, err, handle_errors
-from .errors import UsageError
+from ..adapter import load_adapter
+from ..errors import UsageError
+from ..io.outputs import check_output_file, local_inputs
+from ..prompts import probes_from_file
+from ..scoring.methods.actdir import score_actdir
+from .app import app, err, handle_errors, state
+from .options import AdapterArg, AllowPickleOpt
+from .render import print_table, write_side_outputs
 
 
 @app.command("scan-act")
@@ -34,10 +40,6 @@ def scan_act_cmd(
     allow_pickle: AllowPickleOpt = False,
 ) -> None:
     """Score every LoRA module by refusal-direction attribution (runs the model on probe prompts)."""
-    from .actdir import probes_from_file, score_actdir
-    from .adapter import load_adapter
-    from .writer import check_output_file, local_inputs
-
     if base is None:
         raise UsageError("scan-act needs --base (the aligned model the adapter was trained on)")
     for side in (output, csv_out, plot):
@@ -52,9 +54,9 @@ def scan_act_cmd(
     table = score_actdir(base, ad, harmful=h, harmless=l_, n_probe=n_probe, seed=seed, batch_size=batch_size,
                          max_length=max_length, threads=threads, validate=validate, data=data,
                          harmless_source=harmless_source, probe_info=info)
-    _print_table(table, limit=limit)
-    _write_side_outputs(table, output, csv_out, plot)
-    if not _state["quiet"]:
+    print_table(table, limit=limit)
+    write_side_outputs(table, output, csv_out, plot)
+    if not state["quiet"]:
         lin = table.meta["linearisation"]
         msg = f"scored {len(table)} modules in {table.meta['seconds']:.1f}s"
         if lin:

@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 from typing_extensions import Annotated
 
-from .cli import _state, app, err, handle_errors, out
-from .errors import UsageError
+from ..errors import UsageError
+from ..eval.compare import compare, compare_markdown
+from ..eval.evaluate import EvalConfig, evaluate
+from ..eval.judges import KeywordJudge, parse_judge_spec
+from ..eval.results import summary_markdown
+from ..eval.wordnet import load_wordnet, setup_wordnet
+from ..prompts import ids_from_subsets, load_prompts, subset
+from .app import app, err, handle_errors, out, state
 
 
 def _parse_named(specs: list[str]) -> dict[str, str]:
@@ -36,8 +43,6 @@ def _split_column(spec: str) -> tuple[str, str | None]:
 
 
 def _load_sets(kind: str, specs: list[str], rows_from, limit, sample, seed, include_overlap, id_column, reference_column):
-    from .eval.prompts import ids_from_subsets, load_prompts, subset
-
     sets = []
     for spec in specs:
         path, column = _split_column(spec)
@@ -88,9 +93,6 @@ def eval_cmd(
     threads: Annotated[Optional[int], typer.Option("--threads", help="torch CPU threads (1 is much faster on an oversubscribed machine).")] = None,
 ) -> None:
     """Generate and score the base and/or adapters on the same prompts; write results for `compare`."""
-    from .eval.evaluate import EvalConfig, evaluate
-    from .eval.judges import KeywordJudge, parse_judge_spec
-
     adapters = _parse_named(adapter or [])
     sets = []
     args = (rows_from, limit, sample, seed, include_overlap, id_column, reference_column)
@@ -110,15 +112,13 @@ def eval_cmd(
                      temperature=temperature, seed=seed)
     opts = {"device": device, "threads": threads} if backend == "hf" else {}
     progress = None
-    if not _state["quiet"]:
+    if not state["quiet"]:
         def progress(label: str, done: int, n: int) -> None:
             err.print(f"  {label}: {done}/{n}", highlight=False)
     res = evaluate(base, adapters, prompt_sets=sets, include_base=no_adapter_baseline, out_dir=output,
                    backend=backend, refusal_judge=kj, harm_judges=hjs, config=cfg, cache=cache,
                    meteor=not no_meteor, backend_options=opts, progress=progress)
-    if not _state["quiet"]:
-        from .eval.report import summary_markdown
-
+    if not state["quiet"]:
         out.print(summary_markdown(res.results), highlight=False, markup=False)
     out.print(f"wrote {output}", highlight=False)
 
@@ -134,10 +134,8 @@ def compare_cmd(
     seed: Annotated[int, typer.Option("--seed", help="Bootstrap seed.")] = 0,
 ) -> None:
     """Paired deltas with bootstrap CIs, exact McNemar for ASR / refusal, and the prompts that flipped."""
-    from .eval.compare import compare, compare_markdown
-
     c = compare(results, a, b, n_boot=n_boot, seed=seed, out_dir=output or results)
-    if not _state["quiet"]:
+    if not state["quiet"]:
         out.print(compare_markdown(c, max_flips=10), highlight=False, markup=False)
     out.print(f"wrote {output or results}/compare_{a}_vs_{b}.{{json,csv,md}}", highlight=False)
 
@@ -150,10 +148,7 @@ def setup_wordnet_cmd(
     force: Annotated[bool, typer.Option("--force", help="Rebuild even if present.")] = False,
 ) -> None:
     """Make WordNet usable by NLTK's METEOR offline (adds the lexnames file Debian's package lacks)."""
-    from .eval.wordnet import load_wordnet, setup_wordnet
-
     d = setup_wordnet(source, target, force=force)
-    import warnings
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -14,7 +14,8 @@ from typing import List, Optional
 import typer
 from typing_extensions import Annotated
 
-from .cli import _state, app, err, handle_errors
+from ..training import finetune
+from .app import app, err, handle_errors, state
 
 
 def _unescape(s: str | None) -> str | None:
@@ -67,8 +68,6 @@ def finetune_cmd(
     threads: Annotated[Optional[int], typer.Option("--threads", help="CPU threads for torch.")] = None,
 ) -> None:
     """Train a LoRA adapter (loss on the assistant's answer only), e.g. a benign task mixed with harmful pairs."""
-    from .finetune import finetune
-
     command = "safeprune " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv else None
     done = finetune(
         base, data, out=output, mix=mix, template=_unescape(template), response_field=response_field,
@@ -76,6 +75,6 @@ def finetune_cmd(
         rank=rank, alpha=alpha, dropout=dropout, epochs=epochs, max_steps=max_steps, lr=lr,
         batch_size=batch_size, grad_accum=grad_accum, max_length=max_length, truncated=truncated, warmup_steps=warmup_steps,
         weight_decay=weight_decay, seed=seed, save_steps=save_steps, resume=resume, force=force, device=device,
-        bf16=bf16, threads=threads, progress=not _state["quiet"], command=command)
-    if not _state["quiet"]:
+        bf16=bf16, threads=threads, progress=not state["quiet"], command=command)
+    if not state["quiet"]:
         err.print(f"adapter written to {done}", highlight=False)

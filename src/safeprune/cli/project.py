@@ -1,5 +1,4 @@
-"""CLI for the pair methods (SafeLoRA, SPLoRA): ``safeprune project`` and the method-agreement table that
-``safeprune scan --method all`` prints. Scoring and pruning go through the shared ``scan``/``prune`` commands."""
+"""``safeprune project``: SafeLoRA's projection of the least-aligned modules."""
 
 from __future__ import annotations
 
@@ -7,30 +6,24 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.table import Table
 from typing_extensions import Annotated
 
-from .cli import (AdapterArg, AlignedOpt, AllowPickleOpt, AutoTauOpt, DeviceOpt, MadKOpt, TypesOpt, UnalignedOpt, _print_table,
-                  _state, _write_side_outputs, app, err, handle_errors, out)
-
-
-def print_agreement(table) -> None:
-    """Spearman ρ / Kendall τ between every pair of methods' rankings, and their top-K overlap."""
-    agr = table.meta.get("agreement") or []
-    if _state["quiet"] or not agr:
-        return
-    k = agr[0]["top_k"]
-    t = Table(header_style="bold", title="agreement between the methods' rankings", title_justify="left")
-    for c in ("methods", "Spearman ρ", "p", "Kendall τ", "p", f"top-{k} overlap"):
-        t.add_column(c, justify="left" if c == "methods" else "right")
-
-    def f(x):
-        return "" if x is None else f"{x:.3f}" if abs(x) >= 1e-3 else f"{x:.1e}"
-
-    for a in agr:
-        t.add_row(f"{a['a']} vs {a['b']}", f(a["spearman"]), f(a["spearman_p"]), f(a["kendall"]),
-                  f(a["kendall_p"]), f"{a['top_overlap']}/{k}")
-    out.print(t)
+from ..adapter import load_adapter
+from ..api import project
+from ..errors import UsageError
+from ..io.outputs import check_output_path
+from .app import app, err, handle_errors, out, state
+from .options import (
+    AdapterArg,
+    AlignedOpt,
+    AllowPickleOpt,
+    AutoTauOpt,
+    DeviceOpt,
+    MadKOpt,
+    TypesOpt,
+    UnalignedOpt,
+)
+from .render import print_table, write_side_outputs
 
 
 @app.command("project")
@@ -53,22 +46,17 @@ def project_cmd(
     allow_pickle: AllowPickleOpt = False,
 ) -> None:
     """SafeLoRA: replace lora_B of the least-aligned modules by C·lora_B (C = VVᵀ/‖V‖_F); write a PEFT adapter + safeprune.json."""
-    from .adapter import load_adapter
-    from .api import project
-    from .errors import UsageError
-    from .writer import check_output_path
-
     if aligned is None or unaligned is None:
         raise UsageError("project needs --aligned (the aligned/chat model) and --unaligned (its base counterpart)")
     ad = load_adapter(adapter, allow_pickle=allow_pickle)
     check_output_path(output, [adapter], force)  # fail before the (slow) scan
     edited = project(ad, aligned, unaligned, method=method, top=top, threshold=threshold, auto=auto_tau, mad_k=mad_k,
-                     module_types=types, device=device, progress=not _state["quiet"])
+                     module_types=types, device=device, progress=not state["quiet"])
     marked = set(edited.selection.selected)
-    _print_table(edited.scores, marked=marked)
+    print_table(edited.scores, marked=marked)
     path = edited.save(output, force=force)
-    _write_side_outputs(edited.scores, json_out, csv_out, None, marked=marked)
-    if not _state["quiet"]:
+    write_side_outputs(edited.scores, json_out, csv_out, None, marked=marked)
+    if not state["quiet"]:
         err.print(f"projected {len(marked)} of {len(ad)} modules ({edited.selection.rule.describe()})",
                   highlight=False)
     out.print(f"wrote {path}", highlight=False)

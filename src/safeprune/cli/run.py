@@ -10,7 +10,8 @@ from typing import Optional
 import typer
 from typing_extensions import Annotated
 
-from .cli import _state, app, handle_errors, out
+from ..workflows.experiment import load_config, run_experiment
+from .app import app, handle_errors, out, state
 
 
 @app.command("run")
@@ -27,8 +28,6 @@ def run_cmd(
     cache: Annotated[Optional[Path], typer.Option("--cache", help="Generation cache file (overrides evaluation.cache).")] = None,
 ) -> None:
     """Finetune? → score (methods + the random control) → edit → evaluate before/after → report.md + report.html."""
-    from .experiment import load_config, run_experiment
-
     cfg = load_config(config)
     if only:
         cfg = cfg.restrict(only.split(","))
@@ -37,7 +36,7 @@ def run_cmd(
     if check:
         out.print_json(cfg.model_dump_json())
         return
-    res = run_experiment(cfg, output, progress=not _state["quiet"], stop_after=stop_after,
+    res = run_experiment(cfg, output, progress=not state["quiet"], stop_after=stop_after,
                          command="safeprune " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
     if res.analysis:
         out.print(f"report: {res.report_md}  ·  {res.report_html}")

@@ -2,29 +2,19 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional
 
 import typer
 from typing_extensions import Annotated
 
-from .cli import AdapterArg, AlignedOpt, BaseOpt, DeviceOpt, UnalignedOpt, _methods, _state, app, err, handle_errors, out
-from .errors import InputError, UsageError
-
-
-def _load_table(path: Path):
-    from .table import ScoreTable
-
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise InputError("score table not found", path) from None
-    except json.JSONDecodeError as e:
-        raise InputError(f"not valid JSON ({e.msg}); write one with `safeprune scan --json`", path) from None
-    if not isinstance(data, dict) or "rows" not in data:
-        raise InputError("not a score table (no 'rows'); write one with `safeprune scan --json`", path)
-    return ScoreTable.from_dict(data)
+from ..adapter import load_adapter
+from ..errors import UsageError
+from ..io.files import write_text_atomic
+from ..scoring import method_names, read_score_table, scan
+from ..workflows.search import budgeted_search, check_budget, prune_order
+from .app import app, err, handle_errors, out, state
+from .options import AdapterArg, AlignedOpt, BaseOpt, DeviceOpt, UnalignedOpt
 
 
 @app.command("search")
@@ -54,35 +44,29 @@ def search_cmd(
     device: DeviceOpt = "cpu",
 ) -> None:
     """Smallest τ along a method's prune order reaching a probe ASR target within a utility budget."""
-    from .adapter import load_adapter
-    from .search import budgeted_search, check_budget, prune_order
-    from .table import write_text_atomic
-
     check_budget(target_asr, max_utility_drop)  # before any scoring
 
-    methods = _methods(method)
+    methods = method_names(method)
     if len(methods) != 1:
         raise typer.BadParameter("search follows exactly one method's order", param_hint="--method")
     if base is None:
         raise UsageError("search needs --base (the model the adapter was trained on) to generate")
     if scores is not None:
-        table = _load_table(scores)
+        table = read_score_table(scores)
     else:
-        from .scan import scan
-
         ad = load_adapter(adapter)
         table = scan(ad, base, methods, aligned=aligned, unaligned=unaligned, device=device,
-                     progress=not _state["quiet"])
+                     progress=not state["quiet"])
         output.mkdir(parents=True, exist_ok=True)
         write_text_atomic(output / "scores.json", table.to_json())
     order = prune_order(table, methods[0])
-    say = (lambda m: None) if _state["quiet"] else (lambda m: err.print(m, highlight=False, markup=False))
+    say = (lambda m: None) if state["quiet"] else (lambda m: err.print(m, highlight=False, markup=False))
     res = budgeted_search(base, adapter, order, target_asr=target_asr, max_utility_drop=max_utility_drop,
                           harmful=harmful, utility=utility, n_harmful=n_harmful, n_utility=n_utility, seed=seed,
                           work_dir=output, tau_max=tau_max, verify_below=verify_below, mode=mode,
                           safety_max_new_tokens=safety_tokens, utility_max_new_tokens=utility_tokens,
                           batch_size=batch_size, threads=threads, device=device, progress=say)
-    if not _state["quiet"]:
+    if not state["quiet"]:
         out.print("| τ | probe ASR | probe ROUGE-1 | drop | feasible | generated | cached | s |", highlight=False, markup=False)
         out.print("|---|---|---|---|---|---|---|---|", highlight=False, markup=False)
         for h in sorted(res.history, key=lambda h: h["tau"]):

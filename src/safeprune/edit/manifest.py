@@ -5,11 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .adapter import LoraAdapter
-from .provenance import command_line, describe_dir, now_iso, sha256_file, versions
-from .selection import Selection
-from .sources import WeightSource
-from .table import ScoreTable
+from ..adapter import LoraAdapter
+from ..io.hashing import sha256_file
+from ..io.provenance import command_line, describe_dir, now_iso, versions
+from ..scoring.table import ScoreTable
+from ..selection import Selection
+from ..weights import WeightSource
 
 
 def describe_source(src: WeightSource | str | Path) -> dict[str, Any]:

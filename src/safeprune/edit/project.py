@@ -1,7 +1,7 @@
 """The SafeLoRA edit: lora_B ← C·lora_B for selected modules, C = V Vᵀ/‖V‖_F, V = W_aligned − W_unaligned.
 
 The projected update is s·(C·B)·A = C·ΔW, exactly SafeLoRA's (``model.py``: ``param.data = P @ B``); lora_A is
-kept and lora_B keeps its stored dtype. C·B is computed as V(VᵀB)/‖V‖_F (:func:`safeprune.pair.apply_alignment`),
+kept and lora_B keeps its stored dtype. C·B is computed as V(VᵀB)/‖V‖_F (:func:`safeprune.weights.pair.apply_alignment`),
 reading the pair's weights for the selected modules only, one module at a time.
 
 A ``lora_B`` bias b (PEFT ``lora_bias=True``) is part of the same output-side update: the layer adds
@@ -17,11 +17,11 @@ from typing import Any, Iterable
 
 import torch
 
-from .adapter import LoraAdapter
-from .edits import replace_lora_B
-from .pair import apply_alignment, check_pair
-from .scan import resolve_device
-from .sources import WeightSource, open_weights, read_module_weight
+from ..adapter import LoraAdapter
+from ..scoring import resolve_device
+from ..weights import WeightSource, open_weights, read_module_weight
+from ..weights.pair import apply_alignment, check_pair
+from .prune import replace_lora_B
 
 
 def project_modules(

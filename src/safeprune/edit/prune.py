@@ -16,8 +16,8 @@ from typing import Iterable
 
 import torch
 
-from .adapter import LoraAdapter, LoraModule
-from .errors import UsageError
+from ..adapter import LoraAdapter, LoraModule
+from ..errors import UsageError
 
 PRUNE_MODES = ("remove", "zero")
 

@@ -17,9 +17,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+from scipy.stats import binomtest
 
 from ..errors import UsageError
-from .report import dumps, fmt, load_results
+from ..io.files import write_text_atomic
+from .results import dumps, fmt, load_results
 from .utility import auarc
 
 
@@ -46,8 +48,6 @@ def _mean_boot(xa: np.ndarray, xb: np.ndarray, n_boot: int, rng: np.random.Gener
 
 def mcnemar_exact(a: np.ndarray, b: np.ndarray) -> dict[str, Any]:
     """a, b: paired 0/1 arrays. n_a_only = 1 in a only, n_b_only = 1 in b only."""
-    from scipy.stats import binomtest
-
     a = a.astype(bool)
     b = b.astype(bool)
     n_a = int((a & ~b).sum())
@@ -194,8 +194,6 @@ def _cell(t: str, n: int) -> str:
 
 
 def write_compare(c: dict[str, Any], out_dir: str | Path) -> Path:
-    from ..table import write_text_atomic
-
     d = Path(out_dir)
     d.mkdir(parents=True, exist_ok=True)
     stem = f"compare_{c['a']}_vs_{c['b']}"

@@ -8,11 +8,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import numpy as np
+
 from ..errors import UsageError
+from ..io.provenance import command_line, now_iso, versions
+from ..prompts import PromptSet
 from .backends import Backend, GenSettings, make_backend, tokens_per_second
 from .cache import GenerationCache
 from .judges import HarmJudge, KeywordJudge
-from .prompts import PromptSet
+from .results import write_results
 from .runner import generate_cached
 from .safety import over_refusal_metrics, safety_metrics
 from .utility import Meteor, auarc, rouge_scores
@@ -74,8 +78,6 @@ def evaluate(
     """Evaluate ``adapters`` (name -> PEFT directory) on ``base``, plus the base itself with adapters
     disabled when ``include_base`` (variant ``'base'``), on every prompt set, with the same generation
     settings and judges. Generations are cached (default ``OUT/cache/generations.jsonl``)."""
-    from .report import write_results
-
     adapters = {k: str(v) for k, v in (adapters or {}).items()}
     if BASE_VARIANT in adapters:
         raise UsageError(f"adapter name {BASE_VARIANT!r} is reserved for the base model")
@@ -143,7 +145,6 @@ def evaluate(
             metrics[vname][ps.name] = m
             items.extend(recs)
     timing["seconds"] = time.perf_counter() - t_all
-    from ..provenance import command_line, now_iso, versions
 
     results = {
         "schema": SCHEMA,
@@ -174,8 +175,6 @@ def evaluate(
 
 
 def _set_metrics(ps: PromptSet, recs, hjudges, met, cfg: EvalConfig) -> dict[str, Any]:
-    import numpy as np
-
     if ps.kind == "safety":
         return safety_metrics(recs, hjudges)
     if ps.kind == "over_refusal":

@@ -13,7 +13,6 @@ directory's hash, the endpoint's model and rubric hash). Results carry it; judge
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -23,7 +22,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
 from ..errors import InputError, UsageError
+from ..io.hashing import json_digest
+from .backends import fingerprint_dir
 
 # The 29-string list of Qi et al. 2023 (LLMs-Finetuning-Safety keyword_eval.py; identical to llm-attacks
 # experiments/evaluate.py `_test_prefixes`, Zou et al. 2023). MIT licence. The shared data folder's
@@ -39,7 +43,7 @@ DEFAULT_KEYWORDS: tuple[str, ...] = (
 
 
 def _short_hash(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:12]
+    return json_digest(obj, 12, ensure_ascii=False)
 
 
 class KeywordJudge:
@@ -132,11 +136,6 @@ class HFClassifierJudge(HarmJudge):
 
     def __init__(self, path: str | Path, positive_label: str | None = None, pair: bool = True,
                  batch_size: int = 16, max_length: int = 512, device: str = "cpu"):
-        import torch
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-        from .backends import fingerprint_dir
-
         p = Path(path)
         if not (p / "config.json").is_file():
             raise InputError("not a Hugging Face classifier directory (no config.json)", p)

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InputError
-from ..table import write_text_atomic
+from ..io.files import write_text_atomic
 
 RESULTS = "results.json"
 ITEMS = "items.jsonl"

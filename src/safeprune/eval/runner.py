@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Callable, Sequence
 
-from .backends import Backend, GenSettings, Generation
+from .backends import Backend, Generation, GenSettings
 from .cache import GenerationCache, cache_key
 
 

@@ -16,6 +16,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from .wordnet import find_wordnet, load_wordnet
+
 _TOKEN = re.compile(r"\w+|[^\w\s]")
 
 
@@ -34,8 +36,6 @@ class Meteor:
     """METEOR scorer with an explicit WordNet; ``available`` and ``reason`` say whether it can run."""
 
     def __init__(self, auto_setup: bool = True):
-        from .wordnet import find_wordnet, load_wordnet
-
         self.wordnet = None
         path, how = find_wordnet(auto_setup=auto_setup)
         self.path = path

@@ -1,4 +1,4 @@
-"""Careful file checks done before any tensor is read.
+"""The safetensors header, validated before any tensor is read.
 
 safetensors' own reader rejects most corrupt files, but its messages do not always say what is wrong;
 these checks validate the header ourselves (length, JSON, dtypes, offsets inside the file and not
@@ -8,12 +8,11 @@ overlapping) so a person gets a precise one-line error naming the file.
 from __future__ import annotations
 
 import json
-import os
-import stat
 import struct
 from pathlib import Path
 
-from .errors import InputError, UnsupportedError
+from ..errors import InputError
+from .files import check_regular_file
 
 # bytes per element for the dtypes safetensors defines
 SAFETENSORS_DTYPES = {
@@ -24,25 +23,6 @@ SAFETENSORS_DTYPES = {
     "F4": 0.5, "F6_E2M3": 0.75, "F6_E3M2": 0.75,
 }
 _MAX_HEADER = 100 * 1024 * 1024
-
-
-def check_inside(file: Path, root: Path) -> None:
-    """Refuse a file that is (or resolves through a symlink to) a place outside ``root``."""
-    real = Path(os.path.realpath(file))
-    real_root = Path(os.path.realpath(root))
-    if real != real_root and real_root not in real.parents:
-        how = "is a symbolic link to" if Path(file).is_symlink() else "resolves to"
-        raise UnsupportedError(f"{how} {real}, outside the input directory; refusing to follow it", file)
-
-
-def check_regular_file(file: Path) -> None:
-    """Refuse anything but a regular file (a FIFO or a device would block or never end)."""
-    try:
-        mode = os.stat(file).st_mode
-    except OSError as e:
-        raise InputError(f"cannot read file ({e.strerror or e})", file) from None
-    if not stat.S_ISREG(mode):
-        raise InputError("not a regular file (a FIFO, device or directory); refusing to read it", file)
 
 
 class _DuplicateKey(ValueError):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import html
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -136,8 +137,6 @@ def _md(c: Any) -> str:
 
 def _inline(text: str) -> str:
     """Escape, then the two Markdown inline forms the report uses: **bold** and `code`."""
-    import re
-
     t = html.escape(str(text))
     t = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", t)
     t = re.sub(r"`(.+?)`", r"<code>\1</code>", t)

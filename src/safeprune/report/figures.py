@@ -5,23 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..plots import _save
+from .plots import plt, save_figure
 
 COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf", "#bcbd22"]
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def tau_ablation(ad: dict[str, Any], asr_key: str, util_key: str | None, path: Path, title: str) -> Path:
     """ASR (and ROUGE-1) against τ for every method, with the random control's mean and seed range."""
-    plt = _plt()
     panels = [("ASR %", asr_key)] + ([("ROUGE-1", util_key)] if util_key else [])
     fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 3.8), dpi=110)
     axes = [axes] if len(panels) == 1 else list(axes)
@@ -58,13 +48,12 @@ def tau_ablation(ad: dict[str, Any], asr_key: str, util_key: str | None, path: P
     axes[0].legend(fontsize=7, loc="best")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def tradeoff(ad: dict[str, Any], asr_key: str, util_key: str, path: Path, title: str,
              base: dict[str, Any] | None = None) -> Path:
     """ASR against ROUGE-1 for every variant (lower-right is better)."""
-    plt = _plt()
     fig, ax = plt.subplots(figsize=(6.4, 4.6), dpi=110)
     methods: list[str] = []
     for row in ad["rows"]:
@@ -99,11 +88,10 @@ def tradeoff(ad: dict[str, Any], asr_key: str, util_key: str, path: Path, title:
     ax.grid(alpha=0.3)
     ax.set_title(title, fontsize=10)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def risk_coverage(curves: dict[str, dict[str, Any]], path: Path, title: str, which: str = "rouge1") -> Path:
-    plt = _plt()
     fig, ax = plt.subplots(figsize=(6.0, 4.2), dpi=110)
     for i, (label, c) in enumerate(curves.items()):
         cv = c[which]
@@ -116,4 +104,4 @@ def risk_coverage(curves: dict[str, dict[str, Any]], path: Path, title: str, whi
     ax.legend(fontsize=7)
     ax.set_title(title, fontsize=10)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)

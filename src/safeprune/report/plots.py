@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
-import os
+import math
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from .table import ScoreTable
+import matplotlib
+
+matplotlib.use("Agg")  # no display needed; set before pyplot is imported
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from ..io.files import atomic_path  # noqa: E402
+from ..scoring.table import ScoreTable  # noqa: E402
 
 _TYPE_ORDER = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -19,12 +26,6 @@ def heatmap(
     title: str | None = None,
 ) -> Path:
     """Layer × module-type heatmap of one score column; ``marked`` modules get an ✕."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
     types = sorted({r["type"] for r in table.rows},
                    key=lambda t: (_TYPE_ORDER.index(t) if t in _TYPE_ORDER else 99, t))
     layers = sorted({r["layer"] for r in table.rows if r["layer"] is not None})
@@ -54,7 +55,7 @@ def heatmap(
     fig.colorbar(im, ax=ax, label=column)
     ax.set_title(title or f"{column} per module" + (" (✕ = selected)" if marks else ""), fontsize=9, wrap=True)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def score_curve(
@@ -66,15 +67,8 @@ def score_curve(
     ylabel: str = "score",
 ) -> Path:
     """The scores sorted in the method's prune-first order (rank 1 = pruned first), with the τ of each
-    :class:`safeprune.autotau.AutoTau` in ``auto_results`` marked: the knee as a point + vertical line, the
+    :class:`safeprune.selection.AutoTau` in ``auto_results`` marked: the knee as a point + vertical line, the
     MAD rule as its cutoff (horizontal) and τ (vertical). NaN scores are left out."""
-    import math
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     ys = sorted((float(v) for v in scores if v is not None and not math.isnan(float(v))), reverse=descending)
     xs = list(range(1, len(ys) + 1))
     fig, ax = plt.subplots(figsize=(6.5, 4.0), dpi=110)
@@ -97,26 +91,14 @@ def score_curve(
     ax.set_title(title or f"sorted {ylabel}", fontsize=9, wrap=True)
     ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
-def _save(fig, path: str | Path) -> Path:
-    import matplotlib.pyplot as plt
-
-    from .errors import OutputError
-
-    p = Path(path)
-    tmp = p.with_name(f".{p.name}.tmp{os.getpid()}.png")
+def save_figure(fig, path: str | Path) -> Path:
+    """Save a matplotlib figure as PNG atomically, then close it."""
     try:
-        p.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(tmp)
-        os.replace(tmp, p)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise OutputError(f"cannot write the plot ({e.strerror or e}); nothing was written", p) from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+        with atomic_path(path, "plot") as tmp:
+            fig.savefig(tmp, format="png")
     finally:
         plt.close(fig)
-    return p
+    return Path(path)

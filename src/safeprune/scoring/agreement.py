@@ -1,6 +1,6 @@
 """Agreement between the module rankings of several scoring methods (``safeprune scan --method all``).
 
-For every pair of methods in a :class:`~safeprune.table.ScoreTable`: Spearman's ρ and Kendall's τ-b
+For every pair of methods in a :class:`~safeprune.scoring.table.ScoreTable`: Spearman's ρ and Kendall's τ-b
 (scipy.stats) between their ``rank_<method>`` columns (rank 1 = the module the method would act on first,
 so each method's own direction is already taken into account), with two-sided p-values, and the overlap
 of their top-K lists (K = 10 by default, the selection default).
@@ -12,8 +12,9 @@ import math
 from itertools import combinations
 from typing import Any
 
-from .selection import DEFAULT_TOP
-from .table import ScoreTable
+from scipy.stats import kendalltau, spearmanr
+
+from .table import DEFAULT_TOP, ScoreTable
 
 
 def _clean(x: float) -> float | None:
@@ -27,8 +28,6 @@ def top_list(table: ScoreTable, method: str, k: int = DEFAULT_TOP) -> list[str]:
 
 
 def rank_agreement(table: ScoreTable, k: int = DEFAULT_TOP) -> list[dict[str, Any]]:
-    from scipy.stats import kendalltau, spearmanr
-
     names = list(table.methods)
     out: list[dict[str, Any]] = []
     for a, b in combinations(names, 2):

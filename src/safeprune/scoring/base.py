@@ -1,16 +1,69 @@
-"""Scorer protocol, registry and the per-module weight context."""
+"""Scorer protocol, registry, option declarations and the per-module weight context.
+
+A scoring method is one file in :mod:`safeprune.scoring.methods` holding one :class:`Scorer` subclass
+decorated with :func:`register`. It declares, once, everything the rest of the tool needs to know:
+
+* ``name``, ``requires`` (weight roles: base / aligned / unaligned), ``primary`` column and its order;
+* ``parameters``: its options as :class:`Param` (name, type, default, help, validation, CLI flag). The
+  base ``__init__`` resolves and validates them; the CLI builds its flags from them
+  (:mod:`safeprune.cli.options`), so no option is written twice;
+* ``edit``: what acting on a selected module means for this method ("prune" or "project").
+"""
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar, Iterable
 
 import torch
 
 from ..adapter import LoraModule
 from ..errors import UsageError
-from ..sources import WeightSource, checked_fro_norm, read_weight_and_norm
+from ..weights import WeightSource, checked_fro_norm, read_weight_and_norm
 
 REGISTRY: dict[str, type["Scorer"]] = {}
+EDITS = ("prune", "project")
+
+
+@dataclass(frozen=True)
+class Param:
+    """One option of a scoring method, declared once.
+
+    ``check(value)`` returns an error message (the option is refused with a UsageError) or None.
+    ``flag`` is the CLI flag (default ``--name-with-dashes``); ``cli=False`` keeps an option for the
+    Python API only. Methods that declare the same flag share it on the command line (``--seed``)."""
+
+    name: str
+    type: Any
+    default: Any
+    help: str
+    check: Callable[[Any], str | None] | None = None
+    flag: str | None = None
+    cli: bool = True
+
+    @property
+    def cli_flag(self) -> str:
+        return self.flag or "--" + self.name.replace("_", "-")
+
+    def validate(self, value: Any) -> None:
+        msg = self.check(value) if self.check is not None else None
+        if msg:
+            raise UsageError(msg)
+
+
+def method_names(methods: "str | Iterable[str]") -> list[str]:
+    """``"ddi,splora"`` / ``["ddi"]`` / ``"all"`` -> registered method names, in order, without repeats."""
+    if isinstance(methods, str):
+        methods = [m.strip() for m in methods.split(",") if m.strip()]
+    out: list[str] = []
+    for m in methods:
+        if m == "all":
+            out += [k for k in REGISTRY if k not in out and not REGISTRY[k].__dict__.get("hidden", False)]
+        elif m not in out:
+            out.append(m)
+    if not out:
+        raise UsageError("no scoring method given")
+    return out
 
 
 def register(cls: type["Scorer"]) -> type["Scorer"]:
@@ -110,7 +163,8 @@ class ModuleContext:
 
 
 class Scorer:
-    """Base class. Subclasses set the class attributes and implement :meth:`score`."""
+    """Base class. Subclasses set the class attributes, declare ``parameters`` and implement :meth:`score`
+    (and :meth:`setup` for state derived from the options)."""
 
     name: ClassVar[str] = ""
     requires: ClassVar[tuple[str, ...]] = ()
@@ -123,6 +177,23 @@ class Scorer:
     # True if score() may run for different modules at the same time in several threads (no state shared
     # between modules, or shared state guarded); scan() then scores modules concurrently on CPU.
     concurrent: bool = False
+    parameters: ClassVar[tuple[Param, ...]] = ()
+    edit: ClassVar[str] = "prune"  # what acting on a selected module means: "prune" or "project"
+
+    def __init__(self, **options: Any):
+        known = {p.name: p for p in self.parameters}
+        unknown = sorted(set(options) - set(known))
+        if unknown:
+            raise UsageError(f"method {self.name!r} has no option {unknown[0]!r} "
+                             f"(its options: {', '.join(known) or 'none'})")
+        for p in self.parameters:
+            value = options.get(p.name, p.default)
+            p.validate(value)
+            setattr(self, p.name, value)
+        self.setup()
+
+    def setup(self) -> None:
+        """Derived state, after the declared options are set and validated. Default: nothing."""
 
     def options(self) -> dict[str, Any]:
         return {}

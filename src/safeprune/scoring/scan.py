@@ -19,28 +19,20 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
-from .adapter import LoraAdapter, LoraModule, load_adapter
-from .errors import NonFiniteError, UsageError
-from .scorers import ModuleContext, get_scorer
-from .scorers.base import Scorer
-from .sources import WeightSource, check_modules_present, open_weights, read_weight_and_norm
+from ..adapter import LoraAdapter, LoraModule, load_adapter, parse_module_types
+from ..errors import NonFiniteError, UsageError
+from ..io.progress import make_progress
+from ..weights import (
+    WeightSource,
+    check_modules_present,
+    open_weights,
+    read_weight_and_norm,
+)
+from ..weights.pair import check_pair
+from . import methods as registered_methods  # noqa: F401  (importing it registers the scoring methods)
+from .agreement import rank_agreement
+from .base import ModuleContext, Scorer, get_scorer, method_names
 from .table import MethodInfo, ScoreTable
-
-
-def _methods_list(methods: str | Sequence[str]) -> list[str]:
-    from .scorers import REGISTRY
-
-    if isinstance(methods, str):
-        methods = [m.strip() for m in methods.split(",") if m.strip()]
-    out: list[str] = []
-    for m in methods:
-        if m == "all":
-            out += [k for k in REGISTRY if k not in out and not REGISTRY[k].__dict__.get("hidden", False)]
-        elif m not in out:
-            out.append(m)
-    if not out:
-        raise UsageError("no scoring method given")
-    return out
 
 
 def _check_row_finite(row: dict[str, Any], adapter: LoraAdapter, allowed: frozenset[str] = frozenset()) -> None:
@@ -93,19 +85,6 @@ def scan_threads(threads: int | None = None) -> int:
     return int(threads)
 
 
-def make_progress(enabled: bool):
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    console = Console(stderr=True)
-    return Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[module]}"),
-        # not a terminal (a log, a pipe): a transient bar would only leave a blank line behind
-        console=console, transient=True, disable=not enabled or not console.is_terminal,
-    )
-
-
 def scan(
     adapter: LoraAdapter | str | Path,
     base: str | Path | WeightSource | None = None,
@@ -132,7 +111,7 @@ def scan(
     """
     if not isinstance(adapter, LoraAdapter):
         adapter = load_adapter(adapter)
-    names = _methods_list(methods)
+    names = method_names(methods)
     options = {k: dict(v) for k, v in (options or {}).items()}
     if method_options:
         if len(names) != 1:
@@ -145,9 +124,7 @@ def scan(
     nan_ok = frozenset().union(*(s.nan_allowed for s in scorers))
     dev = resolve_device(device)
 
-    from .selection import _parse_types
-
-    types = _parse_types(module_types)
+    types = parse_module_types(module_types)
     modules = [m for m in adapter if types is None or m.module_type in types]
     if not modules:
         raise UsageError(f"no LoRA module of type {', '.join(types or [])} in the adapter")
@@ -189,8 +166,6 @@ def scan(
         # exists with the right shape, and the pair agrees tensor by tensor
         pair = "aligned" in sources and "unaligned" in sources
         if pair:
-            from .pair import check_pair
-
             check_pair(sources["aligned"], sources["unaligned"], modules, tensors=False)
         for role, src in sources.items():
             check_modules_present(src, modules, role)
@@ -272,7 +247,5 @@ def scan(
     )
     table.add_ranks()
     if len(table.methods) > 1:
-        from .agreement import rank_agreement
-
         table.meta["agreement"] = rank_agreement(table)
     return table

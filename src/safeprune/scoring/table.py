@@ -10,6 +10,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
+from ..errors import InputError
+from ..io.files import json_default
+from ..io.text import fmt_number
+
+DEFAULT_TOP = 10  # modules acted on when no rule is given (the DDI paper's τ)
 ID_COLUMNS = ["module", "layer", "type", "r", "in", "out", "scaling"]
 
 
@@ -88,7 +93,7 @@ class ScoreTable:
         }
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, default=_json_default)
+        return json.dumps(self.to_dict(), indent=2, default=json_default)
 
     def to_csv(self) -> str:
         buf = io.StringIO()
@@ -109,55 +114,42 @@ class ScoreTable:
         rows = rows[:limit] if limit else rows
         out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
         for r in rows:
-            out.append("| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |")
+            out.append("| " + " | ".join(fmt_number(r.get(c)) for c in cols) + " |")
         return "\n".join(out)
-
-
-def _fmt(v: Any) -> str:
-    if v is None:
-        return ""
-    if isinstance(v, float):
-        if v == 0 or 1e-3 <= abs(v) < 1e4:
-            return f"{v:.4f}"
-        return f"{v:.3e}"
-    return str(v)
 
 
 def _fmt_csv(v: Any) -> Any:
     return repr(v) if isinstance(v, float) else v
 
 
-def _json_default(o: Any) -> Any:
-    if isinstance(o, Path):
-        return str(o)
-    if hasattr(o, "item"):
-        return o.item()
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
-
-
-def write_text_atomic(path: str | Path, text: str) -> Path:
-    """Write a small text file atomically (temp file in the same directory + rename)."""
-    import os
-    import tempfile
-
-    from .errors import OutputError
-
-    p = Path(path)
+def read_score_table(path: Path, adapter=None) -> ScoreTable:
+    """A score table written by ``scan --json`` / ``scan-act -o``; with ``adapter``, check that it scores
+    exactly that adapter's modules. The one reader of score tables."""
     try:
-        p.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InputError("score table not found", path) from None
     except OSError as e:
-        raise OutputError(f"cannot write ({e.strerror or e}); nothing was written", p) from None
+        raise InputError(f"cannot read the score table ({e.strerror or e})", path) from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        raise InputError(f"not valid JSON ({getattr(e, 'msg', e)}); write one with `safeprune scan --json`",
+                         path) from None
+    if not isinstance(data, dict) or "rows" not in data:
+        raise InputError("not a score table (no 'rows'); write one with `safeprune scan --json`", path)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, p)
-    except OSError as e:
-        Path(tmp).unlink(missing_ok=True)
-        raise OutputError(f"cannot write ({e.strerror or e}); nothing was written", p) from None
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return p
+        table = ScoreTable.from_dict(data)
+    except (ValueError, KeyError, TypeError) as e:
+        raise InputError(f"not a safeprune score table ({type(e).__name__}: {e})", path) from None
+    for r in table.rows:  # JSON null = an undefined score
+        for c in table.score_columns:
+            if r.get(c) is None and c in r:
+                r[c] = float("nan")
+    if adapter is not None:
+        have, want = {r["module"] for r in table.rows}, set(adapter.modules)
+        if have != want:
+            extra, missing = sorted(have - want), sorted(want - have)
+            raise InputError("the score table does not match the adapter's modules ("
+                             + "; ".join(x for x in (f"not in the adapter: {', '.join(extra[:3])}" if extra else "",
+                                                     f"not scored: {', '.join(missing[:3])}" if missing else "") if x)
+                             + ")", path)
+    return table

@@ -21,7 +21,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from .errors import UsageError
+from ..errors import UsageError
 
 RULES = ("knee", "mad")
 MAD_SCALE = 1.4826

@@ -6,7 +6,7 @@ Rules (DDI paper Eq. 8 and its threshold alternative):
 * ``threshold=θ``: every module whose score is at or beyond θ (``≥`` when high means "prune first", as
   for DDI and SPLoRA; ``≤`` for scores where low means "act", as SafeLoRA's cosine);
 * ``threshold_norm=θ``: the same on the method's bounded column (``ddi_norm``);
-* ``auto="knee"|"mad"``: τ chosen from the candidates' scores (:mod:`safeprune.autotau`), then top τ.
+* ``auto="knee"|"mad"``: τ chosen from the candidates' scores (:mod:`safeprune.selection.autotau`), then top τ.
   The rule, τ and its details are recorded in :class:`SelectionRule` (and so in ``safeprune.json``).
   SPLoRA's official "complement" top rule is not applied to an automatic τ: τ counts modules in the
   method's prune-first order.
@@ -20,10 +20,11 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable
 
-from .errors import UsageError
-from .table import ScoreTable, _fmt, sort_key
-
-DEFAULT_TOP = 10
+from ..adapter import parse_module_types
+from ..errors import UsageError
+from ..io.text import fmt_number
+from ..scoring.table import DEFAULT_TOP, ScoreTable, sort_key
+from .autotau import RULES, auto_tau
 
 
 @dataclass
@@ -82,17 +83,6 @@ class Selection:
         }
 
 
-def _parse_types(types: Iterable[str] | str | None) -> list[str] | None:
-    if types is None:
-        return None
-    if isinstance(types, str):
-        types = types.split(",")
-    out = [t.strip() for t in types if t and t.strip()]
-    aliases = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj",
-               "gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
-    return [aliases.get(t, t) for t in out] or None
-
-
 def select(
     table: ScoreTable,
     method: str = "ddi",
@@ -112,8 +102,6 @@ def select(
     if given > 1:
         raise UsageError("give only one of --top, --threshold, --threshold-norm and --auto-tau")
     if auto is not None:
-        from .autotau import RULES
-
         if auto not in RULES:
             raise UsageError(f"unknown --auto-tau rule {auto!r}; known: {', '.join(RULES)}")
     info = table.methods[method]
@@ -127,7 +115,7 @@ def select(
         top = DEFAULT_TOP
     if top is not None and top < 0:
         raise UsageError(f"--top must be >= 0, got {top}")
-    types = _parse_types(module_types)
+    types = parse_module_types(module_types)
     layer_list = None if layers is None else sorted(set(int(x) for x in layers))
     rule = SelectionRule(method=method, column=col, descending=info.descending, top=top,
                          threshold=threshold, module_types=types, layers=layer_list)
@@ -135,8 +123,6 @@ def select(
     cands = [r for r in table.rows
              if (types is None or r["type"] in types) and (layer_list is None or r["layer"] in layer_list)]
     if auto is not None:
-        from .autotau import auto_tau
-
         at = auto_tau([r.get(col) for r in cands], info.descending, auto, mad_k)
         top = rule.top = rule.auto_tau = at.tau
         rule.auto, rule.auto_details = auto, at.details
@@ -160,7 +146,7 @@ def select(
     reasons = {}
     for i, r in enumerate(chosen, start=1):
         if top is not None:
-            reasons[r["module"]] = f"rank {i} of {len(cands)} by {col} ({col}={_fmt(r.get(col))})"
+            reasons[r["module"]] = f"rank {i} of {len(cands)} by {col} ({col}={fmt_number(r.get(col))})"
         else:
-            reasons[r["module"]] = f"{col}={_fmt(r.get(col))} {op} {threshold}"
+            reasons[r["module"]] = f"{col}={fmt_number(r.get(col))} {op} {threshold}"
     return Selection(rule=rule, selected=[r["module"] for r in chosen], reasons=reasons, candidates=len(cands))

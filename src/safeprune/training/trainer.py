@@ -1,363 +1,47 @@
-"""LoRA fine-tuning: chat-format data, loss on assistant tokens only, seeded, with a progress bar.
-
-Used by ``safeprune demo`` (a few dozen steps on a built-in instruction set) and meant to back the later
-``safeprune finetune`` command. Data are ``{"messages": [{"role": ..., "content": ...}, ...]}`` records; the
-loss covers only the final assistant turn.
-"""
+"""``safeprune finetune``: the papers' LoRA recipe on transformers' Trainer (works under ``accelerate
+launch``; only process 0 writes the output), with checkpoints, resume, a progress bar and a training record."""
 
 from __future__ import annotations
 
 import json
 import math
-import random
-from dataclasses import dataclass, field
-from importlib import resources
+import re
+import shutil
+import sys
+import time
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Iterable
 
 import torch
+from peft import LoraConfig, get_peft_model
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+    set_seed,
+)
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-from .errors import InputError
-
-IGNORE = -100
-
-
-@dataclass
-class LoraSettings:
-    targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
-    r: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.05
-
-
-@dataclass
-class TrainSettings:
-    steps: int = 30
-    batch_size: int = 4
-    lr: float = 5e-4
-    max_length: int = 192
-    seed: int = 0
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
-
-
-def builtin_examples() -> list[dict[str, Any]]:
-    """The small benign instruction set that ships with safeprune (used by the demo)."""
-    text = resources.files("safeprune").joinpath("data/demo_instructions.jsonl").read_text(encoding="utf-8")
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
-
-
-def load_chat_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    p = Path(path)
-    if not p.is_file():
-        raise InputError("training data file does not exist", p)
-    out = []
-    for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise InputError(f"line {i} is not valid JSON ({e.msg})", p) from None
-        msgs = rec.get("messages") if isinstance(rec, dict) else None
-        if not isinstance(msgs, list) or not msgs or msgs[-1].get("role") != "assistant":
-            raise InputError(f"line {i}: expected a 'messages' list ending with an assistant turn", p)
-        out.append(rec)
-    if not out:
-        raise InputError("no training examples", p)
-    return out
-
-
-def encode_chat(tokenizer, messages: list[dict[str, str]], max_length: int) -> tuple[list[int], list[int]]:
-    """Token ids and labels (prompt tokens masked with -100) for one conversation."""
-    prompt = tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True, tokenize=False)
-    full = tokenizer.apply_chat_template(messages, tokenize=False)
-    if not full.startswith(prompt):  # templates that rewrite earlier turns: fall back to plain concatenation
-        full = prompt + messages[-1]["content"] + (tokenizer.eos_token or "")
-    p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    f_ids = tokenizer(full, add_special_tokens=False)["input_ids"][:max_length]
-    labels = [IGNORE] * min(len(p_ids), len(f_ids)) + f_ids[len(p_ids):]
-    return f_ids, labels[: len(f_ids)]
-
-
-def _batches(encoded: list[tuple[list[int], list[int]]], batch_size: int, pad_id: int, rng: random.Random):
-    order = list(range(len(encoded)))
-    while True:
-        rng.shuffle(order)
-        for i in range(0, len(order) - batch_size + 1 if len(order) >= batch_size else 1, batch_size):
-            chunk = [encoded[j] for j in order[i:i + batch_size]]
-            n = max(len(ids) for ids, _ in chunk)
-            ids = torch.full((len(chunk), n), pad_id, dtype=torch.long)
-            lab = torch.full((len(chunk), n), IGNORE, dtype=torch.long)
-            att = torch.zeros((len(chunk), n), dtype=torch.long)
-            for k, (a, b) in enumerate(chunk):
-                ids[k, : len(a)] = torch.tensor(a)
-                lab[k, : len(b)] = torch.tensor(b)
-                att[k, : len(a)] = 1
-            yield ids, lab, att
-
-
-def train_lora(
-    model,
-    tokenizer,
-    examples: Iterable[dict[str, Any]],
-    lora: LoraSettings | None = None,
-    train: TrainSettings | None = None,
-    *,
-    progress: bool = True,
-    log: list[float] | None = None,
-):
-    """Attach a fresh LoRA to ``model`` and train it; returns the PeftModel."""
-    from peft import LoraConfig, get_peft_model
-
-    from .scan import make_progress
-
-    lora = lora or LoraSettings()
-    train = train or TrainSettings()
-    torch.manual_seed(train.seed)
-    rng = random.Random(train.seed)
-    cfg = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                     target_modules=list(lora.targets), task_type="CAUSAL_LM")
-    pm = get_peft_model(model, cfg)
-    pm.train()
-    encoded = [encode_chat(tokenizer, ex["messages"], train.max_length) for ex in examples]
-    encoded = [e for e in encoded if any(l != IGNORE for l in e[1])]
-    if not encoded:
-        raise InputError("every training example was truncated away (increase max_length)")
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    params = [p for p in pm.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
-
-    def lr_at(step: int) -> float:
-        if train.warmup_steps and step < train.warmup_steps:
-            return (step + 1) / train.warmup_steps
-        return 1.0
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
-    batches = _batches(encoded, train.batch_size, pad, rng)
-    with make_progress(progress) as prog:
-        task = prog.add_task("training LoRA", total=train.steps, module="")
-        for step in range(train.steps):
-            ids, lab, att = next(batches)
-            outp = pm(input_ids=ids, attention_mask=att, labels=lab)
-            loss = outp.loss
-            lv = loss.item()
-            if not math.isfinite(lv):
-                raise InputError(f"training diverged at step {step} (loss {lv})")
-            loss.backward()
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            if log is not None:
-                log.append(lv)
-            prog.update(task, advance=1, module=f"loss {lv:.3f}")
-    pm.eval()
-    return pm
-
-
-# ---------------------------------------------------------------------------------------------------------
-# ``safeprune finetune``: the papers' LoRA recipe on transformers' Trainer (works under ``accelerate launch``)
-# ---------------------------------------------------------------------------------------------------------
-
-TARGET_ALIASES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj",
-                  "gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
-ID_FIELDS = ("id", "fname", "row_id", "idx")
-
-
-def parse_targets(spec: str | Iterable[str]) -> list[str]:
-    """``"q,k,v,o"`` (aliases) or full module names -> a list of module names, order kept, no duplicates."""
-    from .errors import UsageError
-
-    items = spec.split(",") if isinstance(spec, str) else list(spec)
-    out: list[str] = []
-    for it in items:
-        it = it.strip()
-        if not it:
-            continue
-        name = TARGET_ALIASES.get(it, it)
-        if name not in out:
-            out.append(name)
-    if not out:
-        raise UsageError("no LoRA target modules given")
-    return out
-
-
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def load_task_rows(path: str | Path) -> list[dict[str, Any]]:
-    """Rows of a task data set: JSONL (one object a line) or CSV (header row)."""
-    import csv
-
-    p = Path(path)
-    if not p.is_file():
-        raise InputError("training data file does not exist", p)
-    rows: list[dict[str, Any]] = []
-    if p.suffix.lower() in (".csv", ".tsv"):
-        try:
-            with open(p, newline="", encoding="utf-8") as f:
-                rows = [dict(r) for r in csv.DictReader(f, delimiter="\t" if p.suffix.lower() == ".tsv" else ",")]
-        except (csv.Error, UnicodeDecodeError) as e:
-            raise InputError(f"cannot read as CSV ({e})", p) from None
-    else:
-        try:
-            lines = p.read_text(encoding="utf-8").splitlines()
-        except UnicodeDecodeError as e:
-            raise InputError(f"not UTF-8 text ({e.reason})", p) from None
-        for i, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise InputError(f"line {i} is not valid JSON ({e.msg})", p) from None
-            if not isinstance(rec, dict):
-                raise InputError(f"line {i}: expected a JSON object", p)
-            rows.append(rec)
-    if not rows:
-        raise InputError("no rows", p)
-    return rows
-
-
-def load_id_list(path: str | Path) -> list[str]:
-    """Row ids to exclude: a JSON list, a JSON object (every list of ids in it, e.g. a ``train_data_ids.json``),
-    or a text file with one id a line."""
-    p = Path(path)
-    if not p.is_file():
-        raise InputError("id list file does not exist", p)
-    text = p.read_text(encoding="utf-8")
-    try:
-        obj = json.loads(text)
-    except json.JSONDecodeError:
-        return [ln.strip() for ln in text.splitlines() if ln.strip()]
-    if isinstance(obj, list):
-        return [str(x) for x in obj]
-    if isinstance(obj, dict):
-        ids = [str(x) for v in obj.values() if isinstance(v, list) for x in v]
-        if ids:
-            return ids
-    raise InputError("expected a JSON list of row ids (or an object holding such lists)", p)
-
-
-def _row_id(row: dict[str, Any], index: int, id_field: str | None) -> str:
-    if id_field is not None:
-        return str(row[id_field])
-    for k in ID_FIELDS:
-        if k in row:
-            return str(row[k])
-    return str(index)
-
-
-def task_rows_to_chats(rows: list[dict[str, Any]], template: str, response_field: str, path: str | Path,
-                       system: str | None = None) -> list[dict[str, Any]]:
-    """``template.format(**row)`` as the user turn, ``row[response_field]`` as the assistant turn."""
-    out = []
-    for i, row in enumerate(rows, start=1):
-        try:
-            user = template.format_map(row)
-        except KeyError as e:
-            raise InputError(f"row {i}: the template needs field {e.args[0]!r}, which the row lacks", path) from None
-        except (ValueError, IndexError) as e:
-            raise InputError(f"bad --template ({e})", path) from None
-        resp = row.get(response_field)
-        if resp is None or (isinstance(resp, str) and not resp.strip()):
-            raise InputError(f"row {i}: missing or empty response field {response_field!r}", path)
-        msgs = ([{"role": "system", "content": system}] if system else []) + [
-            {"role": "user", "content": user}, {"role": "assistant", "content": str(resp)}]
-        out.append({"messages": msgs})
-    return out
-
-
-def build_training_data(data: str | Path, *, mix: Iterable[str | Path] | str | Path | None = None,
-                        template: str | None = None, response_field: str | None = None,
-                        sample: int | None = None, sample_seed: int = 0,
-                        exclude_ids: Iterable[str] | None = None, id_field: str | None = None) -> tuple[list[dict], dict]:
-    """The chat examples (task data, then every mix row) and a record of where they came from."""
-    from .errors import UsageError
-
-    data = Path(data)
-    if (template is None) != (response_field is None):
-        raise UsageError("--template and --response-field go together (task rows -> user/assistant chats)")
-    info: dict[str, Any] = {"data": {"path": str(data)}}
-    rows = load_chat_jsonl(data) if template is None else load_task_rows(data)
-    if id_field is not None and any(id_field not in r for r in rows):
-        bad = next(i for i, r in enumerate(rows, start=1) if id_field not in r)
-        raise InputError(f"row {bad}: no id field {id_field!r}", data)
-    ids = [_row_id(r, i, id_field) for i, r in enumerate(rows)]
-    info["data"]["n_rows"] = len(rows)
-    keep = list(range(len(rows)))
-    if exclude_ids is not None:
-        excl = set(str(x) for x in exclude_ids)
-        keep = [i for i in keep if ids[i] not in excl]
-        info["data"]["n_excluded"] = len(rows) - len(keep)
-    if sample is not None:
-        if sample < 1:
-            raise UsageError("--sample must be at least 1")
-        if sample > len(keep):
-            raise InputError(f"--sample {sample} asks for more rows than the {len(keep)} available", data)
-        keep = random.Random(sample_seed).sample(keep, sample)
-        info["data"]["sample"] = sample
-        info["data"]["sample_seed"] = sample_seed
-    if exclude_ids is not None or sample is not None:
-        info["data"]["row_ids"] = [ids[i] for i in keep]
-    rows = [rows[i] for i in keep]
-    examples = task_rows_to_chats(rows, template, response_field, data) if template is not None else list(rows)
-    info["data"]["n_examples"] = len(examples)
-    mixes = [] if mix is None else ([mix] if isinstance(mix, (str, Path)) else list(mix))
-    info["mix"] = []
-    for m in mixes:
-        mrows = load_chat_jsonl(m)
-        examples.extend(mrows)
-        info["mix"].append({"path": str(m), "n_examples": len(mrows)})
-    return examples, info
-
-
-def pad_collator(pad_id: int):
-    """Right-pad ``input_ids`` with ``pad_id`` and ``labels`` with -100; attention mask 1 on real tokens."""
-
-    def collate(features: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
-        n = max(len(f["input_ids"]) for f in features)
-        ids = torch.full((len(features), n), pad_id, dtype=torch.long)
-        lab = torch.full((len(features), n), IGNORE, dtype=torch.long)
-        att = torch.zeros((len(features), n), dtype=torch.long)
-        for k, f in enumerate(features):
-            m = len(f["input_ids"])
-            ids[k, :m] = torch.tensor(f["input_ids"], dtype=torch.long)
-            lab[k, :m] = torch.tensor(f["labels"], dtype=torch.long)
-            att[k, :m] = 1
-        return {"input_ids": ids, "labels": lab, "attention_mask": att}
-
-    return collate
-
-
-class _ListDataset(torch.utils.data.Dataset):
-    def __init__(self, items):
-        self.items = items
-
-    def __len__(self):
-        return len(self.items)
-
-    def __getitem__(self, i):
-        return self.items[i]
+from ..errors import InputError, OutputExistsError, UsageError
+from ..io.files import swap_dir_into_place
+from ..io.hashing import sha256_hex
+from ..io.progress import make_progress
+from .data import (
+    IGNORE,
+    ListDataset,
+    build_training_data,
+    encode_chat,
+    load_id_list,
+    pad_collator,
+    parse_targets,
+)
 
 
 def _progress_callback(enabled: bool):
     """A TrainerCallback that shows a rich bar with the loss on a terminal and prints one line a step to a
     log (a pipe, a file) so ``nohup ... > log`` records the loss curve as it goes."""
-    import sys
-    import time
-
-    from transformers import TrainerCallback
-
-    from .scan import make_progress
-
     class Progress(TrainerCallback):
         def __init__(self):
             self.prog = None
@@ -392,8 +76,6 @@ def _progress_callback(enabled: bool):
 
 
 def _find_checkpoint(ckpt_dir: Path) -> Path | None:
-    import re
-
     best = None
     if ckpt_dir.is_dir():
         for d in ckpt_dir.iterdir():
@@ -462,13 +144,6 @@ def finetune(
     renamed to ``out`` when it finishes; ``resume=True`` continues an interrupted run from its latest
     checkpoint. An existing ``out`` is replaced only with ``force=True``.
     """
-    import os
-    import shutil
-    import sys
-    import time
-
-    from .errors import OutputExistsError, UsageError
-
     out = Path(out)
     base = Path(base)
     work = partial_dir(out)
@@ -508,10 +183,6 @@ def finetune(
     examples, data_info = build_training_data(
         data, mix=mix, template=template, response_field=response_field, sample=sample,
         sample_seed=seed if sample_seed is None else sample_seed, exclude_ids=exclude_list, id_field=id_field)
-
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments, set_seed
-    from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     try:
         tok = AutoTokenizer.from_pretrained(base)
@@ -585,7 +256,7 @@ def finetune(
     except ValueError as e:
         raise UsageError(f"LoRA targets {','.join(tlist)}: {e}") from None
 
-    trainer = Trainer(model=pm, args=args, train_dataset=_ListDataset(encoded), data_collator=pad_collator(pad),
+    trainer = Trainer(model=pm, args=args, train_dataset=ListDataset(encoded), data_collator=pad_collator(pad),
                       callbacks=list(callbacks or []))
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
@@ -606,8 +277,8 @@ def finetune(
     loss_history = [{"step": r["step"], "epoch": round(r.get("epoch", 0.0), 4), "loss": r["loss"],
                      "grad_norm": r.get("grad_norm"), "learning_rate": r.get("learning_rate")}
                     for r in trainer.state.log_history if "loss" in r]
-    files = [{"role": "data", **data_info["data"], "sha256": _sha256(Path(data))}]
-    files += [{"role": "mix", **m, "sha256": _sha256(Path(m["path"]))} for m in data_info["mix"]]
+    files = [{"role": "data", **data_info["data"], "sha256": sha256_hex(Path(data))}]
+    files += [{"role": "mix", **m, "sha256": sha256_hex(Path(m["path"]))} for m in data_info["mix"]]
     record = {
         "tool": "safeprune finetune",
         "command": command,
@@ -617,7 +288,7 @@ def finetune(
         "response_field": response_field,
         "exclude_ids": str(exclude_file) if exclude_file else (None if exclude_list is None else
                                                               f"{len(exclude_list)} ids given in the call"),
-        "exclude_ids_sha256": _sha256(exclude_file) if exclude_file else None,
+        "exclude_ids_sha256": sha256_hex(exclude_file) if exclude_file else None,
         "r": rank, "alpha": float(alpha), "dropout": dropout, "targets": ",".join(tlist),
         "lr": lr, "epochs": epochs, "max_steps": max_steps, "bs": batch_size, "grad_accum": grad_accum,
         "max_len": max_length, "warmup": warmup_steps, "weight_decay": weight_decay,
@@ -634,11 +305,5 @@ def finetune(
         "loss_history": loss_history,
     }
     (work / "training_args.json").write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
-    if out.exists():  # force: swap the finished run in, then drop the old output
-        trash = out.parent / f".{out.name}.old-{os.getpid()}"
-        os.replace(out, trash)
-        os.replace(work, out)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.replace(work, out)
+    swap_dir_into_place(work, out)  # force: the finished run replaces the old output
     return out

@@ -25,8 +25,10 @@ from typing import Iterable
 
 import torch
 
-from .errors import InputError, NonFiniteError, ShapeMismatchError, UsageError
-from .sources import GGUFSource, SafetensorsSource, WeightSource, _name_candidates
+from ..errors import InputError, NonFiniteError, ShapeMismatchError, UsageError
+from ..io.safetensors import check_safetensors_header
+from . import GGUFSource, SafetensorsSource, WeightSource
+from . import name_candidates as _name_candidates
 
 F64 = torch.float64
 BLOCK_ELEMS = 1 << 20  # entries of V formed at a time (4 MiB in float32)
@@ -131,8 +133,6 @@ def _pair_key(src: WeightSource, module: str, role: str) -> str:
 def _stored_dtype(src: WeightSource, key: str, headers: dict) -> str | None:
     """The dtype a tensor is stored in (safetensors dtype or GGUF quantisation type), from metadata only."""
     if isinstance(src, SafetensorsSource):
-        from .safety_io import check_safetensors_header
-
         f = src.file_of(key)
         if f not in headers:
             headers[f] = check_safetensors_header(Path(f))

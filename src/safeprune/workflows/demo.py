@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import os
@@ -17,8 +16,18 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
-from .errors import InputError
+import torch
+from rich.console import Console
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from ..edit import prune
+from ..errors import InputError
+from ..io.files import swap_dir_into_place, write_text_atomic
+from ..io.hashing import json_digest
+from ..report.plots import heatmap
+from ..training import LoraSettings, TrainSettings, builtin_examples, train_lora
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -38,9 +47,6 @@ def cache_dir() -> Path:
 
 
 def load_gguf_model(gguf: Path):
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     return model, tok
@@ -48,15 +54,10 @@ def load_gguf_model(gguf: Path):
 
 def demo_adapter(steps: int, retrain: bool, console, quiet: bool) -> Path:
     """Train (or reuse) the demo adapter; returns its directory in the cache."""
-    import torch
-
-    from .finetune import LoraSettings, TrainSettings, builtin_examples, train_lora
-
     gguf = smollm2_gguf()
     # one pass over the 48 built-in examples at batch 2: enough to move the LoRA, small enough for a 2-core CPU
     lora, train = LoraSettings(), TrainSettings(steps=steps, batch_size=2, lr=1e-3)
-    key = hashlib.sha256(json.dumps([GGUF_FILE, gguf.stat().st_size, vars(lora), vars(train)],
-                                    sort_keys=True).encode()).hexdigest()[:12]
+    key = json_digest([GGUF_FILE, gguf.stat().st_size, vars(lora), vars(train)], 12)
     out = cache_dir() / f"demo-adapter-{key}"
     if out.is_dir() and not retrain:
         if not quiet:
@@ -76,9 +77,7 @@ def demo_adapter(steps: int, retrain: bool, console, quiet: bool) -> Path:
         pm.save_pretrained(tmp)
         (tmp / "training.json").write_text(json.dumps({"lora": vars(lora), "train": vars(train), "losses": losses},
                                                       indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        swap_dir_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -89,13 +88,9 @@ def demo_adapter(steps: int, retrain: bool, console, quiet: bool) -> Path:
 
 
 def run_demo(output: Path, *, steps: int = 24, top: int = 10, retrain: bool = False, console=None,
-             quiet: bool = False) -> dict:
-    from rich.console import Console
-
-    from .api import prune
-    from .plots import heatmap
-    from .table import write_text_atomic
-
+             quiet: bool = False, show_table: Callable[..., None] | None = None) -> dict:
+    """Train (or reuse), scan and prune the demo adapter; ``show_table(table, limit=, marked=)`` prints the
+    score table (the CLI passes its renderer)."""
     console = console or Console()
     t0 = time.perf_counter()
     adapter_dir = demo_adapter(steps, retrain, console, quiet)
@@ -109,9 +104,8 @@ def run_demo(output: Path, *, steps: int = 24, top: int = 10, retrain: bool = Fa
     heatmap(table, output / "ddi_heatmap.png", column="ddi", marked=sel.selected,
             title=f"DDI per module, SmolLM2-135M demo adapter (✕ = pruned, top {top})")
     if not quiet:
-        from .cli import _print_table
-
-        _print_table(table, limit=max(top + 5, 15), marked=set(sel.selected))
+        if show_table is not None:
+            show_table(table, limit=max(top + 5, 15), marked=set(sel.selected))
         ed = edited.manifest["edit"]
         console.print(
             f"\nscored {len(table)} modules in {table.meta['seconds']:.2f}s against {base.name}; pruned "

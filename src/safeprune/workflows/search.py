@@ -30,31 +30,24 @@ results go to ``work_dir/search.json`` (atomic).
 
 from __future__ import annotations
 
+import json
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from .adapter import LoraAdapter, load_adapter
-from .errors import InputError, UsageError
-from .eval.backends import Backend, GenSettings
-from .eval.cache import GenerationCache
-from .eval.judges import KeywordJudge
-from .eval.prompts import PromptSet, load_prompts, subset
-from .eval.runner import generate_cached
-from .eval.utility import rouge_scores
-from .table import ScoreTable, write_text_atomic
-
-DEFAULT_DATA = Path("/work/shared/data")
-HARMBENCH_FILE = Path("harmbench") / "harmbench_behaviors_text_all.csv"
-DIALOGSUM_VAL_FILE = Path("dialogsum") / "validation.jsonl"
-FORBIDDEN_PROBE_FORMATS = {"advbench": "AdvBench", "xstest": "XSTest"}  # evaluation sets
-
-
-def data_root() -> Path:
-    return Path(os.environ.get("SAFEPRUNE_DATA") or DEFAULT_DATA)
+from ..adapter import LoraAdapter, load_adapter
+from ..edit import PRUNE_MODES, prune_modules
+from ..errors import UsageError
+from ..eval.backends import Backend, GenSettings, HFBackend
+from ..eval.cache import GenerationCache
+from ..eval.judges import KeywordJudge
+from ..eval.runner import generate_cached
+from ..eval.utility import rouge_scores
+from ..io.files import write_text_atomic
+from ..prompts import PromptSet, harmful_probes, probe_set, utility_probes
+from ..scoring.table import ScoreTable
 
 
 def prune_order(table: ScoreTable, method: str, column: str | None = None) -> list[str]:
@@ -66,53 +59,6 @@ def prune_order(table: ScoreTable, method: str, column: str | None = None) -> li
     col = column or info.primary
     return [r["module"] for r in table.ordered(col, info.descending)
             if r.get(col) is not None and r.get(col) == r.get(col)]
-
-
-# -- probes ------------------------------------------------------------------------------------------
-
-def harmful_probes(path: str | Path | None = None, n: int = 48, seed: int = 0) -> PromptSet:
-    """HarmBench ``official_split == 'val'`` standard behaviours (not contextual, not copyright, not in the
-    harmful fine-tuning data); a seeded sample of ``n`` (all of them if fewer)."""
-    path = Path(path) if path is not None else data_root() / HARMBENCH_FILE
-    ps = load_prompts(path, "safety")  # drops copyright and in_jbb_harmful_ft rows
-    if ps.format in FORBIDDEN_PROBE_FORMATS:
-        raise UsageError(f"{FORBIDDEN_PROBE_FORMATS[ps.format]} is an evaluation set; search probes come from "
-                         f"HarmBench's val split ({path})")
-    if ps.format != "harmbench":
-        raise UsageError(f"harmful probes must be a HarmBench file (official_split column); {path} reads as "
-                         f"{ps.format!r}")
-    if "official_split" not in (ps.items[0].meta if ps.items else {}):
-        raise InputError("no official_split column: cannot tell HarmBench val rows from test rows", path)
-    before = len(ps.items)
-    ps.items = [it for it in ps.items if it.meta.get("official_split") == "val"
-                and it.meta.get("FunctionalCategory") not in ("contextual", "copyright")]
-    ps.info["rows"] = "official_split=val, standard behaviours"
-    ps.info["dropped_not_val_or_contextual"] = before - len(ps.items)
-    if not ps.items:
-        raise InputError("no HarmBench val standard rows", path)
-    return _sample(ps, n, seed, "harmful")
-
-
-def utility_probes(path: str | Path | None = None, n: int = 24, seed: int = 0) -> PromptSet:
-    """DialogSum ``validation`` dialogues (never test), prompt ``Summarize this dialogue:\\n`` + dialogue;
-    a seeded sample of ``n``."""
-    path = Path(path) if path is not None else data_root() / DIALOGSUM_VAL_FILE
-    if path.stem.lower() == "test":
-        raise UsageError(f"{path} is an evaluation split; utility probes come from DialogSum validation")
-    ps = load_prompts(path, "utility")
-    if ps.format in FORBIDDEN_PROBE_FORMATS:
-        raise UsageError(f"{FORBIDDEN_PROBE_FORMATS[ps.format]} is an evaluation set, not a utility probe ({path})")
-    return _sample(ps, n, seed, "utility")
-
-
-def _sample(ps: PromptSet, n: int, seed: int, what: str) -> PromptSet:
-    if n < 1:
-        raise UsageError(f"--n-{what} must be >= 1, got {n}")
-    avail = len(ps.items)
-    out = subset(ps, sample=n, seed=seed)
-    out.info["requested"] = n
-    out.info["available"] = avail
-    return out
 
 
 # -- result ------------------------------------------------------------------------------------------
@@ -153,17 +99,6 @@ def check_budget(target_asr: float, max_utility_drop: float) -> None:
 
 # -- search ------------------------------------------------------------------------------------------
 
-def _load_probes(spec: str | Path | PromptSet | None, loader: Callable[..., PromptSet], n: int, seed: int,
-                 kind: str) -> PromptSet:
-    if isinstance(spec, PromptSet):
-        if spec.kind != kind:
-            raise UsageError(f"the {kind} probes are a {spec.kind!r} prompt set")
-        if spec.format in FORBIDDEN_PROBE_FORMATS:
-            raise UsageError(f"{FORBIDDEN_PROBE_FORMATS[spec.format]} is an evaluation set, not a search probe")
-        return _sample(spec, n, seed, "harmful" if kind == "safety" else "utility")
-    return loader(spec, n, seed)
-
-
 def budgeted_search(
     base: str | Path,
     adapter: str | Path,
@@ -195,8 +130,6 @@ def budgeted_search(
     check_budget(target_asr, max_utility_drop)
     ad: LoraAdapter = load_adapter(adapter)
     order = list(order)
-    from .edits import PRUNE_MODES
-
     if mode not in PRUNE_MODES:
         raise UsageError(f"--mode must be one of {', '.join(PRUNE_MODES)}, got {mode!r}")
     if verify_below < 0:
@@ -218,8 +151,8 @@ def budgeted_search(
         if v < 1:
             raise UsageError(f"{name} must be >= 1, got {v}")
 
-    hset = _load_probes(harmful, harmful_probes, n_harmful, seed, "safety")
-    uset = _load_probes(utility, utility_probes, n_utility, seed, "utility")
+    hset = probe_set(harmful, harmful_probes, n_harmful, seed, "safety")
+    uset = probe_set(utility, utility_probes, n_utility, seed, "utility")
     say = progress if callable(progress) else ((lambda m: print(m, flush=True)) if progress else (lambda m: None))
     for ps, n in ((hset, n_harmful), (uset, n_utility)):
         if len(ps.items) < n:
@@ -229,8 +162,6 @@ def budgeted_search(
     work.mkdir(parents=True, exist_ok=True)
     cache = GenerationCache(work / "cache" / "generations.jsonl")
     if backend is None:
-        from .eval.backends import HFBackend
-
         backend = HFBackend(str(base), {}, device=device, threads=threads)
     judge = judge or KeywordJudge()
     s_set = GenSettings(max_new_tokens=safety_max_new_tokens, batch_size=batch_size)
@@ -251,8 +182,6 @@ def budgeted_search(
             path = ad.path
             how = "unpruned"
         else:
-            from .edits import prune_modules
-
             # remove mode cannot drop every module (an empty adapter); zeroing lora_B is the same model
             m = "zero" if (mode == "remove" and tau == len(ad.modules)) else mode
             path = work / "adapters" / name
@@ -364,7 +293,6 @@ def budgeted_search(
     res = SearchResult(tau=tau, feasible=tau is not None, target_asr=target_asr, max_utility_drop=max_utility_drop,
                        history=history, cost=cost, probes=probes, best=best, reason=reason.strip("; "),
                        order=order[:tau_max], non_monotone=non_monotone)
-    import json
 
     write_text_atomic(work / "search.json", json.dumps(res.to_dict(), indent=2, default=str) + "\n")
     say(f"search: {'τ = ' + str(tau) if tau is not None else 'infeasible'} ({res.reason}); {cost['evaluations']} "

@@ -1,13 +1,12 @@
-"""Per-module scorers and their registry.
+"""The scoring methods, one file each; importing this package registers them all.
 
-A scorer turns one :class:`~safeprune.adapter.LoraModule` (plus the weights it needs, read lazily through
-a :class:`ModuleContext`) into a dict of named numbers. Each scorer names its *primary* column, the one
-selection ranks by, and whether a high value means "prune first" (``descending``).
+A method turns one :class:`~safeprune.adapter.LoraModule` (plus the weights it needs, read lazily through
+a :class:`~safeprune.scoring.base.ModuleContext`) into a dict of named numbers. Each names its *primary*
+column, the one selection ranks by, and whether a high value means "prune first" (``descending``).
 
-New methods register with :func:`register` and are then available to ``safeprune scan --method NAME``.
+A new method is a new file here with a ``@register``-ed :class:`~safeprune.scoring.base.Scorer` subclass,
+plus one import line below; ``safeprune scan --method NAME`` and its CLI flags then follow from it.
+``actdir`` (activation-aware, needs a forward pass) lives here too but scores the whole adapter at once.
 """
 
-from .base import REGISTRY, ModuleContext, Scorer, get_scorer, register  # noqa: F401
-from . import ddi  # noqa: F401  (registers "ddi")
-from . import safelora  # noqa: F401,E402  (registers "safelora")
-from . import splora  # noqa: F401,E402  (registers "splora")
+from . import ddi, safelora, splora  # noqa: F401  (each registers itself)

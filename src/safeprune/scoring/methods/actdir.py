@@ -26,101 +26,24 @@ their Spearman correlation.
 from __future__ import annotations
 
 import math
-import os
-import random
 import time
 import warnings
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+from peft import PeftModel
+from peft.tuners.lora import LoraLayer
+from scipy.stats import spearmanr
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from .errors import InputError, SafepruneWarning, UsageError
-from .table import MethodInfo, ScoreTable
+from ...adapter import LoraAdapter, load_adapter
+from ...errors import InputError, SafepruneWarning, UsageError
+from ...prompts import default_probes
+from ..table import MethodInfo, ScoreTable
 
 RESIDUAL_TYPES = ("o_proj", "down_proj")  # LoRA modules whose output is added to the residual stream as is
-EVAL_FORMATS = ("advbench", "xstest")  # evaluation sets: never probes
-
-
-# -- probes -------------------------------------------------------------------------------------------
-
-def data_dir(path: str | Path | None = None) -> Path:
-    """The project's data folder: ``path``, else ``$SAFEPRUNE_DATA``, else the first ``shared/data`` found
-    next to the repository or above it."""
-    if path is not None:
-        p = Path(path)
-    elif os.environ.get("SAFEPRUNE_DATA"):
-        p = Path(os.environ["SAFEPRUNE_DATA"])
-    else:
-        root = Path(__file__).resolve().parents[2]
-        cands = [a / "shared" / "data" for a in (root.parent, root.parent.parent, Path.cwd().parent)]
-        p = next((c for c in cands if c.is_dir()), cands[0])
-    if not p.is_dir():
-        raise InputError("no data folder (give data_dir= or set SAFEPRUNE_DATA)", p)
-    return p
-
-
-def default_probes(data: str | Path | None = None, n: int = 64, seed: int = 0,
-                   harmless_source: str = "mix") -> tuple[list[str], list[str], dict[str, Any]]:
-    """Seeded probe prompts from tuning-only data (never AdvBench, XSTest or DialogSum test).
-
-    harmful: HarmBench ``official_split == "val"`` standard behaviours (not contextual/copyright, not in the
-    harmful fine-tuning set), topped up with StrongREJECT prompts (not in the fine-tuning set) to ``n``.
-    harmless: ``"dialogsum"`` (validation dialogues, "Summarize this dialogue:\\n" + dialogue),
-    ``"hotpotqa"`` (questions) or ``"mix"`` (half each).
-    """
-    from .eval.prompts import load_prompts
-
-    if n < 2:
-        raise UsageError(f"need at least 2 probes of each kind, got n={n}")
-    d = data_dir(data)
-    rng = random.Random(seed)
-    hb = load_prompts(d / "harmbench" / "harmbench_behaviors_text_all.csv", "safety")
-    hb_val = [it.prompt for it in hb.items
-              if it.meta.get("official_split") == "val" and it.meta.get("FunctionalCategory") == "standard"]
-    harmful = rng.sample(hb_val, min(n, len(hb_val)))
-    src = {"harmbench_val": len(harmful)}
-    if len(harmful) < n:
-        sr = [it.prompt for it in load_prompts(d / "strongreject" / "strongreject_dataset.csv", "safety").items]
-        extra = rng.sample(sr, min(n - len(harmful), len(sr)))
-        harmful += extra
-        src["strongreject"] = len(extra)
-    rng.shuffle(harmful)
-    if harmless_source not in ("mix", "dialogsum", "hotpotqa"):
-        raise UsageError(f"unknown harmless probe source {harmless_source!r}; known: mix, dialogsum, hotpotqa")
-    n_ds = {"mix": n // 2, "dialogsum": n, "hotpotqa": 0}[harmless_source]
-    harmless: list[str] = []
-    hsrc: dict[str, int] = {}
-    if n_ds:
-        ds = load_prompts(d / "dialogsum" / "validation.jsonl", "utility")
-        harmless += [it.prompt for it in rng.sample(ds.items, min(n_ds, len(ds.items)))]
-        hsrc["dialogsum_validation"] = len(harmless)
-    if n - len(harmless) > 0 and harmless_source != "dialogsum":
-        hq = load_prompts(d / "hotpotqa" / "hotpot_dev_v1_simplified.jsonl", "utility")
-        k = n - len(harmless)
-        harmless += [it.prompt for it in rng.sample(hq.items, min(k, len(hq.items)))]
-        hsrc["hotpotqa_dev"] = min(k, len(hq.items))
-    rng.shuffle(harmless)
-    info = {"data_dir": str(d), "seed": seed, "harmful": src, "harmless": hsrc, "harmless_source": harmless_source}
-    return harmful, harmless, info
-
-
-def probes_from_file(path: str | Path, kind: str, n: int | None, seed: int) -> tuple[list[str], dict[str, Any]]:
-    """Prompts from one file (any format :func:`safeprune.eval.prompts.load_prompts` reads), a seeded sample
-    of ``n`` (all if ``n`` is None or larger). Evaluation sets are refused."""
-    from .eval.prompts import load_prompts
-
-    if kind not in ("harmful", "harmless"):
-        raise UsageError(f"probe kind must be 'harmful' or 'harmless', got {kind!r}")
-    ps = load_prompts(path, "safety" if kind == "harmful" else None)
-    if ps.format in EVAL_FORMATS or (ps.format == "dialogsum" and Path(path).name.startswith("test")):
-        raise UsageError(f"{path}: {ps.format} {'test ' if ps.format == 'dialogsum' else ''}is an evaluation set; "
-                         "probes must come from tuning data (HarmBench val, StrongREJECT, DialogSum validation, ...)")
-    items = [it.prompt for it in ps.items]
-    if n is not None and n < len(items):
-        items = random.Random(seed).sample(items, n)
-    return items, {"path": str(path), "format": ps.format, "n": len(items)}
 
 
 # -- model plumbing -------------------------------------------------------------------------------------
@@ -195,8 +118,6 @@ class _Capture:
 
 
 def _spearman(a: Sequence[float], b: Sequence[float]) -> float:
-    from scipy.stats import spearmanr
-
     if len(a) < 3:
         return float("nan")
     return float(spearmanr(a, b).statistic)
@@ -230,8 +151,6 @@ def score_actdir(
     ``layers``: which h_l (1..L) enter J, default all with weight 1. ``validate``: how many modules (half
     top, half bottom by actdir) to ablate for real to check the linear prediction (0: none).
     """
-    from .adapter import LoraAdapter, load_adapter
-
     t0 = time.perf_counter()
     ad = adapter if isinstance(adapter, LoraAdapter) else load_adapter(adapter)
     if ad.path is None:
@@ -257,8 +176,6 @@ def score_actdir(
         stack.callback(torch.set_num_threads, prev)
         tokenizer = None
         if any(isinstance(p, str) for p in list(harmful) + list(harmless)):
-            from transformers import AutoTokenizer
-
             try:
                 tokenizer = AutoTokenizer.from_pretrained(base)
             except (OSError, ValueError) as e:
@@ -335,10 +252,6 @@ class Attribution:
 
     def __init__(self, base: str | Path, adapter: Any, harmful: list[list[int]], harmless: list[list[int]], *,
                  pad_id: int = 0, batch_size: int = 16, layers: Sequence[int] | None = None):
-        from peft import PeftModel
-        from peft.tuners.lora import LoraLayer
-        from transformers import AutoModelForCausalLM
-
         self.ad, self.harmful, self.harmless = adapter, harmful, harmless
         self.pad_id, self.batch_size = pad_id, batch_size
         self._handles: list[Any] = []
@@ -456,8 +369,6 @@ class Attribution:
 
     def gated(self, values: dict[str, float]):
         """Context manager: these gates at these values, restored on exit."""
-        from contextlib import contextmanager
-
         @contextmanager
         def ctx():
             old = {k: float(self.gates[k].data) for k in values}

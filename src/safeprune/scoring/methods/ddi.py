@@ -37,10 +37,17 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from ..errors import UsageError
-from ..linalg import (OmegaCache, exact_left_basis, left_projected_energy, lowrank_svals, matmul_weight,
-                      range_finder, right_projected_energy)
-from .base import ModuleContext, Scorer, register
+from ...errors import UsageError
+from ..base import ModuleContext, Param, Scorer, register
+from ..linalg import (
+    OmegaCache,
+    exact_left_basis,
+    left_projected_energy,
+    lowrank_svals,
+    matmul_weight,
+    range_finder,
+    right_projected_energy,
+)
 
 _TINY = 1e-300
 
@@ -77,42 +84,37 @@ class DDIScorer(Scorer):
     descending = True
     description = "Directional Deviation Index S·O·M (data-free; needs the base weights)"
 
-    def __init__(
-        self,
-        subspace_dim: str | int | None = "r",
-        oversample: int = 8,
-        power_iters: int = 2,
-        subspace: str = "column",
-        magnitude: str = "norm",
-        reuse_subspace: bool = False,
-        exact_subspace: bool = False,
-        eps: float | None = None,
-        seed: int = 0,
-        matmul_dtype: str = "auto",
-    ):
-        self.subspace_dim = subspace_dim
-        self._mult, self._fixed_t = parse_subspace_dim(subspace_dim)
-        if oversample < 0:
-            raise UsageError(f"--oversample must be >= 0, got {oversample}")
-        if power_iters < 0:
-            raise UsageError(f"--power-iters must be >= 0, got {power_iters}")
-        if subspace not in ("column", "row"):
-            raise UsageError(f"--subspace must be 'column' or 'row', got {subspace!r}")
-        if magnitude not in ("norm", "raw"):
-            raise UsageError(f"--magnitude must be 'norm' or 'raw', got {magnitude!r}")
-        if eps is not None and not (eps >= 0 and math.isfinite(eps)):
-            raise UsageError(f"--eps must be a non-negative number, got {eps}")
-        self.oversample = int(oversample)
-        self.power_iters = int(power_iters)
-        self.subspace = subspace
-        self.magnitude = magnitude
-        self.reuse_subspace = bool(reuse_subspace)
-        self.exact_subspace = bool(exact_subspace)
-        self.eps = eps
-        self.seed = int(seed)
-        if matmul_dtype not in ("auto", "float32"):
-            raise UsageError(f"matmul_dtype must be 'auto' or 'float32', got {matmul_dtype!r}")
-        self.matmul_dtype = matmul_dtype
+    parameters = (
+        Param("subspace_dim", str, "r", "DDI subspace dimension t: 'r', '2r' or an integer.",
+              check=lambda v: None),  # parse_subspace_dim in setup() says what is wrong
+        Param("oversample", int, 8, "DDI range-finder oversampling.",
+              check=lambda v: f"--oversample must be >= 0, got {v}" if v < 0 else None),
+        Param("power_iters", int, 2, "DDI range-finder power iterations.",
+              check=lambda v: f"--power-iters must be >= 0, got {v}" if v < 0 else None),
+        Param("subspace", str, "column", "DDI: 'column' (sound default) or 'row' (paper wording).",
+              check=lambda v: None if v in ("column", "row") else f"--subspace must be 'column' or 'row', got {v!r}"),
+        Param("magnitude", str, "norm", "DDI magnitude term: 'norm' (M/(1+M)) or 'raw' (M).",
+              check=lambda v: None if v in ("norm", "raw") else f"--magnitude must be 'norm' or 'raw', got {v!r}"),
+        Param("reuse_subspace", bool, False, "Paper-faithful: reuse one subspace per module type and shape (off: "
+              "each module uses its own W0)."),
+        Param("exact_subspace", bool, False, "DDI: W0's subspace from a full SVD instead of the randomized range "
+              "finder (exact; slow for large models)."),
+        Param("eps", float | None, None, "Absolute ε (paper: 1e-6). Default: relative 1e-12·tr(G).",
+              check=lambda v: None if v is None or (v >= 0 and math.isfinite(v))
+              else f"--eps must be a non-negative number, got {v}"),
+        Param("seed", int, 0, "Seed of the randomized range finder."),
+        Param("matmul_dtype", str, "auto", "Dtype of the W0 matmuls: 'auto' (bf16 where the CPU has it) or 'float32'.",
+              check=lambda v: None if v in ("auto", "float32") else f"matmul_dtype must be 'auto' or 'float32', got {v!r}",
+              cli=False),
+    )
+
+    def setup(self) -> None:
+        self._mult, self._fixed_t = parse_subspace_dim(self.subspace_dim)
+        self.oversample = int(self.oversample)
+        self.power_iters = int(self.power_iters)
+        self.reuse_subspace = bool(self.reuse_subspace)
+        self.exact_subspace = bool(self.exact_subspace)
+        self.seed = int(self.seed)
         self._omegas = OmegaCache(seed=self.seed)
         self._shared_basis: dict[tuple, Any] = {}
         # modules are independent unless the paper's "first module of each shape" basis is reused

@@ -26,9 +26,9 @@ from typing import Any
 
 import torch
 
-from ..errors import InputError, UsageError
-from ..pair import BLOCK_ELEMS, apply_alignment
-from .base import ModuleContext, Scorer, register
+from ...errors import InputError
+from ...weights.pair import BLOCK_ELEMS, apply_alignment
+from ..base import ModuleContext, Param, Scorer, register
 
 F64 = torch.float64
 
@@ -72,10 +72,14 @@ class SafeLoRAScorer(Scorer):
     descending = False
     description = "SafeLoRA: cos(C·ΔW, ΔW) with C = VVᵀ/‖V‖_F, V = aligned − unaligned (low = act first)"
 
-    def __init__(self, block_elems: int = BLOCK_ELEMS):
-        if block_elems < 1:
-            raise UsageError(f"block_elems must be >= 1, got {block_elems}")
-        self.block_elems = int(block_elems)
+    edit = "project"
+    parameters = (
+        Param("block_elems", int, BLOCK_ELEMS, "Entries of V = aligned − unaligned formed at a time.", cli=False,
+              check=lambda v: f"block_elems must be >= 1, got {v}" if v < 1 else None),
+    )
+
+    def setup(self) -> None:
+        self.block_elems = int(self.block_elems)
 
     def options(self) -> dict[str, Any]:
         return {"projection": "C = V V^T / ||V||_F applied on the output side (lora_B <- C lora_B)",

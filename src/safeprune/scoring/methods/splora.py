@@ -59,10 +59,10 @@ from typing import Any
 
 import torch
 
-from ..errors import InputError, UsageError
+from ...errors import InputError
+from ...weights.pair import BLOCK_ELEMS, apply_alignment
+from ..base import ModuleContext, Param, Scorer, register
 from ..linalg import stable_seed
-from ..pair import BLOCK_ELEMS, apply_alignment
-from .base import ModuleContext, Scorer, register
 from .safelora import projected_B
 
 F64 = torch.float64
@@ -170,16 +170,21 @@ class SPLoRAScorer(Scorer):
     descending = True  # sound mode; the official modes set False on the instance
     description = "SPLoRA: E-DIEM between C·ΔW and ΔW (sound: Haar-rotation null; official: public code)"
 
-    def __init__(self, mode: str = "sound", null_samples: int = 32, seed: int = 0, block_elems: int = BLOCK_ELEMS):
-        if mode not in MODES:
-            raise UsageError(f"--splora-mode must be one of {', '.join(MODES)}, got {mode!r}")
-        if null_samples < 4:
-            raise UsageError(f"--null-samples must be >= 4 (quartiles need a few samples), got {null_samples}")
-        self.mode = mode
-        self.null_samples = int(null_samples)
-        self.seed = int(seed)
-        self.block_elems = int(block_elems)
-        self.descending = mode == "sound"
+    parameters = (
+        Param("mode", str, "sound", "SPLoRA E-DIEM: 'sound' (null of rotated updates), 'official' (public code, HEAD "
+              "rule) or 'official-first' (first-commit rule).", flag="--splora-mode",
+              check=lambda v: None if v in MODES else f"--splora-mode must be one of {', '.join(MODES)}, got {v!r}"),
+        Param("null_samples", int, 32, "SPLoRA sound mode: rotated updates in the reference distribution.",
+              check=lambda v: f"--null-samples must be >= 4 (quartiles need a few samples), got {v}" if v < 4 else None),
+        Param("seed", int, 0, "Seed of the randomized range finder."),
+        Param("block_elems", int, BLOCK_ELEMS, "Entries of V = aligned − unaligned formed at a time.", cli=False),
+    )
+
+    def setup(self) -> None:
+        self.null_samples = int(self.null_samples)
+        self.seed = int(self.seed)
+        self.block_elems = int(self.block_elems)
+        self.descending = self.mode == "sound"
         self._frames = FrameCache(seed=self.seed)
 
     def options(self) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from ...eval.compare import mcnemar_exact
 from .stages import Variant
 
 # per set kind: the per-item field and the metric name it becomes (share × 100 or mean × 100)
@@ -49,8 +50,6 @@ def _delta(d: np.ndarray, idx: np.ndarray) -> dict[str, float]:
 
 
 def _mcnemar(a: np.ndarray, b: np.ndarray) -> float:
-    from ..eval.compare import mcnemar_exact
-
     return mcnemar_exact(a > 0, b > 0)["p_value"]
 
 

@@ -21,14 +21,23 @@ Relative paths are resolved against the directory of the experiment file.
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
-from ..errors import InputError
-from ..sources import looks_like_hub_id
+from ...errors import InputError, UsageError
+from ...weights import looks_like_hub_id
 
 AUTO_TAUS = ("knee", "mad")
 PAIR_METHODS = ("safelora", "splora")
@@ -220,8 +229,6 @@ class ExperimentConfig(_Strict):
 
     def restrict(self, names: list[str]) -> "ExperimentConfig":
         """The same experiment on a subset of its adapters (``--only``)."""
-        from ..errors import UsageError
-
         names = [n.strip() for n in names if n.strip()]
         unknown = [n for n in names if n not in self.adapter_names]
         if unknown or not names:
@@ -270,8 +277,6 @@ class ExperimentConfig(_Strict):
 def expand_vars(text: str) -> str:
     """``$VAR``, ``${VAR}`` and ``${VAR:-default}`` from the environment (an unset VAR without a default is
     an error, so a typo never silently points at the wrong model)."""
-    import os
-
     def sub(m: re.Match) -> str:
         name, default = m.group(1) or m.group(3), m.group(2)
         if name in os.environ and os.environ[name] != "":
@@ -285,8 +290,6 @@ def expand_vars(text: str) -> str:
 
 def load_config(path: str | Path) -> ExperimentConfig:
     """Read, validate and resolve an experiment file (YAML or JSON). Errors name the file and the field."""
-    import yaml
-
     p = Path(path)
     if not p.is_file():
         raise InputError("experiment file not found", p)

@@ -7,11 +7,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..eval.report import fmt
-from ..table import ScoreTable, write_text_atomic
-from . import figures
+from ...eval.results import fmt
+from ...io.files import write_text_atomic
+from ...report import figures
+from ...report.doc import Doc
+from ...report.plots import heatmap
+from ...scoring.table import ScoreTable
 from .config import ExperimentConfig
-from .doc import Doc
 from .stages import Variant
 
 
@@ -339,7 +341,6 @@ def _adapter_section(doc, cfg, a, ad, analysis, variants, tables, autos, latency
 
     # heatmaps + auto τ
     doc.h(3, "Where each method looks (layer × module heatmaps; ✕ = edited at the main τ)")
-    from ..plots import heatmap
 
     for m in cfg.methods:
         table = tables.get((a, m.name))

@@ -9,13 +9,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from ..errors import UsageError
-from ..eval.report import dumps
-from ..table import write_text_atomic
+from ...errors import OutputError, UsageError
+from ...eval.results import dumps
+from ...io.files import write_text_atomic
 from .analysis import analyse
 from .config import ExperimentConfig, load_config
 from .report import build_report
-from .stages import (stage_edit, stage_evaluate, stage_finetune, stage_latency, stage_score)
+from .stages import (
+    stage_edit,
+    stage_evaluate,
+    stage_finetune,
+    stage_latency,
+    stage_score,
+)
 
 
 @dataclass
@@ -89,8 +95,6 @@ def run_experiment(config: ExperimentConfig | str | Path, out_dir: str | Path, *
 
 def _check_out(out: Path, cfg: ExperimentConfig) -> None:
     """The output directory must not be (or lie inside) an input."""
-    from ..errors import OutputError
-
     res = out.resolve()
     for p in [cfg.base, cfg.aligned, cfg.unaligned, *cfg.adapters.values()]:
         if not p:

@@ -24,9 +24,24 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from .. import __version__
-from ..errors import InputError, UsageError
-from ..table import ScoreTable, write_text_atomic
+from ...adapter import load_adapter
+from ...adapter import parse_module_types as _parse_types
+from ...api import project, prune
+from ...edit import build_manifest, prune_modules
+from ...errors import InputError, UsageError
+from ...eval.backends import GenSettings, adapter_fingerprint, make_backend
+from ...eval.evaluate import EvalConfig, EvalResult, evaluate
+from ...eval.judges import HFClassifierJudge, KeywordJudge, OpenAIJudge
+from ...eval.results import write_results
+from ...io.files import write_text_atomic
+from ...prompts import ids_from_subsets, load_prompts, subset
+from ...report.plots import score_curve
+from ...scoring import scan
+from ...scoring.methods.actdir import score_actdir
+from ...scoring.table import ScoreTable
+from ...selection import auto_tau, select
+from ...training import finetune
+from ...version import __version__
 from .config import ExperimentConfig, MethodSpec
 
 Log = Callable[[str], None]
@@ -74,8 +89,6 @@ def path_identity(p: str | None) -> Any:
 
 
 def adapter_identity(p: str) -> str:
-    from ..eval.backends import adapter_fingerprint
-
     return adapter_fingerprint(p)
 
 
@@ -102,8 +115,6 @@ def stage_finetune(cfg: ExperimentConfig, out: Path, log: Log, progress: bool) -
         if _fresh(dest, kp, key):
             log(f"finetune {spec.name}: up to date")
         else:
-            from ..finetune import finetune
-
             log(f"finetune {spec.name}: training on {spec.data}")
             t0 = time.perf_counter()
             finetune(cfg.base, spec.data, out=dest, force=True, progress=progress, **spec.options)
@@ -117,8 +128,6 @@ def stage_finetune(cfg: ExperimentConfig, out: Path, log: Log, progress: bool) -
 
 def stage_score(cfg: ExperimentConfig, adapters: dict[str, str], out: Path, log: Log,
                 progress: bool) -> dict[tuple[str, str], ScoreTable]:
-    from ..scan import scan
-
     tables: dict[tuple[str, str], ScoreTable] = {}
     for aname, apath in adapters.items():
         for m in cfg.methods:
@@ -134,8 +143,6 @@ def stage_score(cfg: ExperimentConfig, adapters: dict[str, str], out: Path, log:
             t0 = time.perf_counter()
             log(f"score {aname} × {m.name} ...")
             if m.method == "actdir":
-                from ..actdir import score_actdir
-
                 opts = dict(m.options)
                 table = score_actdir(cfg.base, apath, **opts)
             else:
@@ -169,7 +176,6 @@ def resolve_taus(table: ScoreTable, m: MethodSpec) -> tuple[list[int], dict[str,
         if isinstance(t, int):
             taus.append(t)
             continue
-        from ..selection import select
 
         sel = select(table, _method_key(table, m), auto=t, module_types=m.module_types, mad_k=m.mad_k)
         autos[t] = {"tau": int(sel.rule.auto_tau), "details": dict(sel.rule.auto_details or {})}
@@ -181,9 +187,6 @@ def auto_plot(table: ScoreTable, m: MethodSpec, autos: dict[str, Any], path: Pat
     """The sorted score curve with every automatic τ of this method marked."""
     if not autos:
         return None
-    from ..autotau import auto_tau
-    from ..plots import score_curve
-    from ..selection import _parse_types
 
     key = _method_key(table, m)
     info = table.methods[key]
@@ -200,10 +203,6 @@ def _method_key(table: ScoreTable, m: MethodSpec) -> str:
 
 def stage_edit(cfg: ExperimentConfig, adapters: dict[str, str], tables: dict[tuple[str, str], ScoreTable],
                out: Path, log: Log) -> tuple[list[Variant], dict[str, Any]]:
-    from ..adapter import load_adapter
-    from ..api import project, prune
-    from ..edits import prune_modules
-
     variants: list[Variant] = []
     auto_info: dict[str, Any] = {}
     for aname, apath in adapters.items():
@@ -263,7 +262,6 @@ def stage_edit(cfg: ExperimentConfig, adapters: dict[str, str], tables: dict[tup
                        "tau": tau, "version": __version__}
                 if not _fresh(dest, dest / "key.json", key):
                     edited = prune_modules(orig, order[:tau], mode="remove")
-                    from ..manifest import build_manifest
 
                     edited.manifest = build_manifest(
                         action="prune", original=orig, edited=edited, table=None, selection=None,
@@ -297,8 +295,6 @@ def _selected(dest: Path) -> list[str]:
 # -- evaluate --------------------------------------------------------------------------------------
 
 def load_sets(cfg: ExperimentConfig):
-    from ..eval.prompts import ids_from_subsets, load_prompts, subset
-
     sets = []
     for kind, group in (("safety", cfg.evaluation.safety), ("over_refusal", cfg.evaluation.over_refusal),
                         ("utility", cfg.evaluation.utility)):
@@ -320,9 +316,6 @@ def load_sets(cfg: ExperimentConfig):
 
 def stage_evaluate(cfg: ExperimentConfig, variants: list[Variant], out: Path, log: Log, progress: bool,
                    backend=None):
-    from ..eval.evaluate import EvalConfig, evaluate
-    from ..eval.judges import KeywordJudge
-
     e = cfg.evaluation
     sets = load_sets(cfg)
     judge = KeywordJudge.from_file(e.refusal_keywords) if e.refusal_keywords else KeywordJudge()
@@ -343,8 +336,6 @@ def stage_evaluate(cfg: ExperimentConfig, variants: list[Variant], out: Path, lo
     t0 = time.perf_counter()
     be = backend(cfg.base, adapters) if callable(backend) else (backend or e.backend)
     if isinstance(be, str):
-        from ..eval.backends import make_backend
-
         be = make_backend(be, cfg.base, adapters, **opts)
     cache = Path(e.cache) if e.cache else out / "cache" / "generations.jsonl"
     common = dict(backend=be, refusal_judge=judge, harm_judges=harm, config=ecfg, cache=cache, meteor=e.meteor,
@@ -352,8 +343,6 @@ def stage_evaluate(cfg: ExperimentConfig, variants: list[Variant], out: Path, lo
     res = evaluate(cfg.base, main, prompt_sets=sets, include_base=e.include_base,
                    out_dir=None if controls else out / "eval", **common)
     if controls:  # the random controls on the configured kinds of sets only, merged into one result
-        from ..eval.evaluate import EvalResult
-        from ..eval.report import write_results
 
         rsets = [s for s in sets if s.kind in kinds]
         r2 = evaluate(cfg.base, controls, prompt_sets=rsets, include_base=False, out_dir=None, **common)
@@ -371,8 +360,6 @@ def stage_evaluate(cfg: ExperimentConfig, variants: list[Variant], out: Path, lo
 
 
 def _make_judge(j):
-    from ..eval.judges import HFClassifierJudge, OpenAIJudge
-
     if j.kind == "hf_classifier":
         return HFClassifierJudge(**j.options)
     return OpenAIJudge(**j.options)
@@ -419,7 +406,6 @@ def stage_latency(cfg: ExperimentConfig, variants: list[Variant], sets, out: Pat
     if old and old.get("key") == json.loads(json.dumps(key, default=str)):
         log("latency: up to date")
         return old
-    from ..eval.backends import GenSettings
 
     e = cfg.evaluation
     be = backend  # the evaluation stage's backend: the base and every variant are loaded once

@@ -1,0 +1,3 @@
+from safeprune.cli import main
+
+main()

@@ -1,0 +1,87 @@
+"""``safeprune prune``: score, select and prune modules; write a new PEFT adapter plus safeprune.json."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from typing_extensions import Annotated
+
+from ..adapter import load_adapter, write_adapter
+from ..edit import prune
+from ..io.outputs import check_output_file, check_output_path, local_inputs
+from ..scoring import method_names, read_score_table
+from .app import app, err, handle_errors, out, state
+from .options import (
+    AdapterArg,
+    AlignedOpt,
+    AllowPickleOpt,
+    AutoTauOpt,
+    BaseOpt,
+    CsvOpt,
+    DeviceOpt,
+    ForceOpt,
+    JsonOpt,
+    MadKOpt,
+    MethodOptions,
+    OutputDirOpt,
+    TypesOpt,
+    UnalignedOpt,
+    with_method_options,
+)
+from .render import print_table, write_side_outputs
+
+
+@app.command("prune")
+@handle_errors
+@with_method_options
+def prune_cmd(
+    adapter: AdapterArg,
+    output: OutputDirOpt,
+    base: BaseOpt = None,
+    aligned: AlignedOpt = None,
+    unaligned: UnalignedOpt = None,
+    method: Annotated[str, typer.Option("--method", "-m", help="Scoring method that ranks the modules.")] = "ddi",
+    top: Annotated[Optional[int], typer.Option("--top", help="Prune the τ highest-ranked modules (default 10).")] = None,
+    threshold: Annotated[Optional[float], typer.Option("--threshold", help="Prune modules whose score is at/over θ.")] = None,
+    threshold_norm: Annotated[Optional[float], typer.Option("--threshold-norm", help="Same on the bounded score (ddi_norm).")] = None,
+    auto_tau: AutoTauOpt = None,
+    mad_k: MadKOpt = 3.0,
+    scores: Annotated[Optional[Path], typer.Option("--scores", help="Rank with this precomputed score table (JSON from scan --json or scan-act) instead of scoring.")] = None,
+    mode: Annotated[str, typer.Option("--mode", help="'remove' (drop tensors, rewrite target_modules) or 'zero' (zero lora_B).")] = "remove",
+    device: DeviceOpt = "cpu",
+    types: TypesOpt = None,
+    force: ForceOpt = False,
+    json_out: JsonOpt = None,
+    csv_out: CsvOpt = None,
+    plot: Annotated[Optional[Path], typer.Option("--plot", help="Heatmap with the pruned modules marked.")] = None,
+    allow_pickle: AllowPickleOpt = False,
+    method_options: MethodOptions = None,
+) -> None:
+    """Score, select and prune modules; write a new PEFT adapter plus safeprune.json."""
+    methods = method_names(method)
+    if len(methods) != 1:
+        raise typer.BadParameter("prune ranks by exactly one method", param_hint="--method")
+    inputs = local_inputs(adapter, base, aligned, unaligned)
+    check_output_path(output, inputs, force)  # fail before reading or scoring anything
+    for side in (json_out, csv_out, plot):
+        check_output_file(side, inputs, not_equal=[output])
+    ad = load_adapter(adapter, allow_pickle=allow_pickle)
+    table = read_score_table(scores, ad) if scores is not None else None
+    edited = prune(ad, base, method=methods[0], table=table, top=top, threshold=threshold,
+                   threshold_norm=threshold_norm, auto=auto_tau, mad_k=mad_k, module_types=types, mode=mode,
+                   aligned=aligned, unaligned=unaligned, device=device,
+                   options=method_options.for_methods(methods), progress=not state["quiet"])
+    marked = set(edited.selection.selected)
+    print_table(edited.scores, marked=marked)
+    path = write_adapter(edited, output, force=force, extra_inputs=inputs)
+    write_side_outputs(edited.scores, json_out, csv_out, plot, marked=marked)
+    ed = edited.manifest["edit"]
+    if not state["quiet"]:
+        err.print(
+            f"{'removed' if mode == 'remove' else 'zeroed'} {len(marked)} of {ed['modules_before']} modules "
+            f"({edited.selection.rule.describe()}); LoRA parameters kept: {ed['lora_params_kept_pct']:.1f}%",
+            highlight=False,
+        )
+    out.print(f"wrote {path}", highlight=False)

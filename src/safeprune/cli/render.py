@@ -1,0 +1,67 @@
+"""What the commands print and write beside their main output: the score table on the terminal, the
+method-agreement table, and the --json/--csv/--plot side files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+from rich.table import Table
+
+from ..io.files import write_text_atomic
+from ..io.text import fmt_number
+from ..report.plots import heatmap
+from ..scoring import ScoreTable
+from .app import out, state
+
+
+def print_table(table: ScoreTable, sort: str = "rank", limit: Optional[int] = None,
+                marked: set[str] | None = None) -> None:
+    if state["quiet"]:
+        return
+    first = next(iter(table.methods.values()))
+    rows = table.ordered(first.primary, first.descending) if sort == "rank" else table.rows
+    if limit:
+        rows = rows[:limit]
+    t = Table(show_lines=False, header_style="bold", title=f"{len(table)} LoRA modules", title_justify="left")
+    cols = ["module"] + [c for c in table.score_columns if c not in ("t", "delta_fro", "base_fro")]
+    if len(table.methods) > 1:  # several methods: their primary scores side by side (all columns: --json/--csv)
+        cols = ["module"] + list(dict.fromkeys(i.primary for i in table.methods.values()))
+    cols += [f"rank_{m}" for m in table.methods]
+    for c in cols:
+        t.add_column(c.replace("rank_", "rank ") if c.startswith("rank_") else c,
+                     justify="left" if c == "module" else "right", no_wrap=True)
+    for r in rows:
+        style = "red" if marked and r["module"] in marked else None
+        t.add_row(*[fmt_number(r.get(c)) for c in cols], style=style)
+    out.print(t)
+
+
+def print_agreement(table: ScoreTable) -> None:
+    """Spearman ρ / Kendall τ between every pair of methods' rankings, and their top-K overlap."""
+    agr = table.meta.get("agreement") or []
+    if state["quiet"] or not agr:
+        return
+    k = agr[0]["top_k"]
+    t = Table(header_style="bold", title="agreement between the methods' rankings", title_justify="left")
+    for c in ("methods", "Spearman ρ", "p", "Kendall τ", "p", f"top-{k} overlap"):
+        t.add_column(c, justify="left" if c == "methods" else "right")
+
+    def f(x):
+        return "" if x is None else f"{x:.3f}" if abs(x) >= 1e-3 else f"{x:.1e}"
+
+    for a in agr:
+        t.add_row(f"{a['a']} vs {a['b']}", f(a["spearman"]), f(a["spearman_p"]), f(a["kendall"]),
+                  f(a["kendall_p"]), f"{a['top_overlap']}/{k}")
+    out.print(t)
+
+
+def write_side_outputs(table: ScoreTable, json_path: Path | None, csv_path: Path | None, plot_path: Path | None,
+                       marked=()) -> None:
+    if json_path:
+        write_text_atomic(json_path, table.to_json())
+    if csv_path:
+        write_text_atomic(csv_path, table.to_csv())
+    if plot_path:
+        first = next(iter(table.methods.values()))
+        heatmap(table, plot_path, column=first.primary, marked=marked)

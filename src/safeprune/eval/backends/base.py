@@ -1,0 +1,128 @@
+"""The generation-backend interface: settings, one generation's record, the Backend base class and
+the fingerprints that key cached generations."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from ...adapter import ADAPTER_FILES
+from ...errors import InputError, UsageError
+from ...io.hashing import files_digest, named_contents_digest
+
+
+@dataclass
+class GenSettings:
+    max_new_tokens: int = 64
+    do_sample: bool = False  # greedy by default
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int = 0
+    system_prompt: str | None = None  # None: the chat template's own default
+    chat_template: bool = True
+    batch_size: int = 16
+    sort_by_length: bool = False  # batch prompts of similar length together (less padding, faster)
+
+    def key(self) -> dict[str, Any]:
+        """The settings that change a generation (batch size and batch composition do not, up to float
+        rounding)."""
+        d = asdict(self)
+        d.pop("batch_size")
+        d.pop("sort_by_length")
+        if not self.do_sample:
+            d.pop("temperature"), d.pop("top_p"), d.pop("seed")
+        return d
+
+
+@dataclass
+class Generation:
+    text: str
+    new_tokens: int
+    batch_seconds: float  # wall time of the batch this sample was generated in
+    batch_size: int
+    mean_nll: float | None = None
+    mean_entropy: float | None = None
+    finished: bool = True  # ended with EOS (False: cut at max_new_tokens)
+    cached: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.pop("cached")
+        return d
+
+
+def fingerprint_dir(path: str | Path, limit: int = 2 * 1024**3) -> str:
+    """sha256 over a model/adapter directory's config and weight files (name + content)."""
+    p = Path(path)
+    if not p.exists():
+        raise InputError("not found", p)
+    files = [p] if p.is_file() else sorted(
+        f for f in p.iterdir() if f.is_file() and (f.suffix in (".safetensors", ".bin", ".json", ".gguf", ".model")
+                                                   or f.name.endswith(".jinja")))
+    return files_digest(files, limit)
+
+
+def adapter_fingerprint(path: str | Path) -> str:
+    """sha256 over the files that change what an adapter generates (config + weights): a manifest or
+    training log written next to them (``safeprune.json``, ``training_args.json``) does not change it, so
+    two byte-identical edits share their cached generations."""
+    p = Path(path)
+    if not p.is_dir():
+        return fingerprint_dir(p)
+    files = [p / f for f in ADAPTER_FILES if (p / f).is_file()]
+    if not files:
+        raise InputError("no adapter_config.json / adapter_model.* in the adapter directory", p)
+    return named_contents_digest(files)
+
+
+class Backend:
+    """Interface. ``generate(prompts, adapter, settings)`` -> one Generation per prompt."""
+
+    name = "abstract"
+
+    def __init__(self, base: str, adapters: dict[str, str] | None = None):
+        self.base = str(base)
+        self.adapters = dict(adapters or {})
+
+    @property
+    def model_id(self) -> str:
+        return self.base
+
+    def model_hash(self) -> str:
+        """sha256 of the base model's files (computed once per backend)."""
+        h = getattr(self, "_hash", None)
+        if h is None:
+            h = self._hash = fingerprint_dir(self.base)
+        return h
+
+    def adapter_hash(self, adapter: str | None) -> str:
+        if adapter is None:
+            return "none"
+        return adapter_fingerprint(self.adapters[adapter])
+
+    def render(self, prompt: str, settings: GenSettings) -> str:
+        return prompt
+
+    def add_adapter(self, name: str, path: str | Path) -> None:
+        """Attach one more adapter to the loaded base (e.g. a pruned variant written during a search)."""
+        if name in self.adapters:
+            if Path(self.adapters[name]) == Path(path):
+                return
+            raise UsageError(f"adapter name {name!r} is already loaded from {self.adapters[name]}")
+        self.adapters[name] = str(path)
+
+    def generate(self, prompts: Sequence[str], adapter: str | None, settings: GenSettings,
+                 on_batch: Callable[[int, list[Generation]], None] | None = None) -> list[Generation]:
+        raise NotImplementedError
+
+    def describe(self) -> dict[str, Any]:
+        return {"backend": self.name, "base": self.base, "adapters": dict(self.adapters)}
+
+
+def tokens_per_second(gens: Sequence[Generation]) -> float:
+    """Generated tokens over wall time, counting each batch's time once."""
+    toks = sum(g.new_tokens for g in gens)
+    secs = sum(g.batch_seconds / max(1, g.batch_size) for g in gens)
+    return toks / secs if secs > 0 else math.nan

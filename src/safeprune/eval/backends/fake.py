@@ -1,0 +1,60 @@
+"""A deterministic backend with no model, for tests: text from a rule per adapter."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+from ...errors import UsageError
+from .base import Backend, Generation, adapter_fingerprint
+
+
+class FakeBackend(Backend):
+    """Deterministic text from a rule; no model. ``responses`` maps adapter name (None = base) to a
+    function ``prompt -> text`` or to a dict ``prompt -> text`` (missing prompts echo the prompt)."""
+
+    name = "fake"
+
+    def __init__(self, base: str = "fake-base", adapters: dict[str, str] | None = None,
+                 responses: dict[str | None, Any] | None = None):
+        super().__init__(base, adapters)
+        self.responses = responses or {}
+        self.calls: list[tuple[str | None, int]] = []
+
+    def model_hash(self) -> str:
+        return hashlib.sha256(self.base.encode()).hexdigest()
+
+    def adapter_hash(self, adapter: str | None) -> str:
+        if adapter is None:
+            return "none"
+        p = Path(self.adapters[adapter])
+        return adapter_fingerprint(p) if p.exists() else hashlib.sha256(str(p).encode()).hexdigest()
+
+    def _respond(self, adapter: str | None, prompt: str) -> str:
+        r = self.responses.get(adapter)
+        if r is None:
+            return prompt
+        if callable(r):
+            return r(prompt)
+        return r.get(prompt, prompt)
+
+    def generate(self, prompts, adapter, settings, on_batch=None):
+        if adapter is not None and adapter not in self.adapters:
+            raise UsageError(f"unknown adapter {adapter!r}")
+        out: list[Generation] = []
+        bs = max(1, settings.batch_size)
+        for s in range(0, len(prompts), bs):
+            chunk = prompts[s:s + bs]
+            self.calls.append((adapter, len(chunk)))
+            gens = []
+            for p in chunk:
+                words = self._respond(adapter, p).split()[: settings.max_new_tokens]
+                text = " ".join(words)
+                nll = 0.5 + (int(hashlib.md5(text.encode()).hexdigest()[:6], 16) % 1000) / 1000.0
+                gens.append(Generation(text, len(words), 0.001 * len(chunk), len(chunk), nll, nll / 2,
+                                       len(words) < settings.max_new_tokens))
+            if on_batch:
+                on_batch(s, gens)
+            out.extend(gens)
+        return out
