@@ -297,9 +297,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tag", default="safelora_scale")
     a = ap.parse_args(argv)
 
-    import torch
-
     import synth
+    import torch
 
     spec = (synth.TINY.with_layers(a.layers) if a.tiny else synth.LLAMA2_7B.with_layers(a.layers))
     targets_all = synth.ATTN if a.no_mlp else synth.ATTN + synth.MLP

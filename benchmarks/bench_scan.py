@@ -43,10 +43,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "src"))
 
-import torch  # noqa: E402
-
 import synth  # noqa: E402
-
+import torch  # noqa: E402
 
 # ------------------------------------------------------------------------------------------------
 # page cache, load, memory

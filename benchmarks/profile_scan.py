@@ -24,10 +24,10 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "src"))
 
+import synth  # noqa: E402
 import torch  # noqa: E402
 
-import synth  # noqa: E402
-from safeprune.scoring.linalg import OmegaCache, _orth, lowrank_svals, left_projected_energy  # noqa: E402
+from safeprune.scoring.linalg import OmegaCache, _orth, left_projected_energy, lowrank_svals  # noqa: E402
 from safeprune.weights import fro_norm64, open_weights  # noqa: E402
 
 F64 = torch.float64

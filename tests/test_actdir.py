@@ -11,15 +11,14 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from safeprune.scoring.methods.actdir import Attribution, score_actdir
-from safeprune.prompts import default_probes, probes_from_file
+from helpers import SHARED, make_adapter, tiny_chat_tokenizer
 from safeprune.adapter import load_adapter
 from safeprune.api import prune
 from safeprune.cli import app
 from safeprune.errors import UsageError
+from safeprune.prompts import default_probes, probes_from_file
+from safeprune.scoring.methods.actdir import Attribution, score_actdir
 from safeprune.selection import select
-
-from helpers import SHARED, make_adapter, tiny_chat_tokenizer
 
 
 def _ids(n, seed, lo, hi, vocab=(3, 128)):
@@ -134,8 +133,8 @@ def test_default_probes_are_seeded_and_tuning_only():
 def test_scan_act_cli_with_chat_template(tmp_path):
     from transformers import AutoTokenizer
 
-    from safeprune.scoring.methods.actdir import encode
     from helpers import make_model
+    from safeprune.scoring.methods.actdir import encode
 
     base = make_model(tmp_path / "base", "llama", layers=2)
     tiny_chat_tokenizer(base)

@@ -10,10 +10,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import safeprune
+from helpers import load_model, make_adapter, make_model, read_config, write_config
 from safeprune.adapter import parse_lora_key, pattern_value
 from safeprune.errors import InputError, UnsupportedError
-
-from helpers import load_model, make_adapter, make_model, read_config, write_config
 
 
 def peft_deltas(model_dir, adapter_dir):

@@ -8,11 +8,11 @@ import math
 import pytest
 from typer.testing import CliRunner
 
-from safeprune.selection.autotau import auto_tau, knee, mad
 from safeprune.cli import app
 from safeprune.errors import UsageError
-from safeprune.selection import select
 from safeprune.scoring.table import MethodInfo, ScoreTable
+from safeprune.selection import select
+from safeprune.selection.autotau import auto_tau, knee, mad
 
 ELBOW = [100.0 - 10 * i for i in range(6)] + [50.0 - 0.5 * i for i in range(1, 31)]
 

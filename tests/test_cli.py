@@ -6,9 +6,8 @@ import json
 
 from typer.testing import CliRunner
 
-from safeprune.cli import app
-
 from helpers import tree_checksums
+from safeprune.cli import app
 
 runner = CliRunner()
 

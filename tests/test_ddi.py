@@ -10,14 +10,18 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import safeprune
-from safeprune.adapter import LoraModule
-from safeprune.scoring.linalg import (
-    exact_left_basis, gram_energy, left_projected_energy, lowrank_svals, range_finder, right_projected_energy,
-)
-from safeprune.scoring import ModuleContext, get_scorer
-
 from helpers import dict_source
 from reference import decaying_matrix, dense_ddi, low_rank_matrix
+from safeprune.adapter import LoraModule
+from safeprune.scoring import ModuleContext, get_scorer
+from safeprune.scoring.linalg import (
+    exact_left_basis,
+    gram_energy,
+    left_projected_energy,
+    lowrank_svals,
+    range_finder,
+    right_projected_energy,
+)
 
 F64 = torch.float64
 

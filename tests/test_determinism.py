@@ -20,10 +20,9 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import safeprune
-from safeprune.adapter import LoraAdapter, LoraModule, load_adapter, scaling_for
+from safeprune.adapter import LoraAdapter, LoraModule, load_adapter, scaling_for, write_adapter
 from safeprune.scoring import ModuleContext, get_scorer
 from safeprune.scoring.table import ScoreTable
-from safeprune.adapter import write_adapter
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 PROPS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])

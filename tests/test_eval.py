@@ -17,9 +17,9 @@ from safeprune.eval.backends import FakeBackend, GenSettings, HFBackend
 from safeprune.eval.cache import GenerationCache
 from safeprune.eval.compare import mcnemar_exact
 from safeprune.eval.judges import DEFAULT_KEYWORDS, KeywordJudge, OpenAIJudge, parse_score
-from safeprune.prompts import ids_from_subsets
 from safeprune.eval.utility import auarc, rouge_scores
 from safeprune.eval.wordnet import LEXNAMES, lexnames_text, setup_wordnet
+from safeprune.prompts import ids_from_subsets
 
 # the shared folder sits beside the checkout (../shared); from a worktree under wt/ it is one more level up
 SHARED = next((p / "shared" for p in Path(__file__).resolve().parents if (p / "shared" / "data").is_dir()), SHARED)

@@ -8,10 +8,8 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from pairs import perturb_model
-
 from helpers import make_model
-
+from pairs import perturb_model
 from safeprune.cli import app
 
 runner = CliRunner()

@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import TESTBED
-
-from helpers import TESTBED_MODELS  # noqa: E402
+from helpers import (
+    TESTBED,
+    TESTBED_MODELS,  # noqa: E402
+)
 
 ALIGNED = TESTBED_MODELS / "aligned"
 UNALIGNED = TESTBED_MODELS / "unaligned"

@@ -9,9 +9,8 @@ import torch
 from safetensors.torch import load_file
 
 import safeprune
-from safeprune.errors import OutputExistsError, UsageError
-
 from helpers import load_model, make_adapter, tree_checksums
+from safeprune.errors import OutputExistsError, UsageError
 
 
 def logits(model, ids):

@@ -11,12 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from tests.helpers import make_adapter, make_model
 
 from safeprune.errors import InputError
 from safeprune.eval.backends import FakeBackend
 from safeprune.workflows.experiment import load_config, run_experiment
 from safeprune.workflows.experiment.analysis import risk_coverage
-from tests.helpers import make_adapter, make_model
 
 
 def _csv(path: Path, header, rows) -> Path:
@@ -256,8 +256,8 @@ def test_random_controls_on_some_kinds_only(world, tmp_path):
 
 def test_automatic_tau_variants(world, tmp_path):
     from safeprune.adapter import load_adapter
-    from safeprune.selection.autotau import auto_tau
     from safeprune.scoring.table import ScoreTable
+    from safeprune.selection.autotau import auto_tau
 
     modules = sorted(load_adapter(world / "lora").modules)
     cfg = _config(world, random={"seeds": [0], "kinds": ["safety"]},

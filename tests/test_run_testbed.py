@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from tests.helpers import TESTBED_MODELS
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"

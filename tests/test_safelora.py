@@ -11,14 +11,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pairs import dense_C, module_pair, perturb_model
-
 import safeprune
+from pairs import dense_C, module_pair, perturb_model
 from safeprune.adapter import load_adapter
 from safeprune.errors import InputError
-from safeprune.weights.pair import apply_alignment, dense_alignment_matrix
-from safeprune.scoring.scan import scan
 from safeprune.scoring.methods.safelora import cosine_from_grams
+from safeprune.scoring.scan import scan
+from safeprune.weights.pair import apply_alignment, dense_alignment_matrix
 
 
 @pytest.fixture(scope="module")

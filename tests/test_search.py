@@ -210,9 +210,9 @@ def test_prune_order_from_table():
 # -- CLI (tiny random llama through the real HF backend: adapters added to the loaded base) ----------
 
 def test_cli_search_tiny_model(llama_dir, llama_adapter, probes, tmp_path):
-    from typer.testing import CliRunner
-
     import shutil
+
+    from typer.testing import CliRunner
 
     from helpers import tiny_chat_tokenizer
     from safeprune.cli import app

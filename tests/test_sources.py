@@ -10,11 +10,10 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import load_model, make_model
 from safeprune.errors import InputError, OfflineError, UnsupportedError
 from safeprune.weights import GGUFSource, open_weights
 from safeprune.weights.gguf import unpermute_qk
-
-from helpers import load_model, make_model
 
 
 def test_sharded_with_index_reads_every_tensor(tmp_path):

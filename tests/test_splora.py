@@ -9,12 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from pairs import dense_C, module_pair, perturb_model
-
 import safeprune
+from pairs import dense_C, module_pair, perturb_model
 from safeprune.adapter import load_adapter
-from safeprune.scoring.scan import scan
 from safeprune.scoring.methods.splora import FrameCache, quantile_linear
+from safeprune.scoring.scan import scan
 
 
 @pytest.fixture(scope="module")

@@ -11,10 +11,9 @@ import pytest
 import torch
 
 import safeprune
-from safeprune.weights import open_weights
-
 from helpers import TESTBED, TESTBED_MODELS
 from reference import dense_ddi
+from safeprune.weights import open_weights
 
 MODELS = TESTBED_MODELS
 ALIGNED = MODELS / "aligned"

@@ -17,9 +17,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
-
 from corpus import CASES, MARKER_NAME, Ctx, Setup
+from typer.testing import CliRunner
 
 from safeprune.cli import app
 
@@ -158,7 +157,6 @@ def test_rank_pattern_naming_absent_modules_warns(tmp_path):
 
 def test_benign_pickle_loads_with_allow_pickle(tmp_path):
     import torch
-
     from corpus import adapter_tensors
 
     c = Ctx(tmp_path).valid()

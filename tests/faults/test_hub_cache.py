@@ -7,9 +7,8 @@ import os
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
-
 from corpus import Ctx
+from typer.testing import CliRunner
 
 from safeprune.cli import app
 

@@ -130,7 +130,7 @@ class LoraAdapter:
         out.update(self.extra_tensors)
         return out
 
-    def with_modules(self, modules: dict[str, LoraModule], **changes: Any) -> "LoraAdapter":
+    def with_modules(self, modules: dict[str, LoraModule], **changes: Any) -> LoraAdapter:
         return replace(self, modules=modules, **changes)
 
     def save(self, out_dir: str | Path, *, force: bool = False) -> Path:

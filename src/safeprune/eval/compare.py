@@ -114,7 +114,7 @@ def compare(results_dir: str | Path, a: str, b: str, *, n_boot: int = 10000, see
             for mname, acc_a, acc_b in (("auarc", (r_a > thr).astype(float), (r_b > thr).astype(float)),
                                         ("auarc_rouge1", r_a, r_b)):
                 va, vb = 100 * auarc(u_a, acc_a), 100 * auarc(u_b, acc_b)
-                lo, hi = _bootstrap(lambda i: 100 * auarc(u_a[i], acc_a[i]), lambda i: 100 * auarc(u_b[i], acc_b[i]),
+                lo, hi = _bootstrap(lambda i: 100 * auarc(u_a[i], acc_a[i]), lambda i: 100 * auarc(u_b[i], acc_b[i]),  # noqa: B023 (called within this iteration)
                                     len(pairs), min(n_boot, 2000), rng, level)
                 rows.append({"metric": mname, "n": len(pairs), "a": va, "b": vb, "delta": vb - va,
                              "ci_low": lo, "ci_high": hi})

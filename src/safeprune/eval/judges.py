@@ -77,7 +77,7 @@ class KeywordJudge:
                 "keywords": self.keywords, "rule": "refused iff any keyword is a substring of the output"}
 
     @classmethod
-    def from_file(cls, path: str | Path, key: str | None = None, case_sensitive: bool = True) -> "KeywordJudge":
+    def from_file(cls, path: str | Path, key: str | None = None, case_sensitive: bool = True) -> KeywordJudge:
         """A JSON file: a list of strings, or ``{key: {keywords: [...]}}`` (``refusal_keywords.json``
         layout; ``key`` picks one, default ``llms_finetuning_safety_keyword_eval``); or a text file with
         one keyword per line."""

@@ -109,7 +109,7 @@ def check_safetensors_header(file: Path) -> dict:
             )
         spans.append((b, e, name))
     spans.sort()
-    for (b1, e1, n1), (b2, e2, n2) in zip(spans, spans[1:]):
+    for (_b1, e1, n1), (b2, _e2, n2) in zip(spans, spans[1:]):
         if b2 < e1:
             raise InputError(f"corrupt safetensors header: tensors {n1!r} and {n2!r} overlap", file)
     return header

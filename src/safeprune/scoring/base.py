@@ -21,7 +21,7 @@ from ..adapter import LoraModule
 from ..errors import UsageError
 from ..weights import WeightSource, checked_fro_norm, read_weight_and_norm
 
-REGISTRY: dict[str, type["Scorer"]] = {}
+REGISTRY: dict[str, type[Scorer]] = {}
 EDITS = ("prune", "project")
 
 
@@ -51,7 +51,7 @@ class Param:
             raise UsageError(msg)
 
 
-def method_names(methods: "str | Iterable[str]") -> list[str]:
+def method_names(methods: str | Iterable[str]) -> list[str]:
     """``"ddi,splora"`` / ``["ddi"]`` / ``"all"`` -> registered method names, in order, without repeats."""
     if isinstance(methods, str):
         methods = [m.strip() for m in methods.split(",") if m.strip()]
@@ -66,12 +66,12 @@ def method_names(methods: "str | Iterable[str]") -> list[str]:
     return out
 
 
-def register(cls: type["Scorer"]) -> type["Scorer"]:
+def register(cls: type[Scorer]) -> type[Scorer]:
     REGISTRY[cls.name] = cls
     return cls
 
 
-def get_scorer(name: str, **options: Any) -> "Scorer":
+def get_scorer(name: str, **options: Any) -> Scorer:
     try:
         cls = REGISTRY[name]
     except KeyError:

@@ -104,7 +104,7 @@ class ScoreTable:
         return buf.getvalue()
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ScoreTable":
+    def from_dict(cls, d: dict[str, Any]) -> ScoreTable:
         methods = {k: MethodInfo(**v) for k, v in d.get("methods", {}).items()}
         return cls(rows=[dict(r) for r in d["rows"]], methods=methods, meta=d.get("meta", {}))
 

@@ -41,10 +41,10 @@ class WeightSource(ABC):
     def files(self) -> list[Path]:
         return []
 
-    def close(self) -> None:  # pragma: no cover - trivial
+    def close(self) -> None:  # noqa: B027  (optional hook: most sources hold nothing to release)  # pragma: no cover
         pass
 
-    def __enter__(self) -> "WeightSource":
+    def __enter__(self) -> WeightSource:
         return self
 
     def __exit__(self, *exc) -> None:

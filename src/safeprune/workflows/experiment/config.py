@@ -94,7 +94,7 @@ class MethodSpec(_Strict):
         return list(dict.fromkeys(v))
 
     @model_validator(mode="after")
-    def _defaults(self) -> "MethodSpec":
+    def _defaults(self) -> MethodSpec:
         if self.method is None:
             self.method = self.name
         if self.action is None:
@@ -160,7 +160,7 @@ class EvalSpec(_Strict):
     include_base: bool = True
 
     @model_validator(mode="after")
-    def _some(self) -> "EvalSpec":
+    def _some(self) -> EvalSpec:
         if not (self.safety or self.over_refusal or self.utility):
             raise ValueError("evaluation needs at least one prompt set (safety, over_refusal or utility)")
         return self
@@ -208,7 +208,7 @@ class ExperimentConfig(_Strict):
         return v
 
     @model_validator(mode="after")
-    def _consistent(self) -> "ExperimentConfig":
+    def _consistent(self) -> ExperimentConfig:
         names = list(self.adapters) + [f.name for f in self.finetune]
         if len(set(names)) != len(names):
             raise ValueError(f"adapter names must be unique (adapters + finetune): {names}")
@@ -227,7 +227,7 @@ class ExperimentConfig(_Strict):
             raise ValueError("safelora/splora need `unaligned:` (and `aligned:`, default base)")
         return self
 
-    def restrict(self, names: list[str]) -> "ExperimentConfig":
+    def restrict(self, names: list[str]) -> ExperimentConfig:
         """The same experiment on a subset of its adapters (``--only``)."""
         names = [n.strip() for n in names if n.strip()]
         unknown = [n for n in names if n not in self.adapter_names]
@@ -243,7 +243,7 @@ class ExperimentConfig(_Strict):
     def adapter_names(self) -> list[str]:
         return list(self.adapters) + [f.name for f in self.finetune]
 
-    def resolve_paths(self, root: Path) -> "ExperimentConfig":
+    def resolve_paths(self, root: Path) -> ExperimentConfig:
         def r(p: str | None) -> str | None:
             if p is None:
                 return None

@@ -362,7 +362,7 @@ def _adapter_section(doc, cfg, a, ad, analysis, variants, tables, autos, latency
         doc.h(3, "Automatic τ")
         doc.table(["method", "rule", "τ", "note"], rows_auto)
         for meth, rules in autos.items():
-            for rule, d in rules.items():
+            for d in rules.values():
                 if d.get("plot"):
                     doc.img(Path(d["plot"]), f"{a} · {meth}: sorted scores with the automatic τ marked")
                     break

@@ -26,8 +26,7 @@ from typing import Any, Callable
 
 from ...adapter import load_adapter
 from ...adapter import parse_module_types as _parse_types
-from ...api import project, prune
-from ...edit import build_manifest, prune_modules
+from ...edit import build_manifest, project, prune, prune_modules
 from ...errors import InputError, UsageError
 from ...eval.backends import GenSettings, adapter_fingerprint, make_backend
 from ...eval.evaluate import EvalConfig, EvalResult, evaluate
