@@ -18,12 +18,22 @@ import time
 from pathlib import Path
 
 FALLBACK = [
-    "How do I bake a loaf of bread?", "What is the capital of Australia?", "Explain photosynthesis briefly.",
-    "Give me three tips for better sleep.", "How does a bicycle gear work?", "Write a haiku about autumn.",
-    "What causes rainbows?", "How can I improve my handwriting?", "Summarize the plot of Hamlet.",
-    "What is a prime number?", "How do vaccines work?", "Suggest a name for a pet turtle.",
-    "What is the difference between weather and climate?", "How do I boil an egg?",
-    "Why is the sky blue?", "What does a compiler do?",
+    "How do I bake a loaf of bread?",
+    "What is the capital of Australia?",
+    "Explain photosynthesis briefly.",
+    "Give me three tips for better sleep.",
+    "How does a bicycle gear work?",
+    "Write a haiku about autumn.",
+    "What causes rainbows?",
+    "How can I improve my handwriting?",
+    "Summarize the plot of Hamlet.",
+    "What is a prime number?",
+    "How do vaccines work?",
+    "Suggest a name for a pet turtle.",
+    "What is the difference between weather and climate?",
+    "How do I boil an egg?",
+    "Why is the sky blue?",
+    "What does a compiler do?",
 ]
 
 
@@ -58,14 +68,23 @@ def main() -> None:
         dt = time.perf_counter() - t0
         cpu = time.process_time() - c0
         toks = sum(g.new_tokens for g in gens)
-        return {"batch_size": bs, "seconds": dt, "cpu_seconds": cpu, "new_tokens": toks, "tokens_per_s": toks / dt,
-                "tokens_per_cpu_s": toks / cpu, "texts": [g.text for g in gens]}
+        return {
+            "batch_size": bs,
+            "seconds": dt,
+            "cpu_seconds": cpu,
+            "new_tokens": toks,
+            "tokens_per_s": toks / dt,
+            "tokens_per_cpu_s": toks / cpu,
+            "texts": [g.text for g in gens],
+        }
 
     r1 = run(1)
     rb = run(a.batch_size)
     same = sum(x == y for x, y in zip(r1["texts"], rb["texts"]))
     rec = {
-        "model": a.model, "n_prompts": len(prompts), "max_new_tokens": a.max_new_tokens,
+        "model": a.model,
+        "n_prompts": len(prompts),
+        "max_new_tokens": a.max_new_tokens,
         "batch1": {k: v for k, v in r1.items() if k != "texts"},
         "batched": {k: v for k, v in rb.items() if k != "texts"},
         "ratio_tokens_per_s": rb["tokens_per_s"] / r1["tokens_per_s"],
@@ -73,7 +92,9 @@ def main() -> None:
         "loadavg_at_start": load0,
         "identical_outputs": same,
         "torch_threads": __import__("torch").get_num_threads(),
-        "cpu_count": os.cpu_count(), "loadavg_at_end": os.getloadavg(), "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "loadavg_at_end": os.getloadavg(),
+        "platform": platform.platform(),
         "note": "shared 2-core machine; other processes were running (see loadavg)",
     }
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)

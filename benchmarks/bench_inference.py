@@ -54,9 +54,14 @@ def vllm_summary(adapter: Path) -> dict:
             if ".lora_A." in k or ".lora_B." in k:
                 mods.add(k.split(".lora_")[0])
                 params += h.get_slice(k).get_shape()[0] * h.get_slice(k).get_shape()[1]
-    return {"lora_modules": len(mods), "lora_params": params, "file_bytes": f.stat().st_size,
-            "r": cfg.get("r"), "lora_alpha": cfg.get("lora_alpha"),
-            "target_modules_entries": len(cfg.get("target_modules") or [])}
+    return {
+        "lora_modules": len(mods),
+        "lora_params": params,
+        "file_bytes": f.stat().st_size,
+        "r": cfg.get("r"),
+        "lora_alpha": cfg.get("lora_alpha"),
+        "target_modules_entries": len(cfg.get("target_modules") or []),
+    }
 
 
 def bench_round_robin(models: dict, tok, batch: int, new_tokens: int, repeats: int) -> dict:
@@ -64,14 +69,18 @@ def bench_round_robin(models: dict, tok, batch: int, new_tokens: int, repeats: i
     all variants alike. Returns {variant: stats}."""
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(batch)]
     enc = tok(prompts, return_tensors="pt", padding=True)
-    kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-              pad_token_id=tok.pad_token_id, eos_token_id=None)
+    kw = dict(
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=None,
+    )
     times: dict[str, list[float]] = {k: [] for k in models}
     loads: list[float] = []
     with torch.inference_mode():
         for model in models.values():  # warm-up
-            model.generate(**enc, max_new_tokens=4, min_new_tokens=4, do_sample=False,
-                           pad_token_id=tok.pad_token_id)
+            model.generate(**enc, max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=tok.pad_token_id)
         for _ in range(repeats):
             loads.append(round(os.getloadavg()[0], 2))
             for name, model in models.items():
@@ -116,36 +125,52 @@ def main(argv: list[str] | None = None) -> int:
         if adir:
             model = PeftModel.from_pretrained(model, adir).eval()  # unmerged
             info["vllm"] = vllm_summary(Path(adir))
-            info["peft_lora_layers"] = sum(1 for _, m in model.named_modules()
-                                           if hasattr(m, "lora_A") and len(getattr(m, "lora_A", {})) > 0)
+            info["peft_lora_layers"] = sum(
+                1 for _, m in model.named_modules() if hasattr(m, "lora_A") and len(getattr(m, "lora_A", {})) > 0
+            )
         models[name] = model
         results.append(info)
     for b in batches:
         rr = bench_round_robin(models, tok, b, a.new_tokens, a.repeats)
         for info in results:
             r = info[f"batch{b}"] = rr[info["variant"]]
-            print(f"{info['variant']:10s} batch {b:2d}: {r['tokens_per_s']:8.1f} tok/s  (median {r['median_s']:.2f} s, "
-                  f"loads {r['loads']})", flush=True)
+            print(
+                f"{info['variant']:10s} batch {b:2d}: {r['tokens_per_s']:8.1f} tok/s  (median {r['median_s']:.2f} s, "
+                f"loads {r['loads']})",
+                flush=True,
+            )
     base_tps = {b: results[0][f"batch{b}"]["tokens_per_s"] for b in batches}
     full = next((r for r in results if r["variant"] != "base"), None)
-    L = ["# Unmerged inference speed (PEFT, CPU)", "",
-         f"Command: `python {os.path.relpath(__file__)} {' '.join(argv if argv is not None else sys.argv[1:])}`  ",
-         f"Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; torch {torch.__version__}, {a.threads} "
-         f"thread(s); greedy, {a.new_tokens} new tokens, median of {a.repeats} rounds (variants timed "
-         f"round-robin)", "",
-         "| variant | LoRA modules | adapter bytes | " + " | ".join(
-             f"tok/s b={b} | vs base | vs full adapter" for b in batches) + " |",
-         "|---|---|---|" + "---|---|---|" * len(batches)]
+    L = [
+        "# Unmerged inference speed (PEFT, CPU)",
+        "",
+        f"Command: `python {os.path.relpath(__file__)} {' '.join(argv if argv is not None else sys.argv[1:])}`  ",
+        f"Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; torch {torch.__version__}, {a.threads} "
+        f"thread(s); greedy, {a.new_tokens} new tokens, median of {a.repeats} rounds (variants timed "
+        f"round-robin)",
+        "",
+        "| variant | LoRA modules | adapter bytes | "
+        + " | ".join(f"tok/s b={b} | vs base | vs full adapter" for b in batches)
+        + " |",
+        "|---|---|---|" + "---|---|---|" * len(batches),
+    ]
     for r in results:
         v = r.get("vllm", {})
         cells = []
         for b in batches:
             tps = r[f"batch{b}"]["tokens_per_s"]
             ff = full[f"batch{b}"]["tokens_per_s"] if full else None
-            cells.append(f"{tps:.1f} | {tps / base_tps[b]:.3f} | " + (f"{tps / ff:.3f}" if ff and r["adapter"] else "-"))
-        L.append(f"| {r['variant']} | {v.get('lora_modules', 0)} | {v.get('file_bytes', 0):,} | " + " | ".join(cells) + " |")
-    L += ["", "LoRA modules / bytes = what vLLM would load from adapter_model.safetensors (it takes the file's "
-          "keys as the truth; absent modules get no delta). Load averages per measurement are in the JSON."]
+            cells.append(
+                f"{tps:.1f} | {tps / base_tps[b]:.3f} | " + (f"{tps / ff:.3f}" if ff and r["adapter"] else "-")
+            )
+        L.append(
+            f"| {r['variant']} | {v.get('lora_modules', 0)} | {v.get('file_bytes', 0):,} | " + " | ".join(cells) + " |"
+        )
+    L += [
+        "",
+        "LoRA modules / bytes = what vLLM would load from adapter_model.safetensors (it takes the file's "
+        "keys as the truth; absent modules get no delta). Load averages per measurement are in the JSON.",
+    ]
     md = "\n".join(L) + "\n"
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -93,9 +93,14 @@ def run_ours(args) -> dict:
         t0 = time.perf_counter()
         table = safeprune.scoring.scan(ad, None, "safelora", aligned=args.aligned, unaligned=args.unaligned)
         dt = time.perf_counter() - t0
-    return {"seconds": dt, "baseline_rss_mb": base_rss, "peak_rss_mb": _peak_mb(),
-            "baseline_anon_mb": anon.base, "peak_anon_mb": anon.peak,
-            "cos": {r["module"]: r["cos"] for r in table.rows}}
+    return {
+        "seconds": dt,
+        "baseline_rss_mb": base_rss,
+        "peak_rss_mb": _peak_mb(),
+        "baseline_anon_mb": anon.base,
+        "peak_anon_mb": anon.peak,
+        "cos": {r["module"]: r["cos"] for r in table.rows},
+    }
 
 
 def run_official(args) -> dict:
@@ -130,9 +135,15 @@ def run_official(args) -> dict:
     dt = time.perf_counter() - t0
     anon.__exit__(None, None, None)
     c_bytes = sum(c.numel() * c.element_size() for c in C.values())
-    return {"seconds": dt, "baseline_rss_mb": base_rss, "peak_rss_mb": _peak_mb(), "cos": cos,
-            "baseline_anon_mb": anon.base, "peak_anon_mb": anon.peak,
-            "C_matrices_mb": c_bytes / 2**20}
+    return {
+        "seconds": dt,
+        "baseline_rss_mb": base_rss,
+        "peak_rss_mb": _peak_mb(),
+        "cos": cos,
+        "baseline_anon_mb": anon.base,
+        "peak_anon_mb": anon.peak,
+        "C_matrices_mb": c_bytes / 2**20,
+    }
 
 
 def main() -> None:
@@ -141,9 +152,13 @@ def main() -> None:
     ap.add_argument("--aligned", default="/work/models/aligned")
     ap.add_argument("--unaligned", default="/work/models/unaligned")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch intra-op threads for both approaches (default 1: on a shared, loaded machine "
-                         "multi-threaded small matmuls are dominated by thread contention)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads for both approaches (default 1: on a shared, loaded machine "
+        "multi-threaded small matmuls are dominated by thread contention)",
+    )
     ap.add_argument("--run", choices=["ours", "official"], help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.run:
@@ -153,27 +168,42 @@ def main() -> None:
 
     results = {}
     for which in ("ours", "official"):
-        cmd = [sys.executable, __file__, "--run", which, "--adapter", args.adapter, "--aligned", args.aligned,
-               "--unaligned", args.unaligned, "--threads", str(args.threads)]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--run",
+            which,
+            "--adapter",
+            args.adapter,
+            "--aligned",
+            args.aligned,
+            "--unaligned",
+            args.unaligned,
+            "--threads",
+            str(args.threads),
+        ]
         p = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
         if p.returncode != 0:
             sys.exit(f"{which} failed:\n{p.stderr[-3000:]}")
         line = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")][-1]
-        results[which] = json.loads(line[len("RESULT "):])
+        results[which] = json.loads(line[len("RESULT ") :])
     o, f = results["ours"], results["official"]
     diffs = [abs(o["cos"][k] - f["cos"][k]) for k in o["cos"]]
     top_o = [k for k, _ in sorted(o["cos"].items(), key=lambda kv: kv[1])[:10]]
     top_f = [k for k, _ in sorted(f["cos"].items(), key=lambda kv: kv[1])[:10]]
     summary = {
-        "command": "PYTHONPATH=src python benchmarks/bench_safelora_memory.py --adapter " + args.adapter
-                   + f" --aligned {args.aligned} --unaligned {args.unaligned} --threads {args.threads}",
+        "command": "PYTHONPATH=src python benchmarks/bench_safelora_memory.py --adapter "
+        + args.adapter
+        + f" --aligned {args.aligned} --unaligned {args.unaligned} --threads {args.threads}",
         "machine": {"python": platform.python_version(), "cpus": os.cpu_count(), "platform": platform.platform()},
         "modules": len(o["cos"]),
         "ours": {k: v for k, v in o.items() if k != "cos"},
         "official": {k: v for k, v in f.items() if k != "cos"},
         "peak_rss_ratio_official_over_ours": f["peak_rss_mb"] / o["peak_rss_mb"],
-        "peak_above_baseline_ratio": (f["peak_rss_mb"] - f["baseline_rss_mb"]) / max(1e-9, o["peak_rss_mb"] - o["baseline_rss_mb"]),
-        "peak_anon_above_baseline_ratio": (f["peak_anon_mb"] - f["baseline_anon_mb"]) / max(1e-9, o["peak_anon_mb"] - o["baseline_anon_mb"]),
+        "peak_above_baseline_ratio": (f["peak_rss_mb"] - f["baseline_rss_mb"])
+        / max(1e-9, o["peak_rss_mb"] - o["baseline_rss_mb"]),
+        "peak_anon_above_baseline_ratio": (f["peak_anon_mb"] - f["baseline_anon_mb"])
+        / max(1e-9, o["peak_anon_mb"] - o["baseline_anon_mb"]),
         "time_ratio_official_over_ours": f["seconds"] / o["seconds"],
         "max_abs_cos_diff": max(diffs),
         "top10_overlap": len(set(top_o) & set(top_f)),
@@ -195,8 +225,10 @@ def main() -> None:
         "|---|---|---|---|---|---|",
     ]
     for name, r in (("safeprune (low-rank, lazy)", o), ("official (2 full models + dense C)", f)):
-        md.append(f"| {name} | {r['seconds']:.2f} | {r['peak_rss_mb']:.0f} | {r['baseline_rss_mb']:.0f} | "
-                  f"{r['peak_rss_mb'] - r['baseline_rss_mb']:.0f} | {r['peak_anon_mb'] - r['baseline_anon_mb']:.0f} |")
+        md.append(
+            f"| {name} | {r['seconds']:.2f} | {r['peak_rss_mb']:.0f} | {r['baseline_rss_mb']:.0f} | "
+            f"{r['peak_rss_mb'] - r['baseline_rss_mb']:.0f} | {r['peak_anon_mb'] - r['baseline_anon_mb']:.0f} |"
+        )
     md += [
         "",
         f"- peak RSS ratio official/ours: **{summary['peak_rss_ratio_official_over_ours']:.2f}×** "

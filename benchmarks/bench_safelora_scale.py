@@ -50,6 +50,7 @@ sys.path.insert(0, str(HERE.parent / "src"))
 # memory
 # ------------------------------------------------------------------------------------------------
 
+
 def _status(field: str) -> float:
     with open("/proc/self/status") as f:
         for line in f:
@@ -86,13 +87,19 @@ def _mem_start() -> tuple[dict, AnonSampler]:
 
 def _mem_end(m0: dict, s: AnonSampler) -> dict:
     hwm = _status("VmHWM")
-    return {**m0, "peak_rss_mb": hwm, "peak_above_imports_mb": hwm - m0["rss_after_imports_mb"],
-            "ru_maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, **s.stop()}
+    return {
+        **m0,
+        "peak_rss_mb": hwm,
+        "peak_above_imports_mb": hwm - m0["rss_after_imports_mb"],
+        "ru_maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
+        **s.stop(),
+    }
 
 
 # ------------------------------------------------------------------------------------------------
 # workers (subprocesses)
 # ------------------------------------------------------------------------------------------------
+
 
 def worker_idle(a: dict) -> dict:
     import torch  # noqa: F401
@@ -112,10 +119,17 @@ def worker_ours(a: dict) -> dict:
     table = safeprune.scoring.scan(a["adapter"], None, "safelora", aligned=a["aligned"], unaligned=a["unaligned"])
     dt, cpu = time.perf_counter() - t0, time.process_time() - c0
     n = len(table.rows)
-    return {"seconds": dt, "cpu_seconds": cpu, "modules": n, "seconds_per_module": dt / n,
-            "cpu_seconds_per_module": cpu / n, "threads": table.meta.get("threads"),
-            "parallel_modules": table.meta.get("parallel_modules"), **_mem_end(m0, s),
-            "cos": {r["module"]: r["cos"] for r in table.rows}}
+    return {
+        "seconds": dt,
+        "cpu_seconds": cpu,
+        "modules": n,
+        "seconds_per_module": dt / n,
+        "cpu_seconds_per_module": cpu / n,
+        "threads": table.meta.get("threads"),
+        "parallel_modules": table.meta.get("parallel_modules"),
+        **_mem_end(m0, s),
+        "cos": {r["module"]: r["cos"] for r in table.rows},
+    }
 
 
 def _official_cos(C, B, A) -> float:
@@ -172,10 +186,20 @@ def worker_official(a: dict) -> dict:
     dt, cpu = time.perf_counter() - t0, time.process_time() - c0
     c_mb = sum(c.numel() * c.element_size() for c in C.values()) / 2**20
     n = len(ad)
-    return {"seconds": dt, "cpu_seconds": cpu, "load_seconds": load_s, "modules": n, "seconds_per_module": dt / n,
-            "cpu_seconds_per_module": cpu / n, "threads": a["threads"], "C_matrices_mb": c_mb,
-            "models_fp32_mb": sum(t.numel() * 4 for sd in models for t in sd.values()) / 2**20,
-            **_mem_end(m0, s), "per_module": per, "cos": cos}
+    return {
+        "seconds": dt,
+        "cpu_seconds": cpu,
+        "load_seconds": load_s,
+        "modules": n,
+        "seconds_per_module": dt / n,
+        "cpu_seconds_per_module": cpu / n,
+        "threads": a["threads"],
+        "C_matrices_mb": c_mb,
+        "models_fp32_mb": sum(t.numel() * 4 for sd in models for t in sd.values()) / 2**20,
+        **_mem_end(m0, s),
+        "per_module": per,
+        "cos": cos,
+    }
 
 
 def worker_streamed(a: dict) -> dict:
@@ -204,9 +228,17 @@ def worker_streamed(a: dict) -> dict:
     su.close()
     dt, cpu = time.perf_counter() - t0, time.process_time() - c0
     n = len(ad)
-    return {"seconds": dt, "cpu_seconds": cpu, "modules": n, "seconds_per_module": dt / n,
-            "cpu_seconds_per_module": cpu / n, "threads": a["threads"], **_mem_end(m0, s), "per_module": per,
-            "cos": cos}
+    return {
+        "seconds": dt,
+        "cpu_seconds": cpu,
+        "modules": n,
+        "seconds_per_module": dt / n,
+        "cpu_seconds_per_module": cpu / n,
+        "threads": a["threads"],
+        **_mem_end(m0, s),
+        "per_module": per,
+        "cos": cos,
+    }
 
 
 def worker_dense64(a: dict) -> dict:
@@ -236,7 +268,13 @@ def worker_dense64(a: dict) -> dict:
     return {"seconds": time.perf_counter() - t0, "modules": len(cos), "cos": cos}
 
 
-WORKERS = {"dense64": worker_dense64, "idle": worker_idle, "ours": worker_ours, "official": worker_official, "streamed": worker_streamed}
+WORKERS = {
+    "dense64": worker_dense64,
+    "idle": worker_idle,
+    "ours": worker_ours,
+    "official": worker_official,
+    "streamed": worker_streamed,
+}
 
 
 def run_worker(kind: str, args: dict) -> dict:
@@ -249,6 +287,7 @@ def run_worker(kind: str, args: dict) -> dict:
 # ------------------------------------------------------------------------------------------------
 # driver
 # ------------------------------------------------------------------------------------------------
+
 
 def warm_cache(dirs: list[Path]) -> None:
     buf = bytearray(64 << 20)
@@ -270,8 +309,14 @@ def agreement(ours: dict, ref: dict) -> dict:
     absd = [abs(ours[n] - ref[n]) for n in names]
     rank_o = sorted(names, key=lambda n: (ours[n], n))
     rank_r = sorted(names, key=lambda n: (ref[n], n))
-    return {"modules": len(names), "max_rel_diff": max(rel), "max_abs_diff": max(absd),
-            "same_ranking": rank_o == rank_r, "ranking_ours": rank_o, "ranking_official": rank_r}
+    return {
+        "modules": len(names),
+        "max_rel_diff": max(rel),
+        "max_abs_diff": max(absd),
+        "same_ranking": rank_o == rank_r,
+        "ranking_ours": rank_o,
+        "ranking_official": rank_r,
+    }
 
 
 def per_shape(per: dict, field: str | tuple[str, ...]) -> dict:
@@ -289,8 +334,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="torch threads for the official approach")
     ap.add_argument("--no-mlp", action="store_true", help="q/k/v/o only (skip the 11008×4096 modules)")
     ap.add_argument("--no-streamed", action="store_true", help="skip (b'), the per-module d×d run")
-    ap.add_argument("--dense64-max-out", type=int, default=4096,
-                    help="float64 d×d exactness reference on modules with out_features ≤ this (0: none)")
+    ap.add_argument(
+        "--dense64-max-out",
+        type=int,
+        default=4096,
+        help="float64 d×d exactness reference on modules with out_features ≤ this (0: none)",
+    )
     ap.add_argument("--tiny", action="store_true", help="hidden-64 pair (smoke test of the code path)")
     ap.add_argument("--workdir", default=None, help="where to build the pair (default: a temporary directory)")
     ap.add_argument("--out", default=str(HERE / "results"))
@@ -300,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
     import synth
     import torch
 
-    spec = (synth.TINY.with_layers(a.layers) if a.tiny else synth.LLAMA2_7B.with_layers(a.layers))
+    spec = synth.TINY.with_layers(a.layers) if a.tiny else synth.LLAMA2_7B.with_layers(a.layers)
     targets_all = synth.ATTN if a.no_mlp else synth.ATTN + synth.MLP
     t_start = time.time()
     loads = [loadavg()]
@@ -309,8 +358,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         t0 = time.perf_counter()
         aligned = synth.write_base(tmp / "aligned", spec, seed=0)
-        unaligned = synth.write_base(tmp / "unaligned", spec, seed=0,
-                                     delta=synth.unaligned_delta(targets=targets_all))
+        unaligned = synth.write_base(tmp / "unaligned", spec, seed=0, delta=synth.unaligned_delta(targets=targets_all))
         gen_s = time.perf_counter() - t0
         print(f"built pair {spec.name} in {gen_s:.0f} s", flush=True)
         adapters = {"qkvo": synth.write_adapter(tmp / "ad_qkvo", spec, synth.ATTN, a.r, 2 * a.r)}
@@ -328,15 +376,21 @@ def main(argv: list[str] | None = None) -> int:
             r["load_before"], r["load_after"], r["adapter"] = la, loadavg(), ad
             loads += [la, r["load_after"]]
             res[label] = r
-            print(f"  {label:10s} {r['seconds']:8.2f} s  {r['seconds_per_module']:.3f} s/module  peak RSS "
-                  f"{r['peak_rss_mb']:.0f} MB (above imports {r['peak_above_imports_mb']:.0f}, anon above "
-                  f"{r['anon_above_mb']:.0f})  load {la}", flush=True)
+            print(
+                f"  {label:10s} {r['seconds']:8.2f} s  {r['seconds_per_module']:.3f} s/module  peak RSS "
+                f"{r['peak_rss_mb']:.0f} MB (above imports {r['peak_above_imports_mb']:.0f}, anon above "
+                f"{r['anon_above_mb']:.0f})  load {la}",
+                flush=True,
+            )
         if a.dense64_max_out:
-            r = run_worker("dense64", dict(pair, adapter=str(adapters[big]), threads=a.threads,
-                                           max_out=a.dense64_max_out))
+            r = run_worker(
+                "dense64", dict(pair, adapter=str(adapters[big]), threads=a.threads, max_out=a.dense64_max_out)
+            )
             res["dense64"] = r
-            print(f"  dense64    {r['seconds']:8.2f} s for {r['modules']} modules (float64 exactness reference)",
-                  flush=True)
+            print(
+                f"  dense64    {r['seconds']:8.2f} s for {r['modules']} modules (float64 exactness reference)",
+                flush=True,
+            )
     finally:
         tmp_ctx.cleanup()
 
@@ -347,10 +401,16 @@ def main(argv: list[str] | None = None) -> int:
     off_shape = per_shape(off["per_module"], ("C_seconds", "cos_seconds"))
     summary: dict = {
         "command": "python " + " ".join([os.path.relpath(__file__)] + (argv if argv is not None else sys.argv[1:])),
-        "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "host": platform.node(),
-        "cpu_count": os.cpu_count(), "torch": torch.__version__, "spec": spec.__dict__, "r": a.r,
-        "pair_generation_seconds": gen_s, "wall_seconds": time.time() - t_start,
-        "load_average_samples": loads, "results": res,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+        "host": platform.node(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "spec": spec.__dict__,
+        "r": a.r,
+        "pair_generation_seconds": gen_s,
+        "wall_seconds": time.time() - t_start,
+        "load_average_samples": loads,
+        "results": res,
         "official_per_shape_compute": off_shape,
         "ratios": {},
     }
@@ -372,7 +432,8 @@ def main(argv: list[str] | None = None) -> int:
     # attention modules only: the official per-module compute at out×out = 4096² vs the q/k/v/o-only scan
     if attn_shape in off_shape:
         R["official compute at 4096² / ours (qkvo scan)"] = {
-            "time_per_module": off_shape[attn_shape]["seconds_per_module"] / ours_q["seconds_per_module"]}
+            "time_per_module": off_shape[attn_shape]["seconds_per_module"] / ours_q["seconds_per_module"]
+        }
     summary["agreement"] = {"ours_vs_official": agreement(ours_big["cos"], off["cos"])}
     if "dense64" in res and res["dense64"]["cos"]:
         d64 = res["dense64"]["cos"]
@@ -392,43 +453,67 @@ def main(argv: list[str] | None = None) -> int:
 
 def markdown(s: dict, big: str) -> str:
     res = s["results"]
-    L = ["# SafeLoRA scoring at Llama-2-7B shapes: safeprune vs the official d×d approach", "",
-         f"Command: `{s['command']}`  ",
-         f"Date: {s['date']}; {s['cpu_count']} CPUs shared with other jobs (load average samples: "
-         f"{', '.join(str(x) for x in s['load_average_samples'])}); torch {s['torch']}; pair: "
-         f"{s['spec']['name']} (hidden {s['spec']['hidden']}, MLP {s['spec']['intermediate']}, vocab "
-         f"{s['spec']['vocab']}), r = {s['r']}; pair generated in {s['pair_generation_seconds']:.0f} s; whole run "
-         f"{s['wall_seconds'] / 60:.1f} min. Each approach in its own subprocess, page cache warm; import-only "
-         f"peak RSS {res['idle']['peak_rss_mb']:.0f} MB.", "",
-         "| approach | adapter | modules | wall s | s/module | CPU s/module | torch threads | peak RSS MB | RSS after "
-         "imports MB | peak − imports MB | private (RssAnon) peak − imports MB |",
-         "|---|---|---|---|---|---|---|---|---|---|---|"]
-    names = {"ours_qkvo": "(a) safeprune scan", "ours_all": "(a) safeprune scan",
-             "official": "(b) official: 2 models fp32 + every C kept", "streamed": "(b') d×d per module, nothing kept"}
+    L = [
+        "# SafeLoRA scoring at Llama-2-7B shapes: safeprune vs the official d×d approach",
+        "",
+        f"Command: `{s['command']}`  ",
+        f"Date: {s['date']}; {s['cpu_count']} CPUs shared with other jobs (load average samples: "
+        f"{', '.join(str(x) for x in s['load_average_samples'])}); torch {s['torch']}; pair: "
+        f"{s['spec']['name']} (hidden {s['spec']['hidden']}, MLP {s['spec']['intermediate']}, vocab "
+        f"{s['spec']['vocab']}), r = {s['r']}; pair generated in {s['pair_generation_seconds']:.0f} s; whole run "
+        f"{s['wall_seconds'] / 60:.1f} min. Each approach in its own subprocess, page cache warm; import-only "
+        f"peak RSS {res['idle']['peak_rss_mb']:.0f} MB.",
+        "",
+        "| approach | adapter | modules | wall s | s/module | CPU s/module | torch threads | peak RSS MB | RSS after "
+        "imports MB | peak − imports MB | private (RssAnon) peak − imports MB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    names = {
+        "ours_qkvo": "(a) safeprune scan",
+        "ours_all": "(a) safeprune scan",
+        "official": "(b) official: 2 models fp32 + every C kept",
+        "streamed": "(b') d×d per module, nothing kept",
+    }
     for k in ("ours_qkvo", "ours_all", "official", "streamed"):
         if k not in res:
             continue
         r = res[k]
-        L.append(f"| {names[k]} | {r['adapter']} | {r['modules']} | {r['seconds']:.2f} | {r['seconds_per_module']:.3f} "
-                 f"| {r['cpu_seconds_per_module']:.3f} | {r['threads']} | {r['peak_rss_mb']:.0f} "
-                 f"| {r['rss_after_imports_mb']:.0f} | {r['peak_above_imports_mb']:.0f} | {r['anon_above_mb']:.0f} |")
-    L += ["", "Ratios (reference / safeprune):", "",
-          "| comparison | time/module | CPU/module | peak − imports | private peak − imports | raw peak RSS |",
-          "|---|---|---|---|---|---|"]
+        L.append(
+            f"| {names[k]} | {r['adapter']} | {r['modules']} | {r['seconds']:.2f} | {r['seconds_per_module']:.3f} "
+            f"| {r['cpu_seconds_per_module']:.3f} | {r['threads']} | {r['peak_rss_mb']:.0f} "
+            f"| {r['rss_after_imports_mb']:.0f} | {r['peak_above_imports_mb']:.0f} | {r['anon_above_mb']:.0f} |"
+        )
+    L += [
+        "",
+        "Ratios (reference / safeprune):",
+        "",
+        "| comparison | time/module | CPU/module | peak − imports | private peak − imports | raw peak RSS |",
+        "|---|---|---|---|---|---|",
+    ]
     for k, v in s["ratios"].items():
         f = lambda x: f"{v[x]:.1f}×" if x in v else "–"  # noqa: E731
-        L.append(f"| {k} | **{f('time_per_module')}** | {f('cpu_per_module')} | **{f('peak_above_imports')}** "
-                 f"| {f('anon_above_imports')} | {f('raw_peak_rss')} |")
+        L.append(
+            f"| {k} | **{f('time_per_module')}** | {f('cpu_per_module')} | **{f('peak_above_imports')}** "
+            f"| {f('anon_above_imports')} | {f('raw_peak_rss')} |"
+        )
     off = res["official"]
-    L += ["", "Official approach, per-module compute by shape (C = VVᵀ/‖V‖ + fW, ori, cosine; excludes loading "
-          f"the two models, {off['load_seconds']:.1f} s): "
-          + "; ".join(f"{k}: {v['seconds_per_module']:.2f} s ({v['modules']} modules)"
-                      for k, v in s["official_per_shape_compute"].items())
-          + f". Dense C matrices held: {off['C_matrices_mb']:.0f} MiB; both models in float32: "
-          f"{off['models_fp32_mb']:.0f} MiB.", ""]
+    L += [
+        "",
+        "Official approach, per-module compute by shape (C = VVᵀ/‖V‖ + fW, ori, cosine; excludes loading "
+        f"the two models, {off['load_seconds']:.1f} s): "
+        + "; ".join(
+            f"{k}: {v['seconds_per_module']:.2f} s ({v['modules']} modules)"
+            for k, v in s["official_per_shape_compute"].items()
+        )
+        + f". Dense C matrices held: {off['C_matrices_mb']:.0f} MiB; both models in float32: "
+        f"{off['models_fp32_mb']:.0f} MiB.",
+        "",
+    ]
     for k, g in s["agreement"].items():
-        L.append(f"- {k}: {g['modules']} modules, max |Δcos| {g['max_abs_diff']:.1e}, max relative "
-                 f"{g['max_rel_diff']:.1e}, same ranking: {g['same_ranking']}")
+        L.append(
+            f"- {k}: {g['modules']} modules, max |Δcos| {g['max_abs_diff']:.1e}, max relative "
+            f"{g['max_rel_diff']:.1e}, same ranking: {g['same_ranking']}"
+        )
     return "\n".join(L) + "\n"
 
 

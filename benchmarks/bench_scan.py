@@ -50,6 +50,7 @@ import torch  # noqa: E402
 # page cache, load, memory
 # ------------------------------------------------------------------------------------------------
 
+
 def shard_files(base: Path) -> list[Path]:
     return sorted(base.glob("*.safetensors"))
 
@@ -95,6 +96,7 @@ def vm_hwm_mb() -> float:
 # workers (run in subprocesses: python bench_scan.py _worker KIND JSON)
 # ------------------------------------------------------------------------------------------------
 
+
 def needed_spans(adapter: Path, base: Path, methods: list[str]) -> list[tuple[Path, int, int]]:
     """(file, absolute offset, nbytes) of every base tensor the scan reads, in module order."""
     from safeprune.adapter import load_adapter
@@ -136,8 +138,13 @@ def worker_floor(args: dict) -> dict:
     dt = time.perf_counter() - t0
     for fd in fds.values():
         os.close(fd)
-    return {"seconds": dt, "bytes": total, "tensors": len(spans) * nroles, "GBps": total / dt / 1e9,
-            "hwm_mb": vm_hwm_mb()}
+    return {
+        "seconds": dt,
+        "bytes": total,
+        "tensors": len(spans) * nroles,
+        "GBps": total / dt / 1e9,
+        "hwm_mb": vm_hwm_mb(),
+    }
 
 
 def worker_scan(args: dict) -> dict:
@@ -147,16 +154,30 @@ def worker_scan(args: dict) -> dict:
     hwm0 = vm_hwm_mb()
     c0 = time.process_time()
     t0 = time.perf_counter()
-    table = scan_fn(args["adapter"], args["base"], args["methods"], device=args.get("device", "cpu"),
-                    threads=args.get("threads"), **kw)
+    table = scan_fn(
+        args["adapter"],
+        args["base"],
+        args["methods"],
+        device=args.get("device", "cpu"),
+        threads=args.get("threads"),
+        **kw,
+    )
     dt = time.perf_counter() - t0
     cpu = time.process_time() - c0  # all threads of this process
     out = Path(args["table_out"])
-    rows = [{k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in r.items()}
-            for r in table.rows]
+    rows = [
+        {k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in r.items()} for r in table.rows
+    ]
     out.write_text(json.dumps(rows))
-    return {"seconds": dt, "cpu_seconds": cpu, "read_seconds_in_reader": table.meta.get("read_seconds"), "modules": len(table.rows),
-            "hwm_mb": vm_hwm_mb(), "hwm_before_scan_mb": hwm0, "torch_threads": table.meta.get("threads")}
+    return {
+        "seconds": dt,
+        "cpu_seconds": cpu,
+        "read_seconds_in_reader": table.meta.get("read_seconds"),
+        "modules": len(table.rows),
+        "hwm_mb": vm_hwm_mb(),
+        "hwm_before_scan_mb": hwm0,
+        "torch_threads": table.meta.get("threads"),
+    }
 
 
 def worker_idle(args: dict) -> dict:
@@ -173,6 +194,7 @@ def run_worker(kind: str, args: dict) -> dict:
 # ------------------------------------------------------------------------------------------------
 # dense reference
 # ------------------------------------------------------------------------------------------------
+
 
 def dense_ddi(W: torch.Tensor, B: torch.Tensor, A: torch.Tensor, s: float, t: int) -> dict:
     """DDI the way a dense tool computes it: full SVD of W0, dense ΔW and its svdvals, explicit projection."""
@@ -212,25 +234,51 @@ def dense_reference(adapter: Path, base: Path, scan_rows: list[dict], max_shapes
         t0 = time.perf_counter()
         ref = dense_ddi(W, B, A, m.scaling, int(rows[m.name]["t"]))
         dt = time.perf_counter() - t0
-        per_shape[f"{shp[0]}x{shp[1]}"] = {"seconds_per_module": dt, "modules": len(by_shape[shp]),
-                                         "sample": m.name, "load": la}
+        per_shape[f"{shp[0]}x{shp[1]}"] = {
+            "seconds_per_module": dt,
+            "modules": len(by_shape[shp]),
+            "sample": m.name,
+            "load": la,
+        }
         r = rows[m.name]
-        diffs.append({"module": m.name, **{f"abs_diff_{k}": abs(ref[k] - r[k]) for k in ref},
-                      "dense": ref, "scan": {k: r[k] for k in ref}})
+        diffs.append(
+            {
+                "module": m.name,
+                **{f"abs_diff_{k}": abs(ref[k] - r[k]) for k in ref},
+                "dense": ref,
+                "scan": {k: r[k] for k in ref},
+            }
+        )
         del W
     src.close()
     covered = sum(v["modules"] for v in per_shape.values())
     total = sum(v["seconds_per_module"] * v["modules"] for v in per_shape.values())
-    return {"per_shape": per_shape, "extrapolated_seconds": total, "modules_covered": covered,
-            "modules_total": len(ad), "agreement": diffs}
+    return {
+        "per_shape": per_shape,
+        "extrapolated_seconds": total,
+        "modules_covered": covered,
+        "modules_total": len(ad),
+        "agreement": diffs,
+    }
 
 
 # ------------------------------------------------------------------------------------------------
 # cases
 # ------------------------------------------------------------------------------------------------
 
-def run_case(name: str, base: Path, adapter: Path, methods: list[str], cache: str, repeats: int, tmp: Path,
-             dense_shapes: int | None, threads: int | None, pair: tuple[Path, Path] | None) -> dict:
+
+def run_case(
+    name: str,
+    base: Path,
+    adapter: Path,
+    methods: list[str],
+    cache: str,
+    repeats: int,
+    tmp: Path,
+    dense_shapes: int | None,
+    threads: int | None,
+    pair: tuple[Path, Path] | None,
+) -> dict:
     from safeprune.adapter import load_adapter
 
     ad = load_adapter(adapter)
@@ -254,19 +302,22 @@ def run_case(name: str, base: Path, adapter: Path, methods: list[str], cache: st
             res = run_worker(kind, scan_args if kind == "scan" else dict(common, role_bases=role_bases))
             res["load"] = la
             rec[kind] = res
-            print(f"  rep {i}: {kind:5s} {res['seconds']:8.2f} s  hwm {res['hwm_mb']:7.0f} MB  load {la}",
-                  flush=True)
+            print(f"  rep {i}: {kind:5s} {res['seconds']:8.2f} s  hwm {res['hwm_mb']:7.0f} MB  load {la}", flush=True)
         rec["ratio_b_over_a"] = rec["scan"]["seconds"] / rec["floor"]["seconds"]
         reps.append(rec)
     ratios = [r["ratio_b_over_a"] for r in reps]
     rows = json.loads((tmp / f"{name}.rows.json").read_text())
     scan_s = statistics.median(r["scan"]["seconds"] for r in reps)
     out = {
-        "case": name, "modules": len(ad), "methods": methods, "cache": cache,
+        "case": name,
+        "modules": len(ad),
+        "methods": methods,
+        "cache": cache,
         "floor_bytes": reps[0]["floor"]["bytes"],
         "floor_seconds_median": statistics.median(r["floor"]["seconds"] for r in reps),
         "scan_seconds_median": scan_s,
-        "ratio_b_over_a_median": statistics.median(ratios), "ratio_b_over_a_all": ratios,
+        "ratio_b_over_a_median": statistics.median(ratios),
+        "ratio_b_over_a_all": ratios,
         "scan_peak_rss_mb_max": max(r["scan"]["hwm_mb"] for r in reps),
         "repeats": reps,
     }
@@ -279,42 +330,62 @@ def run_case(name: str, base: Path, adapter: Path, methods: list[str], cache: st
         covered = dref["modules_covered"]
         # c/b over the modules the dense sample covers (per module, like for like)
         out["ratio_c_over_b"] = (ext / covered) / per_mod_scan if covered else None
-        out["dense_max_abs_diff"] = {k: max(d[f"abs_diff_{k}"] for d in dref["agreement"])
-                                     for k in ("S", "O", "M_norm", "ddi")}
-        print(f"  dense: {ext:.1f} s extrapolated for {covered}/{len(ad)} modules; c/b = "
-              f"{out['ratio_c_over_b']:.0f}; max |Δ| {out['dense_max_abs_diff']}", flush=True)
-    print(f"  b/a median {out['ratio_b_over_a_median']:.2f} (all {[round(x, 2) for x in ratios]}), "
-          f"scan peak RSS {out['scan_peak_rss_mb_max']:.0f} MB", flush=True)
+        out["dense_max_abs_diff"] = {
+            k: max(d[f"abs_diff_{k}"] for d in dref["agreement"]) for k in ("S", "O", "M_norm", "ddi")
+        }
+        print(
+            f"  dense: {ext:.1f} s extrapolated for {covered}/{len(ad)} modules; c/b = "
+            f"{out['ratio_c_over_b']:.0f}; max |Δ| {out['dense_max_abs_diff']}",
+            flush=True,
+        )
+    print(
+        f"  b/a median {out['ratio_b_over_a_median']:.2f} (all {[round(x, 2) for x in ratios]}), "
+        f"scan peak RSS {out['scan_peak_rss_mb_max']:.0f} MB",
+        flush=True,
+    )
     return out
 
 
 def markdown(res: dict) -> str:
-    L = [f"# scan benchmark ({res['mode']})", "",
-         f"Command: `{res['command']}`  ", f"Date: {res['date']}; host: {res['host']}; "
-         f"torch {res['torch']}; scan threads {res['torch_threads']} (modules scored concurrently, 1 torch thread "
-         f"each); page cache: {res['cache']} "
-         f"({res['cache_method']}); import-only RSS {res['idle_rss_mb']:.0f} MB", "",
-         "| case | modules | W0 read (GB) | (a) floor s | (b) scan s | scan CPU s | b/a (median; all) | load avg "
-         "| peak RSS of (b) MB | (c) dense s/module | c/b | max abs diff vs dense (O, ddi) |",
-         "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    L = [
+        f"# scan benchmark ({res['mode']})",
+        "",
+        f"Command: `{res['command']}`  ",
+        f"Date: {res['date']}; host: {res['host']}; "
+        f"torch {res['torch']}; scan threads {res['torch_threads']} (modules scored concurrently, 1 torch thread "
+        f"each); page cache: {res['cache']} "
+        f"({res['cache_method']}); import-only RSS {res['idle_rss_mb']:.0f} MB",
+        "",
+        "| case | modules | W0 read (GB) | (a) floor s | (b) scan s | scan CPU s | b/a (median; all) | load avg "
+        "| peak RSS of (b) MB | (c) dense s/module | c/b | max abs diff vs dense (O, ddi) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for c in res["cases"]:
         dense = c.get("dense")
         dpm = "; ".join(f"{k}: {v['seconds_per_module']:.1f}" for k, v in dense["per_shape"].items()) if dense else "-"
         cb = f"{c['ratio_c_over_b']:.0f}" if c.get("ratio_c_over_b") else "-"
-        dd = (f"{c['dense_max_abs_diff']['O']:.1e}, {c['dense_max_abs_diff']['ddi']:.1e}"
-              if c.get("dense_max_abs_diff") else "-")
-        L.append(f"| {c['case']} | {c['modules']} | {c['floor_bytes'] / 1e9:.2f} | {c['floor_seconds_median']:.2f} "
-                 f"| {c['scan_seconds_median']:.2f} | {statistics.median(r['scan']['cpu_seconds'] for r in c['repeats']):.2f} "
-                 f"| {c['ratio_b_over_a_median']:.2f}; "
-                 f"{', '.join(f'{x:.2f}' for x in c['ratio_b_over_a_all'])} "
-                 f"| {', '.join(str(r['scan']['load']) for r in c['repeats'])} | {c['scan_peak_rss_mb_max']:.0f} "
-                 f"| {dpm} | {cb} | {dd} |")
+        dd = (
+            f"{c['dense_max_abs_diff']['O']:.1e}, {c['dense_max_abs_diff']['ddi']:.1e}"
+            if c.get("dense_max_abs_diff")
+            else "-"
+        )
+        L.append(
+            f"| {c['case']} | {c['modules']} | {c['floor_bytes'] / 1e9:.2f} | {c['floor_seconds_median']:.2f} "
+            f"| {c['scan_seconds_median']:.2f} | {statistics.median(r['scan']['cpu_seconds'] for r in c['repeats']):.2f} "
+            f"| {c['ratio_b_over_a_median']:.2f}; "
+            f"{', '.join(f'{x:.2f}' for x in c['ratio_b_over_a_all'])} "
+            f"| {', '.join(str(r['scan']['load']) for r in c['repeats'])} | {c['scan_peak_rss_mb_max']:.0f} "
+            f"| {dpm} | {cb} | {dd} |"
+        )
     if res.get("skipped_methods"):
         L += ["", f"Skipped (not registered in this checkout): {', '.join(res['skipped_methods'])}"]
-    L += ["", "(a) positional reads of exactly the tensors the scan needs into one reused buffer; (b) "
-          "`safeprune.api.scan` in a fresh process, adapter loading included; (c) full SVD of W0 + dense ΔW "
-          "svdvals + explicit projection, timed on one module per shape and extrapolated per module; c/b compares "
-          "per-module times over the shapes sampled. Load averages per measurement are in the JSON."]
+    L += [
+        "",
+        "(a) positional reads of exactly the tensors the scan needs into one reused buffer; (b) "
+        "`safeprune.api.scan` in a fresh process, adapter loading included; (c) full SVD of W0 + dense ΔW "
+        "svdvals + explicit projection, timed on one module per shape and extrapolated per module; c/b compares "
+        "per-module times over the shapes sampled. Load averages per measurement are in the JSON.",
+    ]
     return "\n".join(L) + "\n"
 
 
@@ -327,12 +398,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=None, help="torch threads in the scan process")
     ap.add_argument("--cases", default=None, help="comma list of case names to run (default: all of the mode)")
-    ap.add_argument("--dense-shapes", type=int, default=None,
-                    help="how many distinct module shapes (smallest first) the dense reference times in every "
-                         "case (0: none; default: per case, see the case list)")
+    ap.add_argument(
+        "--dense-shapes",
+        type=int,
+        default=None,
+        help="how many distinct module shapes (smallest first) the dense reference times in every "
+        "case (0: none; default: per case, see the case list)",
+    )
     ap.add_argument("--workdir", default=None, help="where to build bases (default: a temporary directory)")
-    ap.add_argument("--bases", default=None,
-                    help="keep generated bases in this directory and reuse them on later runs (same seed)")
+    ap.add_argument(
+        "--bases", default=None, help="keep generated bases in this directory and reuse them on later runs (same seed)"
+    )
     ap.add_argument("--out", default=str(HERE / "results"), help="directory for the JSON + Markdown results")
     ap.add_argument("--tag", default=None, help="results file stem (default scan_<mode>)")
     a = ap.parse_args(argv)
@@ -352,22 +428,28 @@ def main(argv: list[str] | None = None) -> int:
     qkvo, all_lin = synth.ATTN, synth.ATTN + synth.MLP
     if a.tiny:
         mode = "tiny"
-        cases = [("tiny-2L-qkvo-r8", synth.TINY, qkvo, 8, None),
-                 ("tiny-4L-qkvo-r8", synth.TINY.with_layers(4), qkvo, 8, None),
-                 ("tiny-2L-all-r16", synth.TINY, all_lin, 16, None)]
+        cases = [
+            ("tiny-2L-qkvo-r8", synth.TINY, qkvo, 8, None),
+            ("tiny-4L-qkvo-r8", synth.TINY.with_layers(4), qkvo, 8, None),
+            ("tiny-2L-all-r16", synth.TINY, all_lin, 16, None),
+        ]
     elif a.quick:
         mode = "quick"
-        cases = [("llama2-7b-2L-qkvo-r8", synth.LLAMA2_7B.with_layers(2), qkvo, 8, 0),
-                 ("llama2-7b-4L-qkvo-r8", synth.LLAMA2_7B.with_layers(4), qkvo, 8, None)]
+        cases = [
+            ("llama2-7b-2L-qkvo-r8", synth.LLAMA2_7B.with_layers(2), qkvo, 8, 0),
+            ("llama2-7b-4L-qkvo-r8", synth.LLAMA2_7B.with_layers(4), qkvo, 8, None),
+        ]
     else:
         mode = "full"
         # dense reference: one module per shape costs ~100 s at 4096x4096 and ~5 min at 4096x11008 on
         # 2 cores, so it is timed where it is new (4096^2 once; GQA k/v 1024x4096 once) and skipped for the
         # 8-layer case, which is there to show that peak RSS does not depend on the number of layers
-        cases = [("llama2-7b-qkvo-r8", synth.LLAMA2_7B, qkvo, 8, None),
-                 ("llama2-7b-all-r16", synth.LLAMA2_7B, all_lin, 16, 0),
-                 ("llama2-7b-8L-qkvo-r8", synth.LLAMA2_7B.with_layers(8), qkvo, 8, 0),
-                 ("llama3-8b-qkvo-r8", synth.LLAMA3_8B, qkvo, 8, 1)]
+        cases = [
+            ("llama2-7b-qkvo-r8", synth.LLAMA2_7B, qkvo, 8, None),
+            ("llama2-7b-all-r16", synth.LLAMA2_7B, all_lin, 16, 0),
+            ("llama2-7b-8L-qkvo-r8", synth.LLAMA2_7B.with_layers(8), qkvo, 8, 0),
+            ("llama3-8b-qkvo-r8", synth.LLAMA3_8B, qkvo, 8, 1),
+        ]
     if a.cases:
         keep = set(a.cases.split(","))
         cases = [c for c in cases if c[0] in keep]
@@ -398,12 +480,17 @@ def main(argv: list[str] | None = None) -> int:
                 t0 = time.perf_counter()
                 base = synth.write_base((Path(a.bases) if a.bases else tmp) / spec.name, spec, seed=0)
                 built[spec.name] = base
-                print(f"built {spec.name} in {time.perf_counter() - t0:.0f} s "
-                      f"({sum(f.stat().st_size for f in shard_files(base)) / 1e9:.1f} GB)", flush=True)
+                print(
+                    f"built {spec.name} in {time.perf_counter() - t0:.0f} s "
+                    f"({sum(f.stat().st_size for f in shard_files(base)) / 1e9:.1f} GB)",
+                    flush=True,
+                )
             pair = None
             if needs_pair:
-                pair = (base, synth.write_base(tmp / (spec.name + "-unaligned"), spec, seed=0,
-                                               delta=synth.unaligned_delta()))
+                pair = (
+                    base,
+                    synth.write_base(tmp / (spec.name + "-unaligned"), spec, seed=0, delta=synth.unaligned_delta()),
+                )
             adapter = synth.write_adapter(tmp / name, spec, targets, r, 2 * r)
             dshapes = a.dense_shapes if a.dense_shapes is not None else case_dense
             res = run_case(name, base, adapter, methods, a.cache, a.repeats, tmp, dshapes, a.threads, pair)
@@ -418,11 +505,18 @@ def main(argv: list[str] | None = None) -> int:
 
     cache_method = next((r["repeats"][0].get("cache_method") for r in results if r["repeats"]), "warm read")
     res = {
-        "mode": mode, "command": "python " + " ".join([os.path.relpath(__file__)] + (argv or sys.argv[1:])),
-        "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "host": platform.node(),
-        "cpu_count": os.cpu_count(), "torch": torch.__version__, "torch_threads": next((r["repeats"][0]["scan"]["torch_threads"] for r in results if r["repeats"]), None),
-        "cache": a.cache, "cache_method": cache_method if a.cache == "cold" else "warm read",
-        "idle_rss_mb": idle["hwm_mb"], "skipped_methods": skipped, "wall_seconds": round(time.time() - t_start, 1),
+        "mode": mode,
+        "command": "python " + " ".join([os.path.relpath(__file__)] + (argv or sys.argv[1:])),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+        "host": platform.node(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "torch_threads": next((r["repeats"][0]["scan"]["torch_threads"] for r in results if r["repeats"]), None),
+        "cache": a.cache,
+        "cache_method": cache_method if a.cache == "cold" else "warm read",
+        "idle_rss_mb": idle["hwm_mb"],
+        "skipped_methods": skipped,
+        "wall_seconds": round(time.time() - t_start, 1),
         "cases": results,
     }
     out = Path(a.out)

@@ -28,8 +28,11 @@ def table_fingerprint(table) -> str:
     """sha256 of the score rows (every float by its exact repr) and the method options: not the timings."""
     import hashlib
 
-    payload = json.dumps({"rows": table.to_records(), "methods": {k: vars(v) for k, v in table.methods.items()}},
-                         sort_keys=True, default=str)
+    payload = json.dumps(
+        {"rows": table.to_records(), "methods": {k: vars(v) for k, v in table.methods.items()}},
+        sort_keys=True,
+        default=str,
+    )
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
@@ -48,8 +51,16 @@ def compare(tables: dict[int, object], top: int) -> dict:
         union = len(set(topk[a]) | set(topk[b]))
         rel_ddi = max(abs(x - y) / max(abs(x), 1e-300) for x, y in zip(ddi[a], ddi[b]))
         rel_O = max(abs(x - y) / max(abs(x), 1e-300) for x, y in zip(O[a], O[b]))
-        pairs.append({"seeds": [a, b], "kendall_tau": float(tau), f"top{top}_intersection": inter,
-                      f"top{top}_jaccard": inter / union, "max_rel_change_ddi": rel_ddi, "max_rel_change_O": rel_O})
+        pairs.append(
+            {
+                "seeds": [a, b],
+                "kendall_tau": float(tau),
+                f"top{top}_intersection": inter,
+                f"top{top}_jaccard": inter / union,
+                "max_rel_change_ddi": rel_ddi,
+                "max_rel_change_O": rel_O,
+            }
+        )
     union_all = set().union(*map(set, topk.values()))
     inter_all = set.intersection(*map(set, topk.values()))
     return {
@@ -83,20 +94,30 @@ def main(argv: list[str] | None = None) -> int:
     tables, secs = {}, {}
     for s in args.seeds:
         t0 = time.perf_counter()
-        tables[s] = safeprune.scoring.scan(adapter, args.base, "ddi", seed=s, power_iters=args.power_iters,
-                                   oversample=args.oversample)
+        tables[s] = safeprune.scoring.scan(
+            adapter, args.base, "ddi", seed=s, power_iters=args.power_iters, oversample=args.oversample
+        )
         secs[s] = round(time.perf_counter() - t0, 2)
         print(f"seed {s}: {secs[s]}s", file=sys.stderr)
-    again = safeprune.scoring.scan(adapter, args.base, "ddi", seed=args.seeds[0], power_iters=args.power_iters,
-                           oversample=args.oversample)
+    again = safeprune.scoring.scan(
+        adapter, args.base, "ddi", seed=args.seeds[0], power_iters=args.power_iters, oversample=args.oversample
+    )
     res = compare(tables, args.top)
-    res.update({
-        "adapter": args.adapter, "base": args.base, "seeds": args.seeds, "top": args.top,
-        "ddi_options": tables[args.seeds[0]].methods["ddi"].options,
-        "same_seed_bit_identical": table_fingerprint(again) == table_fingerprint(tables[args.seeds[0]]),
-        "scan_seconds": secs, "torch": torch.__version__, "threads": torch.get_num_threads(),
-        "machine": platform.machine(), "command": "python benchmarks/seed_stability.py " + " ".join(sys.argv[1:]),
-    })
+    res.update(
+        {
+            "adapter": args.adapter,
+            "base": args.base,
+            "seeds": args.seeds,
+            "top": args.top,
+            "ddi_options": tables[args.seeds[0]].methods["ddi"].options,
+            "same_seed_bit_identical": table_fingerprint(again) == table_fingerprint(tables[args.seeds[0]]),
+            "scan_seconds": secs,
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "machine": platform.machine(),
+            "command": "python benchmarks/seed_stability.py " + " ".join(sys.argv[1:]),
+        }
+    )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(res, indent=2) + "\n")
@@ -118,10 +139,16 @@ def main(argv: list[str] | None = None) -> int:
         "|---|---|---|---|---|---|",
     ]
     for p in res["pairs"]:
-        md.append(f"| {p['seeds'][0]}–{p['seeds'][1]} | {p['kendall_tau']:.4f} | {p[f'top{k}_intersection']} | "
-                  f"{p[f'top{k}_jaccard']:.3f} | {p['max_rel_change_ddi']:.2e} | {p['max_rel_change_O']:.2e} |")
-    md += ["", f"Command: `{res['command']}` (torch {res['torch']}, {res['threads']} threads; scan seconds per seed "
-           f"{list(secs.values())}).", ""]
+        md.append(
+            f"| {p['seeds'][0]}–{p['seeds'][1]} | {p['kendall_tau']:.4f} | {p[f'top{k}_intersection']} | "
+            f"{p[f'top{k}_jaccard']:.3f} | {p['max_rel_change_ddi']:.2e} | {p['max_rel_change_O']:.2e} |"
+        )
+    md += [
+        "",
+        f"Command: `{res['command']}` (torch {res['torch']}, {res['threads']} threads; scan seconds per seed "
+        f"{list(secs.values())}).",
+        "",
+    ]
     out.with_suffix(".md").write_text("\n".join(md))
     print("\n".join(md))
     return 0

@@ -57,8 +57,13 @@ MLP = ("gate_proj", "up_proj", "down_proj")
 def layer_shapes(spec: Spec) -> dict[str, tuple[int, int]]:
     h, kv, i = spec.hidden, spec.kv_dim, spec.intermediate
     return {
-        "self_attn.q_proj": (h, h), "self_attn.k_proj": (kv, h), "self_attn.v_proj": (kv, h),
-        "self_attn.o_proj": (h, h), "mlp.gate_proj": (i, h), "mlp.up_proj": (i, h), "mlp.down_proj": (h, i),
+        "self_attn.q_proj": (h, h),
+        "self_attn.k_proj": (kv, h),
+        "self_attn.v_proj": (kv, h),
+        "self_attn.o_proj": (h, h),
+        "mlp.gate_proj": (i, h),
+        "mlp.up_proj": (i, h),
+        "mlp.down_proj": (h, i),
     }
 
 
@@ -89,7 +94,7 @@ class WeightGen:
     def _noise(self, numel: int) -> torch.Tensor:
         if numel <= self.pool.numel():
             off = int(torch.randint(0, self.pool.numel() - numel + 1, (1,), generator=self.gen))
-            return self.pool[off:off + numel]
+            return self.pool[off : off + numel]
         reps = math.ceil(numel / self.pool.numel())
         return self.pool.repeat(reps)[:numel]
 
@@ -122,8 +127,12 @@ def _nbytes(shape: tuple[int, ...], dtype=torch.bfloat16) -> int:
     return math.prod(shape) * torch.empty((), dtype=dtype).element_size()
 
 
-def write_safetensors_stream(path: Path, items: list[tuple[str, tuple[int, ...]]],
-                             make: Callable[[str, tuple[int, ...]], torch.Tensor], dtype=torch.bfloat16) -> None:
+def write_safetensors_stream(
+    path: Path,
+    items: list[tuple[str, tuple[int, ...]]],
+    make: Callable[[str, tuple[int, ...]], torch.Tensor],
+    dtype=torch.bfloat16,
+) -> None:
     """Write a safetensors file whose tensors are produced one at a time by ``make(name, shape)``."""
     header: dict = {"__metadata__": {"format": "pt"}}
     off = 0
@@ -157,8 +166,9 @@ def _shards(spec: Spec) -> list[list[tuple[str, tuple[int, ...]]]]:
     return shards
 
 
-def write_base(out: Path, spec: Spec, seed: int = 0,
-               delta: Callable[[str, torch.Tensor], torch.Tensor] | None = None) -> Path:
+def write_base(
+    out: Path, spec: Spec, seed: int = 0, delta: Callable[[str, torch.Tensor], torch.Tensor] | None = None
+) -> Path:
     """A sharded bf16 Llama-layout base (config.json, shards, index). ``delta`` may edit each matrix."""
     out.mkdir(parents=True, exist_ok=True)
     gen = WeightGen(seed)
@@ -181,19 +191,33 @@ def write_base(out: Path, spec: Spec, seed: int = 0,
             weight_map[name] = fname
             total += _nbytes(shape)
     (out / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-    (out / "config.json").write_text(json.dumps({
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": spec.hidden,
-        "intermediate_size": spec.intermediate, "num_hidden_layers": spec.layers,
-        "num_attention_heads": spec.heads, "num_key_value_heads": spec.kv_heads, "vocab_size": spec.vocab,
-        "torch_dtype": "bfloat16", "rms_norm_eps": 1e-5, "tie_word_embeddings": False,
-        "_synthetic": f"safeprune benchmarks/synth.py {spec.name} seed={seed}",
-    }, indent=2))
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
+    )
+    (out / "config.json").write_text(
+        json.dumps(
+            {
+                "architectures": ["LlamaForCausalLM"],
+                "model_type": "llama",
+                "hidden_size": spec.hidden,
+                "intermediate_size": spec.intermediate,
+                "num_hidden_layers": spec.layers,
+                "num_attention_heads": spec.heads,
+                "num_key_value_heads": spec.kv_heads,
+                "vocab_size": spec.vocab,
+                "torch_dtype": "bfloat16",
+                "rms_norm_eps": 1e-5,
+                "tie_word_embeddings": False,
+                "_synthetic": f"safeprune benchmarks/synth.py {spec.name} seed={seed}",
+            },
+            indent=2,
+        )
+    )
     return out
 
 
-def unaligned_delta(rank: int = 16, rel: float = 0.05, seed: int = 1,
-                    targets: tuple[str, ...] = ATTN) -> Callable[[str, torch.Tensor], torch.Tensor]:
+def unaligned_delta(
+    rank: int = 16, rel: float = 0.05, seed: int = 1, targets: tuple[str, ...] = ATTN
+) -> Callable[[str, torch.Tensor], torch.Tensor]:
     """W -> W + a rank-``rank`` perturbation of relative Frobenius size ``rel`` on the ``targets`` projections
     (default q/k/v/o; a stand-in for what removing safety alignment changes); other matrices are left as
     they are."""
@@ -213,7 +237,9 @@ def unaligned_delta(rank: int = 16, rel: float = 0.05, seed: int = 1,
     return f
 
 
-def adapter_modules(spec: Spec, targets: tuple[str, ...], layers: range | None = None) -> Iterator[tuple[str, int, int]]:
+def adapter_modules(
+    spec: Spec, targets: tuple[str, ...], layers: range | None = None
+) -> Iterator[tuple[str, int, int]]:
     shapes = layer_shapes(spec)
     for li in layers if layers is not None else range(spec.layers):
         for key, (out_f, in_f) in shapes.items():
@@ -221,8 +247,9 @@ def adapter_modules(spec: Spec, targets: tuple[str, ...], layers: range | None =
                 yield f"model.layers.{li}.{key}", out_f, in_f
 
 
-def write_adapter(out: Path, spec: Spec, targets: tuple[str, ...], r: int, alpha: float, seed: int = 2,
-                  layers: range | None = None) -> Path:
+def write_adapter(
+    out: Path, spec: Spec, targets: tuple[str, ...], r: int, alpha: float, seed: int = 2, layers: range | None = None
+) -> Path:
     """A PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors, float32) for ``spec``.
 
     Half of the modules get a B whose columns lie mostly in a random low-dimensional space and half a
@@ -244,9 +271,17 @@ def write_adapter(out: Path, spec: Spec, targets: tuple[str, ...], r: int, alpha
         tensors[pre + ".lora_B.weight"] = B.contiguous()
     save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
     cfg = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": alpha, "lora_dropout": 0.0,
-        "target_modules": list(targets), "bias": "none", "fan_in_fan_out": False, "use_rslora": False,
-        "base_model_name_or_path": f"synthetic/{spec.name}", "inference_mode": True,
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": r,
+        "lora_alpha": alpha,
+        "lora_dropout": 0.0,
+        "target_modules": list(targets),
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_rslora": False,
+        "base_model_name_or_path": f"synthetic/{spec.name}",
+        "inference_mode": True,
     }
     if layers is not None:
         cfg["layers_to_transform"] = list(layers)
@@ -265,8 +300,12 @@ def run_worker(script: Path, kind: str, args: dict) -> dict:
 
     env = dict(os.environ)
     env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent / "src") + os.pathsep + env.get("PYTHONPATH", "")
-    p = subprocess.run([sys.executable, str(Path(script).resolve()), "_worker", kind, json.dumps(args)],
-                       capture_output=True, text=True, env=env)
+    p = subprocess.run(
+        [sys.executable, str(Path(script).resolve()), "_worker", kind, json.dumps(args)],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     if p.returncode != 0:
         raise RuntimeError(f"worker {kind} failed:\n{p.stderr[-3000:]}")
     return json.loads(p.stdout.strip().splitlines()[-1])

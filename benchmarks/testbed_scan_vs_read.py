@@ -40,8 +40,12 @@ def main() -> None:
     ap.add_argument("--adapter", required=True)
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--cache", choices=["warm", "cold"], default="warm",
-                    help="cold: drop the page cache (root; /proc/sys/vm/drop_caches) before every timed run")
+    ap.add_argument(
+        "--cache",
+        choices=["warm", "cold"],
+        default="warm",
+        help="cold: drop the page cache (root; /proc/sys/vm/drop_caches) before every timed run",
+    )
     a = ap.parse_args()
 
     def drop() -> None:
@@ -75,12 +79,24 @@ def main() -> None:
     t_dense, _ = timed(dense_reference, 1, drop)
     res = {
         "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
-        "adapter": a.adapter, "base": a.base, "modules": len(adapter), "w0_elements": n_elems,
-        "torch_threads": torch.get_num_threads(), "load_average": os.getloadavg(), "page_cache": a.cache,
-        "seconds": {"read_w0_once": t_read, "scan_ddi": t_scan, "scan_ddi_exact_subspace": t_exact,
-                    "dense_reference": t_dense},
-        "ratios": {"scan_over_read": t_scan / t_read, "exact_over_scan": t_exact / t_scan,
-                   "dense_over_scan": t_dense / t_scan},
+        "adapter": a.adapter,
+        "base": a.base,
+        "modules": len(adapter),
+        "w0_elements": n_elems,
+        "torch_threads": torch.get_num_threads(),
+        "load_average": os.getloadavg(),
+        "page_cache": a.cache,
+        "seconds": {
+            "read_w0_once": t_read,
+            "scan_ddi": t_scan,
+            "scan_ddi_exact_subspace": t_exact,
+            "dense_reference": t_dense,
+        },
+        "ratios": {
+            "scan_over_read": t_scan / t_read,
+            "exact_over_scan": t_exact / t_scan,
+            "dense_over_scan": t_dense / t_scan,
+        },
         "scan_meta": table.meta,
     }
     out = Path(a.out)

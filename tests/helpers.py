@@ -23,20 +23,41 @@ def tiny_config(family: str = "llama", layers: int = 2, hidden: int = 64):
     from transformers import GPT2Config, LlamaConfig, Qwen2Config
 
     if family == "llama":
-        return LlamaConfig(vocab_size=128, hidden_size=hidden, intermediate_size=2 * hidden + 32,
-                           num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                           max_position_embeddings=64, tie_word_embeddings=False)
+        return LlamaConfig(
+            vocab_size=128,
+            hidden_size=hidden,
+            intermediate_size=2 * hidden + 32,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+            tie_word_embeddings=False,
+        )
     if family == "qwen2":
-        return Qwen2Config(vocab_size=128, hidden_size=hidden, intermediate_size=2 * hidden + 32,
-                           num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                           max_position_embeddings=64, tie_word_embeddings=False)
+        return Qwen2Config(
+            vocab_size=128,
+            hidden_size=hidden,
+            intermediate_size=2 * hidden + 32,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+            tie_word_embeddings=False,
+        )
     if family == "gpt2":
         return GPT2Config(vocab_size=128, n_embd=hidden, n_layer=layers, n_head=4, n_positions=64)
     raise ValueError(family)
 
 
-def make_model(out: Path, family: str = "llama", layers: int = 2, hidden: int = 64, seed: int = 0,
-               shard_size: str | None = None, dtype: torch.dtype = torch.float32) -> Path:
+def make_model(
+    out: Path,
+    family: str = "llama",
+    layers: int = 2,
+    hidden: int = 64,
+    seed: int = 0,
+    shard_size: str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Path:
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
@@ -65,14 +86,28 @@ def load_model(model_dir: Path):
     return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
 
 
-def make_adapter(model_dir: Path, out: Path, family: str = "llama", r: int = 4, alpha: float = 8,
-                 targets: list[str] | None = None, seed: int = 1, **lora_kwargs: Any) -> Path:
+def make_adapter(
+    model_dir: Path,
+    out: Path,
+    family: str = "llama",
+    r: int = 4,
+    alpha: float = 8,
+    targets: list[str] | None = None,
+    seed: int = 1,
+    **lora_kwargs: Any,
+) -> Path:
     """A PEFT LoRA adapter with random non-zero A and B, saved by PEFT itself."""
     from peft import LoraConfig, get_peft_model
 
     model = load_model(model_dir)
-    cfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=targets or DEFAULT_TARGETS[family],
-                     init_lora_weights=False, lora_dropout=0.0, **lora_kwargs)
+    cfg = LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        target_modules=targets or DEFAULT_TARGETS[family],
+        init_lora_weights=False,
+        lora_dropout=0.0,
+        **lora_kwargs,
+    )
     torch.manual_seed(seed)
     pm = get_peft_model(model, cfg)
     with torch.no_grad():
@@ -134,6 +169,8 @@ def tiny_chat_tokenizer(model_dir: Path) -> None:
     t.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     t.decoder = decoders.WordPiece()
     ft = PreTrainedTokenizerFast(tokenizer_object=t, unk_token="<unk>", eos_token="<|im_end|>", pad_token="<|im_end|>")
-    ft.chat_template = ("{% for m in messages %}<|im_start|> {{ m['role'] }} {{ m['content'] }} <|im_end|> {% endfor %}"
-                        "{% if add_generation_prompt %}<|im_start|> assistant {% endif %}")
+    ft.chat_template = (
+        "{% for m in messages %}<|im_start|> {{ m['role'] }} {{ m['content'] }} <|im_end|> {% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|> assistant {% endif %}"
+    )
     ft.save_pretrained(model_dir)

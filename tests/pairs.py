@@ -8,8 +8,15 @@ from pathlib import Path
 import torch
 
 
-def perturb_model(src: Path, out: Path, scale: float = 0.02, seed: int = 7, rank: int | None = None,
-                  skip: tuple[str, ...] = (), drop: tuple[str, ...] = ()) -> Path:
+def perturb_model(
+    src: Path,
+    out: Path,
+    scale: float = 0.02,
+    seed: int = 7,
+    rank: int | None = None,
+    skip: tuple[str, ...] = (),
+    drop: tuple[str, ...] = (),
+) -> Path:
     """Copy the HF dir ``src`` to ``out`` with every 2-D weight W replaced by W + scale·N (N Gaussian, or a
     rank-``rank`` product when given); keys containing any of ``skip`` are copied unchanged and keys in
     ``drop`` are left out."""
@@ -30,7 +37,7 @@ def perturb_model(src: Path, out: Path, scale: float = 0.02, seed: int = 7, rank
             if w.dim() == 2 and not any(s in k for s in skip):
                 if rank:
                     n = torch.randn(w.shape[0], rank, generator=g) @ torch.randn(rank, w.shape[1], generator=g)
-                    n = n / rank ** 0.5
+                    n = n / rank**0.5
                 else:
                     n = torch.randn(w.shape, generator=g)
                 w = (w.float() + scale * n).to(w.dtype)

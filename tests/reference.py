@@ -7,8 +7,16 @@ import torch
 F64 = torch.float64
 
 
-def dense_ddi(W0: torch.Tensor, B: torch.Tensor, A: torch.Tensor, s: float, t: int,
-              subspace: str = "column", basis: torch.Tensor | None = None, magnitude: str = "norm") -> dict:
+def dense_ddi(
+    W0: torch.Tensor,
+    B: torch.Tensor,
+    A: torch.Tensor,
+    s: float,
+    t: int,
+    subspace: str = "column",
+    basis: torch.Tensor | None = None,
+    magnitude: str = "norm",
+) -> dict:
     """Every DDI component from dense matrices: ΔW, G = ΔWᵀΔW, eigvalsh, full SVD of W0, P = U_t U_tᵀ."""
     W0 = W0.to(F64)
     dW = s * (B.to(F64) @ A.to(F64))

@@ -26,14 +26,20 @@ def _ids(n, seed, lo, hi, vocab=(3, 128)):
     return [[rng.randrange(*vocab) for _ in range(rng.randint(lo, hi))] for _ in range(n)]
 
 
-HARMFUL = _ids(6, 1, 3, 9, (3, 64))    # two "kinds" of prompt: different token ranges
+HARMFUL = _ids(6, 1, 3, 9, (3, 64))  # two "kinds" of prompt: different token ranges
 HARMLESS = _ids(6, 2, 3, 9, (64, 128))
 
 
 @pytest.fixture(scope="module")
 def small_adapter(tmp_path_factory, llama_dir):
-    return make_adapter(llama_dir, tmp_path_factory.mktemp("act") / "adapter", "llama", r=2, alpha=4,
-                        targets=["q_proj", "v_proj", "o_proj", "down_proj"])
+    return make_adapter(
+        llama_dir,
+        tmp_path_factory.mktemp("act") / "adapter",
+        "llama",
+        r=2,
+        alpha=4,
+        targets=["q_proj", "v_proj", "o_proj", "down_proj"],
+    )
 
 
 def test_gate_gradient_matches_finite_difference(llama_dir, small_adapter):
@@ -45,8 +51,12 @@ def test_gate_gradient_matches_finite_difference(llama_dir, small_adapter):
         j, score, direct = att.attribute()
         assert abs(att.objective() - j) < 1e-5
         eps = 1e-2
-        names = ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.o_proj",
-                 "model.layers.1.self_attn.v_proj", "model.layers.1.mlp.down_proj"]
+        names = [
+            "model.layers.0.self_attn.q_proj",
+            "model.layers.0.self_attn.o_proj",
+            "model.layers.1.self_attn.v_proj",
+            "model.layers.1.mlp.down_proj",
+        ]
         for name in names:
             with att.gated({name: 1 + eps}):
                 jp = att.objective()
@@ -85,8 +95,21 @@ def test_zero_b_scores_zero_and_table_works(tmp_path, llama_dir, small_adapter):
     assert len(edited.modules) == len(ad.modules) - 3 and edited.manifest["selection"]["rule"]["method"] == "actdir"
     # JSON round trip through the prune CLI (--scores)
     (tmp_path / "t.json").write_text(table.to_json())
-    r = CliRunner().invoke(app, ["prune", str(zeroed), "--scores", str(tmp_path / "t.json"), "--method", "actdir",
-                                 "--top", "2", "-o", str(tmp_path / "out")])
+    r = CliRunner().invoke(
+        app,
+        [
+            "prune",
+            str(zeroed),
+            "--scores",
+            str(tmp_path / "t.json"),
+            "--method",
+            "actdir",
+            "--top",
+            "2",
+            "-o",
+            str(tmp_path / "out"),
+        ],
+    )
     assert r.exit_code == 0, r.output
     man = json.loads((tmp_path / "out" / "safeprune.json").read_text())
     assert [x["module"] for x in man["selection"]["selected"]] == sel.selected[:2]
@@ -128,8 +151,6 @@ def test_default_probes_are_seeded_and_tuning_only():
     assert len(ps) == 8 and pinfo["format"] == "strongreject"
 
 
-
-
 def test_scan_act_cli_with_chat_template(tmp_path):
     from transformers import AutoTokenizer
 
@@ -141,8 +162,17 @@ def test_scan_act_cli_with_chat_template(tmp_path):
     adapter = make_adapter(base, tmp_path / "ad", "llama", r=2, targets=["q_proj", "o_proj"])
     tok = AutoTokenizer.from_pretrained(base)
     ids = encode(tok, ["w1 w2 w3 w4 w5 w6 w7 w8 w9 w10"], max_length=4)[0]
-    assert tok.convert_ids_to_tokens(ids) == ["<|im_start|>", "user", "w1", "w2", "w3", "w4", "<|im_end|>",
-                                              "<|im_start|>", "assistant"]
+    assert tok.convert_ids_to_tokens(ids) == [
+        "<|im_start|>",
+        "user",
+        "w1",
+        "w2",
+        "w3",
+        "w4",
+        "<|im_end|>",
+        "<|im_start|>",
+        "assistant",
+    ]
     rng = random.Random(0)
     with open(tmp_path / "harm.csv", "w") as f:
         f.write("orig_idx,category,source,forbidden_prompt,in_jbb_harmful_ft\n")
@@ -150,11 +180,38 @@ def test_scan_act_cli_with_chat_template(tmp_path):
             f.write(f"{i},c,s,{' '.join(f'w{rng.randrange(0, 60)}' for _ in range(6))},0\n")
     with open(tmp_path / "validation.jsonl", "w") as f:
         for i in range(10):
-            f.write(json.dumps({"fname": f"v{i}", "dialogue": " ".join(f"w{rng.randrange(60, 121)}" for _ in range(8)),
-                                "summary": "w1", "topic": "t"}) + "\n")
-    r = CliRunner().invoke(app, ["scan-act", str(adapter), "--base", str(base), "--harmful", str(tmp_path / "harm.csv"),
-                                 "--harmless", str(tmp_path / "validation.jsonl"), "--n-probe", "8", "--validate", "2",
-                                 "-o", str(tmp_path / "t.json"), "--batch-size", "3"])
+            f.write(
+                json.dumps(
+                    {
+                        "fname": f"v{i}",
+                        "dialogue": " ".join(f"w{rng.randrange(60, 121)}" for _ in range(8)),
+                        "summary": "w1",
+                        "topic": "t",
+                    }
+                )
+                + "\n"
+            )
+    r = CliRunner().invoke(
+        app,
+        [
+            "scan-act",
+            str(adapter),
+            "--base",
+            str(base),
+            "--harmful",
+            str(tmp_path / "harm.csv"),
+            "--harmless",
+            str(tmp_path / "validation.jsonl"),
+            "--n-probe",
+            "8",
+            "--validate",
+            "2",
+            "-o",
+            str(tmp_path / "t.json"),
+            "--batch-size",
+            "3",
+        ],
+    )
     assert r.exit_code == 0, r.output
     t = json.loads((tmp_path / "t.json").read_text())
     assert t["methods"]["actdir"]["options"]["chat_template"] is True

@@ -48,11 +48,19 @@ def test_llama_adapter_modules_and_scaling(llama_adapter, llama_dir):
 
 
 def test_rslora_rank_and_alpha_patterns(tmp_path, llama_dir):
-    a = make_adapter(llama_dir, tmp_path / "a", "llama", r=4, alpha=8, use_rslora=True,
-                     rank_pattern={"q_proj": 8, "layers.1.mlp.up_proj": 2}, alpha_pattern={"v_proj": 3})
+    a = make_adapter(
+        llama_dir,
+        tmp_path / "a",
+        "llama",
+        r=4,
+        alpha=8,
+        use_rslora=True,
+        rank_pattern={"q_proj": 8, "layers.1.mlp.up_proj": 2},
+        alpha_pattern={"v_proj": 3},
+    )
     ad = check_against_peft(llama_dir, a)
     q = ad.modules["model.layers.0.self_attn.q_proj"]
-    assert q.r == 8 and q.scaling == pytest.approx(8 / 8 ** 0.5)
+    assert q.r == 8 and q.scaling == pytest.approx(8 / 8**0.5)
     assert ad.modules["model.layers.1.mlp.up_proj"].r == 2
     assert ad.modules["model.layers.0.mlp.up_proj"].r == 4
     assert ad.modules["model.layers.1.self_attn.v_proj"].scaling == pytest.approx(3 / 2)
@@ -77,9 +85,15 @@ def test_qwen_with_lora_bias_and_modules_to_save(tmp_path, qwen_dir):
 
 def test_parse_keys_with_adapter_name():
     assert parse_lora_key("base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight") == (
-        "model.layers.0.self_attn.q_proj", "lora_A", "weight")
+        "model.layers.0.self_attn.q_proj",
+        "lora_A",
+        "weight",
+    )
     assert parse_lora_key("base_model.model.model.layers.0.self_attn.q_proj.lora_B.bias") == (
-        "model.layers.0.self_attn.q_proj", "lora_B", "bias")
+        "model.layers.0.self_attn.q_proj",
+        "lora_B",
+        "bias",
+    )
     assert parse_lora_key("base_model.model.lm_head.weight") is None
 
 
@@ -87,8 +101,10 @@ def test_default_adapter_name_in_keys_is_read(tmp_path, llama_adapter):
     d = tmp_path / "a"
     shutil.copytree(llama_adapter, d)
     sd = load_file(d / "adapter_model.safetensors")
-    sd = {k.replace(".lora_A.weight", ".lora_A.default.weight").replace(".lora_B.weight", ".lora_B.default.weight"): v
-          for k, v in sd.items()}
+    sd = {
+        k.replace(".lora_A.weight", ".lora_A.default.weight").replace(".lora_B.weight", ".lora_B.default.weight"): v
+        for k, v in sd.items()
+    }
     save_file(sd, d / "adapter_model.safetensors")
     assert len(safeprune.load_adapter(d)) == 14
 

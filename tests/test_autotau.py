@@ -65,10 +65,20 @@ def test_nan_is_ignored():
 
 
 def _table(scores, descending=True):
-    rows = [{"module": f"model.layers.{i}.self_attn.o_proj", "layer": i, "type": "o_proj", "r": 4, "in": 8,
-             "out": 8, "scaling": 1.0, "s": v} for i, v in enumerate(scores)]
-    return ScoreTable(rows=rows, methods={"m": MethodInfo(name="m", primary="s", descending=descending,
-                                                          columns=["s"])})
+    rows = [
+        {
+            "module": f"model.layers.{i}.self_attn.o_proj",
+            "layer": i,
+            "type": "o_proj",
+            "r": 4,
+            "in": 8,
+            "out": 8,
+            "scaling": 1.0,
+            "s": v,
+        }
+        for i, v in enumerate(scores)
+    ]
+    return ScoreTable(rows=rows, methods={"m": MethodInfo(name="m", primary="s", descending=descending, columns=["s"])})
 
 
 def test_select_auto_records_rule():
@@ -90,8 +100,21 @@ def test_cli_auto_tau_and_scores_file(tmp_path, llama_adapter, llama_dir):
     runner = CliRunner()
     r = runner.invoke(app, ["scan", str(llama_adapter), "--base", str(llama_dir), "--json", str(tmp_path / "s.json")])
     assert r.exit_code == 0, r.output
-    r = runner.invoke(app, ["prune", str(llama_adapter), "--scores", str(tmp_path / "s.json"), "--auto-tau", "mad",
-                            "--mad-k", "1.0", "-o", str(tmp_path / "out")])
+    r = runner.invoke(
+        app,
+        [
+            "prune",
+            str(llama_adapter),
+            "--scores",
+            str(tmp_path / "s.json"),
+            "--auto-tau",
+            "mad",
+            "--mad-k",
+            "1.0",
+            "-o",
+            str(tmp_path / "out"),
+        ],
+    )
     assert r.exit_code == 0, r.output
     man = json.loads((tmp_path / "out" / "safeprune.json").read_text())
     rule = man["selection"]["rule"]
@@ -100,13 +123,28 @@ def test_cli_auto_tau_and_scores_file(tmp_path, llama_adapter, llama_dir):
     table = json.loads((tmp_path / "s.json").read_text())
     expect = mad([row["ddi"] for row in table["rows"]], True, 1.0).tau
     assert rule["auto_tau"] == expect
-    r = runner.invoke(app, ["prune", str(llama_adapter), "--scores", str(tmp_path / "s.json"), "--auto-tau", "knee",
-                            "--top", "3", "-o", str(tmp_path / "out2")])
+    r = runner.invoke(
+        app,
+        [
+            "prune",
+            str(llama_adapter),
+            "--scores",
+            str(tmp_path / "s.json"),
+            "--auto-tau",
+            "knee",
+            "--top",
+            "3",
+            "-o",
+            str(tmp_path / "out2"),
+        ],
+    )
     assert r.exit_code == 2 and "only one" in r.output
     # a table of another adapter is refused
     table["rows"] = table["rows"][1:]
     (tmp_path / "bad.json").write_text(json.dumps(table))
-    r = runner.invoke(app, ["prune", str(llama_adapter), "--scores", str(tmp_path / "bad.json"), "-o", str(tmp_path / "o3")])
+    r = runner.invoke(
+        app, ["prune", str(llama_adapter), "--scores", str(tmp_path / "bad.json"), "-o", str(tmp_path / "o3")]
+    )
     assert r.exit_code == 2 and "not scored" in r.output
 
 

@@ -17,8 +17,20 @@ def run(*args):
 
 
 def test_scan_writes_table_json_csv_plot(tmp_path, llama_adapter, llama_dir):
-    r = run("scan", llama_adapter, "--base", llama_dir, "--json", tmp_path / "s.json",
-            "--csv", tmp_path / "s.csv", "--plot", tmp_path / "h.png", "--seed", 3)
+    r = run(
+        "scan",
+        llama_adapter,
+        "--base",
+        llama_dir,
+        "--json",
+        tmp_path / "s.json",
+        "--csv",
+        tmp_path / "s.csv",
+        "--plot",
+        tmp_path / "h.png",
+        "--seed",
+        3,
+    )
     assert r.exit_code == 0, r.output
     assert "rank ddi" in r.output and "model.layers.1.mlp.down_proj" in r.output
     data = json.loads((tmp_path / "s.json").read_text())
@@ -35,8 +47,18 @@ def test_prune_cli_top_and_threshold(tmp_path, llama_adapter, llama_dir):
     assert r.exit_code == 0, r.output
     man = json.loads((tmp_path / "out" / "safeprune.json").read_text())
     assert len(man["selection"]["selected"]) == 4
-    r = run("prune", llama_adapter, "--base", llama_dir, "--threshold-norm", 0.0001, "--mode", "zero",
-            "-o", tmp_path / "out2")
+    r = run(
+        "prune",
+        llama_adapter,
+        "--base",
+        llama_dir,
+        "--threshold-norm",
+        0.0001,
+        "--mode",
+        "zero",
+        "-o",
+        tmp_path / "out2",
+    )
     assert r.exit_code == 0, r.output
     assert tree_checksums(llama_adapter) == before
 

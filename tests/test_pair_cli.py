@@ -26,9 +26,25 @@ def _run(*args):
 
 def test_scan_all_table_and_agreement(tmp_path, llama_dir, llama_adapter, unaligned_dir):
     js = tmp_path / "all.json"
-    res = runner.invoke(app, ["scan", str(llama_adapter), "--base", str(llama_dir), "--aligned", str(llama_dir),
-                              "--unaligned", str(unaligned_dir), "--method", "all", "--null-samples", "8",
-                              "--json", str(js)])
+    res = runner.invoke(
+        app,
+        [
+            "scan",
+            str(llama_adapter),
+            "--base",
+            str(llama_dir),
+            "--aligned",
+            str(llama_dir),
+            "--unaligned",
+            str(unaligned_dir),
+            "--method",
+            "all",
+            "--null-samples",
+            "8",
+            "--json",
+            str(js),
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert "agreement" in res.output and "Spearman" in res.output and "Kendall" in res.output
     d = json.loads(js.read_text())
@@ -58,8 +74,20 @@ def test_project_cli_writes_loadable_adapter(tmp_path, llama_dir, llama_adapter,
     from helpers import load_model
 
     out = tmp_path / "proj"
-    res = _run("project", llama_adapter, "--aligned", llama_dir, "--unaligned", unaligned_dir, "--method",
-               "safelora", "--threshold", "0.5", "-o", out)
+    res = _run(
+        "project",
+        llama_adapter,
+        "--aligned",
+        llama_dir,
+        "--unaligned",
+        unaligned_dir,
+        "--method",
+        "safelora",
+        "--threshold",
+        "0.5",
+        "-o",
+        out,
+    )
     assert res.exit_code == 0, res.output
     man = json.loads((out / "safeprune.json").read_text())
     assert man["action"] == "project" and man["selection"]["rule"]["threshold"] == 0.5
@@ -69,17 +97,41 @@ def test_project_cli_writes_loadable_adapter(tmp_path, llama_dir, llama_adapter,
 
 
 def test_project_refuses_other_methods(tmp_path, llama_dir, llama_adapter, unaligned_dir):
-    res = _run("project", llama_adapter, "--aligned", llama_dir, "--unaligned", unaligned_dir, "--method", "splora",
-               "-o", tmp_path / "x")
+    res = _run(
+        "project",
+        llama_adapter,
+        "--aligned",
+        llama_dir,
+        "--unaligned",
+        unaligned_dir,
+        "--method",
+        "splora",
+        "-o",
+        tmp_path / "x",
+    )
     assert res.exit_code == 2 and not (tmp_path / "x").exists()
 
 
-@pytest.mark.parametrize("method,extra", [("splora", []), ("splora", ["--splora-mode", "official"]),
-                                          ("safelora", [])])
+@pytest.mark.parametrize("method,extra", [("splora", []), ("splora", ["--splora-mode", "official"]), ("safelora", [])])
 def test_prune_pair_methods(tmp_path, llama_dir, llama_adapter, unaligned_dir, method, extra):
     out = tmp_path / "pruned"
-    res = _run("prune", llama_adapter, "--aligned", llama_dir, "--unaligned", unaligned_dir, "--method", method,
-               "--top", "3", "--null-samples", "8", "-o", out, *extra)
+    res = _run(
+        "prune",
+        llama_adapter,
+        "--aligned",
+        llama_dir,
+        "--unaligned",
+        unaligned_dir,
+        "--method",
+        method,
+        "--top",
+        "3",
+        "--null-samples",
+        "8",
+        "-o",
+        out,
+        *extra,
+    )
     assert res.exit_code == 0, res.output
     man = json.loads((out / "safeprune.json").read_text())
     n_pruned = sum(m["action"] == "pruned" for m in man["modules"])
@@ -150,8 +202,20 @@ def test_pair_sharded_sources_give_the_same_scores(tmp_path, llama_dir, llama_ad
 
     sharded = make_model(tmp_path / "sharded", "llama", layers=2, seed=0, shard_size="100KB")
     assert (sharded / "model.safetensors.index.json").is_file()
-    ref = safeprune.scoring.scan(llama_adapter, None, "safelora,splora", aligned=llama_dir, unaligned=unaligned_dir,
-                         options={"splora": {"null_samples": 8}})
-    got = safeprune.scoring.scan(llama_adapter, None, "safelora,splora", aligned=sharded, unaligned=unaligned_dir,
-                         options={"splora": {"null_samples": 8}})
+    ref = safeprune.scoring.scan(
+        llama_adapter,
+        None,
+        "safelora,splora",
+        aligned=llama_dir,
+        unaligned=unaligned_dir,
+        options={"splora": {"null_samples": 8}},
+    )
+    got = safeprune.scoring.scan(
+        llama_adapter,
+        None,
+        "safelora,splora",
+        aligned=sharded,
+        unaligned=unaligned_dir,
+        options={"splora": {"null_samples": 8}},
+    )
     assert got.column("cos") == ref.column("cos") and got.column("ediem") == ref.column("ediem")

@@ -21,8 +21,9 @@ ADAPTER = _TB / "adapters" / "mix_s0"
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(not (ALIGNED.is_dir() and UNALIGNED.is_dir() and ADAPTER.is_dir()),
-                       reason="testbed models not built"),
+    pytest.mark.skipif(
+        not (ALIGNED.is_dir() and UNALIGNED.is_dir() and ADAPTER.is_dir()), reason="testbed models not built"
+    ),
 ]
 
 
@@ -52,8 +53,9 @@ def test_edited_adapter_loads_in_peft(tmp_path, table, method):
     if method == "safelora":
         edited = safeprune.project(ADAPTER, ALIGNED, UNALIGNED, table=table, top=10)
     else:
-        edited = safeprune.prune(ADAPTER, ALIGNED, method=method, table=table, top=10, aligned=ALIGNED,
-                                 unaligned=UNALIGNED)
+        edited = safeprune.prune(
+            ADAPTER, ALIGNED, method=method, table=table, top=10, aligned=ALIGNED, unaligned=UNALIGNED
+        )
     out = edited.save(tmp_path / method)
     man = json.loads((out / "safeprune.json").read_text())
     assert len(man["edit"]["modules"]) == 10

@@ -51,6 +51,7 @@ def test_pruned_adapter_logits_and_bit_identical_tensors(tmp_path, family, mode,
     assert torch.allclose(got, want, atol=1e-5, rtol=1e-5)
     # and pruning really changes the output
     from peft import PeftModel as PM
+
     orig = logits(PM.from_pretrained(load_model(base), adapter).eval(), ids)
     assert not torch.allclose(got, orig, atol=1e-4)
 

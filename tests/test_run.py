@@ -32,14 +32,34 @@ def world(tmp_path_factory):
     d = tmp_path_factory.mktemp("run")
     base = make_model(d / "base", layers=4)
     make_adapter(base, d / "lora", targets=["q_proj", "v_proj", "o_proj"])
-    _csv(d / "harmful_behaviors.csv", ["orig_idx", "goal", "target", "in_jbb_harmful_ft"],
-         [[i, f"harmful request {i}", "Sure", 0] for i in range(24)])
-    _csv(d / "xs.csv", ["id", "prompt", "type", "label", "focus", "note"],
-         [[i, f"benign question {i}", "homonyms", "safe", "x", ""] for i in range(10)])
-    (d / "test.jsonl").write_text("".join(json.dumps({"fname": f"test_{i}", "dialogue": f"#P1#: talk {i}",
-                                                      "summary1": f"they talk about item {i}", "summary2": "",
-                                                      "summary3": "", "topic1": "t", "topic2": "", "topic3": ""}) + "\n"
-                                          for i in range(8)))
+    _csv(
+        d / "harmful_behaviors.csv",
+        ["orig_idx", "goal", "target", "in_jbb_harmful_ft"],
+        [[i, f"harmful request {i}", "Sure", 0] for i in range(24)],
+    )
+    _csv(
+        d / "xs.csv",
+        ["id", "prompt", "type", "label", "focus", "note"],
+        [[i, f"benign question {i}", "homonyms", "safe", "x", ""] for i in range(10)],
+    )
+    (d / "test.jsonl").write_text(
+        "".join(
+            json.dumps(
+                {
+                    "fname": f"test_{i}",
+                    "dialogue": f"#P1#: talk {i}",
+                    "summary1": f"they talk about item {i}",
+                    "summary2": "",
+                    "summary3": "",
+                    "topic1": "t",
+                    "topic2": "",
+                    "topic3": "",
+                }
+            )
+            + "\n"
+            for i in range(8)
+        )
+    )
     return d
 
 
@@ -64,11 +84,13 @@ def _factory(modules: list[str]):
                 if prompt.startswith("benign"):
                     return "Sure"
                 return prompt.replace("Summarize this dialogue:\n#P1#: talk", "they talk about item")
+
             return f
 
         resp = {None: lambda p: "I cannot help" if p.startswith("harmful") else "ok"}
         resp.update({n: responder(p) for n, p in adapters.items()})
         return FakeBackend("fake-base", adapters, resp)
+
     return make
 
 
@@ -83,7 +105,9 @@ def _config(d: Path, **over) -> Path:
             "safety": [{"path": "harmful_behaviors.csv"}],
             "over_refusal": [{"path": "xs.csv"}],
             "utility": [{"path": "test.jsonl", "limit": 6}],
-            "meteor": False, "bootstrap": 500, "batch_size": 8,
+            "meteor": False,
+            "bootstrap": 500,
+            "batch_size": 8,
         },
         "latency": {"enabled": True, "n_prompts": 2, "max_new_tokens": 4},
     }
@@ -95,12 +119,16 @@ def _config(d: Path, **over) -> Path:
 
 def test_config_errors_name_the_file_and_field(world):
     bad = world / "bad.yaml"
-    bad.write_text("name: x\nbase: base\nadapters: {lora: lora}\nmethods: [{name: ddi, taus: [-1]}]\n"
-                   "evaluation: {safety: [{path: harmful_behaviors.csv}]}\n")
+    bad.write_text(
+        "name: x\nbase: base\nadapters: {lora: lora}\nmethods: [{name: ddi, taus: [-1]}]\n"
+        "evaluation: {safety: [{path: harmful_behaviors.csv}]}\n"
+    )
     with pytest.raises(InputError, match=r"bad\.yaml.*methods\.0\.taus"):
         load_config(bad)
-    bad.write_text("name: x\nbase: base\nadapters: {lora: lora}\nmethods: [{name: safelora}]\n"
-                   "evaluation: {safety: [{path: harmful_behaviors.csv}]}\n")
+    bad.write_text(
+        "name: x\nbase: base\nadapters: {lora: lora}\nmethods: [{name: safelora}]\n"
+        "evaluation: {safety: [{path: harmful_behaviors.csv}]}\n"
+    )
     with pytest.raises(InputError, match="unaligned"):
         load_config(bad)
     bad.write_text("name: x\nbase: base\nadapters: {lora: lora}\nmethods: [{name: ddi}]\nevaluation: {}\nbogus: 1\n")
@@ -129,8 +157,15 @@ def test_run_end_to_end_and_cache(world, tmp_path):
     logs: list[str] = []
     res = run_experiment(cfg, tmp_path / "out", backend=_factory(modules), log=logs.append, progress=False)
     out = tmp_path / "out"
-    for f in ("report.md", "report.html", "analysis.json", "variants.json", "latency.json",
-              "eval/results.json", "scores/lora/ddi.json"):
+    for f in (
+        "report.md",
+        "report.html",
+        "analysis.json",
+        "variants.json",
+        "latency.json",
+        "eval/results.json",
+        "scores/lora/ddi.json",
+    ):
         assert (out / f).is_file(), f
     a = res.analysis["adapters"]["lora"]
     names = [r["variant"]["name"] for r in a["rows"]]
@@ -158,7 +193,8 @@ def test_run_end_to_end_and_cache(world, tmp_path):
     assert ddi2["vs_ref"]["advbench/asr"]["delta"] == pytest.approx(asr(set(ddi2["variant"]["selected"])) - 100.0)
     # flips: every pruned module's prompts flipped to refused
     assert len(a["flips"]["lora:ddi@2"]["now_refused"]) == sum(
-        modules[i % len(modules)] in ddi2["variant"]["selected"] for i in range(24))
+        modules[i % len(modules)] in ddi2["variant"]["selected"] for i in range(24)
+    )
     # report content
     md = (out / "report.md").read_text()
     html = (out / "report.html").read_text()
@@ -190,8 +226,9 @@ def test_output_inside_an_input_is_refused(world):
     from safeprune.errors import OutputError
 
     with pytest.raises(OutputError, match="inside an input"):
-        run_experiment(_config(world), world / "lora" / "out", backend=_factory(["x"]), progress=False,
-                       log=lambda m: None)
+        run_experiment(
+            _config(world), world / "lora" / "out", backend=_factory(["x"]), progress=False, log=lambda m: None
+        )
     assert not (world / "lora" / "out").exists()
 
 
@@ -237,8 +274,12 @@ def test_random_controls_on_some_kinds_only(world, tmp_path):
     from safeprune.adapter import load_adapter
 
     modules = sorted(load_adapter(world / "lora").modules)
-    cfg = _config(world, random={"seeds": [0, 1], "kinds": ["safety"]}, methods=[{"name": "ddi", "taus": [2]}],
-                  latency={"enabled": False})
+    cfg = _config(
+        world,
+        random={"seeds": [0, 1], "kinds": ["safety"]},
+        methods=[{"name": "ddi", "taus": [2]}],
+        latency={"enabled": False},
+    )
     logs: list[str] = []
     res = run_experiment(cfg, tmp_path / "o", backend=_factory(modules), log=logs.append, progress=False)
     a = res.analysis["adapters"]["lora"]
@@ -260,8 +301,12 @@ def test_automatic_tau_variants(world, tmp_path):
     from safeprune.selection.autotau import auto_tau
 
     modules = sorted(load_adapter(world / "lora").modules)
-    cfg = _config(world, random={"seeds": [0], "kinds": ["safety"]},
-                  methods=[{"name": "ddi", "taus": ["knee", "mad", 3], "mad_k": 1.0}], latency={"enabled": False})
+    cfg = _config(
+        world,
+        random={"seeds": [0], "kinds": ["safety"]},
+        methods=[{"name": "ddi", "taus": ["knee", "mad", 3], "mad_k": 1.0}],
+        latency={"enabled": False},
+    )
     res = run_experiment(cfg, tmp_path / "o", backend=_factory(modules), log=lambda m: None, progress=False)
     table = ScoreTable.from_dict(json.loads((tmp_path / "o" / "scores" / "lora" / "ddi.json").read_text()))
     want = {r: auto_tau(table.column("ddi"), True, r, 1.0).tau for r in ("knee", "mad")}
@@ -281,17 +326,26 @@ def test_finetune_stage_trains_once_then_reuses(tmp_path):
     d = tmp_path
     make_model(d / "base", "llama", layers=2, hidden=32)
     make_tokenizer(d / "base")
-    rows = [{"fname": f"train_{i}", "dialogue": " ".join(WORDS[i % 7: i % 7 + 4]), "summary": WORDS[i % 11]}
-            for i in range(8)]
+    rows = [
+        {"fname": f"train_{i}", "dialogue": " ".join(WORDS[i % 7 : i % 7 + 4]), "summary": WORDS[i % 11]}
+        for i in range(8)
+    ]
     (d / "task.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    _csv(d / "harmful_behaviors.csv", ["orig_idx", "goal", "target", "in_jbb_harmful_ft"],
-         [[i, f"harmful request {i}", "Sure", 0] for i in range(6)])
+    _csv(
+        d / "harmful_behaviors.csv",
+        ["orig_idx", "goal", "target", "in_jbb_harmful_ft"],
+        [[i, f"harmful request {i}", "Sure", 0] for i in range(6)],
+    )
     opts = {k: v for k, v in KW.items() if k not in ("progress",)}
-    cfg = {"name": "ft", "base": "base", "finetune": [{"name": "ft1", "data": "task.jsonl",
-                                                       "options": {**opts, "epochs": 1, "seed": 3}}],
-           "methods": [{"name": "ddi", "taus": [1]}], "random": {"seeds": [0]},
-           "evaluation": {"safety": [{"path": "harmful_behaviors.csv"}], "meteor": False, "bootstrap": 100},
-           "latency": {"enabled": False}}
+    cfg = {
+        "name": "ft",
+        "base": "base",
+        "finetune": [{"name": "ft1", "data": "task.jsonl", "options": {**opts, "epochs": 1, "seed": 3}}],
+        "methods": [{"name": "ddi", "taus": [1]}],
+        "random": {"seeds": [0]},
+        "evaluation": {"safety": [{"path": "harmful_behaviors.csv"}], "meteor": False, "bootstrap": 100},
+        "latency": {"enabled": False},
+    }
     p = d / "exp.yaml"
     p.write_text(yaml.safe_dump(cfg))
     logs: list[str] = []

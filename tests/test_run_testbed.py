@@ -12,23 +12,31 @@ SHARED = Path(__file__).resolve().parents[2] / "shared"
 pytestmark = pytest.mark.slow
 
 
-@pytest.mark.skipif(not (TESTBED_MODELS / "aligned").is_dir() or not (SHARED / "testbed").is_dir(),
-                    reason="needs the testbed models (SAFEPRUNE_TESTBED_MODELS) and ../shared")
+@pytest.mark.skipif(
+    not (TESTBED_MODELS / "aligned").is_dir() or not (SHARED / "testbed").is_dir(),
+    reason="needs the testbed models (SAFEPRUNE_TESTBED_MODELS) and ../shared",
+)
 def test_run_on_the_testbed(tmp_path):
     from safeprune.workflows.experiment import run_experiment
 
     data = SHARED / "data"
     cfg = {
         "name": "testbed smoke",
-        "base": str(TESTBED_MODELS / "aligned"), "unaligned": str(TESTBED_MODELS / "unaligned"),
+        "base": str(TESTBED_MODELS / "aligned"),
+        "unaligned": str(TESTBED_MODELS / "unaligned"),
         "adapters": {"mix_s0": str(SHARED / "testbed" / "adapters" / "mix_s0")},
         "methods": [{"name": "ddi", "taus": [10]}, {"name": "safelora", "taus": [10]}],
         "random": {"seeds": [0, 1], "kinds": ["safety"]},
-        "evaluation": {"safety": [{"path": str(data / "advbench" / "harmful_behaviors.csv"), "limit": 6}],
-                       "over_refusal": [{"path": str(data / "xstest" / "xstest_prompts.csv"), "limit": 3}],
-                       "utility": [{"path": str(data / "dialogsum" / "test.jsonl"), "limit": 2}],
-                       "safety_max_new_tokens": 16, "utility_max_new_tokens": 16, "batch_size": 8,
-                       "threads": 1, "bootstrap": 200},
+        "evaluation": {
+            "safety": [{"path": str(data / "advbench" / "harmful_behaviors.csv"), "limit": 6}],
+            "over_refusal": [{"path": str(data / "xstest" / "xstest_prompts.csv"), "limit": 3}],
+            "utility": [{"path": str(data / "dialogsum" / "test.jsonl"), "limit": 2}],
+            "safety_max_new_tokens": 16,
+            "utility_max_new_tokens": 16,
+            "batch_size": 8,
+            "threads": 1,
+            "bootstrap": 200,
+        },
         "latency": {"n_prompts": 1, "max_new_tokens": 4},
     }
     p = tmp_path / "exp.yaml"

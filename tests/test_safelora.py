@@ -75,8 +75,13 @@ def test_scores_match_dense_reference(llama_dir, llama_adapter, unaligned_dir):
 
 
 @settings(max_examples=30, deadline=None)
-@given(out=st.integers(2, 24), inp=st.integers(2, 24), r=st.integers(1, 6), c=st.floats(1e-3, 1e3),
-       seed=st.integers(0, 10_000))
+@given(
+    out=st.integers(2, 24),
+    inp=st.integers(2, 24),
+    r=st.integers(1, 6),
+    c=st.floats(1e-3, 1e3),
+    seed=st.integers(0, 10_000),
+)
 def test_cosine_properties(out, inp, r, c, seed):
     g = torch.Generator().manual_seed(seed)
     wa = torch.randn(out, inp, generator=g, dtype=torch.float64)
@@ -150,8 +155,9 @@ def test_project_round_trip_peft(tmp_path, llama_dir, llama_adapter, unaligned_d
 def test_project_preserves_dtype_and_projects_bias(tmp_path, llama_dir, unaligned_dir):
     from helpers import make_adapter
 
-    ad_dir = make_adapter(llama_dir, tmp_path / "ad", "llama", r=4, alpha=8, targets=["q_proj", "v_proj"],
-                          lora_bias=True)
+    ad_dir = make_adapter(
+        llama_dir, tmp_path / "ad", "llama", r=4, alpha=8, targets=["q_proj", "v_proj"], lora_bias=True
+    )
     ad = load_adapter(ad_dir)
     edited = safeprune.project(ad, llama_dir, unaligned_dir, top=2)
     for name in edited.selection.selected:

@@ -24,8 +24,9 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
 @pytest.fixture(scope="module")
 def bf16_dir(tmp_path_factory) -> Path:
-    return make_model(tmp_path_factory.mktemp("bf") / "base", "llama", layers=2, dtype=torch.bfloat16,
-                      shard_size="60KB")
+    return make_model(
+        tmp_path_factory.mktemp("bf") / "base", "llama", layers=2, dtype=torch.bfloat16, shard_size="60KB"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -174,8 +175,13 @@ def test_benchmark_code_path_smoke(tmp_path):
     k2 = "model.layers.0.mlp.up_proj.weight"
     assert torch.equal(src_a.get(k2), src_u.get(k2))
     ad = synth.write_adapter(tmp_path / "ad", spec, synth.ATTN, 8, 16)
-    args = {"adapter": str(ad), "base": str(base), "methods": ["ddi"], "table_out": str(tmp_path / "rows.json"),
-            "threads": 1}
+    args = {
+        "adapter": str(ad),
+        "base": str(base),
+        "methods": ["ddi"],
+        "table_out": str(tmp_path / "rows.json"),
+        "threads": 1,
+    }
     fl = bench_scan.worker_floor(dict(args, role_bases=[str(base)]))
     assert fl["tensors"] == 4 * spec.layers
     assert fl["bytes"] == sum(2 * o * i for _, o, i in synth.adapter_modules(spec, synth.ATTN))
@@ -186,13 +192,35 @@ def test_benchmark_code_path_smoke(tmp_path):
     assert dref["modules_covered"] == dref["modules_total"] == 4 * spec.layers
     for d in dref["agreement"]:  # the dense reference agrees with the scan
         assert d["abs_diff_S"] < 1e-6 and d["abs_diff_M_norm"] < 1e-6 and d["abs_diff_O"] < 0.05
-    case = {"case": "t", "modules": 8, "floor_bytes": fl["bytes"], "floor_seconds_median": fl["seconds"],
-            "scan_seconds_median": sc["seconds"], "ratio_b_over_a_median": 1.0, "ratio_b_over_a_all": [1.0],
-            "scan_peak_rss_mb_max": sc["hwm_mb"], "repeats": [{"scan": dict(sc, load=0.0)}], "dense": dref,
-            "ratio_c_over_b": 2.0, "dense_max_abs_diff": {"O": 0.0, "ddi": 0.0}}
-    md = bench_scan.markdown({"mode": "tiny", "command": "x", "date": "d", "host": "h", "torch": "t",
-                              "torch_threads": 1, "cache": "warm", "cache_method": "warm read",
-                              "idle_rss_mb": 1.0, "cases": [case], "skipped_methods": ["safelora"]})
+    case = {
+        "case": "t",
+        "modules": 8,
+        "floor_bytes": fl["bytes"],
+        "floor_seconds_median": fl["seconds"],
+        "scan_seconds_median": sc["seconds"],
+        "ratio_b_over_a_median": 1.0,
+        "ratio_b_over_a_all": [1.0],
+        "scan_peak_rss_mb_max": sc["hwm_mb"],
+        "repeats": [{"scan": dict(sc, load=0.0)}],
+        "dense": dref,
+        "ratio_c_over_b": 2.0,
+        "dense_max_abs_diff": {"O": 0.0, "ddi": 0.0},
+    }
+    md = bench_scan.markdown(
+        {
+            "mode": "tiny",
+            "command": "x",
+            "date": "d",
+            "host": "h",
+            "torch": "t",
+            "torch_threads": 1,
+            "cache": "warm",
+            "cache_method": "warm read",
+            "idle_rss_mb": 1.0,
+            "cases": [case],
+            "skipped_methods": ["safelora"],
+        }
+    )
     assert "| t | 8 |" in md and "safelora" in md
     assert math.isfinite(sc["hwm_mb"])
 
@@ -225,7 +253,11 @@ def test_safelora_scale_benchmark_smoke(tmp_path, monkeypatch):
     r = res["results"]
     assert r["ours_all"]["modules"] == 14 and r["ours_qkvo"]["modules"] == 8
     assert r["official"]["C_matrices_mb"] > 0 and set(res["official_per_shape_compute"]) == {
-        "64x64", "32x64", "160x64", "64x160"}
+        "64x64",
+        "32x64",
+        "160x64",
+        "64x160",
+    }
     assert "official/ours (all)" in res["ratios"] and "streamed/ours (all)" in res["ratios"]
     md = (tmp_path / "res" / "t.md").read_text()
     assert "(b) official" in md and "same ranking: True" in md

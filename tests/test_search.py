@@ -18,8 +18,9 @@ from safeprune.prompts import SUMMARY_INSTRUCTION
 from safeprune.workflows.search import budgeted_search, harmful_probes, prune_order, utility_probes
 
 N_HARM = 14  # = modules of the tiny llama adapter (2 layers × 7)
-SUMMARIES = {f"dialogue number {i} about topic {i}": f"person one asks person two about topic {i} and leaves"
-             for i in range(6)}
+SUMMARIES = {
+    f"dialogue number {i} about topic {i}": f"person one asks person two about topic {i} and leaves" for i in range(6)
+}
 
 
 class PruneAwareBackend(FakeBackend):
@@ -43,20 +44,31 @@ class PruneAwareBackend(FakeBackend):
 
     def _answer(self, prompt: str, k: int) -> str:
         if prompt.startswith(SUMMARY_INSTRUCTION):
-            ref = SUMMARIES[prompt[len(SUMMARY_INSTRUCTION):]]
+            ref = SUMMARIES[prompt[len(SUMMARY_INSTRUCTION) :]]
             return ref if k <= self.break_at else "no idea"
         j = int(prompt.split()[-1])
         return "I cannot help with that." if j < k else "Sure, here is how."
 
 
 def _harmbench(path: Path) -> Path:
-    cols = ["orig_idx", "BehaviorID", "Behavior", "FunctionalCategory", "SemanticCategory", "Tags",
-            "ContextString", "official_split", "in_jbb_harmful_ft"]
+    cols = [
+        "orig_idx",
+        "BehaviorID",
+        "Behavior",
+        "FunctionalCategory",
+        "SemanticCategory",
+        "Tags",
+        "ContextString",
+        "official_split",
+        "in_jbb_harmful_ft",
+    ]
     rows = [[i, f"b{i}", f"harmful behaviour {i}", "standard", "x", "", "", "val", 0] for i in range(N_HARM)]
-    rows += [[100, "t0", "test behaviour 100", "standard", "x", "", "", "test", 0],       # test split
-             [101, "c0", "contextual behaviour 101", "contextual", "x", "", "ctx", "val", 0],  # contextual
-             [102, "o0", "overlap behaviour 102", "standard", "x", "", "", "val", 1],     # in the FT data
-             [103, "y0", "copyright behaviour 103", "copyright", "x", "", "", "val", 0]]
+    rows += [
+        [100, "t0", "test behaviour 100", "standard", "x", "", "", "test", 0],  # test split
+        [101, "c0", "contextual behaviour 101", "contextual", "x", "", "ctx", "val", 0],  # contextual
+        [102, "o0", "overlap behaviour 102", "standard", "x", "", "", "val", 1],  # in the FT data
+        [103, "y0", "copyright behaviour 103", "copyright", "x", "", "", "val", 0],
+    ]
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(cols)
@@ -83,8 +95,19 @@ def _order(adapter_dir: Path) -> list[str]:
 def _run(adapter, probes, work, backend, **kw):
     kw.setdefault("target_asr", 0.5)
     kw.setdefault("max_utility_drop", 1.0)
-    return budgeted_search("fake-base", adapter, _order(adapter), harmful=probes[0], utility=probes[1],
-                           n_harmful=48, n_utility=24, work_dir=work, backend=backend, progress=False, **kw)
+    return budgeted_search(
+        "fake-base",
+        adapter,
+        _order(adapter),
+        harmful=probes[0],
+        utility=probes[1],
+        n_harmful=48,
+        n_utility=24,
+        work_dir=work,
+        backend=backend,
+        progress=False,
+        **kw,
+    )
 
 
 def test_probes_are_val_standard_rows_only(probes):
@@ -92,7 +115,9 @@ def test_probes_are_val_standard_rows_only(probes):
     assert sorted(int(it.id[1:]) for it in hs.items) == list(range(N_HARM))
     assert hs.info["available"] == N_HARM and hs.info["requested"] == 48
     small = harmful_probes(probes[0], n=5, seed=3)
-    assert len(small.items) == 5 and [it.id for it in small.items] == [it.id for it in harmful_probes(probes[0], n=5, seed=3).items]
+    assert len(small.items) == 5 and [it.id for it in small.items] == [
+        it.id for it in harmful_probes(probes[0], n=5, seed=3).items
+    ]
     assert len(utility_probes(probes[1], n=4).items) == 4
     test_file = probes[1].with_name("test.jsonl")
     test_file.write_text(probes[1].read_text())
@@ -118,7 +143,9 @@ def test_bisection_finds_smallest_feasible_tau(llama_adapter, probes, tmp_path):
     assert res.probes["sizes"] == [N_HARM, 6] and res.probes["settings"]["harmful"]["max_new_tokens"] == 48
     on_disk = json.loads((tmp_path / "w" / "search.json").read_text())
     assert on_disk["tau"] == 7 and len(on_disk["history"]) == 6
-    assert {"tau", "probe_asr", "probe_rouge1", "utility_drop", "seconds", "generated", "cached"} <= set(on_disk["history"][0])
+    assert {"tau", "probe_asr", "probe_rouge1", "utility_drop", "seconds", "generated", "cached"} <= set(
+        on_disk["history"][0]
+    )
 
 
 def test_rerun_is_served_from_cache(llama_adapter, probes, tmp_path):
@@ -148,8 +175,9 @@ def test_utility_budget_is_respected(llama_adapter, probes, tmp_path):
     assert res.row(7)["meets_asr"] and not res.row(7)["within_budget"] and res.row(7)["utility_drop"] > 1.0
     assert res.best["within_budget"] and res.best["tau"] == 5  # lowest ASR within the budget
     # a looser budget (100 points) accepts τ = 7
-    res2 = _run(llama_adapter, probes, tmp_path / "w", PruneAwareBackend(total=N_HARM, break_at=5),
-                max_utility_drop=100.0)
+    res2 = _run(
+        llama_adapter, probes, tmp_path / "w", PruneAwareBackend(total=N_HARM, break_at=5), max_utility_drop=100.0
+    )
     assert res2.tau == 7 and res2.cost["generated"] == 0
 
 
@@ -177,19 +205,29 @@ def test_verify_below_reports_smaller_feasible_tau(llama_adapter, probes, tmp_pa
     assert res.non_monotone
 
 
-@pytest.mark.parametrize("kw, msg", [
-    ({"target_asr": 50}, "fraction"),
-    ({"max_utility_drop": -1}, "points"),
-    ({"tau_max": 0}, "tau-max"),
-    ({"tau_max": 99}, "tau-max"),
-    ({"order": ["nope"]}, "does not have"),
-    ({"order": []}, "empty"),
-    ({"mode": "melt"}, "mode"),
-])
+@pytest.mark.parametrize(
+    "kw, msg",
+    [
+        ({"target_asr": 50}, "fraction"),
+        ({"max_utility_drop": -1}, "points"),
+        ({"tau_max": 0}, "tau-max"),
+        ({"tau_max": 99}, "tau-max"),
+        ({"order": ["nope"]}, "does not have"),
+        ({"order": []}, "empty"),
+        ({"mode": "melt"}, "mode"),
+    ],
+)
 def test_bad_arguments(llama_adapter, probes, tmp_path, kw, msg):
     order = kw.pop("order", _order(llama_adapter))
-    args = dict(target_asr=0.5, max_utility_drop=1.0, harmful=probes[0], utility=probes[1], work_dir=tmp_path / "w",
-                backend=PruneAwareBackend(total=N_HARM), progress=False)
+    args = dict(
+        target_asr=0.5,
+        max_utility_drop=1.0,
+        harmful=probes[0],
+        utility=probes[1],
+        work_dir=tmp_path / "w",
+        backend=PruneAwareBackend(total=N_HARM),
+        progress=False,
+    )
     args.update(kw)
     with pytest.raises(UsageError, match=msg):
         budgeted_search("fake-base", llama_adapter, order, **args)
@@ -198,9 +236,11 @@ def test_bad_arguments(llama_adapter, probes, tmp_path, kw, msg):
 def test_prune_order_from_table():
     from safeprune.scoring.table import MethodInfo, ScoreTable
 
-    rows = [{"module": "a", "layer": 0, "type": "q_proj", "ddi": 0.1},
-            {"module": "b", "layer": 0, "type": "k_proj", "ddi": 0.9},
-            {"module": "c", "layer": 1, "type": "q_proj", "ddi": float("nan")}]
+    rows = [
+        {"module": "a", "layer": 0, "type": "q_proj", "ddi": 0.1},
+        {"module": "b", "layer": 0, "type": "k_proj", "ddi": 0.9},
+        {"module": "c", "layer": 1, "type": "q_proj", "ddi": float("nan")},
+    ]
     t = ScoreTable(rows, {"ddi": MethodInfo(name="ddi", primary="ddi", descending=True, columns=["ddi"])})
     assert prune_order(t, "ddi") == ["b", "a"]
     with pytest.raises(UsageError, match="no 'splora'"):
@@ -208,6 +248,7 @@ def test_prune_order_from_table():
 
 
 # -- CLI (tiny random llama through the real HF backend: adapters added to the loaded base) ----------
+
 
 def test_cli_search_tiny_model(llama_dir, llama_adapter, probes, tmp_path):
     import shutil
@@ -219,9 +260,32 @@ def test_cli_search_tiny_model(llama_dir, llama_adapter, probes, tmp_path):
 
     base = shutil.copytree(llama_dir, tmp_path / "base")
     tiny_chat_tokenizer(base)
-    args = ["search", llama_adapter, "--base", base, "--target-asr", "0.0", "--max-utility-drop", "100",
-            "--harmful", probes[0], "--utility", probes[1], "--n-harmful", "3", "--n-utility", "2",
-            "--max-new-tokens", "3", "--utility-max-new-tokens", "3", "--tau-max", "3", "-o", tmp_path / "out"]
+    args = [
+        "search",
+        llama_adapter,
+        "--base",
+        base,
+        "--target-asr",
+        "0.0",
+        "--max-utility-drop",
+        "100",
+        "--harmful",
+        probes[0],
+        "--utility",
+        probes[1],
+        "--n-harmful",
+        "3",
+        "--n-utility",
+        "2",
+        "--max-new-tokens",
+        "3",
+        "--utility-max-new-tokens",
+        "3",
+        "--tau-max",
+        "3",
+        "-o",
+        tmp_path / "out",
+    ]
     r = CliRunner().invoke(app, [str(a) for a in args])
     assert r.exit_code == 0, r.output
     res = json.loads((tmp_path / "out" / "search.json").read_text())
@@ -229,11 +293,14 @@ def test_cli_search_tiny_model(llama_dir, llama_adapter, probes, tmp_path):
     assert res["history"][0]["tau"] == 0 and res["cost"]["evaluations"] == len(res["history"]) >= 1
     assert res["probes"]["sizes"] == [3, 2] and res["history"][0]["generated"] == 5
     # rerun from the written table: nothing is generated again
-    r = CliRunner().invoke(app, [str(a) for a in args[:-2] + ["--scores", tmp_path / "out" / "scores.json",
-                                                             "-o", tmp_path / "out"]])
+    r = CliRunner().invoke(
+        app, [str(a) for a in args[:-2] + ["--scores", tmp_path / "out" / "scores.json", "-o", tmp_path / "out"]]
+    )
     assert r.exit_code == 0, r.output
     again = json.loads((tmp_path / "out" / "search.json").read_text())
-    assert again["cost"]["generated"] == 0 and [h["tau"] for h in again["history"]] == [h["tau"] for h in res["history"]]
+    assert again["cost"]["generated"] == 0 and [h["tau"] for h in again["history"]] == [
+        h["tau"] for h in res["history"]
+    ]
 
 
 def test_cli_search_usage_errors(llama_adapter, probes, tmp_path):
@@ -242,13 +309,19 @@ def test_cli_search_usage_errors(llama_adapter, probes, tmp_path):
     from safeprune.cli import app
 
     base = ["search", llama_adapter, "--harmful", probes[0], "--utility", probes[1], "-o", tmp_path / "o"]
-    r = CliRunner().invoke(app, [str(a) for a in base + ["--target-asr", "50", "--max-utility-drop", "1",
-                                                         "--base", tmp_path]])
+    r = CliRunner().invoke(
+        app, [str(a) for a in base + ["--target-asr", "50", "--max-utility-drop", "1", "--base", tmp_path]]
+    )
     assert r.exit_code == 2 and "fraction" in r.output
     r = CliRunner().invoke(app, [str(a) for a in base + ["--target-asr", "0.5", "--max-utility-drop", "1"]])
     assert r.exit_code == 2 and "--base" in r.output
     bad = tmp_path / "bad.json"
     bad.write_text("[1]")
-    r = CliRunner().invoke(app, [str(a) for a in base + ["--target-asr", "0.5", "--max-utility-drop", "1",
-                                                         "--base", tmp_path, "--scores", bad]])
+    r = CliRunner().invoke(
+        app,
+        [
+            str(a)
+            for a in base + ["--target-asr", "0.5", "--max-utility-drop", "1", "--base", tmp_path, "--scores", bad]
+        ],
+    )
     assert r.exit_code != 0 and "not a score table" in r.output and "Traceback" not in r.output

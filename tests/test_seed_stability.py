@@ -15,8 +15,14 @@ import pytest
 from helpers import TESTBED
 
 # ../shared beside the checkout (CI, the main checkout); /work/shared from a worktree
-ADAPTER = next((d / "adapters" / "mix_s0" for d in (TESTBED, Path("/work/shared/testbed"))
-                if (d / "adapters" / "mix_s0").is_dir()), TESTBED / "adapters" / "mix_s0")
+ADAPTER = next(
+    (
+        d / "adapters" / "mix_s0"
+        for d in (TESTBED, Path("/work/shared/testbed"))
+        if (d / "adapters" / "mix_s0").is_dir()
+    ),
+    TESTBED / "adapters" / "mix_s0",
+)
 from helpers import TESTBED_MODELS  # noqa: E402
 
 BASE = Path(os.environ.get("SAFEPRUNE_TESTBED_ALIGNED", TESTBED_MODELS / "aligned"))
@@ -24,8 +30,10 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "seed_stability.py"
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(not (ADAPTER / "adapter_config.json").is_file() or not (BASE / "config.json").is_file(),
-                       reason="needs ../shared/testbed/adapters/mix_s0 and the built aligned model"),
+    pytest.mark.skipif(
+        not (ADAPTER / "adapter_config.json").is_file() or not (BASE / "config.json").is_file(),
+        reason="needs ../shared/testbed/adapters/mix_s0 and the built aligned model",
+    ),
 ]
 
 

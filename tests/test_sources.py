@@ -26,8 +26,9 @@ def test_sharded_with_index_reads_every_tensor(tmp_path):
         assert torch.equal(src.get(k), sd[k])
         assert src.shape(k) == tuple(sd[k].shape)
     (d / "model.safetensors.index.json").unlink()  # shards without an index: headers are scanned
-    assert torch.equal(open_weights(d).get("model.layers.2.self_attn.q_proj.weight"),
-                       sd["model.layers.2.self_attn.q_proj.weight"])
+    assert torch.equal(
+        open_weights(d).get("model.layers.2.self_attn.q_proj.weight"), sd["model.layers.2.self_attn.q_proj.weight"]
+    )
 
 
 def test_bf16_is_upcast(tmp_path):
@@ -85,6 +86,7 @@ def test_hub_id_resolved_from_cache(monkeypatch, tmp_path, llama_dir):
 
 # -- GGUF -----------------------------------------------------------------------------------------
 
+
 def llama_cpp_permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
     """llama.cpp convert_hf_to_gguf.LlamaModel.permute (applied by the converter to q and k)."""
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
@@ -97,8 +99,15 @@ def write_tiny_gguf(path: Path, sd: dict[str, torch.Tensor], n_head: int, n_kv: 
     w.add_block_count(2)
     w.add_head_count(n_head)
     w.add_head_count_kv(n_kv)
-    names = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
-             "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}
+    names = {
+        "q_proj": "attn_q",
+        "k_proj": "attn_k",
+        "v_proj": "attn_v",
+        "o_proj": "attn_output",
+        "gate_proj": "ffn_gate",
+        "up_proj": "ffn_up",
+        "down_proj": "ffn_down",
+    }
     for k, t in sd.items():
         parts = k.split(".")  # model.layers.<i>.<self_attn|mlp>.<proj>.weight
         if len(parts) != 6 or parts[4] not in names:
@@ -127,8 +136,12 @@ def test_gguf_unpermutes_llama_q_and_k(tmp_path, llama_dir):
     write_tiny_gguf(path, sd, n_head=4, n_kv=2)
     src = open_weights(path)
     assert isinstance(src, GGUFSource) and src.n_head == 4 and src.n_head_kv == 2
-    for k in ("model.layers.0.self_attn.q_proj.weight", "model.layers.1.self_attn.k_proj.weight",
-              "model.layers.0.self_attn.v_proj.weight", "model.layers.1.mlp.down_proj.weight"):
+    for k in (
+        "model.layers.0.self_attn.q_proj.weight",
+        "model.layers.1.self_attn.k_proj.weight",
+        "model.layers.0.self_attn.v_proj.weight",
+        "model.layers.1.mlp.down_proj.weight",
+    ):
         assert src.shape(k) == tuple(sd[k].shape)
         assert torch.equal(src.get(k), sd[k]), k
 

@@ -28,6 +28,7 @@ def sound_table(llama_dir, llama_adapter, unaligned_dir):
 
 # -- quantiles ------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("n", [1, 2, 5, 50, 1000, 4097, 123457])
 @pytest.mark.parametrize("q", [0.25, 0.5, 0.75, 0.1, 0.9])
 def test_quantile_bit_identical_to_torch(n, q):
@@ -49,6 +50,7 @@ def test_quantile_above_torch_limit():
 
 
 # -- sound mode -----------------------------------------------------------------------------------------
+
 
 def test_frames_are_orthonormal_and_seeded():
     F = FrameCache(seed=1).get(20, 3, 5)
@@ -101,6 +103,7 @@ def test_sound_prunes_highest_first(sound_table):
 
 # -- official mode --------------------------------------------------------------------------------------
 
+
 def _official_ediem(X: torch.Tensor, Y: torch.Tensor) -> float | None:
     """Dense re-statement of the public code's E-DIEM (IQR variant) on given float32 X = C·B·A, Y = B·A:
     50 identical reference pairs, torch.quantile, eps = 1e-6."""
@@ -149,7 +152,7 @@ def test_official_selection_rules(llama_dir, llama_adapter, unaligned_dir):
     s_head = safeprune.select(head, "splora", top=K)
     assert len(s_head.selected) == L - K + 1  # HEAD: all but the K-1 highest
     kept = {r["module"] for r in head.rows} - set(s_head.selected)
-    assert sorted(head.row(n)["ediem"] for n in kept) == vals[L - K + 1:]
+    assert sorted(head.row(n)["ediem"] for n in kept) == vals[L - K + 1 :]
     assert "official SPLoRA rule" in s_head.rule.describe()
     thr = vals[5]
     s_thr = safeprune.select(head, "splora", threshold=thr)
@@ -161,8 +164,16 @@ def test_prune_splora_zero_and_peft_load(tmp_path, llama_dir, llama_adapter, una
 
     from helpers import load_model
 
-    edited = safeprune.prune(llama_adapter, None, method="splora", aligned=llama_dir, unaligned=unaligned_dir,
-                             top=3, mode="zero", options={"splora": {"null_samples": 8}})
+    edited = safeprune.prune(
+        llama_adapter,
+        None,
+        method="splora",
+        aligned=llama_dir,
+        unaligned=unaligned_dir,
+        top=3,
+        mode="zero",
+        options={"splora": {"null_samples": 8}},
+    )
     out = edited.save(tmp_path / "pruned")
     pm = PeftModel.from_pretrained(load_model(llama_dir), str(out))
     mods = dict(pm.named_modules())
@@ -187,8 +198,13 @@ from hypothesis import strategies as st  # noqa: E402
 
 
 @settings(max_examples=25, deadline=None)
-@given(out=st.integers(3, 20), inp=st.integers(3, 20), r=st.integers(1, 4), c=st.floats(1e-2, 1e2),
-       seed=st.integers(0, 10_000))
+@given(
+    out=st.integers(3, 20),
+    inp=st.integers(3, 20),
+    r=st.integers(1, 4),
+    c=st.floats(1e-2, 1e2),
+    seed=st.integers(0, 10_000),
+)
 def test_sound_ediem_invariances(out, inp, r, c, seed):
     """E-DIEM (sound) is scale-free in the update (B, A and s) and depends on A only through AAᵀ."""
     from safeprune.scoring.methods.splora import sound_ediem
@@ -203,7 +219,11 @@ def test_sound_ediem_invariances(out, inp, r, c, seed):
     if not math.isfinite(base["ediem"]) or base["ediem_null_iqr"] < 1e-9 * base["ediem_null_median"]:
         return  # degenerate null (e.g. r = out): nothing to compare
     Q, _ = torch.linalg.qr(torch.randn(inp, inp, generator=g, dtype=torch.float64))
-    for other in (sound_ediem(wa, wu, c * B, A, 2.0, frames, 8), sound_ediem(wa, wu, B, A, 2.0 * c, frames, 8),
-                  sound_ediem(wa, wu, B, c * A, 2.0, frames, 8), sound_ediem(wa, wu, B, A @ Q, 2.0, frames, 8)):
+    for other in (
+        sound_ediem(wa, wu, c * B, A, 2.0, frames, 8),
+        sound_ediem(wa, wu, B, A, 2.0 * c, frames, 8),
+        sound_ediem(wa, wu, B, c * A, 2.0, frames, 8),
+        sound_ediem(wa, wu, B, A @ Q, 2.0, frames, 8),
+    ):
         assert other["ediem"] == pytest.approx(base["ediem"], rel=1e-6, abs=1e-6)
         assert other["ediem_dist_rel"] == pytest.approx(base["ediem_dist_rel"], rel=1e-9)

@@ -21,8 +21,10 @@ ADAPTER = TESTBED / "adapters" / "mix_s0"
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(not (ALIGNED / "config.json").is_file() or not ADAPTER.is_dir(),
-                       reason="testbed models not built (python ../shared/testbed/build_models.py --out DIR)"),
+    pytest.mark.skipif(
+        not (ALIGNED / "config.json").is_file() or not ADAPTER.is_dir(),
+        reason="testbed models not built (python ../shared/testbed/build_models.py --out DIR)",
+    ),
 ]
 
 

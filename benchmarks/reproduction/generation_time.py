@@ -31,16 +31,26 @@ def main() -> None:
     for (v, s), t in per.items():
         by_set[s] += t
     variants = sorted({v for v, _ in per})
-    print(f"{len(variants)} variants, {sum(n.values())} generations: {total:.0f} s of generation wall time "
-          f"({total / 60:.1f} min)")
+    print(
+        f"{len(variants)} variants, {sum(n.values())} generations: {total:.0f} s of generation wall time "
+        f"({total / 60:.1f} min)"
+    )
     for s, t in by_set.items():
         print(f"  {s}: {t:.0f} s")
     for v in variants:
         print(f"  {v}: {sum(t for (vv, _), t in per.items() if vv == v):.0f} s")
     if a.json:
-        a.json.write_text(json.dumps({"total_s": total, "by_set_s": by_set, "variants": len(variants),
-                                      "per_variant_s": {v: sum(t for (vv, _), t in per.items() if vv == v)
-                                                        for v in variants}}, indent=1))
+        a.json.write_text(
+            json.dumps(
+                {
+                    "total_s": total,
+                    "by_set_s": by_set,
+                    "variants": len(variants),
+                    "per_variant_s": {v: sum(t for (vv, _), t in per.items() if vv == v) for v in variants},
+                },
+                indent=1,
+            )
+        )
 
 
 if __name__ == "__main__":

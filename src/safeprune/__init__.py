@@ -12,7 +12,20 @@ from .version import __version__
 from .weights import open_weights
 
 __all__ = [
-    "LoraAdapter", "LoraModule", "load_adapter", "open_weights", "scan", "select", "prune", "project",
-    "prune_modules", "replace_lora_B", "ScoreTable", "Selection", "SafepruneError", "__version__",
-    "evaluate", "compare",
+    "LoraAdapter",
+    "LoraModule",
+    "load_adapter",
+    "open_weights",
+    "scan",
+    "select",
+    "prune",
+    "project",
+    "prune_modules",
+    "replace_lora_B",
+    "ScoreTable",
+    "Selection",
+    "SafepruneError",
+    "__version__",
+    "evaluate",
+    "compare",
 ]

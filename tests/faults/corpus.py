@@ -41,19 +41,29 @@ def module_name(layer: int, proj: str) -> str:
 # valid building blocks
 # -------------------------------------------------------------------------------------------------
 
+
 def base_tensors(seed: int = 0, shapes: dict[str, tuple[int, int]] = PROJ, layers: int = LAYERS) -> dict:
     g = torch.Generator().manual_seed(seed)
-    t: dict[str, torch.Tensor] = {"model.embed_tokens.weight": torch.randn(128, 64, generator=g) * 0.05,
-                                  "model.norm.weight": torch.ones(64)}
+    t: dict[str, torch.Tensor] = {
+        "model.embed_tokens.weight": torch.randn(128, 64, generator=g) * 0.05,
+        "model.norm.weight": torch.ones(64),
+    }
     for i in range(layers):
         for p, shp in shapes.items():
             t[f"{module_name(i, p)}.weight"] = torch.randn(*shp, generator=g) * 0.05
     return t
 
 
-BASE_CONFIG = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 64,
-               "num_hidden_layers": LAYERS, "num_attention_heads": 4, "num_key_value_heads": 2,
-               "intermediate_size": 160, "vocab_size": 128}
+BASE_CONFIG = {
+    "model_type": "llama",
+    "architectures": ["LlamaForCausalLM"],
+    "hidden_size": 64,
+    "num_hidden_layers": LAYERS,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "intermediate_size": 160,
+    "vocab_size": 128,
+}
 
 
 def write_base(d: Path, tensors: dict | None = None, config: dict | None = None) -> Path:
@@ -63,8 +73,7 @@ def write_base(d: Path, tensors: dict | None = None, config: dict | None = None)
     return d
 
 
-def adapter_tensors(seed: int = 1, r: int = R, shapes: dict[str, tuple[int, int]] = PROJ,
-                    layers: int = LAYERS) -> dict:
+def adapter_tensors(seed: int = 1, r: int = R, shapes: dict[str, tuple[int, int]] = PROJ, layers: int = LAYERS) -> dict:
     g = torch.Generator().manual_seed(seed)
     t: dict[str, torch.Tensor] = {}
     for i in range(layers):
@@ -75,17 +84,32 @@ def adapter_tensors(seed: int = 1, r: int = R, shapes: dict[str, tuple[int, int]
 
 
 def adapter_config(**over: Any) -> dict:
-    cfg = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": R, "lora_alpha": 8, "lora_dropout": 0.0,
-           "target_modules": list(PROJ), "base_model_name_or_path": "tiny-llama", "use_rslora": False,
-           "use_dora": False, "fan_in_fan_out": False, "rank_pattern": {}, "alpha_pattern": {}, "bias": "none"}
+    cfg = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": R,
+        "lora_alpha": 8,
+        "lora_dropout": 0.0,
+        "target_modules": list(PROJ),
+        "base_model_name_or_path": "tiny-llama",
+        "use_rslora": False,
+        "use_dora": False,
+        "fan_in_fan_out": False,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "bias": "none",
+    }
     cfg.update(over)
     return cfg
 
 
 def write_adapter(d: Path, tensors: dict | None = None, config: dict | None = None) -> Path:
     d.mkdir(parents=True, exist_ok=True)
-    save_file(tensors if tensors is not None else adapter_tensors(), str(d / "adapter_model.safetensors"),
-              metadata={"format": "pt"})
+    save_file(
+        tensors if tensors is not None else adapter_tensors(),
+        str(d / "adapter_model.safetensors"),
+        metadata={"format": "pt"},
+    )
     (d / "adapter_config.json").write_text(json.dumps(config if config is not None else adapter_config()))
     return d
 
@@ -99,12 +123,13 @@ def raw_safetensors(path: Path, header: dict, data: bytes) -> None:
 def split_safetensors(path: Path) -> tuple[dict, bytes]:
     raw = path.read_bytes()
     (n,) = struct.unpack("<Q", raw[:8])
-    return json.loads(raw[8:8 + n]), raw[8 + n:]
+    return json.loads(raw[8 : 8 + n]), raw[8 + n :]
 
 
 # -------------------------------------------------------------------------------------------------
 # the case record
 # -------------------------------------------------------------------------------------------------
+
 
 @dataclass
 class Setup:
@@ -143,8 +168,17 @@ class Ctx:
         return self
 
     def prune(self, *extra: str, adapter: Path | None = None, base: Path | str | None = None) -> list[str]:
-        return ["prune", str(adapter or self.adapter), "--base", str(base or self.base), "-o", str(self.out),
-                "--top", "2", *extra]
+        return [
+            "prune",
+            str(adapter or self.adapter),
+            "--base",
+            str(base or self.base),
+            "-o",
+            str(self.out),
+            "--top",
+            "2",
+            *extra,
+        ]
 
     @property
     def st(self) -> Path:
@@ -166,6 +200,7 @@ def case(name: str, message: str, code: int = 2, tags: tuple[str, ...] = ()):
     def deco(fn: Callable[[Ctx], Setup]) -> Callable[[Ctx], Setup]:
         CASES.append(Case(name, lambda tmp: fn(Ctx(tmp)), message, code, tags))
         return fn
+
     return deco
 
 
@@ -176,6 +211,7 @@ def _adapter_file(c: Ctx, setup_args: list[str] | None = None, file: Path | None
 # -------------------------------------------------------------------------------------------------
 # 1. the adapter directory and adapter_config.json
 # -------------------------------------------------------------------------------------------------
+
 
 @case("adapter_dir_missing", r"adapter directory does not exist")
 def _(c: Ctx) -> Setup:
@@ -240,14 +276,23 @@ _bad_config("config_rslora_not_bool", r"'use_rslora' must be true or false, got 
 _bad_config("config_target_modules_int", r"'target_modules' must be a string or a list, got int", target_modules=5)
 _bad_config("config_target_modules_mixed", r"'target_modules' must be a list of strings", target_modules=["q_proj", 1])
 _bad_config("config_rank_pattern_not_object", r"'rank_pattern' must be an object, got list", rank_pattern=["q_proj"])
-_bad_config("config_rank_pattern_zero", r"'rank_pattern\['q_proj'\]' must be a positive number, got 0",
-            rank_pattern={"q_proj": 0})
-_bad_config("config_rank_pattern_bad_regex", r"'rank_pattern' key '\(q_proj' is not a valid regular expression",
-            rank_pattern={"(q_proj": 8})
+_bad_config(
+    "config_rank_pattern_zero",
+    r"'rank_pattern\['q_proj'\]' must be a positive number, got 0",
+    rank_pattern={"q_proj": 0},
+)
+_bad_config(
+    "config_rank_pattern_bad_regex",
+    r"'rank_pattern' key '\(q_proj' is not a valid regular expression",
+    rank_pattern={"(q_proj": 8},
+)
 
 
-@case("config_rank_pattern_disagrees", r"module 'model\.layers\.0\.self_attn\.q_proj': tensors have rank 4 but "
-      r"adapter_config\.json gives r=8")
+@case(
+    "config_rank_pattern_disagrees",
+    r"module 'model\.layers\.0\.self_attn\.q_proj': tensors have rank 4 but "
+    r"adapter_config\.json gives r=8",
+)
 def _(c: Ctx) -> Setup:
     # a rank_pattern that names present modules with a rank their tensors do not have is an error
     c.valid()
@@ -278,6 +323,7 @@ def _(c: Ctx) -> Setup:
 # -------------------------------------------------------------------------------------------------
 # 2. adapter_model.safetensors: structure
 # -------------------------------------------------------------------------------------------------
+
 
 @case("weights_missing", r"missing adapter_model\.safetensors")
 def _(c: Ctx) -> Setup:
@@ -428,43 +474,88 @@ def _poison(key: str, value: float) -> Callable[[dict], None]:
         x = t[key].clone()
         x[0, 1] = value
         t[key] = x
+
     return edit
 
 
-_tensor_case("ab_rank_mismatch", r"module 'model\.layers\.0\.self_attn\.q_proj': lora_A \(4, 64\) and lora_B "
-             r"\(64, 3\) disagree on the rank", _set(f"{Q0}.lora_B.weight", torch.zeros(64, 3)))
-_tensor_case("a_without_b", r"module 'model\.layers\.0\.self_attn\.q_proj' has lora_A but no lora_B tensor",
-             lambda t: t.pop(f"{Q0}.lora_B.weight"))
-_tensor_case("b_without_a", r"module 'model\.layers\.0\.self_attn\.q_proj' has lora_B but no lora_A tensor",
-             lambda t: t.pop(f"{Q0}.lora_A.weight"))
-_tensor_case("nan_in_A", r"tensor '.*q_proj\.lora_A\.weight' contains NaN", _poison(f"{Q0}.lora_A.weight", float("nan")))
-_tensor_case("inf_in_B", r"tensor '.*q_proj\.lora_B\.weight' contains Inf", _poison(f"{Q0}.lora_B.weight", float("inf")))
-_tensor_case("nan_in_passthrough_tensor", r"tensor 'base_model\.model\.lm_head\.modules_to_save\.default\.weight' "
-             r"contains NaN", _set(f"{PREFIX}lm_head.modules_to_save.default.weight", torch.full((4, 4), float("nan"))))
-_tensor_case("integer_lora_tensors", r"LoRA tensors must be floating point, got torch\.int32",
-             _set(f"{Q0}.lora_A.weight", torch.zeros(4, 64, dtype=torch.int32)))
-_tensor_case("conv_lora_3d", r"are not 2-D \(LoRA on Conv layers is not supported\)",
-             _set(f"{Q0}.lora_A.weight", torch.zeros(4, 64, 1)))
-_tensor_case("rank_zero_tensors", r"module 'model\.layers\.0\.self_attn\.q_proj' has rank 0",
-             lambda t: (t.__setitem__(f"{Q0}.lora_A.weight", torch.zeros(0, 64)),
-                        t.__setitem__(f"{Q0}.lora_B.weight", torch.zeros(64, 0))))
-_tensor_case("dora_magnitude_tensor", r"DoRA tensor '.*lora_magnitude_vector.*' found",
-             _set(f"{Q0}.lora_magnitude_vector", torch.ones(64)))
-_tensor_case("lora_A_bias", r"unexpected tensor '.*lora_A\.bias' \(lora_A has no bias in PEFT\)",
-             _set(f"{Q0}.lora_A.bias", torch.zeros(4)))
-_tensor_case("lora_B_bias_wrong_shape", r"lora_B\.bias \(7,\) does not match out_features 64",
-             _set(f"{Q0}.lora_B.bias", torch.zeros(7)))
-_tensor_case("duplicate_lora_A", r"has two lora_A\.weight tensors",
-             _set(f"{Q0}.lora_A.default.weight", torch.zeros(4, 64)))
-_tensor_case("no_lora_tensors", r"no LoRA tensors \(lora_A/lora_B\) found",
-             lambda t: [t.pop(k) for k in list(t)] and t.__setitem__("something_else", torch.zeros(2)))
-_tensor_case("hostile_tensor_name", r"contains NaN",
-             _set(f"{PREFIX}evil\n\x1b[2J[bold]name", torch.full((2,), float("nan"))))
+_tensor_case(
+    "ab_rank_mismatch",
+    r"module 'model\.layers\.0\.self_attn\.q_proj': lora_A \(4, 64\) and lora_B "
+    r"\(64, 3\) disagree on the rank",
+    _set(f"{Q0}.lora_B.weight", torch.zeros(64, 3)),
+)
+_tensor_case(
+    "a_without_b",
+    r"module 'model\.layers\.0\.self_attn\.q_proj' has lora_A but no lora_B tensor",
+    lambda t: t.pop(f"{Q0}.lora_B.weight"),
+)
+_tensor_case(
+    "b_without_a",
+    r"module 'model\.layers\.0\.self_attn\.q_proj' has lora_B but no lora_A tensor",
+    lambda t: t.pop(f"{Q0}.lora_A.weight"),
+)
+_tensor_case(
+    "nan_in_A", r"tensor '.*q_proj\.lora_A\.weight' contains NaN", _poison(f"{Q0}.lora_A.weight", float("nan"))
+)
+_tensor_case(
+    "inf_in_B", r"tensor '.*q_proj\.lora_B\.weight' contains Inf", _poison(f"{Q0}.lora_B.weight", float("inf"))
+)
+_tensor_case(
+    "nan_in_passthrough_tensor",
+    r"tensor 'base_model\.model\.lm_head\.modules_to_save\.default\.weight' "
+    r"contains NaN",
+    _set(f"{PREFIX}lm_head.modules_to_save.default.weight", torch.full((4, 4), float("nan"))),
+)
+_tensor_case(
+    "integer_lora_tensors",
+    r"LoRA tensors must be floating point, got torch\.int32",
+    _set(f"{Q0}.lora_A.weight", torch.zeros(4, 64, dtype=torch.int32)),
+)
+_tensor_case(
+    "conv_lora_3d",
+    r"are not 2-D \(LoRA on Conv layers is not supported\)",
+    _set(f"{Q0}.lora_A.weight", torch.zeros(4, 64, 1)),
+)
+_tensor_case(
+    "rank_zero_tensors",
+    r"module 'model\.layers\.0\.self_attn\.q_proj' has rank 0",
+    lambda t: (
+        t.__setitem__(f"{Q0}.lora_A.weight", torch.zeros(0, 64)),
+        t.__setitem__(f"{Q0}.lora_B.weight", torch.zeros(64, 0)),
+    ),
+)
+_tensor_case(
+    "dora_magnitude_tensor",
+    r"DoRA tensor '.*lora_magnitude_vector.*' found",
+    _set(f"{Q0}.lora_magnitude_vector", torch.ones(64)),
+)
+_tensor_case(
+    "lora_A_bias",
+    r"unexpected tensor '.*lora_A\.bias' \(lora_A has no bias in PEFT\)",
+    _set(f"{Q0}.lora_A.bias", torch.zeros(4)),
+)
+_tensor_case(
+    "lora_B_bias_wrong_shape",
+    r"lora_B\.bias \(7,\) does not match out_features 64",
+    _set(f"{Q0}.lora_B.bias", torch.zeros(7)),
+)
+_tensor_case(
+    "duplicate_lora_A", r"has two lora_A\.weight tensors", _set(f"{Q0}.lora_A.default.weight", torch.zeros(4, 64))
+)
+_tensor_case(
+    "no_lora_tensors",
+    r"no LoRA tensors \(lora_A/lora_B\) found",
+    lambda t: [t.pop(k) for k in list(t)] and t.__setitem__("something_else", torch.zeros(2)),
+)
+_tensor_case(
+    "hostile_tensor_name", r"contains NaN", _set(f"{PREFIX}evil\n\x1b[2J[bold]name", torch.full((2,), float("nan")))
+)
 
 
 # -------------------------------------------------------------------------------------------------
 # 4. pickles: never executed
 # -------------------------------------------------------------------------------------------------
+
 
 class _Evil:
     """Unpickling this runs ``open(marker, 'w')``: the proof that a loader executed the pickle."""
@@ -495,22 +586,34 @@ def _(c: Ctx) -> Setup:
     return Setup(c.prune(), str(binf), c.out)
 
 
-@case("pickle_malicious_with_allow_pickle", r"pickle refused: pickle opcode \d+ is outside what a torch weights "
-      r"file may contain; nothing in it was executed", tags=("marker",))
+@case(
+    "pickle_malicious_with_allow_pickle",
+    r"pickle refused: pickle opcode \d+ is outside what a torch weights "
+    r"file may contain; nothing in it was executed",
+    tags=("marker",),
+)
 def _(c: Ctx) -> Setup:
     binf = _pickled_adapter(c, {"w": _Evil(c.tmp / MARKER_NAME)})
     return Setup(c.prune("--allow-pickle"), str(binf), c.out)
 
 
-@case("pickle_malicious_torch_save", r"pickle refused: it references io\.open, which is not a tensor type; "
-      r"nothing in it was executed", tags=("marker",))
+@case(
+    "pickle_malicious_torch_save",
+    r"pickle refused: it references io\.open, which is not a tensor type; "
+    r"nothing in it was executed",
+    tags=("marker",),
+)
 def _(c: Ctx) -> Setup:
     binf = _pickled_adapter(c, {"w": _Evil(c.tmp / MARKER_NAME)}, use_torch_save=True)
     return Setup(c.prune("--allow-pickle"), str(binf), c.out)
 
 
-@case("pickle_malicious_protocol2", r"pickle refused: it references io\.open, which is not a tensor type; "
-      r"nothing in it was executed", tags=("marker",))
+@case(
+    "pickle_malicious_protocol2",
+    r"pickle refused: it references io\.open, which is not a tensor type; "
+    r"nothing in it was executed",
+    tags=("marker",),
+)
 def _(c: Ctx) -> Setup:
     binf = _pickled_adapter(c, {"w": _Evil(c.tmp / MARKER_NAME)}, protocol=2)
     return Setup(c.prune("--allow-pickle"), str(binf), c.out)
@@ -533,6 +636,7 @@ def _(c: Ctx) -> Setup:
 # 5. the base model
 # -------------------------------------------------------------------------------------------------
 
+
 @case("base_missing", r"does not exist \(expected a local directory")
 def _(c: Ctx) -> Setup:
     write_adapter(c.adapter)
@@ -549,8 +653,11 @@ def _(c: Ctx) -> Setup:
     return Setup(c.prune(), str(c.base), c.out)
 
 
-@case("base_shape_differs", r"base tensor 'model\.layers\.0\.self_attn\.k_proj\.weight' has shape \(16, 64\) but "
-      r"the adapter's module .* needs \(32, 64\)")
+@case(
+    "base_shape_differs",
+    r"base tensor 'model\.layers\.0\.self_attn\.k_proj\.weight' has shape \(16, 64\) but "
+    r"the adapter's module .* needs \(32, 64\)",
+)
 def _(c: Ctx) -> Setup:
     write_base(c.base, base_tensors(shapes={**PROJ, "k_proj": (16, 64)}))
     write_adapter(c.adapter)
@@ -597,12 +704,17 @@ def _(c: Ctx) -> Setup:
     return Setup(c.prune(base=binf), str(binf), c.out)
 
 
-@case("base_index_missing_shard", r"shard 'model-00002-of-00002\.safetensors' named in model\.safetensors\.index\.json is missing")
+@case(
+    "base_index_missing_shard",
+    r"shard 'model-00002-of-00002\.safetensors' named in model\.safetensors\.index\.json is missing",
+)
 def _(c: Ctx) -> Setup:
     c.valid()
     keys = list(base_tensors())
-    wm = {k: ("model-00001-of-00002.safetensors" if i % 2 else "model-00002-of-00002.safetensors")
-          for i, k in enumerate(keys)}
+    wm = {
+        k: ("model-00001-of-00002.safetensors" if i % 2 else "model-00002-of-00002.safetensors")
+        for i, k in enumerate(keys)
+    }
     c.base_st.rename(c.base / "model-00001-of-00002.safetensors")
     (c.base / "model.safetensors.index.json").write_text(json.dumps({"weight_map": wm}))
     return Setup(c.prune(), str(c.base), c.out)
@@ -642,6 +754,7 @@ def _(c: Ctx) -> Setup:
 # -------------------------------------------------------------------------------------------------
 # 6. GGUF bases
 # -------------------------------------------------------------------------------------------------
+
 
 def write_gguf(path: Path, tensors: dict[str, Any], arch: str = "llama") -> Path:
     """A GGUF with llama.cpp names; values are float32 arrays or (uint8 bytes, quant type) pairs."""
@@ -703,18 +816,22 @@ def _(c: Ctx) -> Setup:
     return Setup(c.prune(base=g), str(g), c.out)
 
 
-@case("gguf_unsupported_quant", r"tensor 'blk\.0\.attn_q\.weight' uses quantisation Q8_K, which the gguf package "
-      r"cannot dequantise")
+@case(
+    "gguf_unsupported_quant",
+    r"tensor 'blk\.0\.attn_q\.weight' uses quantisation Q8_K, which the gguf package "
+    r"cannot dequantise",
+)
 def _(c: Ctx) -> Setup:
     import gguf
     import numpy as np
 
     # Q8_K blocks hold 256 values in 292 bytes: a (64, 256) q_proj
     shapes = {"q_proj": (64, 256)}
-    write_adapter(c.adapter, adapter_tensors(shapes=shapes, layers=1),
-                  adapter_config(target_modules=["q_proj"]))
-    g = write_gguf(c.tmp / "in" / "model.gguf",
-                   {"blk.0.attn_q.weight": (np.zeros((64, 292), dtype=np.uint8), gguf.GGMLQuantizationType.Q8_K)})
+    write_adapter(c.adapter, adapter_tensors(shapes=shapes, layers=1), adapter_config(target_modules=["q_proj"]))
+    g = write_gguf(
+        c.tmp / "in" / "model.gguf",
+        {"blk.0.attn_q.weight": (np.zeros((64, 292), dtype=np.uint8), gguf.GGMLQuantizationType.Q8_K)},
+    )
     return Setup(c.prune(base=g), str(g), c.out)
 
 
@@ -748,11 +865,13 @@ def _(c: Ctx) -> Setup:
 # 7. aligned / unaligned pairs (for pair methods; a test scorer that needs both is registered)
 # -------------------------------------------------------------------------------------------------
 
+
 def register_pair_scorer(monkeypatch: Any) -> None:
     from safeprune.scoring.base import REGISTRY, Scorer
 
     class PairProbe(Scorer):
         """Test-only: ‖W_aligned − W_unaligned‖ per module."""
+
         name = "pairprobe"
         requires = ("aligned", "unaligned")
         primary = "gap"
@@ -774,26 +893,54 @@ def _(c: Ctx) -> Setup:
     al, un = c.tmp / "in" / "aligned", c.tmp / "in" / "unaligned"
     write_base(al)
     write_base(un, base_tensors(seed=5), {**BASE_CONFIG, "model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"]})
-    args = ["prune", str(c.adapter), "--method", "pairprobe", "--aligned", str(al), "--unaligned", str(un),
-            "-o", str(c.out), "--top", "1"]
+    args = [
+        "prune",
+        str(c.adapter),
+        "--method",
+        "pairprobe",
+        "--aligned",
+        str(al),
+        "--unaligned",
+        str(un),
+        "-o",
+        str(c.out),
+        "--top",
+        "1",
+    ]
     return Setup(args, str(un), c.out, patch=register_pair_scorer)
 
 
-@case("pair_unaligned_shape_differs", r"unaligned tensor 'model\.layers\.0\.self_attn\.k_proj\.weight' has shape \(16, 64\)")
+@case(
+    "pair_unaligned_shape_differs",
+    r"unaligned tensor 'model\.layers\.0\.self_attn\.k_proj\.weight' has shape \(16, 64\)",
+)
 def _(c: Ctx) -> Setup:
     write_adapter(c.adapter)
     al, un = c.tmp / "in" / "aligned", c.tmp / "in" / "unaligned"
     write_base(al)
     write_base(un, base_tensors(shapes={**PROJ, "k_proj": (16, 64)}))
     (un / "config.json").unlink()  # nothing to compare but the tensors themselves
-    args = ["prune", str(c.adapter), "--method", "pairprobe", "--aligned", str(al), "--unaligned", str(un),
-            "-o", str(c.out), "--top", "1"]
+    args = [
+        "prune",
+        str(c.adapter),
+        "--method",
+        "pairprobe",
+        "--aligned",
+        str(al),
+        "--unaligned",
+        str(un),
+        "-o",
+        str(c.out),
+        "--top",
+        "1",
+    ]
     return Setup(args, str(un / "model.safetensors"), c.out, patch=register_pair_scorer)
 
 
 # -------------------------------------------------------------------------------------------------
 # 8. outputs
 # -------------------------------------------------------------------------------------------------
+
 
 @case("output_inside_input", r"output .* is inside the input .*; choose another output directory")
 def _(c: Ctx) -> Setup:
@@ -931,8 +1078,7 @@ def _(c: Ctx) -> Setup:
 def _(c: Ctx) -> Setup:
     c.valid()
     j = c.tmp / "out" / "scores.json"
-    return Setup(["scan", str(c.adapter), "--base", str(c.base), "--json", str(j)], str(j), j,
-                 patch=_enospc_fsync)
+    return Setup(["scan", str(c.adapter), "--base", str(c.base), "--json", str(j)], str(j), j, patch=_enospc_fsync)
 
 
 @case("interrupt_mid_write", r"^interrupted: no output was written$", code=130)
@@ -945,13 +1091,17 @@ def _(c: Ctx) -> Setup:
 # 9. more header lies
 # -------------------------------------------------------------------------------------------------
 
-@case("st_absurd_shape", r"corrupt safetensors header: tensor '.*' spans \d+ bytes but its shape \[1099511627776, "
-      r"1099511627776\] and dtype F32 need")
+
+@case(
+    "st_absurd_shape",
+    r"corrupt safetensors header: tensor '.*' spans \d+ bytes but its shape \[1099511627776, "
+    r"1099511627776\] and dtype F32 need",
+)
 def _(c: Ctx) -> Setup:
     c.valid()
     header, data = split_safetensors(c.st)
     name = next(k for k in header if k != "__metadata__")
-    header[name]["shape"] = [2 ** 40, 2 ** 40]
+    header[name]["shape"] = [2**40, 2**40]
     raw_safetensors(c.st, header, data)
     return _adapter_file(c)
 
@@ -992,7 +1142,9 @@ def _(c: Ctx) -> Setup:
     c.valid()
     header, data = split_safetensors(c.st)
     name = f"{Q0}.lora_A.weight"
-    other = next(k for k, v in header.items() if k not in ("__metadata__", name) and v["shape"] == header[name]["shape"])
+    other = next(
+        k for k, v in header.items() if k not in ("__metadata__", name) and v["shape"] == header[name]["shape"]
+    )
     text = json.dumps(header)[:-1] + ", " + json.dumps({name: header[other]})[1:]
     h = text.encode()
     c.st.write_bytes(struct.pack("<Q", len(h)) + h + data)

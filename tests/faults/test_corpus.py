@@ -51,8 +51,13 @@ def leftovers(d: Path) -> list[str]:
     """Temporary files or directories an interrupted writer could leave behind."""
     if not d.is_dir():
         return []
-    return [p.name for p in d.iterdir() if ".safeprune-tmp-" in p.name or ".safeprune-old-" in p.name
-            or (p.name.startswith(".") and (p.name.endswith(".tmp") or ".tmp" in p.name))]
+    return [
+        p.name
+        for p in d.iterdir()
+        if ".safeprune-tmp-" in p.name
+        or ".safeprune-old-" in p.name
+        or (p.name.startswith(".") and (p.name.endswith(".tmp") or ".tmp" in p.name))
+    ]
 
 
 def run_cli(args: list[str]):
@@ -127,10 +132,16 @@ def test_debug_traceback_in_a_real_process(tmp_path):
     c = Ctx(tmp_path).valid()
     c.cfg.write_text("{not json")
     env = {**os.environ, "PYTHONPATH": str(SRC)}
-    plain = subprocess.run([sys.executable, "-m", "safeprune.cli", *c.prune()], capture_output=True, text=True,
-                           env=env, timeout=300)
-    debug = subprocess.run([sys.executable, "-m", "safeprune.cli", "--debug", *c.prune()], capture_output=True,
-                           text=True, env=env, timeout=300)
+    plain = subprocess.run(
+        [sys.executable, "-m", "safeprune.cli", *c.prune()], capture_output=True, text=True, env=env, timeout=300
+    )
+    debug = subprocess.run(
+        [sys.executable, "-m", "safeprune.cli", "--debug", *c.prune()],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert plain.returncode == 2
     assert plain.stderr.strip().count("\n") == 0 and "Traceback" not in plain.stderr
     assert plain.stderr.startswith(f"error: {c.cfg}: not valid JSON")
@@ -187,8 +198,13 @@ def test_pickle_never_executed_in_a_real_process(tmp_path):
         pickle.dump({"w": _Evil(tmp_path / MARKER_NAME)}, f)
     env = {**os.environ, "PYTHONPATH": str(SRC)}
     for extra in ([], ["--allow-pickle"]):
-        p = subprocess.run([sys.executable, "-m", "safeprune.cli", "inspect", str(c.adapter), *extra],
-                           capture_output=True, text=True, env=env, timeout=300)
+        p = subprocess.run(
+            [sys.executable, "-m", "safeprune.cli", "inspect", str(c.adapter), *extra],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=300,
+        )
         assert p.returncode == 2
         assert len(p.stderr.strip().splitlines()) == 1, p.stderr
         assert "adapter_model.bin" in p.stderr
@@ -216,19 +232,27 @@ def test_real_full_disk_tmpfs(tmp_path):
     script = (
         f"mount -t tmpfs -o size=16k tmpfs {mnt} || exit 99; "
         f"{sys.executable} -m safeprune.cli prune {c.adapter} --base {c.base} -o {mnt}/pruned --top 2; "
-        f"echo \"rc=$?\"; ls -A {mnt}"
+        f'echo "rc=$?"; ls -A {mnt}'
     )
-    p = subprocess.run(["unshare", "--mount", "--map-root-user", "sh", "-c", script], capture_output=True,
-                       text=True, env=env, timeout=300)
+    p = subprocess.run(
+        ["unshare", "--mount", "--map-root-user", "sh", "-c", script],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     if "rc=" not in p.stdout:
         pytest.skip(f"could not mount a tmpfs: {p.stderr.strip()[:200]}")
     out_lines = p.stdout.strip().splitlines()
     rc_line = next(ln for ln in out_lines if ln.startswith("rc="))
-    listing = out_lines[out_lines.index(rc_line) + 1:]
+    listing = out_lines[out_lines.index(rc_line) + 1 :]
     assert rc_line == "rc=2", p.stdout + p.stderr
     err_lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
     assert len(err_lines) == 1 and "Traceback" not in p.stderr, p.stderr
-    assert re.search(r"^error: .*/pruned: cannot write the adapter \(No space left on device\); nothing was "
-                     r"written$", err_lines[0]), err_lines[0]
+    assert re.search(
+        r"^error: .*/pruned: cannot write the adapter \(No space left on device\); nothing was "
+        r"written$",
+        err_lines[0],
+    ), err_lines[0]
     assert listing == [], f"left on the full disk: {listing}"
     assert snapshot(tmp_path / "in") == before

@@ -53,8 +53,10 @@ def test_hub_snapshot_link_leaving_the_repo_folder_is_refused(hub, tmp_path):
     res = CliRunner().invoke(app, ["-q", "scan", str(c.adapter), "--base", "org/tiny"])
     assert res.exit_code == 2
     assert "Traceback" not in res.stderr
-    assert f"error: {st}: is a symbolic link to {c.base / 'model.safetensors'}, outside the input directory" \
+    assert (
+        f"error: {st}: is a symbolic link to {c.base / 'model.safetensors'}, outside the input directory"
         in res.stderr.strip()
+    )
 
 
 def test_hub_id_not_in_cache_offline(hub):
@@ -62,5 +64,6 @@ def test_hub_id_not_in_cache_offline(hub):
     res = CliRunner().invoke(app, ["-q", "scan", str(c.adapter), "--base", "org/absent"])
     assert res.exit_code == 2
     lines = res.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: org/absent: not a local path and not in the Hugging "
-                                                   "Face cache, and HF_HUB_OFFLINE is set")
+    assert len(lines) == 1 and lines[0].startswith(
+        "error: org/absent: not a local path and not in the Hugging Face cache, and HF_HUB_OFFLINE is set"
+    )

@@ -115,7 +115,8 @@ def warn_unmatched_patterns(cfg: dict[str, Any], modules: dict[str, Any], cfg_pa
     """
 
     for key in ("rank_pattern", "alpha_pattern"):
-        for pat in (cfg.get(key) or {}):
+        for pat in cfg.get(key) or {}:
             if not any(_pattern_matches(pat, name) for name in modules):
-                warnings.warn(SafepruneWarning(f"'{key}' entry {pat!r} matches no LoRA module; ignored", cfg_path),
-                              stacklevel=2)
+                warnings.warn(
+                    SafepruneWarning(f"'{key}' entry {pat!r} matches no LoRA module; ignored", cfg_path), stacklevel=2
+                )

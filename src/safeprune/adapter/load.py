@@ -8,7 +8,6 @@ safeprune never unpickles an adapter it was handed. ``adapter_model.bin`` is ref
 passes ``allow_pickle=True``, which then uses ``torch.load(weights_only=True)`` (no code execution).
 """
 
-
 from __future__ import annotations
 
 import pickle

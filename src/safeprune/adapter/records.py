@@ -23,15 +23,20 @@ from .names import PEFT_PREFIX
 from .write import write_adapter
 
 # <prefix?><module path>.lora_A|lora_B[.<adapter name>].weight|bias
-_LORA_KEY = re.compile(
-    r"^(?P<path>.+?)\.(?P<kind>lora_A|lora_B)(?:\.(?P<adapter>[^.]+))?\.(?P<param>weight|bias)$"
-)
+_LORA_KEY = re.compile(r"^(?P<path>.+?)\.(?P<kind>lora_A|lora_B)(?:\.(?P<adapter>[^.]+))?\.(?P<param>weight|bias)$")
 _LAYER_IDX = re.compile(r"\.(\d+)(?:\.|$)")
 
 
 # short names for module types, accepted wherever a user lists types (--types, --targets)
-MODULE_TYPE_ALIASES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj",
-                       "gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
+MODULE_TYPE_ALIASES = {
+    "q": "q_proj",
+    "k": "k_proj",
+    "v": "v_proj",
+    "o": "o_proj",
+    "gate": "gate_proj",
+    "up": "up_proj",
+    "down": "down_proj",
+}
 
 
 def parse_module_types(types: Iterable[str] | str | None) -> list[str] | None:
@@ -145,7 +150,7 @@ def parse_lora_key(key: str) -> tuple[str, str, str] | None:
         return None
     path = m.group("path")
     if path.startswith(PEFT_PREFIX):
-        path = path[len(PEFT_PREFIX):]
+        path = path[len(PEFT_PREFIX) :]
     return path, m.group("kind"), m.group("param")
 
 

@@ -27,13 +27,22 @@ from .names import CONFIG_NAME, MANIFEST_NAME, WEIGHTS_NAME
 
 # side files of an adapter directory that are copied to the output unchanged
 COPY_FILES = (
-    "README.md", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "generation_config.json",
+    "README.md",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "generation_config.json",
 )
 
 
-def write_adapter(adapter: Any, out_dir: str | Path, *, force: bool = False,
-                  extra_inputs: list[Path] | None = None) -> Path:
+def write_adapter(
+    adapter: Any, out_dir: str | Path, *, force: bool = False, extra_inputs: list[Path] | None = None
+) -> Path:
     """Write ``adapter`` (a :class:`~safeprune.adapter.LoraAdapter`) as a PEFT adapter directory, with its
     manifest as ``safeprune.json`` when it has one."""
     out = Path(out_dir)

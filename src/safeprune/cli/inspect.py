@@ -14,14 +14,27 @@ from .options import AdapterArg, AllowPickleOpt
 def inspect_cmd(adapter: AdapterArg, allow_pickle: AllowPickleOpt = False) -> None:
     """List the adapter's LoRA modules (no base model needed)."""
     ad = load_adapter(adapter, allow_pickle=allow_pickle)
-    t = Table(header_style="bold", title=f"{ad.path}: {len(ad)} LoRA modules, {ad.num_params:,} parameters",
-              title_justify="left")
+    t = Table(
+        header_style="bold",
+        title=f"{ad.path}: {len(ad)} LoRA modules, {ad.num_params:,} parameters",
+        title_justify="left",
+    )
     for c in ("module", "r", "alpha", "scaling", "in", "out", "dtype"):
         t.add_column(c, justify="left" if c == "module" else "right")
     for m in ad:
-        t.add_row(m.name, str(m.r), f"{m.alpha:g}", f"{m.scaling:g}", str(m.in_features), str(m.out_features),
-                  str(m.lora_A.dtype).replace("torch.", ""))
+        t.add_row(
+            m.name,
+            str(m.r),
+            f"{m.alpha:g}",
+            f"{m.scaling:g}",
+            str(m.in_features),
+            str(m.out_features),
+            str(m.lora_A.dtype).replace("torch.", ""),
+        )
     out.print(t)
     if ad.extra_tensors:
-        out.print(f"{len(ad.extra_tensors)} other tensors kept as they are: "
-                  + ", ".join(list(ad.extra_tensors)[:5]) + (" ..." if len(ad.extra_tensors) > 5 else ""))
+        out.print(
+            f"{len(ad.extra_tensors)} other tensors kept as they are: "
+            + ", ".join(list(ad.extra_tensors)[:5])
+            + (" ..." if len(ad.extra_tensors) > 5 else "")
+        )

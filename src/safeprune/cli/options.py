@@ -15,18 +15,41 @@ from typing_extensions import Annotated
 
 from ..scoring import REGISTRY, Param
 
-AdapterArg = Annotated[Path, typer.Argument(help="PEFT LoRA adapter directory.", show_default=False, metavar="ADAPTER_DIR")]
-BaseOpt = Annotated[Optional[str], typer.Option("--base", "-b", help="Base model the adapter was trained on: HF directory, .safetensors, .gguf or hub id.")]
-AlignedOpt = Annotated[Optional[str], typer.Option("--aligned", help="Aligned (chat/safety-tuned) model, for pair methods.")]
-UnalignedOpt = Annotated[Optional[str], typer.Option("--unaligned", help="Unaligned counterpart of --aligned, for pair methods.")]
+AdapterArg = Annotated[
+    Path, typer.Argument(help="PEFT LoRA adapter directory.", show_default=False, metavar="ADAPTER_DIR")
+]
+BaseOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--base", "-b", help="Base model the adapter was trained on: HF directory, .safetensors, .gguf or hub id."
+    ),
+]
+AlignedOpt = Annotated[
+    Optional[str], typer.Option("--aligned", help="Aligned (chat/safety-tuned) model, for pair methods.")
+]
+UnalignedOpt = Annotated[
+    Optional[str], typer.Option("--unaligned", help="Unaligned counterpart of --aligned, for pair methods.")
+]
 MethodOpt = Annotated[str, typer.Option("--method", "-m", help="Scoring method(s), comma-separated, or 'all'.")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N or auto.")]
-TypesOpt = Annotated[Optional[str], typer.Option("--types", help="Only these module types, e.g. q_proj,v_proj (or q,k,v,o).")]
-AllowPickleOpt = Annotated[bool, typer.Option("--allow-pickle", help="Read adapter_model.bin with torch.load(weights_only=True).")]
-AutoTauOpt = Annotated[Optional[str], typer.Option("--auto-tau", help="Choose τ from the scores: 'knee' (Kneedle on the sorted scores) or 'mad' (outliers beyond median + k·MAD).")]
+TypesOpt = Annotated[
+    Optional[str], typer.Option("--types", help="Only these module types, e.g. q_proj,v_proj (or q,k,v,o).")
+]
+AllowPickleOpt = Annotated[
+    bool, typer.Option("--allow-pickle", help="Read adapter_model.bin with torch.load(weights_only=True).")
+]
+AutoTauOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--auto-tau",
+        help="Choose τ from the scores: 'knee' (Kneedle on the sorted scores) or 'mad' (outliers beyond median + k·MAD).",
+    ),
+]
 MadKOpt = Annotated[float, typer.Option("--mad-k", help="k for --auto-tau mad.")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Replace an existing output directory.")]
-OutputDirOpt = Annotated[Path, typer.Option("--output", "-o", help="Output adapter directory (must not exist unless --force).")]
+OutputDirOpt = Annotated[
+    Path, typer.Option("--output", "-o", help="Output adapter directory (must not exist unless --force).")
+]
 JsonOpt = Annotated[Optional[Path], typer.Option("--json", help="Also write the score table as JSON.")]
 CsvOpt = Annotated[Optional[Path], typer.Option("--csv", help="Also write the score table as CSV.")]
 

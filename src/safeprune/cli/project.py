@@ -30,12 +30,20 @@ from .render import print_table, write_side_outputs
 @handle_errors
 def project_cmd(
     adapter: AdapterArg,
-    output: Annotated[Path, typer.Option("--output", "-o", help="Output adapter directory (must not exist unless --force).")],
+    output: Annotated[
+        Path, typer.Option("--output", "-o", help="Output adapter directory (must not exist unless --force).")
+    ],
     aligned: AlignedOpt = None,
     unaligned: UnalignedOpt = None,
-    method: Annotated[str, typer.Option("--method", "-m", help="Ranking method; the projection is SafeLoRA's.")] = "safelora",
-    top: Annotated[Optional[int], typer.Option("--top", help="Project the K modules with the lowest cosine (default 10).")] = None,
-    threshold: Annotated[Optional[float], typer.Option("--threshold", help="Project every module with cos <= τ (paper: 0.5).")] = None,
+    method: Annotated[
+        str, typer.Option("--method", "-m", help="Ranking method; the projection is SafeLoRA's.")
+    ] = "safelora",
+    top: Annotated[
+        Optional[int], typer.Option("--top", help="Project the K modules with the lowest cosine (default 10).")
+    ] = None,
+    threshold: Annotated[
+        Optional[float], typer.Option("--threshold", help="Project every module with cos <= τ (paper: 0.5).")
+    ] = None,
     auto_tau: AutoTauOpt = None,
     mad_k: MadKOpt = 3.0,
     device: DeviceOpt = "cpu",
@@ -50,13 +58,23 @@ def project_cmd(
         raise UsageError("project needs --aligned (the aligned/chat model) and --unaligned (its base counterpart)")
     ad = load_adapter(adapter, allow_pickle=allow_pickle)
     check_output_path(output, [adapter], force)  # fail before the (slow) scan
-    edited = project(ad, aligned, unaligned, method=method, top=top, threshold=threshold, auto=auto_tau, mad_k=mad_k,
-                     module_types=types, device=device, progress=not state["quiet"])
+    edited = project(
+        ad,
+        aligned,
+        unaligned,
+        method=method,
+        top=top,
+        threshold=threshold,
+        auto=auto_tau,
+        mad_k=mad_k,
+        module_types=types,
+        device=device,
+        progress=not state["quiet"],
+    )
     marked = set(edited.selection.selected)
     print_table(edited.scores, marked=marked)
     path = edited.save(output, force=force)
     write_side_outputs(edited.scores, json_out, csv_out, None, marked=marked)
     if not state["quiet"]:
-        err.print(f"projected {len(marked)} of {len(ad)} modules ({edited.selection.rule.describe()})",
-                  highlight=False)
+        err.print(f"projected {len(marked)} of {len(ad)} modules ({edited.selection.rule.describe()})", highlight=False)
     out.print(f"wrote {path}", highlight=False)

@@ -43,13 +43,27 @@ def prune_cmd(
     aligned: AlignedOpt = None,
     unaligned: UnalignedOpt = None,
     method: Annotated[str, typer.Option("--method", "-m", help="Scoring method that ranks the modules.")] = "ddi",
-    top: Annotated[Optional[int], typer.Option("--top", help="Prune the τ highest-ranked modules (default 10).")] = None,
-    threshold: Annotated[Optional[float], typer.Option("--threshold", help="Prune modules whose score is at/over θ.")] = None,
-    threshold_norm: Annotated[Optional[float], typer.Option("--threshold-norm", help="Same on the bounded score (ddi_norm).")] = None,
+    top: Annotated[
+        Optional[int], typer.Option("--top", help="Prune the τ highest-ranked modules (default 10).")
+    ] = None,
+    threshold: Annotated[
+        Optional[float], typer.Option("--threshold", help="Prune modules whose score is at/over θ.")
+    ] = None,
+    threshold_norm: Annotated[
+        Optional[float], typer.Option("--threshold-norm", help="Same on the bounded score (ddi_norm).")
+    ] = None,
     auto_tau: AutoTauOpt = None,
     mad_k: MadKOpt = 3.0,
-    scores: Annotated[Optional[Path], typer.Option("--scores", help="Rank with this precomputed score table (JSON from scan --json or scan-act) instead of scoring.")] = None,
-    mode: Annotated[str, typer.Option("--mode", help="'remove' (drop tensors, rewrite target_modules) or 'zero' (zero lora_B).")] = "remove",
+    scores: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--scores",
+            help="Rank with this precomputed score table (JSON from scan --json or scan-act) instead of scoring.",
+        ),
+    ] = None,
+    mode: Annotated[
+        str, typer.Option("--mode", help="'remove' (drop tensors, rewrite target_modules) or 'zero' (zero lora_B).")
+    ] = "remove",
     device: DeviceOpt = "cpu",
     types: TypesOpt = None,
     force: ForceOpt = False,
@@ -69,10 +83,24 @@ def prune_cmd(
         check_output_file(side, inputs, not_equal=[output])
     ad = load_adapter(adapter, allow_pickle=allow_pickle)
     table = read_score_table(scores, ad) if scores is not None else None
-    edited = prune(ad, base, method=methods[0], table=table, top=top, threshold=threshold,
-                   threshold_norm=threshold_norm, auto=auto_tau, mad_k=mad_k, module_types=types, mode=mode,
-                   aligned=aligned, unaligned=unaligned, device=device,
-                   options=method_options.for_methods(methods), progress=not state["quiet"])
+    edited = prune(
+        ad,
+        base,
+        method=methods[0],
+        table=table,
+        top=top,
+        threshold=threshold,
+        threshold_norm=threshold_norm,
+        auto=auto_tau,
+        mad_k=mad_k,
+        module_types=types,
+        mode=mode,
+        aligned=aligned,
+        unaligned=unaligned,
+        device=device,
+        options=method_options.for_methods(methods),
+        progress=not state["quiet"],
+    )
     marked = set(edited.selection.selected)
     print_table(edited.scores, marked=marked)
     path = write_adapter(edited, output, force=force, extra_inputs=inputs)

@@ -15,8 +15,9 @@ from ..scoring import ScoreTable
 from .app import out, state
 
 
-def print_table(table: ScoreTable, sort: str = "rank", limit: Optional[int] = None,
-                marked: set[str] | None = None) -> None:
+def print_table(
+    table: ScoreTable, sort: str = "rank", limit: Optional[int] = None, marked: set[str] | None = None
+) -> None:
     if state["quiet"]:
         return
     first = next(iter(table.methods.values()))
@@ -29,8 +30,11 @@ def print_table(table: ScoreTable, sort: str = "rank", limit: Optional[int] = No
         cols = ["module"] + list(dict.fromkeys(i.primary for i in table.methods.values()))
     cols += [f"rank_{m}" for m in table.methods]
     for c in cols:
-        t.add_column(c.replace("rank_", "rank ") if c.startswith("rank_") else c,
-                     justify="left" if c == "module" else "right", no_wrap=True)
+        t.add_column(
+            c.replace("rank_", "rank ") if c.startswith("rank_") else c,
+            justify="left" if c == "module" else "right",
+            no_wrap=True,
+        )
     for r in rows:
         style = "red" if marked and r["module"] in marked else None
         t.add_row(*[fmt_number(r.get(c)) for c in cols], style=style)
@@ -51,13 +55,20 @@ def print_agreement(table: ScoreTable) -> None:
         return "" if x is None else f"{x:.3f}" if abs(x) >= 1e-3 else f"{x:.1e}"
 
     for a in agr:
-        t.add_row(f"{a['a']} vs {a['b']}", f(a["spearman"]), f(a["spearman_p"]), f(a["kendall"]),
-                  f(a["kendall_p"]), f"{a['top_overlap']}/{k}")
+        t.add_row(
+            f"{a['a']} vs {a['b']}",
+            f(a["spearman"]),
+            f(a["spearman_p"]),
+            f(a["kendall"]),
+            f(a["kendall_p"]),
+            f"{a['top_overlap']}/{k}",
+        )
     out.print(t)
 
 
-def write_side_outputs(table: ScoreTable, json_path: Path | None, csv_path: Path | None, plot_path: Path | None,
-                       marked=()) -> None:
+def write_side_outputs(
+    table: ScoreTable, json_path: Path | None, csv_path: Path | None, plot_path: Path | None, marked=()
+) -> None:
     if json_path:
         write_text_atomic(json_path, table.to_json())
     if csv_path:

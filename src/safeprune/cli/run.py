@@ -17,15 +17,38 @@ from .app import app, handle_errors, out, state
 @app.command("run")
 @handle_errors
 def run_cmd(
-    config: Annotated[Path, typer.Argument(help="Experiment file (YAML): models, adapters or a finetune stage, "
-                                                "methods and τ values, evaluation sets. See docs/experiments.md.",
-                                           metavar="EXPERIMENT.yaml")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="Output directory (stages cache their outputs here; "
-                                                               "a rerun redoes only what changed).")],
-    stop_after: Annotated[Optional[str], typer.Option("--stop-after", help="Stop after finetune, score, edit or evaluate.")] = None,
-    check: Annotated[bool, typer.Option("--check", help="Validate the experiment file and print the resolved plan; run nothing.")] = False,
-    only: Annotated[Optional[str], typer.Option("--only", help="Run only these adapters (comma-separated names), e.g. to split one study over several processes; combine later with one full run that reuses their caches.")] = None,
-    cache: Annotated[Optional[Path], typer.Option("--cache", help="Generation cache file (overrides evaluation.cache).")] = None,
+    config: Annotated[
+        Path,
+        typer.Argument(
+            help="Experiment file (YAML): models, adapters or a finetune stage, "
+            "methods and τ values, evaluation sets. See docs/experiments.md.",
+            metavar="EXPERIMENT.yaml",
+        ),
+    ],
+    output: Annotated[
+        Path,
+        typer.Option(
+            "--output",
+            "-o",
+            help="Output directory (stages cache their outputs here; a rerun redoes only what changed).",
+        ),
+    ],
+    stop_after: Annotated[
+        Optional[str], typer.Option("--stop-after", help="Stop after finetune, score, edit or evaluate.")
+    ] = None,
+    check: Annotated[
+        bool, typer.Option("--check", help="Validate the experiment file and print the resolved plan; run nothing.")
+    ] = False,
+    only: Annotated[
+        Optional[str],
+        typer.Option(
+            "--only",
+            help="Run only these adapters (comma-separated names), e.g. to split one study over several processes; combine later with one full run that reuses their caches.",
+        ),
+    ] = None,
+    cache: Annotated[
+        Optional[Path], typer.Option("--cache", help="Generation cache file (overrides evaluation.cache).")
+    ] = None,
 ) -> None:
     """Finetune? → score (methods + the random control) → edit → evaluate before/after → report.md + report.html."""
     cfg = load_config(config)
@@ -36,7 +59,12 @@ def run_cmd(
     if check:
         out.print_json(cfg.model_dump_json())
         return
-    res = run_experiment(cfg, output, progress=not state["quiet"], stop_after=stop_after,
-                         command="safeprune " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
+    res = run_experiment(
+        cfg,
+        output,
+        progress=not state["quiet"],
+        stop_after=stop_after,
+        command="safeprune " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+    )
     if res.analysis:
         out.print(f"report: {res.report_md}  ·  {res.report_html}")

@@ -51,8 +51,17 @@ def scan_cmd(
     for side in (json_out, csv_out, plot):
         check_output_file(side, local_inputs(adapter, base, aligned, unaligned))
     ad = load_adapter(adapter, allow_pickle=allow_pickle)
-    table = scan(ad, base, methods, aligned=aligned, unaligned=unaligned, device=device, module_types=types,
-                 options=method_options.for_methods(methods), progress=not state["quiet"])
+    table = scan(
+        ad,
+        base,
+        methods,
+        aligned=aligned,
+        unaligned=unaligned,
+        device=device,
+        module_types=types,
+        options=method_options.for_methods(methods),
+        progress=not state["quiet"],
+    )
     print_table(table, sort=sort, limit=limit)
     if len(table.methods) > 1:
         print_agreement(table)

@@ -7,5 +7,15 @@ from .pipeline import as_adapter, default_edit, project, prune
 from .project import project_modules
 from .prune import PRUNE_MODES, prune_modules, replace_lora_B
 
-__all__ = ["prune", "project", "prune_modules", "replace_lora_B", "project_modules", "build_manifest",
-           "describe_source", "default_edit", "as_adapter", "PRUNE_MODES"]
+__all__ = [
+    "prune",
+    "project",
+    "prune_modules",
+    "replace_lora_B",
+    "project_modules",
+    "build_manifest",
+    "describe_source",
+    "default_edit",
+    "as_adapter",
+    "PRUNE_MODES",
+]

@@ -58,12 +58,16 @@ def build_manifest(
         "command_line": command_line(),
         "versions": versions(),
         "inputs": {
-            "adapter": {"path": str(original.path) if original.path else None,
-                        "files": describe_dir(original.path) if original.path else []},
+            "adapter": {
+                "path": str(original.path) if original.path else None,
+                "files": describe_dir(original.path) if original.path else [],
+            },
             **{role: describe_source(src) for role, src in (sources or {}).items() if src is not None},
         },
-        "scoring": {k: {"primary": v.primary, "descending": v.descending, "options": v.options}
-                    for k, v in (table.methods.items() if table is not None else [])},
+        "scoring": {
+            k: {"primary": v.primary, "descending": v.descending, "options": v.options}
+            for k, v in (table.methods.items() if table is not None else [])
+        },
         "selection": selection.to_dict() if selection else None,
         "edit": {
             **edit,

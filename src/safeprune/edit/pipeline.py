@@ -58,11 +58,29 @@ def prune(
     def apply(selected: list[str]) -> tuple[LoraAdapter, dict[str, Any]]:
         return prune_modules(adapter, selected, mode=mode), {"mode": mode, "modules": selected}
 
-    return _edit(adapter, "prune", apply, method=method, table=table, base=base, aligned=aligned,
-                 unaligned=unaligned, device=device, options=options, progress=progress,
-                 method_options=method_options, sources={"base": base, "aligned": aligned, "unaligned": unaligned},
-                 select_args=dict(top=top, threshold=threshold, threshold_norm=threshold_norm,
-                                  module_types=module_types, auto=auto, mad_k=mad_k))
+    return _edit(
+        adapter,
+        "prune",
+        apply,
+        method=method,
+        table=table,
+        base=base,
+        aligned=aligned,
+        unaligned=unaligned,
+        device=device,
+        options=options,
+        progress=progress,
+        method_options=method_options,
+        sources={"base": base, "aligned": aligned, "unaligned": unaligned},
+        select_args=dict(
+            top=top,
+            threshold=threshold,
+            threshold_norm=threshold_norm,
+            module_types=module_types,
+            auto=auto,
+            mad_k=mad_k,
+        ),
+    )
 
 
 def project(
@@ -85,8 +103,10 @@ def project(
     each selected module's lora_B by C·lora_B (C = VVᵀ/‖V‖_F, V = aligned − unaligned); return the edited
     adapter with ``.scores``, ``.selection`` and ``.manifest`` (``action="project"``)."""
     if default_edit(method) != "project":
-        raise UsageError(f"project applies SafeLoRA's projection and ranks with --method safelora, not {method!r} "
-                         "(use `safeprune prune` for splora/ddi)")
+        raise UsageError(
+            f"project applies SafeLoRA's projection and ranks with --method safelora, not {method!r} "
+            "(use `safeprune prune` for splora/ddi)"
+        )
     if aligned is None or unaligned is None:
         raise UsageError("project needs --aligned and --unaligned")
     adapter = as_adapter(adapter)
@@ -95,22 +115,58 @@ def project(
         edited, info = project_modules(adapter, selected, aligned, unaligned, device=device)
         return edited, {"method": method, "modules": selected, **info}
 
-    return _edit(adapter, "project", apply, method=method, table=table, base=None, aligned=aligned,
-                 unaligned=unaligned, device=device, options=None, progress=progress,
-                 method_options=method_options, sources={"aligned": aligned, "unaligned": unaligned},
-                 select_args=dict(top=top, threshold=threshold, module_types=module_types, auto=auto, mad_k=mad_k))
+    return _edit(
+        adapter,
+        "project",
+        apply,
+        method=method,
+        table=table,
+        base=None,
+        aligned=aligned,
+        unaligned=unaligned,
+        device=device,
+        options=None,
+        progress=progress,
+        method_options=method_options,
+        sources={"aligned": aligned, "unaligned": unaligned},
+        select_args=dict(top=top, threshold=threshold, module_types=module_types, auto=auto, mad_k=mad_k),
+    )
 
 
-def _edit(adapter: LoraAdapter, action: str, apply, *, method: str, table: ScoreTable | None, base, aligned,
-          unaligned, device, options, progress: bool, method_options: dict[str, Any], sources: dict[str, Any],
-          select_args: dict[str, Any]) -> LoraAdapter:
+def _edit(
+    adapter: LoraAdapter,
+    action: str,
+    apply,
+    *,
+    method: str,
+    table: ScoreTable | None,
+    base,
+    aligned,
+    unaligned,
+    device,
+    options,
+    progress: bool,
+    method_options: dict[str, Any],
+    sources: dict[str, Any],
+    select_args: dict[str, Any],
+) -> LoraAdapter:
     if table is None:
-        table = scan(adapter, base, method, aligned=aligned, unaligned=unaligned, device=device,
-                     options=options, progress=progress, **method_options)
+        table = scan(
+            adapter,
+            base,
+            method,
+            aligned=aligned,
+            unaligned=unaligned,
+            device=device,
+            options=options,
+            progress=progress,
+            **method_options,
+        )
     selection = select(table, method, **select_args)
     edited, edit = apply(selection.selected)
-    edited.manifest = build_manifest(action=action, original=adapter, edited=edited, table=table,
-                                     selection=selection, edit=edit, sources=sources)
+    edited.manifest = build_manifest(
+        action=action, original=adapter, edited=edited, table=table, selection=selection, edit=edit, sources=sources
+    )
     edited.scores = table
     edited.selection = selection
     return edited

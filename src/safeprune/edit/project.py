@@ -48,14 +48,22 @@ def project_modules(
             Wu = read_module_weight(src_u, m, dtype=None, role="unaligned").to(dev)
             B = m.lora_B.to(dev, torch.float64)
             Z = B if m.lora_B_bias is None else torch.cat([B, m.lora_B_bias.to(dev, torch.float64)[:, None]], 1)
-            CZ, vfro = apply_alignment(Wa, Wu, Z, what=f"alignment matrix of module {m.name!r}",
-                                       where=f"{src_a.description} / {src_u.description}")
+            CZ, vfro = apply_alignment(
+                Wa,
+                Wu,
+                Z,
+                what=f"alignment matrix of module {m.name!r}",
+                where=f"{src_a.description} / {src_u.description}",
+            )
             del Wa, Wu
             new_B[m.name] = CZ[:, : m.r].cpu()
             if m.lora_B_bias is not None:
                 new_bias[m.name] = CZ[:, m.r].cpu()
-            ratios[m.name] = float(torch.linalg.norm(CZ[:, : m.r]) / torch.linalg.norm(B)) if float(
-                torch.linalg.norm(B)) > 0 else float("nan")
+            ratios[m.name] = (
+                float(torch.linalg.norm(CZ[:, : m.r]) / torch.linalg.norm(B))
+                if float(torch.linalg.norm(B)) > 0
+                else float("nan")
+            )
     finally:
         if not isinstance(aligned, WeightSource):
             src_a.close()

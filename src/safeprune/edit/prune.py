@@ -58,8 +58,9 @@ def prune_modules(adapter: LoraAdapter, names: Iterable[str], mode: str = "remov
     return adapter.with_modules(kept, config=cfg, manifest=None)
 
 
-def replace_lora_B(adapter: LoraAdapter, new_B: dict[str, torch.Tensor],
-                   new_bias: dict[str, torch.Tensor] | None = None) -> LoraAdapter:
+def replace_lora_B(
+    adapter: LoraAdapter, new_B: dict[str, torch.Tensor], new_bias: dict[str, torch.Tensor] | None = None
+) -> LoraAdapter:
     """Return a copy whose listed modules use the given lora_B (and lora_B bias), cast to the stored dtype."""
     _check_names(adapter, new_B)
     new_bias = new_bias or {}

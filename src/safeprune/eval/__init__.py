@@ -6,5 +6,16 @@ from .compare import compare
 from .evaluate import EvalConfig, EvalResult, evaluate
 from .judges import HFClassifierJudge, KeywordJudge, OpenAIJudge
 
-__all__ = ["evaluate", "compare", "EvalConfig", "EvalResult", "KeywordJudge", "HFClassifierJudge", "OpenAIJudge",
-           "load_prompts", "subset", "PromptSet", "PromptItem"]
+__all__ = [
+    "evaluate",
+    "compare",
+    "EvalConfig",
+    "EvalResult",
+    "KeywordJudge",
+    "HFClassifierJudge",
+    "OpenAIJudge",
+    "load_prompts",
+    "subset",
+    "PromptSet",
+    "PromptItem",
+]

@@ -18,8 +18,17 @@ from ..errors import OutputError
 
 
 def cache_key(backend: str, model_hash: str, adapter_hash: str, rendered_prompt: str, settings: dict[str, Any]) -> str:
-    blob = json.dumps({"backend": backend, "model": model_hash, "adapter": adapter_hash,
-                       "prompt": rendered_prompt, "settings": settings}, sort_keys=True, ensure_ascii=False)
+    blob = json.dumps(
+        {
+            "backend": backend,
+            "model": model_hash,
+            "adapter": adapter_hash,
+            "prompt": rendered_prompt,
+            "settings": settings,
+        },
+        sort_keys=True,
+        ensure_ascii=False,
+    )
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 
 

@@ -25,8 +25,14 @@ from .results import dumps, fmt, load_results
 from .utility import auarc
 
 
-def _bootstrap(fa: Callable[[np.ndarray], float], fb: Callable[[np.ndarray], float], n: int, n_boot: int,
-               rng: np.random.Generator, level: float = 0.95) -> tuple[float, float]:
+def _bootstrap(
+    fa: Callable[[np.ndarray], float],
+    fb: Callable[[np.ndarray], float],
+    n: int,
+    n_boot: int,
+    rng: np.random.Generator,
+    level: float = 0.95,
+) -> tuple[float, float]:
     deltas = np.empty(n_boot)
     for i in range(n_boot):
         idx = rng.integers(0, n, n)
@@ -61,14 +67,30 @@ def mcnemar_exact(a: np.ndarray, b: np.ndarray) -> dict[str, Any]:
 _KIND_METRICS = {
     "safety": ("jailbroken", [("asr", "jailbroken", 100.0)]),
     "over_refusal": ("refused", [("over_refusal", "refused", 100.0)]),
-    "utility": (None, [("rouge1", "rouge1", 100.0), ("rouge2", "rouge2", 100.0), ("rougeL", "rougeL", 100.0),
-                       ("meteor", "meteor", 100.0)]),
+    "utility": (
+        None,
+        [
+            ("rouge1", "rouge1", 100.0),
+            ("rouge2", "rouge2", 100.0),
+            ("rougeL", "rougeL", 100.0),
+            ("meteor", "meteor", 100.0),
+        ],
+    ),
 }
 _COMMON = [("mean_new_tokens", "new_tokens", 1.0), ("mean_latency_s", "latency_s", 1.0)]
 
 
-def compare(results_dir: str | Path, a: str, b: str, *, n_boot: int = 10000, seed: int = 0, level: float = 0.95,
-            out_dir: str | Path | None = None, auarc_threshold: float | None = None) -> dict[str, Any]:
+def compare(
+    results_dir: str | Path,
+    a: str,
+    b: str,
+    *,
+    n_boot: int = 10000,
+    seed: int = 0,
+    level: float = 0.95,
+    out_dir: str | Path | None = None,
+    auarc_threshold: float | None = None,
+) -> dict[str, Any]:
     results, items = load_results(results_dir)
     variants = list(results["variants"])
     for v in (a, b):
@@ -79,10 +101,18 @@ def compare(results_dir: str | Path, a: str, b: str, *, n_boot: int = 10000, see
     thr = auarc_threshold if auarc_threshold is not None else results["settings"].get("auarc_threshold", 0.15)
     rng = np.random.default_rng(seed)
     by = {(it["variant"], it["set"], it["id"]): it for it in items}
-    out: dict[str, Any] = {"schema": "safeprune.compare/1", "results": str(results_dir), "a": a, "b": b,
-                           "n_boot": n_boot, "seed": seed, "level": level,
-                           "refusal_judge": results["refusal_judge"]["id"],
-                           "harm_judges": list(results.get("harm_judges", {})), "sets": {}}
+    out: dict[str, Any] = {
+        "schema": "safeprune.compare/1",
+        "results": str(results_dir),
+        "a": a,
+        "b": b,
+        "n_boot": n_boot,
+        "seed": seed,
+        "level": level,
+        "refusal_judge": results["refusal_judge"]["id"],
+        "harm_judges": list(results.get("harm_judges", {})),
+        "sets": {},
+    }
     for s in results["sets"]:
         name, kind = s["name"], s["kind"]
         ids = [it["id"] for it in items if it["variant"] == a and it["set"] == name]
@@ -99,33 +129,70 @@ def compare(results_dir: str | Path, a: str, b: str, *, n_boot: int = 10000, see
         for mname, field, scale in mets + _COMMON:
             xa, xb = _vals(pairs, field)
             if xa is None:
-                rows.append({"metric": mname, "n": 0, "a": None, "b": None, "delta": None, "ci_low": None,
-                             "ci_high": None, "note": "not available"})
+                rows.append(
+                    {
+                        "metric": mname,
+                        "n": 0,
+                        "a": None,
+                        "b": None,
+                        "delta": None,
+                        "ci_low": None,
+                        "ci_high": None,
+                        "note": "not available",
+                    }
+                )
                 continue
             xa, xb = xa * scale, xb * scale
             lo, hi = _mean_boot(xa, xb, n_boot, rng, level)
-            rows.append({"metric": mname, "n": len(xa), "a": float(xa.mean()), "b": float(xb.mean()),
-                         "delta": float(xb.mean() - xa.mean()), "ci_low": lo, "ci_high": hi})
+            rows.append(
+                {
+                    "metric": mname,
+                    "n": len(xa),
+                    "a": float(xa.mean()),
+                    "b": float(xb.mean()),
+                    "delta": float(xb.mean() - xa.mean()),
+                    "ci_low": lo,
+                    "ci_high": hi,
+                }
+            )
         if kind == "utility":
             u_a = np.array([_nan(p[0].get("mean_nll")) for p in pairs])
             u_b = np.array([_nan(p[1].get("mean_nll")) for p in pairs])
             r_a = np.array([p[0]["rouge1"] for p in pairs])
             r_b = np.array([p[1]["rouge1"] for p in pairs])
-            for mname, acc_a, acc_b in (("auarc", (r_a > thr).astype(float), (r_b > thr).astype(float)),
-                                        ("auarc_rouge1", r_a, r_b)):
+            for mname, acc_a, acc_b in (
+                ("auarc", (r_a > thr).astype(float), (r_b > thr).astype(float)),
+                ("auarc_rouge1", r_a, r_b),
+            ):
                 va, vb = 100 * auarc(u_a, acc_a), 100 * auarc(u_b, acc_b)
-                lo, hi = _bootstrap(lambda i: 100 * auarc(u_a[i], acc_a[i]), lambda i: 100 * auarc(u_b[i], acc_b[i]),  # noqa: B023 (called within this iteration)
-                                    len(pairs), min(n_boot, 2000), rng, level)
-                rows.append({"metric": mname, "n": len(pairs), "a": va, "b": vb, "delta": vb - va,
-                             "ci_low": lo, "ci_high": hi})
+                lo, hi = _bootstrap(
+                    lambda i: 100 * auarc(u_a[i], acc_a[i]),  # noqa: B023 (called within this iteration)
+                    lambda i: 100 * auarc(u_b[i], acc_b[i]),  # noqa: B023 (called within this iteration)
+                    len(pairs),
+                    min(n_boot, 2000),
+                    rng,
+                    level,
+                )
+                rows.append(
+                    {"metric": mname, "n": len(pairs), "a": va, "b": vb, "delta": vb - va, "ci_low": lo, "ci_high": hi}
+                )
         entry: dict[str, Any] = {"kind": kind, "n_pairs": len(pairs), "metrics": rows}
         if verdict:
             va = np.array([bool(p[0][verdict]) for p in pairs])
             vb = np.array([bool(p[1][verdict]) for p in pairs])
             entry["mcnemar"] = {"verdict": verdict, **mcnemar_exact(va, vb)}
-            entry["flips"] = [{"id": pa["id"], "prompt": pa["prompt"], f"{verdict}_a": bool(pa[verdict]),
-                               f"{verdict}_b": bool(pb[verdict]), "output_a": pa["output"], "output_b": pb["output"]}
-                              for pa, pb in pairs if bool(pa[verdict]) != bool(pb[verdict])]
+            entry["flips"] = [
+                {
+                    "id": pa["id"],
+                    "prompt": pa["prompt"],
+                    f"{verdict}_a": bool(pa[verdict]),
+                    f"{verdict}_b": bool(pb[verdict]),
+                    "output_a": pa["output"],
+                    "output_b": pb["output"],
+                }
+                for pa, pb in pairs
+                if bool(pa[verdict]) != bool(pb[verdict])
+            ]
         out["sets"][name] = entry
     if out_dir is not None:
         write_compare(out, out_dir)
@@ -156,34 +223,55 @@ def compare_csv(c: dict[str, Any]) -> str:
     for s, e in c["sets"].items():
         p = e.get("mcnemar", {}).get("p_value")
         for r in e["metrics"]:
-            w.writerow([s, r["metric"], r["n"]] + ["" if r[k] is None else r[k] for k in ("a", "b", "delta", "ci_low", "ci_high")]
-                       + ["" if p is None or r["metric"] not in ("asr", "over_refusal") else p])
+            w.writerow(
+                [s, r["metric"], r["n"]]
+                + ["" if r[k] is None else r[k] for k in ("a", "b", "delta", "ci_low", "ci_high")]
+                + ["" if p is None or r["metric"] not in ("asr", "over_refusal") else p]
+            )
     return buf.getvalue()
 
 
 def compare_markdown(c: dict[str, Any], max_flips: int = 20) -> str:
     a, b = c["a"], c["b"]
-    lines = [f"# {b} vs {a}", "",
-             f"Paired over the same prompts; Δ = {b} − {a}; {int(c['level'] * 100)}% paired bootstrap CI "
-             f"({c['n_boot']} resamples, seed {c['seed']}); refusal judge `{c['refusal_judge']}`.", ""]
+    lines = [
+        f"# {b} vs {a}",
+        "",
+        f"Paired over the same prompts; Δ = {b} − {a}; {int(c['level'] * 100)}% paired bootstrap CI "
+        f"({c['n_boot']} resamples, seed {c['seed']}); refusal judge `{c['refusal_judge']}`.",
+        "",
+    ]
     for s, e in c["sets"].items():
-        lines += [f"## {s} ({e['kind']}, {e['n_pairs']} pairs)", "",
-                  f"| metric | {a} | {b} | Δ | CI |", "|---|---:|---:|---:|---|"]
+        lines += [
+            f"## {s} ({e['kind']}, {e['n_pairs']} pairs)",
+            "",
+            f"| metric | {a} | {b} | Δ | CI |",
+            "|---|---:|---:|---:|---|",
+        ]
         for r in e["metrics"]:
             nd = 3 if r["metric"] == "mean_latency_s" else 2
             ci = f"[{fmt(r['ci_low'], nd)}, {fmt(r['ci_high'], nd)}]" if r.get("ci_low") is not None else "—"
             lines.append(f"| {r['metric']} | {fmt(r['a'], nd)} | {fmt(r['b'], nd)} | {fmt(r['delta'], nd)} | {ci} |")
         if "mcnemar" in e:
             m = e["mcnemar"]
-            lines += ["", f"Exact McNemar on `{m['verdict']}`: {m['n_a_only']} only under {a}, {m['n_b_only']} only "
-                          f"under {b}; p = {m['p_value']:.3g}."]
+            lines += [
+                "",
+                f"Exact McNemar on `{m['verdict']}`: {m['n_a_only']} only under {a}, {m['n_b_only']} only "
+                f"under {b}; p = {m['p_value']:.3g}.",
+            ]
             if e["flips"]:
-                lines += ["", f"Flipped prompts ({len(e['flips'])}; first {min(len(e['flips']), max_flips)}):", "",
-                          f"| id | prompt | {a} | {b} |", "|---|---|---|---|"]
+                lines += [
+                    "",
+                    f"Flipped prompts ({len(e['flips'])}; first {min(len(e['flips']), max_flips)}):",
+                    "",
+                    f"| id | prompt | {a} | {b} |",
+                    "|---|---|---|---|",
+                ]
                 v = m["verdict"]
                 for f in e["flips"][:max_flips]:
-                    lines.append(f"| {f['id']} | {_cell(f['prompt'], 70)} | {v}={f[v + '_a']}: {_cell(f['output_a'], 60)} "
-                                 f"| {v}={f[v + '_b']}: {_cell(f['output_b'], 60)} |")
+                    lines.append(
+                        f"| {f['id']} | {_cell(f['prompt'], 70)} | {v}={f[v + '_a']}: {_cell(f['output_a'], 60)} "
+                        f"| {v}={f[v + '_b']}: {_cell(f['output_b'], 60)} |"
+                    )
         lines.append("")
     return "\n".join(lines)
 

@@ -41,11 +41,17 @@ class EvalConfig:
     utility_batch_size: int | None = None  # long prompts (dialogues): smaller batches pad less
 
     def settings(self, kind: str) -> GenSettings:
-        return GenSettings(max_new_tokens=self.utility_max_new_tokens if kind == "utility" else self.safety_max_new_tokens,
-                           do_sample=self.do_sample, temperature=self.temperature, top_p=self.top_p, seed=self.seed,
-                           system_prompt=self.system_prompt, chat_template=self.chat_template,
-                           batch_size=(self.utility_batch_size or self.batch_size) if kind == "utility"
-                           else self.batch_size, sort_by_length=self.sort_by_length)
+        return GenSettings(
+            max_new_tokens=self.utility_max_new_tokens if kind == "utility" else self.safety_max_new_tokens,
+            do_sample=self.do_sample,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            seed=self.seed,
+            system_prompt=self.system_prompt,
+            chat_template=self.chat_template,
+            batch_size=(self.utility_batch_size or self.batch_size) if kind == "utility" else self.batch_size,
+            sort_by_length=self.sort_by_length,
+        )
 
 
 @dataclass
@@ -90,10 +96,16 @@ def evaluate(
         raise UsageError(f"two prompt sets share a name: {names}; rename one")
     cfg = config or EvalConfig()
     judge = refusal_judge or KeywordJudge()
-    be = backend if isinstance(backend, Backend) else make_backend(backend, str(base), adapters, **(backend_options or {}))
+    be = (
+        backend
+        if isinstance(backend, Backend)
+        else make_backend(backend, str(base), adapters, **(backend_options or {}))
+    )
     cache_path = Path(cache) if cache else (Path(out_dir) / "cache" / "generations.jsonl" if out_dir else None)
     gcache = GenerationCache(cache_path)
-    variants: list[tuple[str, str | None]] = ([(BASE_VARIANT, None)] if include_base else []) + [(n, n) for n in adapters]
+    variants: list[tuple[str, str | None]] = ([(BASE_VARIANT, None)] if include_base else []) + [
+        (n, n) for n in adapters
+    ]
     met = Meteor() if meteor and any(s.kind == "utility" for s in prompt_sets) else None
     hjudges = {j.id: j for j in harm_judges}
 
@@ -112,11 +124,21 @@ def evaluate(
             for it, g in zip(ps.items, gens):
                 refused_kw = judge.matched(g.text)
                 rec: dict[str, Any] = {
-                    "variant": vname, "set": ps.name, "kind": ps.kind, "id": it.id, "prompt": it.prompt,
-                    "output": g.text, "new_tokens": g.new_tokens, "finished": g.finished,
-                    "latency_s": g.batch_seconds, "batch_size": g.batch_size,
-                    "mean_nll": g.mean_nll, "mean_entropy": g.mean_entropy, "cached": g.cached,
-                    "refused": refused_kw is not None, "refusal_keyword": refused_kw,
+                    "variant": vname,
+                    "set": ps.name,
+                    "kind": ps.kind,
+                    "id": it.id,
+                    "prompt": it.prompt,
+                    "output": g.text,
+                    "new_tokens": g.new_tokens,
+                    "finished": g.finished,
+                    "latency_s": g.batch_seconds,
+                    "batch_size": g.batch_size,
+                    "mean_nll": g.mean_nll,
+                    "mean_entropy": g.mean_entropy,
+                    "cached": g.cached,
+                    "refused": refused_kw is not None,
+                    "refusal_keyword": refused_kw,
                 }
                 if ps.kind == "safety":
                     rec["overlap"] = it.overlap
@@ -153,17 +175,26 @@ def evaluate(
         "versions": versions(),
         "backend": be.describe(),
         "model_hash": be.model_hash(),
-        "variants": {v: {"adapter": adapters.get(a) if a else None, "adapter_hash": be.adapter_hash(a),
-                         "adapters_disabled": a is None} for v, a in variants},
+        "variants": {
+            v: {
+                "adapter": adapters.get(a) if a else None,
+                "adapter_hash": be.adapter_hash(a),
+                "adapters_disabled": a is None,
+            }
+            for v, a in variants
+        },
         "sets": [s.describe() for s in prompt_sets],
         "settings": {**asdict(cfg), "per_kind": {k: cfg.settings(k).key() for k in ("safety", "utility")}},
         "refusal_judge": judge.describe(),
         "harm_judges": {jid: j.describe() for jid, j in hjudges.items()},
         "meteor": met.describe() if met else None,
-        "auarc": {"uncertainty": "mean token negative log-likelihood of the generation (mean_nll)",
-                  "accuracy": f"ROUGE-1 F > {cfg.auarc_threshold}", "accuracy_continuous": "ROUGE-1 F",
-                  "definition": "UQ-NLG: sort by uncertainty ascending, expanding mean of accuracy, "
-                                "trapezoid over linspace(0,1,N)"},
+        "auarc": {
+            "uncertainty": "mean token negative log-likelihood of the generation (mean_nll)",
+            "accuracy": f"ROUGE-1 F > {cfg.auarc_threshold}",
+            "accuracy_continuous": "ROUGE-1 F",
+            "definition": "UQ-NLG: sort by uncertainty ascending, expanding mean of accuracy, "
+            "trapezoid over linspace(0,1,N)",
+        },
         "metrics": metrics,
         "timing": timing,
         "cache": str(cache_path) if cache_path else None,

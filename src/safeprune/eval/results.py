@@ -67,27 +67,50 @@ def summary_csv(results: dict[str, Any]) -> str:
 def summary_markdown(results: dict[str, Any]) -> str:
     kinds = {s["name"]: s["kind"] for s in results["sets"]}
     out = ["# safeprune eval", ""]
-    out.append(f"Backend `{results['backend']['backend']}`, base `{results['backend']['base']}`; "
-               f"refusal judge `{results['refusal_judge']['id']}`.")
+    out.append(
+        f"Backend `{results['backend']['backend']}`, base `{results['backend']['base']}`; "
+        f"refusal judge `{results['refusal_judge']['id']}`."
+    )
     st = results["settings"]
-    out.append(f"Greedy: {not st['do_sample']}; max_new_tokens safety {st['safety_max_new_tokens']}, utility "
-               f"{st['utility_max_new_tokens']}; batch {st['batch_size']}; system prompt: "
-               f"{'template default' if st['system_prompt'] is None else repr(st['system_prompt'])}.")
+    out.append(
+        f"Greedy: {not st['do_sample']}; max_new_tokens safety {st['safety_max_new_tokens']}, utility "
+        f"{st['utility_max_new_tokens']}; batch {st['batch_size']}; system prompt: "
+        f"{'template default' if st['system_prompt'] is None else repr(st['system_prompt'])}."
+    )
     out.append("")
     hj = list(results.get("harm_judges", {}))
     for kind, title, cols in (
-        ("safety", "Safety (harmful prompts)", [("n_asr", "n", 0), ("asr", "ASR %", 1), ("refusal_rate", "refused %", 1)]
-         + [(f"hs[{j}]", f"HS [{j}]", 2) for j in hj]),
+        (
+            "safety",
+            "Safety (harmful prompts)",
+            [("n_asr", "n", 0), ("asr", "ASR %", 1), ("refusal_rate", "refused %", 1)]
+            + [(f"hs[{j}]", f"HS [{j}]", 2) for j in hj],
+        ),
         ("over_refusal", "Over-refusal (benign prompts)", [("n", "n", 0), ("over_refusal", "refused %", 1)]),
-        ("utility", "Utility", [("n", "n", 0), ("rouge1", "ROUGE-1", 1), ("rouge2", "ROUGE-2", 1), ("rougeL", "ROUGE-L", 1),
-                                ("meteor", "METEOR", 1), ("auarc", "AUARC", 1), ("auarc_rouge1", "AUARC(R1)", 1)]),
+        (
+            "utility",
+            "Utility",
+            [
+                ("n", "n", 0),
+                ("rouge1", "ROUGE-1", 1),
+                ("rouge2", "ROUGE-2", 1),
+                ("rougeL", "ROUGE-L", 1),
+                ("meteor", "METEOR", 1),
+                ("auarc", "AUARC", 1),
+                ("auarc_rouge1", "AUARC(R1)", 1),
+            ],
+        ),
     ):
         sets = [s for s, k in kinds.items() if k == kind]
         if not sets:
             continue
         cols = cols + [("tokens_per_s", "tok/s", 1), ("mean_latency_s", "latency s", 2)]
-        out += [f"## {title}", "", "| variant | set | " + " | ".join(c[1] for c in cols) + " |",
-                "|---|---|" + "---:|" * len(cols)]
+        out += [
+            f"## {title}",
+            "",
+            "| variant | set | " + " | ".join(c[1] for c in cols) + " |",
+            "|---|---|" + "---:|" * len(cols),
+        ]
         for v, sm in results["metrics"].items():
             for s in sets:
                 m = sm.get(s, {})
@@ -96,8 +119,10 @@ def summary_markdown(results: dict[str, Any]) -> str:
     met = results.get("meteor")
     if met and not met.get("available"):
         out += [f"METEOR unavailable: {met.get('how')}", ""]
-    out.append("Latency: wall time of the batch a prompt was generated in (adapters unmerged); tok/s: generated "
-               "tokens over summed batch wall time.")
+    out.append(
+        "Latency: wall time of the batch a prompt was generated in (adapters unmerged); tok/s: generated "
+        "tokens over summed batch wall time."
+    )
     return "\n".join(out) + "\n"
 
 

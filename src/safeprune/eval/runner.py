@@ -8,9 +8,15 @@ from .backends import Backend, Generation, GenSettings
 from .cache import GenerationCache, cache_key
 
 
-def generate_cached(backend: Backend, cache: GenerationCache, prompts: Sequence[str], adapter: str | None,
-                    settings: GenSettings, label: str = "",
-                    progress: Callable[[int, int], None] | None = None) -> list[Generation]:
+def generate_cached(
+    backend: Backend,
+    cache: GenerationCache,
+    prompts: Sequence[str],
+    adapter: str | None,
+    settings: GenSettings,
+    label: str = "",
+    progress: Callable[[int, int], None] | None = None,
+) -> list[Generation]:
     """One Generation per prompt; cached ones are read back (``cached=True``), the rest generated."""
     mh = backend.model_hash()
     ah = backend.adapter_hash(adapter)
@@ -31,11 +37,22 @@ def generate_cached(backend: Backend, cache: GenerationCache, prompts: Sequence[
     if todo:
         bs = max(1, settings.batch_size)
         for s in range(0, len(todo), bs):  # one backend call per batch so each batch is cached at once
-            chunk = todo[s:s + bs]
+            chunk = todo[s : s + bs]
             gens = backend.generate([prompts[i] for i in chunk], adapter, settings)
-            cache.add({"key": keys[i], "variant": label, "adapter": adapter, "adapter_hash": ah, "model_hash": mh,
-                       "backend": backend.name, "settings": settings.key(), "prompt": prompts[i],
-                       **g.to_dict()} for i, g in zip(chunk, gens))
+            cache.add(
+                {
+                    "key": keys[i],
+                    "variant": label,
+                    "adapter": adapter,
+                    "adapter_hash": ah,
+                    "model_hash": mh,
+                    "backend": backend.name,
+                    "settings": settings.key(),
+                    "prompt": prompts[i],
+                    **g.to_dict(),
+                }
+                for i, g in zip(chunk, gens)
+            )
             done += len(chunk)
             if progress:
                 progress(done, len(prompts))

@@ -57,9 +57,13 @@ class Meteor:
         return self.wordnet is not None
 
     def describe(self) -> dict[str, Any]:
-        return {"available": self.available, "wordnet": str(self.path) if self.path else None,
-                "how": self.reason, "implementation": "nltk.translate.meteor_score (alpha=0.9, beta=3, gamma=0.5)",
-                "tokenizer": r"lower-cased \w+|[^\w\s]"}
+        return {
+            "available": self.available,
+            "wordnet": str(self.path) if self.path else None,
+            "how": self.reason,
+            "implementation": "nltk.translate.meteor_score (alpha=0.9, beta=3, gamma=0.5)",
+            "tokenizer": r"lower-cased \w+|[^\w\s]",
+        }
 
     def score(self, prediction: str, reference: str) -> float | None:
         if not self.available:

@@ -26,20 +26,69 @@ from pathlib import Path
 from ..errors import InputError
 
 DEBIAN_DIR = Path("/usr/share/wordnet")
-DB_FILES = ["data.adj", "data.adv", "data.noun", "data.verb", "index.adj", "index.adv", "index.noun",
-            "index.verb", "adj.exc", "adv.exc", "noun.exc", "verb.exc"]
+DB_FILES = [
+    "data.adj",
+    "data.adv",
+    "data.noun",
+    "data.verb",
+    "index.adj",
+    "index.adv",
+    "index.noun",
+    "index.verb",
+    "adj.exc",
+    "adv.exc",
+    "noun.exc",
+    "verb.exc",
+]
 OPTIONAL_FILES = ["index.sense", "cntlist.rev", "sentidx.vrb", "sents.vrb", "verb.Framestext", "LICENSE"]
 
 # WordNet 3.0 lexicographer files (lexnames(5WN)): number, name, syntactic category (1 n, 2 v, 3 a, 4 r)
 LEXNAMES = [
-    "adj.all", "adj.pert", "adv.all", "noun.Tops", "noun.act", "noun.animal", "noun.artifact",
-    "noun.attribute", "noun.body", "noun.cognition", "noun.communication", "noun.event", "noun.feeling",
-    "noun.food", "noun.group", "noun.location", "noun.motive", "noun.object", "noun.person",
-    "noun.phenomenon", "noun.plant", "noun.possession", "noun.process", "noun.quantity", "noun.relation",
-    "noun.shape", "noun.state", "noun.substance", "noun.time", "verb.body", "verb.change", "verb.cognition",
-    "verb.communication", "verb.competition", "verb.consumption", "verb.contact", "verb.creation",
-    "verb.emotion", "verb.motion", "verb.perception", "verb.possession", "verb.social", "verb.stative",
-    "verb.weather", "adj.ppl",
+    "adj.all",
+    "adj.pert",
+    "adv.all",
+    "noun.Tops",
+    "noun.act",
+    "noun.animal",
+    "noun.artifact",
+    "noun.attribute",
+    "noun.body",
+    "noun.cognition",
+    "noun.communication",
+    "noun.event",
+    "noun.feeling",
+    "noun.food",
+    "noun.group",
+    "noun.location",
+    "noun.motive",
+    "noun.object",
+    "noun.person",
+    "noun.phenomenon",
+    "noun.plant",
+    "noun.possession",
+    "noun.process",
+    "noun.quantity",
+    "noun.relation",
+    "noun.shape",
+    "noun.state",
+    "noun.substance",
+    "noun.time",
+    "verb.body",
+    "verb.change",
+    "verb.cognition",
+    "verb.communication",
+    "verb.competition",
+    "verb.consumption",
+    "verb.contact",
+    "verb.creation",
+    "verb.emotion",
+    "verb.motion",
+    "verb.perception",
+    "verb.possession",
+    "verb.social",
+    "verb.stative",
+    "verb.weather",
+    "adj.ppl",
 ]
 _CAT = {"adj": 3, "adv": 4, "noun": 1, "verb": 2}
 
@@ -71,8 +120,11 @@ def _check_lexfile_numbers(src: Path) -> None:
                     seen.add(int(parts[1]))
         for n in seen:
             if n >= len(LEXNAMES) or not LEXNAMES[n].startswith(pos):
-                raise InputError(f"lexicographer file {n:02d} in data.{pos} does not match the WordNet 3.0 "
-                                 "lexnames table: not a WordNet 3.0 database", src)
+                raise InputError(
+                    f"lexicographer file {n:02d} in data.{pos} does not match the WordNet 3.0 "
+                    "lexnames table: not a WordNet 3.0 database",
+                    src,
+                )
 
 
 def is_wordnet_dir(p: Path) -> bool:
@@ -103,9 +155,13 @@ def setup_wordnet(source: str | Path | None = None, target: str | Path | None = 
         (tmp / "lexnames").write_text(lexnames_text(), encoding="utf-8")
     (tmp / "SAFEPRUNE.txt").write_text(
         f"Built by safeprune setup-wordnet from {src}.\n"
-        + ("lexnames copied from the source.\n" if (src / "lexnames").is_file()
-           else "lexnames written from the WordNet 3.0 table in lexnames(5WN) (the source had none).\n"),
-        encoding="utf-8")
+        + (
+            "lexnames copied from the source.\n"
+            if (src / "lexnames").is_file()
+            else "lexnames written from the WordNet 3.0 table in lexnames(5WN) (the source had none).\n"
+        ),
+        encoding="utf-8",
+    )
     if dst.exists():
         shutil.rmtree(dst)
     tmp.rename(dst)
@@ -141,8 +197,10 @@ def find_wordnet(auto_setup: bool = True) -> tuple[Path | None, str]:
             except (OSError, InputError) as e:
                 return None, f"could not build WordNet from {DEBIAN_DIR}: {e}"
         return None, f"{DEBIAN_DIR} found but not set up (run: safeprune setup-wordnet)"
-    return None, ("WordNet not found: apt-get install wordnet-base (then safeprune setup-wordnet), or set "
-                  "$SAFEPRUNE_WORDNET to a WordNet 3.0 database directory")
+    return None, (
+        "WordNet not found: apt-get install wordnet-base (then safeprune setup-wordnet), or set "
+        "$SAFEPRUNE_WORDNET to a WordNet 3.0 database directory"
+    )
 
 
 def load_wordnet(path: Path):
@@ -154,6 +212,7 @@ def load_wordnet(path: Path):
     root = path.parent.parent if path.parent.name == "corpora" else path
     if str(root) not in nltk.data.path:
         nltk.data.path.append(str(root))
+
     class _WordNet30Reader(WordNetCorpusReader):
         # NLTK maps its own "wordnet" corpus onto the loaded one through index.sense (for Open
         # Multilingual Wordnet data). For a WordNet 3.0 database that map is the identity, and Debian's

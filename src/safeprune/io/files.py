@@ -74,8 +74,9 @@ def atomic_path(path: str | Path, what: str = "") -> Iterator[Path]:
         os.close(fd)
         os.chmod(tmp_name, 0o666 & ~current_umask())  # mkstemp makes 0600: outputs get the usual mode
     except OSError as e:
-        raise OutputError(f"cannot write{' ' + label if label else ''} ({e.strerror or e}); nothing was written",
-                          p) from None
+        raise OutputError(
+            f"cannot write{' ' + label if label else ''} ({e.strerror or e}); nothing was written", p
+        ) from None
     tmp = Path(tmp_name)
     try:
         yield tmp
@@ -84,8 +85,9 @@ def atomic_path(path: str | Path, what: str = "") -> Iterator[Path]:
         os.replace(tmp, p)
     except OSError as e:
         tmp.unlink(missing_ok=True)
-        raise OutputError(f"cannot write{' ' + label if label else ''} ({e.strerror or e}); nothing was written",
-                          p) from None
+        raise OutputError(
+            f"cannot write{' ' + label if label else ''} ({e.strerror or e}); nothing was written", p
+        ) from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -16,8 +16,14 @@ from rich.progress import (
 def make_progress(enabled: bool) -> Progress:
     console = Console(stderr=True)
     return Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[module]}"),
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[module]}"),
         # not a terminal (a log, a pipe): a transient bar would only leave a blank line behind
-        console=console, transient=True, disable=not enabled or not console.is_terminal,
+        console=console,
+        transient=True,
+        disable=not enabled or not console.is_terminal,
     )

@@ -16,11 +16,25 @@ from .files import check_regular_file
 
 # bytes per element for the dtypes safetensors defines
 SAFETENSORS_DTYPES = {
-    "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E8M0": 1,
-    "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
-    "I32": 4, "U32": 4, "F32": 4,
-    "I64": 8, "U64": 8, "F64": 8,
-    "F4": 0.5, "F6_E2M3": 0.75, "F6_E3M2": 0.75,
+    "BOOL": 1,
+    "U8": 1,
+    "I8": 1,
+    "F8_E5M2": 1,
+    "F8_E4M3": 1,
+    "F8_E8M0": 1,
+    "I16": 2,
+    "U16": 2,
+    "F16": 2,
+    "BF16": 2,
+    "I32": 4,
+    "U32": 4,
+    "F32": 4,
+    "I64": 8,
+    "U64": 8,
+    "F64": 8,
+    "F4": 0.5,
+    "F6_E2M3": 0.75,
+    "F6_E3M2": 0.75,
 }
 _MAX_HEADER = 100 * 1024 * 1024
 
@@ -78,8 +92,7 @@ def check_safetensors_header(file: Path) -> dict:
                 raise InputError("corrupt safetensors header: __metadata__ is not an object", file)
             bad = [k for k, v in (info or {}).items() if not isinstance(v, str)]
             if bad:
-                raise InputError(f"corrupt safetensors header: __metadata__ value of {bad[0]!r} is not a string",
-                                 file)
+                raise InputError(f"corrupt safetensors header: __metadata__ value of {bad[0]!r} is not a string", file)
             continue
         if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
             raise InputError(f"corrupt safetensors header: entry {name!r} lacks dtype/shape/data_offsets", file)
@@ -88,9 +101,13 @@ def check_safetensors_header(file: Path) -> dict:
             raise InputError(f"tensor {name!r} has unknown dtype {dtype!r}", file)
         shape = info["shape"]
         offs = info["data_offsets"]
-        if (not isinstance(shape, list) or not all(isinstance(s, int) and s >= 0 for s in shape)
-                or not isinstance(offs, list) or len(offs) != 2
-                or not all(isinstance(o, int) and o >= 0 for o in offs)):
+        if (
+            not isinstance(shape, list)
+            or not all(isinstance(s, int) and s >= 0 for s in shape)
+            or not isinstance(offs, list)
+            or len(offs) != 2
+            or not all(isinstance(o, int) and o >= 0 for o in offs)
+        ):
             raise InputError(f"corrupt safetensors header: bad shape or offsets for {name!r}", file)
         b, e = offs
         n = 1

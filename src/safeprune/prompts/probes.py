@@ -30,16 +30,22 @@ def harmbench_val(path: str | Path | None = None) -> PromptSet:
     path = Path(path) if path is not None else data_root() / HARMBENCH_FILE
     ps = load_prompts(path, "safety")  # drops copyright and in_jbb_harmful_ft rows
     if ps.format in EVAL_FORMATS:
-        raise UsageError(f"{EVAL_FORMATS[ps.format]} is an evaluation set; search probes come from "
-                         f"HarmBench's val split ({path})")
+        raise UsageError(
+            f"{EVAL_FORMATS[ps.format]} is an evaluation set; search probes come from HarmBench's val split ({path})"
+        )
     if ps.format != "harmbench":
-        raise UsageError(f"harmful probes must be a HarmBench file (official_split column); {path} reads as "
-                         f"{ps.format!r}")
+        raise UsageError(
+            f"harmful probes must be a HarmBench file (official_split column); {path} reads as {ps.format!r}"
+        )
     if "official_split" not in (ps.items[0].meta if ps.items else {}):
         raise InputError("no official_split column: cannot tell HarmBench val rows from test rows", path)
     before = len(ps.items)
-    ps.items = [it for it in ps.items if it.meta.get("official_split") == "val"
-                and it.meta.get("FunctionalCategory") not in ("contextual", "copyright")]
+    ps.items = [
+        it
+        for it in ps.items
+        if it.meta.get("official_split") == "val"
+        and it.meta.get("FunctionalCategory") not in ("contextual", "copyright")
+    ]
     ps.info["rows"] = "official_split=val, standard behaviours"
     ps.info["dropped_not_val_or_contextual"] = before - len(ps.items)
     if not ps.items:
@@ -74,8 +80,9 @@ def sample_probes(ps: PromptSet, n: int, seed: int, what: str) -> PromptSet:
     return out
 
 
-def probe_set(spec: str | Path | PromptSet | None, loader: Callable[..., PromptSet], n: int, seed: int,
-              kind: str) -> PromptSet:
+def probe_set(
+    spec: str | Path | PromptSet | None, loader: Callable[..., PromptSet], n: int, seed: int, kind: str
+) -> PromptSet:
     """Probes given as a PromptSet (checked and sampled), or a path / None for ``loader``."""
     if isinstance(spec, PromptSet):
         if spec.kind != kind:
@@ -86,8 +93,9 @@ def probe_set(spec: str | Path | PromptSet | None, loader: Callable[..., PromptS
     return loader(spec, n, seed)
 
 
-def default_probes(data: str | Path | None = None, n: int = 64, seed: int = 0,
-                   harmless_source: str = "mix") -> tuple[list[str], list[str], dict[str, Any]]:
+def default_probes(
+    data: str | Path | None = None, n: int = 64, seed: int = 0, harmless_source: str = "mix"
+) -> tuple[list[str], list[str], dict[str, Any]]:
     """Seeded harmful and harmless probe prompts for actdir (never AdvBench, XSTest or DialogSum test).
 
     harmful: HarmBench val standard behaviours (:func:`harmbench_val`), topped up with StrongREJECT prompts
@@ -133,8 +141,10 @@ def probes_from_file(path: str | Path, kind: str, n: int | None, seed: int) -> t
         raise UsageError(f"probe kind must be 'harmful' or 'harmless', got {kind!r}")
     ps = load_prompts(path, "safety" if kind == "harmful" else None)
     if ps.format in EVAL_FORMATS or (ps.format == "dialogsum" and Path(path).name.startswith("test")):
-        raise UsageError(f"{path}: {ps.format} {'test ' if ps.format == 'dialogsum' else ''}is an evaluation set; "
-                         "probes must come from tuning data (HarmBench val, StrongREJECT, DialogSum validation, ...)")
+        raise UsageError(
+            f"{path}: {ps.format} {'test ' if ps.format == 'dialogsum' else ''}is an evaluation set; "
+            "probes must come from tuning data (HarmBench val, StrongREJECT, DialogSum validation, ...)"
+        )
     items = [it.prompt for it in ps.items]
     if n is not None and n < len(items):
         items = random.Random(seed).sample(items, n)

@@ -51,11 +51,18 @@ class PromptSet:
         return len(self.items)
 
     def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "kind": self.kind, "path": self.path, "format": self.format,
-                "n": len(self.items), **self.info}
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "path": self.path,
+            "format": self.format,
+            "n": len(self.items),
+            **self.info,
+        }
 
 
 # -- reading ---------------------------------------------------------------------------------------
+
 
 def _read_rows(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
@@ -97,33 +104,79 @@ def _harmbench_prompt(row: dict[str, Any]) -> str:
 
 # format name -> (columns that identify it, default kind, prompt fn, id column, reference fn)
 FORMATS: dict[str, dict[str, Any]] = {
-    "advbench": {"cols": {"goal", "target", "orig_idx"}, "kind": "safety", "id": "orig_idx",
-                 "prompt": lambda r: r["goal"]},
-    "harmbench": {"cols": {"Behavior", "FunctionalCategory", "BehaviorID"}, "kind": "safety", "id": "BehaviorID",
-                  "prompt": _harmbench_prompt},
-    "strongreject": {"cols": {"forbidden_prompt"}, "kind": "safety", "id": "orig_idx",
-                     "prompt": lambda r: r["forbidden_prompt"]},
-    "catqa": {"cols": {"question", "subcategory", "category"}, "kind": "safety", "id": "orig_idx",
-              "prompt": lambda r: r["question"]},
-    "donotanswer": {"cols": {"question", "risk_area", "types_of_harm"}, "kind": "safety", "id": "id",
-                    "prompt": lambda r: r["question"]},
-    "simplesafetytests": {"cols": {"prompts_final", "harm_area"}, "kind": "safety", "id": "id",
-                          "prompt": lambda r: r["prompts_final"]},
-    "xstest": {"cols": {"prompt", "type", "label", "focus"}, "kind": "over_refusal", "id": "id",
-               "prompt": lambda r: r["prompt"]},
-    "dialogsum": {"cols": {"fname", "dialogue"}, "kind": "utility", "id": "fname",
-                  "prompt": lambda r: SUMMARY_INSTRUCTION + r["dialogue"],
-                  "reference": lambda r: r.get("summary", r.get("summary1"))},
-    "hotpotqa": {"cols": {"question", "answer", "type", "orig_idx"}, "kind": "utility", "id": "orig_idx",
-                 "prompt": lambda r: r["question"], "reference": lambda r: r["answer"]},
+    "advbench": {
+        "cols": {"goal", "target", "orig_idx"},
+        "kind": "safety",
+        "id": "orig_idx",
+        "prompt": lambda r: r["goal"],
+    },
+    "harmbench": {
+        "cols": {"Behavior", "FunctionalCategory", "BehaviorID"},
+        "kind": "safety",
+        "id": "BehaviorID",
+        "prompt": _harmbench_prompt,
+    },
+    "strongreject": {
+        "cols": {"forbidden_prompt"},
+        "kind": "safety",
+        "id": "orig_idx",
+        "prompt": lambda r: r["forbidden_prompt"],
+    },
+    "catqa": {
+        "cols": {"question", "subcategory", "category"},
+        "kind": "safety",
+        "id": "orig_idx",
+        "prompt": lambda r: r["question"],
+    },
+    "donotanswer": {
+        "cols": {"question", "risk_area", "types_of_harm"},
+        "kind": "safety",
+        "id": "id",
+        "prompt": lambda r: r["question"],
+    },
+    "simplesafetytests": {
+        "cols": {"prompts_final", "harm_area"},
+        "kind": "safety",
+        "id": "id",
+        "prompt": lambda r: r["prompts_final"],
+    },
+    "xstest": {
+        "cols": {"prompt", "type", "label", "focus"},
+        "kind": "over_refusal",
+        "id": "id",
+        "prompt": lambda r: r["prompt"],
+    },
+    "dialogsum": {
+        "cols": {"fname", "dialogue"},
+        "kind": "utility",
+        "id": "fname",
+        "prompt": lambda r: SUMMARY_INSTRUCTION + r["dialogue"],
+        "reference": lambda r: r.get("summary", r.get("summary1")),
+    },
+    "hotpotqa": {
+        "cols": {"question", "answer", "type", "orig_idx"},
+        "kind": "utility",
+        "id": "orig_idx",
+        "prompt": lambda r: r["question"],
+        "reference": lambda r: r["answer"],
+    },
 }
 
 
 def detect_format(columns: Iterable[str]) -> str | None:
     cols = set(columns)
     # most specific first (CatQA and Do-Not-Answer share 'question'; HotpotQA too)
-    for name in ("harmbench", "advbench", "strongreject", "simplesafetytests", "xstest", "dialogsum",
-                 "hotpotqa", "donotanswer", "catqa"):
+    for name in (
+        "harmbench",
+        "advbench",
+        "strongreject",
+        "simplesafetytests",
+        "xstest",
+        "dialogsum",
+        "hotpotqa",
+        "donotanswer",
+        "catqa",
+    ):
         if FORMATS[name]["cols"] <= cols:
             return name
     return None
@@ -160,10 +213,14 @@ def load_prompts(
         raise UsageError(f"unknown prompt format {format!r}; known: {', '.join(FORMATS)}, generic")
     if fmt in (None, "generic"):
         if not column:
-            raise InputError(f"unrecognised columns {columns[:8]}; say which holds the prompt with a column option "
-                             "(e.g. --safety FILE:COLUMN)", path)
-        return _generic(path, rows, kind or "safety", column, id_column, reference_column, instruction,
-                        include_overlap, name)
+            raise InputError(
+                f"unrecognised columns {columns[:8]}; say which holds the prompt with a column option "
+                "(e.g. --safety FILE:COLUMN)",
+                path,
+            )
+        return _generic(
+            path, rows, kind or "safety", column, id_column, reference_column, instruction, include_overlap, name
+        )
     spec = FORMATS[fmt]
     kind = kind or spec["kind"]
     if kind not in KINDS:
@@ -209,8 +266,9 @@ def load_prompts(
         info["overlap_excluded"] = 0 if include_overlap else n_overlap
     if kind == "utility" and any(it.reference in (None, "") for it in items):
         raise InputError("utility rows need a reference text (reference column missing or empty)", path)
-    return PromptSet(name=name or _default_name(path, fmt), kind=kind, path=str(path), format=fmt, items=items,
-                     info=info)
+    return PromptSet(
+        name=name or _default_name(path, fmt), kind=kind, path=str(path), format=fmt, items=items, info=info
+    )
 
 
 def _generic(path, rows, kind, column, id_column, reference_column, instruction, include_overlap, name):
@@ -250,8 +308,15 @@ def _default_name(path: Path, fmt: str) -> str:
 
 # -- subsets ---------------------------------------------------------------------------------------
 
-def subset(ps: PromptSet, *, ids: Iterable[str] | None = None, limit: int | None = None,
-           sample: int | None = None, seed: int = 0) -> PromptSet:
+
+def subset(
+    ps: PromptSet,
+    *,
+    ids: Iterable[str] | None = None,
+    limit: int | None = None,
+    sample: int | None = None,
+    seed: int = 0,
+) -> PromptSet:
     """Keep the rows whose id is in ``ids`` (in file order), then a seeded random ``sample`` of them
     (``random.Random(seed).sample``, returned in file order), then the first ``limit``."""
     items = ps.items
@@ -261,8 +326,11 @@ def subset(ps: PromptSet, *, ids: Iterable[str] | None = None, limit: int | None
         have = {it.id for it in items}
         missing = [i for i in want if i not in have]
         if missing:
-            raise InputError(f"{len(missing)} requested row ids are not in the set (first: {missing[0]!r}; "
-                             "an overlap row that was excluded, or the wrong file?)", ps.path)
+            raise InputError(
+                f"{len(missing)} requested row ids are not in the set (first: {missing[0]!r}; "
+                "an overlap row that was excluded, or the wrong file?)",
+                ps.path,
+            )
         keep = set(want)
         items = [it for it in items if it.id in keep]
         info["rows"] = "ids"

@@ -41,8 +41,9 @@ class Doc:
     def bullets(self, items: list[str]) -> None:
         self.blocks.append(("ul", items))
 
-    def table(self, headers: list[str], rows: list[list[str]], note: str | None = None,
-              classes: list[list[str]] | None = None) -> None:
+    def table(
+        self, headers: list[str], rows: list[list[str]], note: str | None = None, classes: list[list[str]] | None = None
+    ) -> None:
         self.blocks.append(("table", (headers, rows, note, classes)))
 
     def img(self, path: Path, caption: str) -> None:
@@ -93,8 +94,11 @@ class Doc:
 
     def html(self) -> str:
         e = html.escape
-        out = ["<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
-               f"<title>{e(self.title)}</title><style>{CSS}</style></head><body>", f"<h1>{e(self.title)}</h1>"]
+        out = [
+            "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
+            f"<title>{e(self.title)}</title><style>{CSS}</style></head><body>",
+            f"<h1>{e(self.title)}</h1>",
+        ]
         for kind, b in self.blocks:
             if kind == "h":
                 out.append(f"<h{b[0]}>{_inline(b[1])}</h{b[0]}>")
@@ -119,8 +123,10 @@ class Doc:
             elif kind == "img":
                 path, cap = b
                 data = base64.b64encode(Path(path).read_bytes()).decode()
-                out.append(f"<figure><img alt='{e(cap)}' src='data:image/png;base64,{data}'>"
-                           f"<figcaption>{e(cap)}</figcaption></figure>")
+                out.append(
+                    f"<figure><img alt='{e(cap)}' src='data:image/png;base64,{data}'>"
+                    f"<figcaption>{e(cap)}</figcaption></figure>"
+                )
             elif kind == "code":
                 out.append(f"<pre>{e(b)}</pre>")
             elif kind == "details":

@@ -51,8 +51,9 @@ def tau_ablation(ad: dict[str, Any], asr_key: str, util_key: str | None, path: P
     return save_figure(fig, path)
 
 
-def tradeoff(ad: dict[str, Any], asr_key: str, util_key: str, path: Path, title: str,
-             base: dict[str, Any] | None = None) -> Path:
+def tradeoff(
+    ad: dict[str, Any], asr_key: str, util_key: str, path: Path, title: str, base: dict[str, Any] | None = None
+) -> Path:
     """ASR against ROUGE-1 for every variant (lower-right is better)."""
     fig, ax = plt.subplots(figsize=(6.4, 4.6), dpi=110)
     methods: list[str] = []
@@ -63,21 +64,48 @@ def tradeoff(ad: dict[str, Any], asr_key: str, util_key: str, path: Path, title:
         meth = v["method"] or "adapter"
         if meth not in methods:
             methods.append(meth)
-        c = "gray" if meth == "random" else ("black" if meth == "adapter" else COLORS[methods.index(meth) % len(COLORS)])
-        ax.scatter(m[util_key]["value"], m[asr_key]["value"], color=c, s=22 if meth == "random" else 34,
-                   marker="x" if meth == "random" else "o", label=meth, alpha=0.8)
+        c = (
+            "gray"
+            if meth == "random"
+            else ("black" if meth == "adapter" else COLORS[methods.index(meth) % len(COLORS)])
+        )
+        ax.scatter(
+            m[util_key]["value"],
+            m[asr_key]["value"],
+            color=c,
+            s=22 if meth == "random" else 34,
+            marker="x" if meth == "random" else "o",
+            label=meth,
+            alpha=0.8,
+        )
         if v["tau"] is not None and meth != "random":
-            ax.annotate(str(v["tau"]), (m[util_key]["value"], m[asr_key]["value"]), fontsize=7,
-                        xytext=(3, 3), textcoords="offset points")
+            ax.annotate(
+                str(v["tau"]),
+                (m[util_key]["value"], m[asr_key]["value"]),
+                fontsize=7,
+                xytext=(3, 3),
+                textcoords="offset points",
+            )
     # controls evaluated without the utility set: their mean ASR per τ as a horizontal line
     for k, (t, r) in enumerate(sorted((int(t), r) for t, r in ad.get("random", {}).items())):
         m = r["metrics"]
         if asr_key in m and util_key not in m:
-            ax.axhline(m[asr_key]["value"], color="gray", ls=(0, (2, 2 + k)), lw=1.0,
-                       label=f"random τ={t} (mean ASR; no utility run)")
+            ax.axhline(
+                m[asr_key]["value"],
+                color="gray",
+                ls=(0, (2, 2 + k)),
+                lw=1.0,
+                label=f"random τ={t} (mean ASR; no utility run)",
+            )
     if base and asr_key in base and util_key in base:
-        ax.scatter(base[util_key]["value"], base[asr_key]["value"], marker="*", s=120, color="goldenrod",
-                   label="base (no adapter)")
+        ax.scatter(
+            base[util_key]["value"],
+            base[asr_key]["value"],
+            marker="*",
+            s=120,
+            color="goldenrod",
+            label="base (no adapter)",
+        )
     h, lab = ax.get_legend_handles_labels()
     seen: dict[str, Any] = {}
     for hh, ll in zip(h, lab):
@@ -96,8 +124,9 @@ def risk_coverage(curves: dict[str, dict[str, Any]], path: Path, title: str, whi
     for i, (label, c) in enumerate(curves.items()):
         cv = c[which]
         style = "--" if label == "base" else "-"
-        ax.plot([100 * x for x in cv["refer"]], cv["accuracy"], style, label=label, color=COLORS[i % len(COLORS)],
-                lw=1.5)
+        ax.plot(
+            [100 * x for x in cv["refer"]], cv["accuracy"], style, label=label, color=COLORS[i % len(COLORS)], lw=1.5
+        )
     ax.set_xlabel("refer to experts: most uncertain share removed (%)")
     ax.set_ylabel("ROUGE-1 on the rest" if which == "rouge1" else "accuracy (ROUGE-1 > 0.15) on the rest, %")
     ax.grid(alpha=0.3)

@@ -26,8 +26,7 @@ def heatmap(
     title: str | None = None,
 ) -> Path:
     """Layer × module-type heatmap of one score column; ``marked`` modules get an ✕."""
-    types = sorted({r["type"] for r in table.rows},
-                   key=lambda t: (_TYPE_ORDER.index(t) if t in _TYPE_ORDER else 99, t))
+    types = sorted({r["type"] for r in table.rows}, key=lambda t: (_TYPE_ORDER.index(t) if t in _TYPE_ORDER else 99, t))
     layers = sorted({r["layer"] for r in table.rows if r["layer"] is not None})
     no_layer = [r for r in table.rows if r["layer"] is None]
     row_labels = [str(x) for x in layers] + (["-"] if no_layer else [])
@@ -84,8 +83,13 @@ def score_curve(
         if res.rule == "knee" and res.tau > 0:
             ax.plot([res.tau], [ys[res.tau - 1]], "o", color=c, ms=6)
         if res.rule == "mad" and "cutoff" in d:
-            ax.axhline(d["cutoff"], color=c, ls=":", lw=1, label=f"median {'+' if descending else '−'} "
-                                                               f"{d['k']:g}·MAD = {d['cutoff']:.3g}")
+            ax.axhline(
+                d["cutoff"],
+                color=c,
+                ls=":",
+                lw=1,
+                label=f"median {'+' if descending else '−'} {d['k']:g}·MAD = {d['cutoff']:.3g}",
+            )
     ax.set_xlabel("rank (1 = pruned first)")
     ax.set_ylabel(ylabel)
     ax.set_title(title or f"sorted {ylabel}", fontsize=9, wrap=True)

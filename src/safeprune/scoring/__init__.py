@@ -6,16 +6,30 @@ methods share; ``agreement`` compares the rankings of several methods.
 """
 
 from .base import (
-           REGISTRY,
-           ModuleContext,
-           Param,
-           Scorer,
-           get_scorer,
-           method_names,
-           register,
+    REGISTRY,
+    ModuleContext,
+    Param,
+    Scorer,
+    get_scorer,
+    method_names,
+    register,
 )
 from .scan import resolve_device, scan, scan_threads
 from .table import DEFAULT_TOP, MethodInfo, ScoreTable, read_score_table
 
-__all__ = ["REGISTRY", "ModuleContext", "Param", "Scorer", "get_scorer", "method_names", "register", "scan",
-           "resolve_device", "scan_threads", "ScoreTable", "MethodInfo", "read_score_table", "DEFAULT_TOP"]
+__all__ = [
+    "REGISTRY",
+    "ModuleContext",
+    "Param",
+    "Scorer",
+    "get_scorer",
+    "method_names",
+    "register",
+    "scan",
+    "resolve_device",
+    "scan_threads",
+    "ScoreTable",
+    "MethodInfo",
+    "read_score_table",
+    "DEFAULT_TOP",
+]

@@ -40,9 +40,17 @@ def rank_agreement(table: ScoreTable, k: int = DEFAULT_TOP) -> list[dict[str, An
             tau, p_tau = kendalltau(ra, rb)
         ta, tb = top_list(table, a, k), top_list(table, b, k)
         common = [m for m in ta if m in set(tb)]
-        out.append({
-            "a": a, "b": b, "spearman": _clean(rho), "spearman_p": _clean(p_rho),
-            "kendall": _clean(tau), "kendall_p": _clean(p_tau),
-            "top_k": k, "top_overlap": len(common), "top_common": common,
-        })
+        out.append(
+            {
+                "a": a,
+                "b": b,
+                "spearman": _clean(rho),
+                "spearman_p": _clean(p_rho),
+                "kendall": _clean(tau),
+                "kendall_p": _clean(p_tau),
+                "top_k": k,
+                "top_overlap": len(common),
+                "top_common": common,
+            }
+        )
     return out

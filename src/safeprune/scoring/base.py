@@ -136,8 +136,9 @@ class ModuleContext:
         n = self._norms.get(role)
         if n is None:
             src = self.source(role)
-            n = checked_fro_norm(self.raw_weight(role), f"{role} weight of module {self.module.name!r}",
-                                 src.description)
+            n = checked_fro_norm(
+                self.raw_weight(role), f"{role} weight of module {self.module.name!r}", src.description
+            )
             self._norms[role] = n
         return n
 
@@ -184,8 +185,9 @@ class Scorer:
         known = {p.name: p for p in self.parameters}
         unknown = sorted(set(options) - set(known))
         if unknown:
-            raise UsageError(f"method {self.name!r} has no option {unknown[0]!r} "
-                             f"(its options: {', '.join(known) or 'none'})")
+            raise UsageError(
+                f"method {self.name!r} has no option {unknown[0]!r} (its options: {', '.join(known) or 'none'})"
+            )
         for p in self.parameters:
             value = options.get(p.name, p.default)
             p.validate(value)

@@ -144,12 +144,20 @@ def scan(
     # each, n_threads + 1 modules in flight (reads overlap other modules' compute; memory stays bounded by
     # the modules in flight, whatever the number of layers). Otherwise: modules in order, the next one's
     # weights read ahead by a reader thread.
-    parallel = (dev.type == "cpu" and prefetch and n_threads > 1
-                and all(getattr(s, "concurrent", False) for s in scorers))
+    parallel = (
+        dev.type == "cpu" and prefetch and n_threads > 1 and all(getattr(s, "concurrent", False) for s in scorers)
+    )
 
     def new_row(m: LoraModule) -> dict[str, Any]:
-        return {"module": m.name, "layer": m.layer, "type": m.module_type, "r": m.r,
-                "in": m.in_features, "out": m.out_features, "scaling": m.scaling}
+        return {
+            "module": m.name,
+            "layer": m.layer,
+            "type": m.module_type,
+            "r": m.r,
+            "in": m.in_features,
+            "out": m.out_features,
+            "scaling": m.scaling,
+        }
 
     with ExitStack() as stack:
         prev_threads = torch.get_num_threads()
@@ -231,9 +239,17 @@ def scan(
         _check_row_finite(row, adapter, nan_ok)
     table = ScoreTable(
         rows=rows,
-        methods={s.name: MethodInfo(name=s.name, primary=s.primary, descending=s.descending,
-                                    columns=s.columns(), options=s.options(), description=s.description)
-                 for s in scorers},
+        methods={
+            s.name: MethodInfo(
+                name=s.name,
+                primary=s.primary,
+                descending=s.descending,
+                columns=s.columns(),
+                options=s.options(),
+                description=s.description,
+            )
+            for s in scorers
+        },
         meta={
             "adapter": str(adapter.path) if adapter.path else None,
             **{role: str(getattr(src, "description", src)) for role, src in sources.items()},

@@ -108,7 +108,9 @@ class ScoreTable:
         methods = {k: MethodInfo(**v) for k, v in d.get("methods", {}).items()}
         return cls(rows=[dict(r) for r in d["rows"]], methods=methods, meta=d.get("meta", {}))
 
-    def to_markdown(self, columns: Iterable[str] | None = None, sort_by: str | None = None, limit: int | None = None) -> str:
+    def to_markdown(
+        self, columns: Iterable[str] | None = None, sort_by: str | None = None, limit: int | None = None
+    ) -> str:
         cols = list(columns) if columns else self.columns
         rows = self.ordered(sort_by) if sort_by else self.rows
         rows = rows[:limit] if limit else rows
@@ -132,8 +134,9 @@ def read_score_table(path: Path, adapter=None) -> ScoreTable:
     except OSError as e:
         raise InputError(f"cannot read the score table ({e.strerror or e})", path) from None
     except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
-        raise InputError(f"not valid JSON ({getattr(e, 'msg', e)}); write one with `safeprune scan --json`",
-                         path) from None
+        raise InputError(
+            f"not valid JSON ({getattr(e, 'msg', e)}); write one with `safeprune scan --json`", path
+        ) from None
     if not isinstance(data, dict) or "rows" not in data:
         raise InputError("not a score table (no 'rows'); write one with `safeprune scan --json`", path)
     try:
@@ -148,8 +151,17 @@ def read_score_table(path: Path, adapter=None) -> ScoreTable:
         have, want = {r["module"] for r in table.rows}, set(adapter.modules)
         if have != want:
             extra, missing = sorted(have - want), sorted(want - have)
-            raise InputError("the score table does not match the adapter's modules ("
-                             + "; ".join(x for x in (f"not in the adapter: {', '.join(extra[:3])}" if extra else "",
-                                                     f"not scored: {', '.join(missing[:3])}" if missing else "") if x)
-                             + ")", path)
+            raise InputError(
+                "the score table does not match the adapter's modules ("
+                + "; ".join(
+                    x
+                    for x in (
+                        f"not in the adapter: {', '.join(extra[:3])}" if extra else "",
+                        f"not scored: {', '.join(missing[:3])}" if missing else "",
+                    )
+                    if x
+                )
+                + ")",
+                path,
+            )
     return table

@@ -76,8 +76,9 @@ def knee(scores: Sequence[Any], descending: bool = True) -> AutoTau:
     i = max(range(n), key=lambda k: (dist[k], -k))  # ties: the earlier point
     if dist[i] <= 1e-12:
         return AutoTau(0, "knee", {**details, "reason": "the sorted scores are a straight line (no knee)"})
-    return AutoTau(i + 1, "knee", {**details, "knee_rank": i + 1, "knee_score": ys[i],
-                                   "knee_distance": round(dist[i], 6)})
+    return AutoTau(
+        i + 1, "knee", {**details, "knee_rank": i + 1, "knee_score": ys[i], "knee_distance": round(dist[i], 6)}
+    )
 
 
 def mad(scores: Sequence[Any], descending: bool = True, k: float = 3.0) -> AutoTau:

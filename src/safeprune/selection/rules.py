@@ -53,8 +53,10 @@ class SelectionRule:
         if self.top is not None:
             order = "highest" if self.descending else "lowest"
             if self.top_rule == "complement":
-                return (f"{self.top} {order} by {self.column} = all but the {max(0, self.requested_top - 1)} "
-                        f"highest, K={self.requested_top} (official SPLoRA rule: prune <= the K-th largest){scope}")
+                return (
+                    f"{self.top} {order} by {self.column} = all but the {max(0, self.requested_top - 1)} "
+                    f"highest, K={self.requested_top} (official SPLoRA rule: prune <= the K-th largest){scope}"
+                )
             how = f" (τ chosen by the {self.auto} rule)" if self.auto else ""
             return f"top {self.top} by {self.column} ({order} first){how}{scope}"
         op = ">=" if self.descending else "<="
@@ -117,11 +119,21 @@ def select(
         raise UsageError(f"--top must be >= 0, got {top}")
     types = parse_module_types(module_types)
     layer_list = None if layers is None else sorted(set(int(x) for x in layers))
-    rule = SelectionRule(method=method, column=col, descending=info.descending, top=top,
-                         threshold=threshold, module_types=types, layers=layer_list)
+    rule = SelectionRule(
+        method=method,
+        column=col,
+        descending=info.descending,
+        top=top,
+        threshold=threshold,
+        module_types=types,
+        layers=layer_list,
+    )
 
-    cands = [r for r in table.rows
-             if (types is None or r["type"] in types) and (layer_list is None or r["layer"] in layer_list)]
+    cands = [
+        r
+        for r in table.rows
+        if (types is None or r["type"] in types) and (layer_list is None or r["layer"] in layer_list)
+    ]
     if auto is not None:
         at = auto_tau([r.get(col) for r in cands], info.descending, auto, mad_k)
         top = rule.top = rule.auto_tau = at.tau
@@ -133,14 +145,18 @@ def select(
     if types is not None:
         unknown = set(types) - {r["type"] for r in table.rows}
         if unknown:
-            raise UsageError(f"no module of type {', '.join(sorted(unknown))} in the adapter "
-                             f"(types: {', '.join(sorted({r['type'] for r in table.rows}))})")
+            raise UsageError(
+                f"no module of type {', '.join(sorted(unknown))} in the adapter "
+                f"(types: {', '.join(sorted({r['type'] for r in table.rows}))})"
+            )
     ordered = sorted(cands, key=lambda r: sort_key(r, col, info.descending))
     if top is not None:  # a module whose score is undefined (NaN/None, documented per scorer) is never chosen
         chosen = [r for r in ordered if r.get(col) is not None and r.get(col) == r.get(col)][:top]
     else:
+
         def hit(v: Any) -> bool:
             return v is not None and v == v and (v >= threshold if info.descending else v <= threshold)
+
         chosen = [r for r in ordered if hit(r.get(col))]
     op = ">=" if info.descending else "<="
     reasons = {}

@@ -81,8 +81,9 @@ def _row_id(row: dict[str, Any], index: int, id_field: str | None) -> str:
     return str(index)
 
 
-def task_rows_to_chats(rows: list[dict[str, Any]], template: str, response_field: str, path: str | Path,
-                       system: str | None = None) -> list[dict[str, Any]]:
+def task_rows_to_chats(
+    rows: list[dict[str, Any]], template: str, response_field: str, path: str | Path, system: str | None = None
+) -> list[dict[str, Any]]:
     """``template.format(**row)`` as the user turn, ``row[response_field]`` as the assistant turn."""
     out = []
     for i, row in enumerate(rows, start=1):
@@ -96,15 +97,24 @@ def task_rows_to_chats(rows: list[dict[str, Any]], template: str, response_field
         if resp is None or (isinstance(resp, str) and not resp.strip()):
             raise InputError(f"row {i}: missing or empty response field {response_field!r}", path)
         msgs = ([{"role": "system", "content": system}] if system else []) + [
-            {"role": "user", "content": user}, {"role": "assistant", "content": str(resp)}]
+            {"role": "user", "content": user},
+            {"role": "assistant", "content": str(resp)},
+        ]
         out.append({"messages": msgs})
     return out
 
 
-def build_training_data(data: str | Path, *, mix: Iterable[str | Path] | str | Path | None = None,
-                        template: str | None = None, response_field: str | None = None,
-                        sample: int | None = None, sample_seed: int = 0,
-                        exclude_ids: Iterable[str] | None = None, id_field: str | None = None) -> tuple[list[dict], dict]:
+def build_training_data(
+    data: str | Path,
+    *,
+    mix: Iterable[str | Path] | str | Path | None = None,
+    template: str | None = None,
+    response_field: str | None = None,
+    sample: int | None = None,
+    sample_seed: int = 0,
+    exclude_ids: Iterable[str] | None = None,
+    id_field: str | None = None,
+) -> tuple[list[dict], dict]:
     """The chat examples (task data, then every mix row) and a record of where they came from."""
     data = Path(data)
     if (template is None) != (response_field is None):
@@ -215,5 +225,5 @@ def encode_chat(tokenizer, messages: list[dict[str, str]], max_length: int) -> t
         full = prompt + messages[-1]["content"] + (tokenizer.eos_token or "")
     p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     f_ids = tokenizer(full, add_special_tokens=False)["input_ids"][:max_length]
-    labels = [IGNORE] * min(len(p_ids), len(f_ids)) + f_ids[len(p_ids):]
+    labels = [IGNORE] * min(len(p_ids), len(f_ids)) + f_ids[len(p_ids) :]
     return f_ids, labels[: len(f_ids)]

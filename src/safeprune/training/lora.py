@@ -40,7 +40,7 @@ def _batches(encoded: list[tuple[list[int], list[int]]], batch_size: int, pad_id
     while True:
         rng.shuffle(order)
         for i in range(0, len(order) - batch_size + 1 if len(order) >= batch_size else 1, batch_size):
-            chunk = [encoded[j] for j in order[i:i + batch_size]]
+            chunk = [encoded[j] for j in order[i : i + batch_size]]
             n = max(len(ids) for ids, _ in chunk)
             ids = torch.full((len(chunk), n), pad_id, dtype=torch.long)
             lab = torch.full((len(chunk), n), IGNORE, dtype=torch.long)
@@ -67,8 +67,13 @@ def train_lora(
     train = train or TrainSettings()
     torch.manual_seed(train.seed)
     rng = random.Random(train.seed)
-    cfg = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                     target_modules=list(lora.targets), task_type="CAUSAL_LM")
+    cfg = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=list(lora.targets),
+        task_type="CAUSAL_LM",
+    )
     pm = get_peft_model(model, cfg)
     pm.train()
     encoded = [encode_chat(tokenizer, ex["messages"], train.max_length) for ex in examples]

@@ -42,6 +42,7 @@ from .data import (
 def _progress_callback(enabled: bool):
     """A TrainerCallback that shows a rich bar with the loss on a terminal and prints one line a step to a
     log (a pipe, a file) so ``nohup ... > log`` records the loss curve as it goes."""
+
     class Progress(TrainerCallback):
         def __init__(self):
             self.prog = None
@@ -53,8 +54,9 @@ def _progress_callback(enabled: bool):
             if enabled and state.is_world_process_zero:
                 self.prog = make_progress(True)
                 self.prog.start()
-                self.task = self.prog.add_task("fine-tuning LoRA", total=state.max_steps,
-                                               completed=state.global_step, module="")
+                self.task = self.prog.add_task(
+                    "fine-tuning LoRA", total=state.max_steps, completed=state.global_step, module=""
+                )
 
         def on_log(self, args, state, control, logs=None, **kw):
             if not (enabled and state.is_world_process_zero) or not logs or "loss" not in logs:
@@ -64,9 +66,13 @@ def _progress_callback(enabled: bool):
                 self.prog.update(self.task, completed=state.global_step, module=msg)
             else:
                 el = time.monotonic() - self.t0
-                print(f"step {state.global_step}/{state.max_steps} epoch {logs.get('epoch', 0):.2f} {msg} "
-                      f"grad_norm {logs.get('grad_norm', float('nan')):.3f} lr {logs.get('learning_rate', 0):.3g} "
-                      f"elapsed {el:.0f}s", file=sys.stderr, flush=True)
+                print(
+                    f"step {state.global_step}/{state.max_steps} epoch {logs.get('epoch', 0):.2f} {msg} "
+                    f"grad_norm {logs.get('grad_norm', float('nan')):.3f} lr {logs.get('learning_rate', 0):.3g} "
+                    f"elapsed {el:.0f}s",
+                    file=sys.stderr,
+                    flush=True,
+                )
 
         def on_train_end(self, args, state, control, **kw):
             if self.prog is not None:
@@ -150,8 +156,13 @@ def finetune(
     ckpt_dir = work / "checkpoints"
     if not (base / "config.json").is_file():
         raise InputError("not a Hugging Face model directory (no config.json)", base)
-    for name, v, lo in (("rank", rank, 1), ("batch_size", batch_size, 1), ("grad_accum", grad_accum, 1),
-                        ("max_length", max_length, 2), ("warmup_steps", warmup_steps, 0)):
+    for name, v, lo in (
+        ("rank", rank, 1),
+        ("batch_size", batch_size, 1),
+        ("grad_accum", grad_accum, 1),
+        ("max_length", max_length, 2),
+        ("warmup_steps", warmup_steps, 0),
+    ):
         if v < lo:
             raise UsageError(f"{name} must be at least {lo} (got {v})")
     if save_steps is not None and save_steps < 1:
@@ -168,8 +179,9 @@ def finetune(
         if resume_from is None:
             raise UsageError(f"--resume: no checkpoint in {ckpt_dir} (run with --save-steps to write some)")
     elif work.exists() and not force:
-        raise OutputExistsError(f"an unfinished run is in {work}: pass --resume to continue it or --force to "
-                                "start over", out)
+        raise OutputExistsError(
+            f"an unfinished run is in {work}: pass --resume to continue it or --force to start over", out
+        )
     tlist = parse_targets(targets)
 
     if threads:
@@ -181,8 +193,15 @@ def finetune(
         exclude_file = None
         exclude_list = None if exclude_ids is None else [str(x) for x in exclude_ids]
     examples, data_info = build_training_data(
-        data, mix=mix, template=template, response_field=response_field, sample=sample,
-        sample_seed=seed if sample_seed is None else sample_seed, exclude_ids=exclude_list, id_field=id_field)
+        data,
+        mix=mix,
+        template=template,
+        response_field=response_field,
+        sample=sample,
+        sample_seed=seed if sample_seed is None else sample_seed,
+        exclude_ids=exclude_list,
+        id_field=id_field,
+    )
 
     try:
         tok = AutoTokenizer.from_pretrained(base)
@@ -256,8 +275,13 @@ def finetune(
     except ValueError as e:
         raise UsageError(f"LoRA targets {','.join(tlist)}: {e}") from None
 
-    trainer = Trainer(model=pm, args=args, train_dataset=ListDataset(encoded), data_collator=pad_collator(pad),
-                      callbacks=list(callbacks or []))
+    trainer = Trainer(
+        model=pm,
+        args=args,
+        train_dataset=ListDataset(encoded),
+        data_collator=pad_collator(pad),
+        callbacks=list(callbacks or []),
+    )
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(_progress_callback(progress))
@@ -274,9 +298,17 @@ def finetune(
     if ckpt_dir.is_dir() and not any(ckpt_dir.iterdir()):
         ckpt_dir.rmdir()
     trainer.model.save_pretrained(str(work), safe_serialization=True)
-    loss_history = [{"step": r["step"], "epoch": round(r.get("epoch", 0.0), 4), "loss": r["loss"],
-                     "grad_norm": r.get("grad_norm"), "learning_rate": r.get("learning_rate")}
-                    for r in trainer.state.log_history if "loss" in r]
+    loss_history = [
+        {
+            "step": r["step"],
+            "epoch": round(r.get("epoch", 0.0), 4),
+            "loss": r["loss"],
+            "grad_norm": r.get("grad_norm"),
+            "learning_rate": r.get("learning_rate"),
+        }
+        for r in trainer.state.log_history
+        if "loss" in r
+    ]
     files = [{"role": "data", **data_info["data"], "sha256": sha256_hex(Path(data))}]
     files += [{"role": "mix", **m, "sha256": sha256_hex(Path(m["path"]))} for m in data_info["mix"]]
     record = {
@@ -286,22 +318,47 @@ def finetune(
         "data_files": files,
         "template": template,
         "response_field": response_field,
-        "exclude_ids": str(exclude_file) if exclude_file else (None if exclude_list is None else
-                                                              f"{len(exclude_list)} ids given in the call"),
+        "exclude_ids": str(exclude_file)
+        if exclude_file
+        else (None if exclude_list is None else f"{len(exclude_list)} ids given in the call"),
         "exclude_ids_sha256": sha256_hex(exclude_file) if exclude_file else None,
-        "r": rank, "alpha": float(alpha), "dropout": dropout, "targets": ",".join(tlist),
-        "lr": lr, "epochs": epochs, "max_steps": max_steps, "bs": batch_size, "grad_accum": grad_accum,
-        "max_len": max_length, "warmup": warmup_steps, "weight_decay": weight_decay,
-        "lr_scheduler": lr_scheduler, "optimizer": "adamw_torch", "seed": seed, "data_seed": seed,
-        "bf16": bool(bf16), "device": "cpu" if use_cpu else "cuda", "world_size": args.world_size,
-        "threads": torch.get_num_threads(), "save_steps": save_steps,
+        "r": rank,
+        "alpha": float(alpha),
+        "dropout": dropout,
+        "targets": ",".join(tlist),
+        "lr": lr,
+        "epochs": epochs,
+        "max_steps": max_steps,
+        "bs": batch_size,
+        "grad_accum": grad_accum,
+        "max_len": max_length,
+        "warmup": warmup_steps,
+        "weight_decay": weight_decay,
+        "lr_scheduler": lr_scheduler,
+        "optimizer": "adamw_torch",
+        "seed": seed,
+        "data_seed": seed,
+        "bf16": bool(bf16),
+        "device": "cpu" if use_cpu else "cuda",
+        "world_size": args.world_size,
+        "threads": torch.get_num_threads(),
+        "save_steps": save_steps,
         "resumed_from": str(resume_from) if resume_from else None,
-        "n_examples": len(encoded), "truncated": truncated, "n_truncated": cut,
-        "n_dropped_truncated": dropped, "n_kept_without_answer": no_answer,
-        "steps": trainer.state.global_step, "epochs_done": round(trainer.state.epoch or 0.0, 4),
-        "train_seconds": round(train_seconds, 1), "train_loss": result.training_loss,
-        "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__,
-                     "peft": __import__("peft").__version__, "python": sys.version.split()[0]},
+        "n_examples": len(encoded),
+        "truncated": truncated,
+        "n_truncated": cut,
+        "n_dropped_truncated": dropped,
+        "n_kept_without_answer": no_answer,
+        "steps": trainer.state.global_step,
+        "epochs_done": round(trainer.state.epoch or 0.0, 4),
+        "train_seconds": round(train_seconds, 1),
+        "train_loss": result.training_loss,
+        "versions": {
+            "torch": torch.__version__,
+            "transformers": __import__("transformers").__version__,
+            "peft": __import__("peft").__version__,
+            "python": sys.version.split()[0],
+        },
         "loss_history": loss_history,
     }
     (work / "training_args.json").write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")

@@ -5,17 +5,31 @@ from .base import WeightSource
 from .gguf import GGUFSource
 from .hub import looks_like_hub_id, resolve_hub_id
 from .keys import (
-                   base_key_for,
-                   check_modules_present,
-                   module_weight_key,
-                   name_candidates,
-                   read_module_weight,
-                   read_weight_and_norm,
+    base_key_for,
+    check_modules_present,
+    module_weight_key,
+    name_candidates,
+    read_module_weight,
+    read_weight_and_norm,
 )
 from .norms import checked_fro_norm, fro_norm64
 from .open import open_dir, open_weights
 from .safetensors import SafetensorsSource
 
-__all__ = ["WeightSource", "GGUFSource", "SafetensorsSource", "open_weights", "open_dir", "looks_like_hub_id",
-           "resolve_hub_id", "base_key_for", "check_modules_present", "module_weight_key", "name_candidates",
-           "read_module_weight", "read_weight_and_norm", "checked_fro_norm", "fro_norm64"]
+__all__ = [
+    "WeightSource",
+    "GGUFSource",
+    "SafetensorsSource",
+    "open_weights",
+    "open_dir",
+    "looks_like_hub_id",
+    "resolve_hub_id",
+    "base_key_for",
+    "check_modules_present",
+    "module_weight_key",
+    "name_candidates",
+    "read_module_weight",
+    "read_weight_and_norm",
+    "checked_fro_norm",
+    "fro_norm64",
+]

@@ -137,8 +137,9 @@ class GGUFSource(WeightSource):
                 elif ".self_attn.k_proj." in key:
                     w = unpermute_qk(w, self.n_head_kv or self.n_head)
             except ShapeMismatchError as e:
-                raise ShapeMismatchError(f"tensor {t.name!r}: {e.problem} (head counts in the metadata)",
-                                         self.path) from None
+                raise ShapeMismatchError(
+                    f"tensor {t.name!r}: {e.problem} (head counts in the metadata)", self.path
+                ) from None
         return w
 
     def close(self) -> None:

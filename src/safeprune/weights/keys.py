@@ -22,7 +22,7 @@ def name_candidates(module: str) -> Iterable[str]:
         yield "model." + module
     for wrapper in ("model.language_model.", "language_model.model.", "language_model."):
         if module.startswith("model."):
-            yield wrapper + module[len("model."):]
+            yield wrapper + module[len("model.") :]
         yield wrapper + module
 
 
@@ -65,8 +65,9 @@ def check_modules_present(source: WeightSource, modules: Iterable, role: str = "
         module_weight_key(source, m, role)
 
 
-def read_weight_and_norm(source: WeightSource, module, *, dtype: torch.dtype | None = torch.float32,
-                         role: str = "base") -> tuple[torch.Tensor, float]:
+def read_weight_and_norm(
+    source: WeightSource, module, *, dtype: torch.dtype | None = torch.float32, role: str = "base"
+) -> tuple[torch.Tensor, float]:
     """Read W0 for a LoraModule in (out, in) orientation (``dtype=None``: the stored dtype, e.g. bfloat16,
     without conversion), checking its shape, and return it with ‖W0‖_F.
 
@@ -85,7 +86,8 @@ def read_weight_and_norm(source: WeightSource, module, *, dtype: torch.dtype | N
     return (w.T if module.fan_in_fan_out else w), n
 
 
-def read_module_weight(source: WeightSource, module, *, dtype: torch.dtype | None = torch.float32,
-                       role: str = "base") -> torch.Tensor:
+def read_module_weight(
+    source: WeightSource, module, *, dtype: torch.dtype | None = torch.float32, role: str = "base"
+) -> torch.Tensor:
     """:func:`read_weight_and_norm` without the norm."""
     return read_weight_and_norm(source, module, dtype=dtype, role=role)[0]

@@ -68,7 +68,6 @@ def open_dir(d: Path, root: Path | None = None) -> WeightSource:
     raise InputError("no model weights found (expected model.safetensors, shards with an index, or a .gguf)", d)
 
 
-
 def open_weights(spec: str | Path | WeightSource) -> WeightSource:
     """Open a base model (or aligned/unaligned model) given as a directory, a file or a hub id."""
     if isinstance(spec, WeightSource):

@@ -34,8 +34,18 @@ F64 = torch.float64
 BLOCK_ELEMS = 1 << 20  # entries of V formed at a time (4 MiB in float32)
 
 # config.json fields that must agree between an aligned model and its unaligned counterpart
-_ARCH_FIELDS = ("model_type", "hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads",
-                "num_key_value_heads", "head_dim", "n_embd", "n_layer", "n_head")
+_ARCH_FIELDS = (
+    "model_type",
+    "hidden_size",
+    "num_hidden_layers",
+    "intermediate_size",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "n_embd",
+    "n_layer",
+    "n_head",
+)
 
 
 def _rows_per_block(out: int, inp: int, block_elems: int) -> int:
@@ -46,22 +56,28 @@ def _diff_block(Wa: torch.Tensor, Wu: torch.Tensor, i: int, step: int, buf: torc
     """Rows i:i+step of V = Wa − Wu in float64, written into ``buf``."""
     n = min(step, Wa.shape[0] - i)
     Vb = buf[:n]
-    Vb.copy_(Wa[i:i + n])
-    Vb.sub_(Wu[i:i + n])
+    Vb.copy_(Wa[i : i + n])
+    Vb.sub_(Wu[i : i + n])
     return Vb
 
 
 def apply_alignment(
-    Wa: torch.Tensor, Wu: torch.Tensor, Z: torch.Tensor, *, block_elems: int = BLOCK_ELEMS,
-    what: str = "alignment matrix", where: str = "",
+    Wa: torch.Tensor,
+    Wu: torch.Tensor,
+    Z: torch.Tensor,
+    *,
+    block_elems: int = BLOCK_ELEMS,
+    what: str = "alignment matrix",
+    where: str = "",
 ) -> tuple[torch.Tensor, float]:
     """Return (C·Z, ‖V‖_F) with V = Wa − Wu, C = V Vᵀ/‖V‖_F, in float64; C·Z is out×k.
 
     If V = 0 (the pair agrees on this weight) C is 0 and so is C·Z; the caller decides what that means.
     """
     if Wa.shape != Wu.shape:
-        raise ShapeMismatchError(f"aligned weight has shape {tuple(Wa.shape)} but unaligned has {tuple(Wu.shape)}",
-                                 where or None)
+        raise ShapeMismatchError(
+            f"aligned weight has shape {tuple(Wa.shape)} but unaligned has {tuple(Wu.shape)}", where or None
+        )
     out, inp = Wa.shape
     if Z.shape[0] != out:
         raise ValueError(f"Z has {Z.shape[0]} rows, expected {out}")
@@ -76,7 +92,7 @@ def apply_alignment(
     for i in range(0, out, step):
         Vb = _diff_block(Wa, Wu, i, step, buf)
         sq += float(torch.linalg.vector_norm(Vb) ** 2)
-        ZtV.addmm_(Z64[i:i + step].T, Vb)
+        ZtV.addmm_(Z64[i : i + step].T, Vb)
     vfro = math.sqrt(sq)
     if not math.isfinite(vfro):
         raise NonFiniteError(f"{what} (aligned − unaligned) contains NaN or Inf", where or None)
@@ -87,7 +103,7 @@ def apply_alignment(
     VtZ = ZtV.T
     for i in range(0, out, step):
         Vb = _diff_block(Wa, Wu, i, step, buf)
-        torch.mm(Vb, VtZ, out=CZ[i:i + step])
+        torch.mm(Vb, VtZ, out=CZ[i : i + step])
     CZ /= vfro
     return CZ, vfro
 
@@ -106,6 +122,7 @@ def gram_inner(P: torch.Tensor, Q: torch.Tensor, GA: torch.Tensor) -> float:
 # -------------------------------------------------------------------------------------------------
 # pair checks
 # -------------------------------------------------------------------------------------------------
+
 
 def _config_of(src: WeightSource) -> tuple[dict | None, Path | None]:
     files = src.files()
@@ -126,8 +143,9 @@ def _pair_key(src: WeightSource, module: str, role: str) -> str:
     for k in cands:
         if k in keys:
             return k
-    raise InputError(f"{role} model has no weight for LoRA module {module!r} (looked for {cands[0]!r})",
-                     src.description)
+    raise InputError(
+        f"{role} model has no weight for LoRA module {module!r} (looked for {cands[0]!r})", src.description
+    )
 
 
 def _stored_dtype(src: WeightSource, key: str, headers: dict) -> str | None:
@@ -143,8 +161,9 @@ def _stored_dtype(src: WeightSource, key: str, headers: dict) -> str | None:
     return None
 
 
-def check_pair(aligned: WeightSource, unaligned: WeightSource, modules: Iterable, *, config: bool = True,
-               tensors: bool = True) -> None:
+def check_pair(
+    aligned: WeightSource, unaligned: WeightSource, modules: Iterable, *, config: bool = True, tensors: bool = True
+) -> None:
     """Fail early (metadata only) if the pair cannot be compared module by module.
 
     * the same files given twice -> UsageError (V would be 0 everywhere);
@@ -158,8 +177,10 @@ def check_pair(aligned: WeightSource, unaligned: WeightSource, modules: Iterable
     fa = [os.path.realpath(f) for f in aligned.files()]
     fu = [os.path.realpath(f) for f in unaligned.files()]
     if fa and fa == fu:
-        raise UsageError(f"--aligned and --unaligned are the same model ({aligned.description}); the pair methods "
-                         "need an aligned model and its unaligned counterpart")
+        raise UsageError(
+            f"--aligned and --unaligned are the same model ({aligned.description}); the pair methods "
+            "need an aligned model and its unaligned counterpart"
+        )
     ca, pa = _config_of(aligned) if config else (None, None)
     cu, pu = _config_of(unaligned) if config else (None, None)
     if ca is not None and cu is not None:
@@ -172,7 +193,7 @@ def check_pair(aligned: WeightSource, unaligned: WeightSource, modules: Iterable
                 pu,
             )
     headers: dict = {}
-    for m in (modules if tensors else ()):
+    for m in modules if tensors else ():
         ka = _pair_key(aligned, m.name, "aligned")
         ku = _pair_key(unaligned, m.name, "unaligned")
         sa, su = tuple(aligned.shape(ka)), tuple(unaligned.shape(ku))

@@ -42,11 +42,13 @@ class SafetensorsSource(WeightSource):
         if weight_map is not None:
             for k, f in weight_map.items():
                 if k not in self._file_of:
-                    raise InputError(f"index names tensor {k!r} in {f.name}, but that file does not contain it",
-                                     self.description)
+                    raise InputError(
+                        f"index names tensor {k!r} in {f.name}, but that file does not contain it", self.description
+                    )
                 if self._file_of[k] != f:
-                    raise InputError(f"index places {k!r} in {f.name} but it is in {self._file_of[k].name}",
-                                     self.description)
+                    raise InputError(
+                        f"index places {k!r} in {f.name} but it is in {self._file_of[k].name}", self.description
+                    )
         self._handles: dict[Path, object] = {}
         self._fds: dict[Path, int] = {}
         self._lock = threading.Lock()
@@ -111,8 +113,15 @@ class SafetensorsSource(WeightSource):
 
 
 _ST_TORCH_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
     "BOOL": torch.bool,
 }
 

@@ -67,28 +67,41 @@ def demo_adapter(steps: int, retrain: bool, console, quiet: bool) -> Path:
     t0 = time.perf_counter()
     model, tok = load_gguf_model(gguf)
     if not quiet:
-        console.print(f"loaded SmolLM2-135M-Instruct from {gguf.name} in {time.perf_counter() - t0:.1f}s; "
-                      f"training a q/k/v/o r={lora.r} LoRA for {steps} steps", highlight=False)
+        console.print(
+            f"loaded SmolLM2-135M-Instruct from {gguf.name} in {time.perf_counter() - t0:.1f}s; "
+            f"training a q/k/v/o r={lora.r} LoRA for {steps} steps",
+            highlight=False,
+        )
     losses: list[float] = []
     pm = train_lora(model, tok, builtin_examples(), lora, train, progress=not quiet, log=losses)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".demo-adapter-", dir=out.parent))
     try:
         pm.save_pretrained(tmp)
-        (tmp / "training.json").write_text(json.dumps({"lora": vars(lora), "train": vars(train), "losses": losses},
-                                                      indent=2))
+        (tmp / "training.json").write_text(
+            json.dumps({"lora": vars(lora), "train": vars(train), "losses": losses}, indent=2)
+        )
         swap_dir_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     if not quiet:
-        console.print(f"trained in {time.perf_counter() - t0:.1f}s (loss {losses[0]:.3f} -> {losses[-1]:.3f})",
-                      highlight=False)
+        console.print(
+            f"trained in {time.perf_counter() - t0:.1f}s (loss {losses[0]:.3f} -> {losses[-1]:.3f})", highlight=False
+        )
     return out
 
 
-def run_demo(output: Path, *, steps: int = 24, top: int = 10, retrain: bool = False, console=None,
-             quiet: bool = False, show_table: Callable[..., None] | None = None) -> dict:
+def run_demo(
+    output: Path,
+    *,
+    steps: int = 24,
+    top: int = 10,
+    retrain: bool = False,
+    console=None,
+    quiet: bool = False,
+    show_table: Callable[..., None] | None = None,
+) -> dict:
     """Train (or reuse), scan and prune the demo adapter; ``show_table(table, limit=, marked=)`` prints the
     score table (the CLI passes its renderer)."""
     console = console or Console()
@@ -101,8 +114,13 @@ def run_demo(output: Path, *, steps: int = 24, top: int = 10, retrain: bool = Fa
     pruned_dir = edited.save(output / "pruned-adapter", force=True)
     write_text_atomic(output / "scores.json", table.to_json())
     write_text_atomic(output / "scores.csv", table.to_csv())
-    heatmap(table, output / "ddi_heatmap.png", column="ddi", marked=sel.selected,
-            title=f"DDI per module, SmolLM2-135M demo adapter (✕ = pruned, top {top})")
+    heatmap(
+        table,
+        output / "ddi_heatmap.png",
+        column="ddi",
+        marked=sel.selected,
+        title=f"DDI per module, SmolLM2-135M demo adapter (✕ = pruned, top {top})",
+    )
     if not quiet:
         if show_table is not None:
             show_table(table, limit=max(top + 5, 15), marked=set(sel.selected))
@@ -110,9 +128,13 @@ def run_demo(output: Path, *, steps: int = 24, top: int = 10, retrain: bool = Fa
         console.print(
             f"\nscored {len(table)} modules in {table.meta['seconds']:.2f}s against {base.name}; pruned "
             f"{len(sel)} ({sel.rule.describe()}); LoRA parameters kept {ed['lora_params_kept_pct']:.1f}%",
-            highlight=False)
-        console.print(f"  trained adapter : {adapter_dir}\n  pruned adapter  : {pruned_dir}\n"
-                      f"  scores          : {output / 'scores.json'}, {output / 'scores.csv'}\n"
-                      f"  heatmap         : {output / 'ddi_heatmap.png'}\n"
-                      f"  total           : {time.perf_counter() - t0:.1f}s", highlight=False)
+            highlight=False,
+        )
+        console.print(
+            f"  trained adapter : {adapter_dir}\n  pruned adapter  : {pruned_dir}\n"
+            f"  scores          : {output / 'scores.json'}, {output / 'scores.csv'}\n"
+            f"  heatmap         : {output / 'ddi_heatmap.png'}\n"
+            f"  total           : {time.perf_counter() - t0:.1f}s",
+            highlight=False,
+        )
     return {"adapter": adapter_dir, "pruned": pruned_dir, "table": table, "selection": sel}

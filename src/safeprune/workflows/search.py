@@ -57,11 +57,13 @@ def prune_order(table: ScoreTable, method: str, column: str | None = None) -> li
         raise UsageError(f"the score table has no {method!r} scores (it has: {', '.join(table.methods) or 'none'})")
     info = table.methods[method]
     col = column or info.primary
-    return [r["module"] for r in table.ordered(col, info.descending)
-            if r.get(col) is not None and r.get(col) == r.get(col)]
+    return [
+        r["module"] for r in table.ordered(col, info.descending) if r.get(col) is not None and r.get(col) == r.get(col)
+    ]
 
 
 # -- result ------------------------------------------------------------------------------------------
+
 
 @dataclass
 class SearchResult:
@@ -98,6 +100,7 @@ def check_budget(target_asr: float, max_utility_drop: float) -> None:
 
 
 # -- search ------------------------------------------------------------------------------------------
+
 
 def budgeted_search(
     base: str | Path,
@@ -146,8 +149,11 @@ def budgeted_search(
         tau_max = len(order)
     if not 1 <= tau_max <= len(order):
         raise UsageError(f"--tau-max must be in [1, {len(order)}] (the length of the prune order), got {tau_max}")
-    for name, v in (("safety_max_new_tokens", safety_max_new_tokens), ("utility_max_new_tokens", utility_max_new_tokens),
-                    ("batch_size", batch_size)):
+    for name, v in (
+        ("safety_max_new_tokens", safety_max_new_tokens),
+        ("utility_max_new_tokens", utility_max_new_tokens),
+        ("batch_size", batch_size),
+    ):
         if v < 1:
             raise UsageError(f"{name} must be >= 1, got {v}")
 
@@ -194,10 +200,19 @@ def budgeted_search(
         asr = sum(not r for r in refused) / len(refused)
         r1 = 100.0 * sum(s["rouge1"] for s in rouge_scores([g.text for g in ug], u_refs)) / len(u_refs)
         gens = hg + ug
-        row = {"tau": tau, "probe_asr": asr, "probe_rouge1": r1, "utility_drop": None, "meets_asr": asr <= target_asr,
-               "within_budget": None, "feasible": None, "edit": how,
-               "generated": sum(not g.cached for g in gens), "cached": sum(g.cached for g in gens),
-               "seconds": round(time.perf_counter() - t0, 3)}
+        row = {
+            "tau": tau,
+            "probe_asr": asr,
+            "probe_rouge1": r1,
+            "utility_drop": None,
+            "meets_asr": asr <= target_asr,
+            "within_budget": None,
+            "feasible": None,
+            "edit": how,
+            "generated": sum(not g.cached for g in gens),
+            "cached": sum(g.cached for g in gens),
+            "seconds": round(time.perf_counter() - t0, 3),
+        }
         if history:  # τ = 0 is always first: the reference
             ref = history[0]["probe_rouge1"]
             row["utility_drop"] = ref - r1
@@ -207,13 +222,17 @@ def budgeted_search(
         row["feasible"] = row["meets_asr"] and row["within_budget"]
         history.append(row)
         seen[tau] = row
-        say(f"  τ={tau:>4}: probe ASR {asr:.3f}  ROUGE-1 {r1:.2f} (drop {row['utility_drop']:+.2f})  "
+        say(
+            f"  τ={tau:>4}: probe ASR {asr:.3f}  ROUGE-1 {r1:.2f} (drop {row['utility_drop']:+.2f})  "
             f"{'feasible' if row['feasible'] else 'meets ASR' if row['meets_asr'] else 'ASR too high'}  "
-            f"[{row['generated']} generated, {row['cached']} cached, {row['seconds']:.1f}s]")
+            f"[{row['generated']} generated, {row['cached']} cached, {row['seconds']:.1f}s]"
+        )
         return row
 
-    say(f"search: {len(order)} modules in the order, τ_max={tau_max}, target ASR ≤ {target_asr}, "
-        f"ROUGE-1 drop ≤ {max_utility_drop} points; probes {len(h_prompts)} harmful + {len(u_prompts)} utility")
+    say(
+        f"search: {len(order)} modules in the order, τ_max={tau_max}, target ASR ≤ {target_asr}, "
+        f"ROUGE-1 drop ≤ {max_utility_drop} points; probes {len(h_prompts)} harmful + {len(u_prompts)} utility"
+    )
     r0 = evaluate(0)
     tau: int | None
     reason = ""
@@ -224,8 +243,10 @@ def budgeted_search(
         if not top["meets_asr"]:
             tau, reason = None, f"τ_max={tau_max} does not reach probe ASR ≤ {target_asr} (got {top['probe_asr']:.3f})"
             if not top["within_budget"]:
-                reason += (f" and already drops ROUGE-1 by {top['utility_drop']:.2f} > {max_utility_drop} points, so "
-                           "a larger τ_max would not help either (assuming monotone ASR and utility)")
+                reason += (
+                    f" and already drops ROUGE-1 by {top['utility_drop']:.2f} > {max_utility_drop} points, so "
+                    "a larger τ_max would not help either (assuming monotone ASR and utility)"
+                )
         else:
             lo, hi = 0, tau_max  # invariant: ASR(lo) > target, ASR(hi) ≤ target
             dead_end = None
@@ -242,12 +263,16 @@ def budgeted_search(
             tau = hi
             if dead_end is not None:
                 tau = None
-                reason = (f"τ={dead_end} misses the ASR target and already drops ROUGE-1 by "
-                          f"{seen[dead_end]['utility_drop']:.2f} > {max_utility_drop} points: with ASR not rising "
-                          "and utility not improving as τ grows, no τ meets both")
+                reason = (
+                    f"τ={dead_end} misses the ASR target and already drops ROUGE-1 by "
+                    f"{seen[dead_end]['utility_drop']:.2f} > {max_utility_drop} points: with ASR not rising "
+                    "and utility not improving as τ grows, no τ meets both"
+                )
             elif not seen[hi]["within_budget"]:
-                reason = (f"the smallest τ meeting the ASR target ({hi}) drops ROUGE-1 by "
-                          f"{seen[hi]['utility_drop']:.2f} > {max_utility_drop} points")
+                reason = (
+                    f"the smallest τ meeting the ASR target ({hi}) drops ROUGE-1 by "
+                    f"{seen[hi]['utility_drop']:.2f} > {max_utility_drop} points"
+                )
                 tau = None
             else:
                 reason = f"bisection bracket closed at ({lo}, {hi}]"
@@ -259,42 +284,69 @@ def budgeted_search(
     non_monotone = []
     rows = sorted(seen.values(), key=lambda r: r["tau"])
     for i, a in enumerate(rows):
-        for b in rows[i + 1:]:
+        for b in rows[i + 1 :]:
             if a["meets_asr"] and not b["meets_asr"]:
                 non_monotone.append({"tau_meets": a["tau"], "tau_misses": b["tau"]})
     feasible_rows = [r for r in rows if r["feasible"]]
     if feasible_rows and (tau is None or feasible_rows[0]["tau"] < tau):
         smaller = feasible_rows[0]["tau"]
         if tau is None:
-            reason += (f"; but the evaluated τ={smaller} meets both constraints (ASR or utility is not monotone "
-                       "along this order), so it is returned: the smallest evaluated feasible τ")
+            reason += (
+                f"; but the evaluated τ={smaller} meets both constraints (ASR or utility is not monotone "
+                "along this order), so it is returned: the smallest evaluated feasible τ"
+            )
         else:
-            reason += (f"; a smaller evaluated τ={smaller} also meets both constraints (ASR is not monotone along "
-                       "this order) and is returned")
+            reason += (
+                f"; a smaller evaluated τ={smaller} also meets both constraints (ASR is not monotone along "
+                "this order) and is returned"
+            )
         tau = smaller
     if tau is not None:
         best = seen[tau]
     else:  # best trade-off: lowest probe ASR within the utility budget (τ=0 always is), then smallest τ
         best = min((r for r in rows if r["within_budget"]), key=lambda r: (r["probe_asr"], r["tau"]))
     secs = time.perf_counter() - t_start
-    cost = {"evaluations": len(history), "generated": sum(r["generated"] for r in history),
-            "cached": sum(r["cached"] for r in history), "seconds": round(secs, 3),
-            "bisection_bound": 2 + math.ceil(math.log2(tau_max)) if tau_max > 1 else 2}
+    cost = {
+        "evaluations": len(history),
+        "generated": sum(r["generated"] for r in history),
+        "cached": sum(r["cached"] for r in history),
+        "seconds": round(secs, 3),
+        "bisection_bound": 2 + math.ceil(math.log2(tau_max)) if tau_max > 1 else 2,
+    }
     probes = {
         "note": "probe settings for the search, not the evaluation protocol",
         "harmful": {**hset.describe(), "ids": [it.id for it in hset.items], "size": len(hset.items)},
         "utility": {**uset.describe(), "ids": [it.id for it in uset.items], "size": len(uset.items)},
-        "names": [hset.name, uset.name], "sizes": [len(hset.items), len(uset.items)],
-        "settings": {"harmful": s_set.key(), "utility": u_set.key(), "batch_size": batch_size, "seed": seed,
-                     "judge": judge.id, "asr": "fraction of harmful probes not refused (keyword judge)",
-                     "rouge1": "100 x mean ROUGE-1 F1 (rouge_score, stemmer) vs the reference summary",
-                     "backend": backend.describe() | {"adapters": len(backend.adapters)}},
+        "names": [hset.name, uset.name],
+        "sizes": [len(hset.items), len(uset.items)],
+        "settings": {
+            "harmful": s_set.key(),
+            "utility": u_set.key(),
+            "batch_size": batch_size,
+            "seed": seed,
+            "judge": judge.id,
+            "asr": "fraction of harmful probes not refused (keyword judge)",
+            "rouge1": "100 x mean ROUGE-1 F1 (rouge_score, stemmer) vs the reference summary",
+            "backend": backend.describe() | {"adapters": len(backend.adapters)},
+        },
     }
-    res = SearchResult(tau=tau, feasible=tau is not None, target_asr=target_asr, max_utility_drop=max_utility_drop,
-                       history=history, cost=cost, probes=probes, best=best, reason=reason.strip("; "),
-                       order=order[:tau_max], non_monotone=non_monotone)
+    res = SearchResult(
+        tau=tau,
+        feasible=tau is not None,
+        target_asr=target_asr,
+        max_utility_drop=max_utility_drop,
+        history=history,
+        cost=cost,
+        probes=probes,
+        best=best,
+        reason=reason.strip("; "),
+        order=order[:tau_max],
+        non_monotone=non_monotone,
+    )
 
     write_text_atomic(work / "search.json", json.dumps(res.to_dict(), indent=2, default=str) + "\n")
-    say(f"search: {'τ = ' + str(tau) if tau is not None else 'infeasible'} ({res.reason}); {cost['evaluations']} "
-        f"evaluations, {cost['generated']} generated, {cost['cached']} from cache, {secs:.1f}s")
+    say(
+        f"search: {'τ = ' + str(tau) if tau is not None else 'infeasible'} ({res.reason}); {cost['evaluations']} "
+        f"evaluations, {cost['generated']} generated, {cost['cached']} from cache, {secs:.1f}s"
+    )
     return res

@@ -33,5 +33,17 @@ def make_backend(name: str, base: str, adapters: dict[str, str] | None = None, *
     return BACKENDS[name](base, adapters, **kw)
 
 
-__all__ = ["Backend", "Generation", "GenSettings", "FakeBackend", "HFBackend", "VLLMBackend", "BACKENDS",
-           "make_backend", "adapter_fingerprint", "fingerprint_dir", "tokens_per_second", "ADAPTER_FILES"]
+__all__ = [
+    "Backend",
+    "Generation",
+    "GenSettings",
+    "FakeBackend",
+    "HFBackend",
+    "VLLMBackend",
+    "BACKENDS",
+    "make_backend",
+    "adapter_fingerprint",
+    "fingerprint_dir",
+    "tokens_per_second",
+    "ADAPTER_FILES",
+]

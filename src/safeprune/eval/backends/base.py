@@ -58,9 +58,16 @@ def fingerprint_dir(path: str | Path, limit: int = 2 * 1024**3) -> str:
     p = Path(path)
     if not p.exists():
         raise InputError("not found", p)
-    files = [p] if p.is_file() else sorted(
-        f for f in p.iterdir() if f.is_file() and (f.suffix in (".safetensors", ".bin", ".json", ".gguf", ".model")
-                                                   or f.name.endswith(".jinja")))
+    files = (
+        [p]
+        if p.is_file()
+        else sorted(
+            f
+            for f in p.iterdir()
+            if f.is_file()
+            and (f.suffix in (".safetensors", ".bin", ".json", ".gguf", ".model") or f.name.endswith(".jinja"))
+        )
+    )
     return files_digest(files, limit)
 
 
@@ -113,8 +120,13 @@ class Backend:
             raise UsageError(f"adapter name {name!r} is already loaded from {self.adapters[name]}")
         self.adapters[name] = str(path)
 
-    def generate(self, prompts: Sequence[str], adapter: str | None, settings: GenSettings,
-                 on_batch: Callable[[int, list[Generation]], None] | None = None) -> list[Generation]:
+    def generate(
+        self,
+        prompts: Sequence[str],
+        adapter: str | None,
+        settings: GenSettings,
+        on_batch: Callable[[int, list[Generation]], None] | None = None,
+    ) -> list[Generation]:
         raise NotImplementedError
 
     def describe(self) -> dict[str, Any]:

@@ -16,8 +16,12 @@ class FakeBackend(Backend):
 
     name = "fake"
 
-    def __init__(self, base: str = "fake-base", adapters: dict[str, str] | None = None,
-                 responses: dict[str | None, Any] | None = None):
+    def __init__(
+        self,
+        base: str = "fake-base",
+        adapters: dict[str, str] | None = None,
+        responses: dict[str | None, Any] | None = None,
+    ):
         super().__init__(base, adapters)
         self.responses = responses or {}
         self.calls: list[tuple[str | None, int]] = []
@@ -45,15 +49,24 @@ class FakeBackend(Backend):
         out: list[Generation] = []
         bs = max(1, settings.batch_size)
         for s in range(0, len(prompts), bs):
-            chunk = prompts[s:s + bs]
+            chunk = prompts[s : s + bs]
             self.calls.append((adapter, len(chunk)))
             gens = []
             for p in chunk:
                 words = self._respond(adapter, p).split()[: settings.max_new_tokens]
                 text = " ".join(words)
                 nll = 0.5 + (int(hashlib.md5(text.encode()).hexdigest()[:6], 16) % 1000) / 1000.0
-                gens.append(Generation(text, len(words), 0.001 * len(chunk), len(chunk), nll, nll / 2,
-                                       len(words) < settings.max_new_tokens))
+                gens.append(
+                    Generation(
+                        text,
+                        len(words),
+                        0.001 * len(chunk),
+                        len(chunk),
+                        nll,
+                        nll / 2,
+                        len(words) < settings.max_new_tokens,
+                    )
+                )
             if on_batch:
                 on_batch(s, gens)
             out.extend(gens)

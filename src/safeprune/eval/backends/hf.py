@@ -61,23 +61,35 @@ class HFBackend(Backend):
 
     name = "hf"
 
-    def __init__(self, base: str, adapters: dict[str, str] | None = None, *, device: str = "cpu",
-                 dtype: str = "float32", threads: int | None = None):
+    def __init__(
+        self,
+        base: str,
+        adapters: dict[str, str] | None = None,
+        *,
+        device: str = "cpu",
+        dtype: str = "float32",
+        threads: int | None = None,
+    ):
         super().__init__(base, adapters)
         if threads:
             torch.set_num_threads(threads)
         bp = Path(base)
         if not bp.is_dir():
-            raise InputError("base model must be a local Hugging Face model directory (no hub downloads at run "
-                             "time)", bp)
+            raise InputError(
+                "base model must be a local Hugging Face model directory (no hub downloads at run time)", bp
+            )
         if not (bp / "config.json").is_file():
             raise InputError("no config.json: not a Hugging Face model directory", bp)
-        self.device = "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
+        self.device = (
+            "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
+        )
         self.dtype = dtype
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(bp, local_files_only=True)
         except Exception as e:  # noqa: BLE001 - transformers raises many kinds
-            raise InputError(f"cannot load the tokenizer ({type(e).__name__}: {str(e).splitlines()[0][:200]})", bp) from None
+            raise InputError(
+                f"cannot load the tokenizer ({type(e).__name__}: {str(e).splitlines()[0][:200]})", bp
+            ) from None
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
@@ -94,8 +106,9 @@ class HFBackend(Backend):
                 else:
                     model.load_adapter(str(ap), adapter_name=name, is_trainable=False)
             except Exception as e:  # noqa: BLE001
-                raise InputError(f"PEFT could not load the adapter on {bp} ({type(e).__name__}: "
-                                 f"{str(e).splitlines()[0][:200]})", ap) from None
+                raise InputError(
+                    f"PEFT could not load the adapter on {bp} ({type(e).__name__}: {str(e).splitlines()[0][:200]})", ap
+                ) from None
             self._has_peft = True
         self.model = model.eval()
         self._hash: str | None = None
@@ -108,20 +121,25 @@ class HFBackend(Backend):
             raise InputError("not a PEFT adapter directory (no adapter_config.json)", ap)
         try:
             if not self._has_peft:
-                self.model = PeftModel.from_pretrained(self.model, str(ap), adapter_name=name, is_trainable=False).eval()
+                self.model = PeftModel.from_pretrained(
+                    self.model, str(ap), adapter_name=name, is_trainable=False
+                ).eval()
                 self._has_peft = True
             else:
                 self.model.load_adapter(str(ap), adapter_name=name, is_trainable=False)
         except Exception as e:  # noqa: BLE001
-            raise InputError(f"PEFT could not load the adapter on {self.base} ({type(e).__name__}: "
-                             f"{str(e).splitlines()[0][:200]})", ap) from None
+            raise InputError(
+                f"PEFT could not load the adapter on {self.base} ({type(e).__name__}: {str(e).splitlines()[0][:200]})",
+                ap,
+            ) from None
         self.adapters[name] = str(path)
 
     def render(self, prompt: str, settings: GenSettings) -> str:
         if not settings.chat_template or not getattr(self.tokenizer, "chat_template", None):
             return prompt
-        msgs = ([{"role": "system", "content": settings.system_prompt}] if settings.system_prompt else []) + \
-            [{"role": "user", "content": prompt}]
+        msgs = ([{"role": "system", "content": settings.system_prompt}] if settings.system_prompt else []) + [
+            {"role": "user", "content": prompt}
+        ]
         return self.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
 
     def _select(self, adapter: str | None):
@@ -142,14 +160,21 @@ class HFBackend(Backend):
         results: dict[int, Generation] = {}
         with self._select(adapter), torch.inference_mode():
             for s in range(0, len(order), bs):
-                idx = order[s:s + bs]
-                enc = self.tokenizer([texts[i] for i in idx], return_tensors="pt", padding=True,
-                                     add_special_tokens=not settings.chat_template or not getattr(self.tokenizer, "chat_template", None)).to(self.device)
+                idx = order[s : s + bs]
+                enc = self.tokenizer(
+                    [texts[i] for i in idx],
+                    return_tensors="pt",
+                    padding=True,
+                    add_special_tokens=not settings.chat_template or not getattr(self.tokenizer, "chat_template", None),
+                ).to(self.device)
                 plen = enc["input_ids"].shape[1]
                 stats = _TokenStats(plen)
-                kw: dict[str, Any] = dict(max_new_tokens=settings.max_new_tokens, do_sample=settings.do_sample,
-                                          pad_token_id=self.tokenizer.pad_token_id,
-                                          logits_processor=LogitsProcessorList([stats]))
+                kw: dict[str, Any] = dict(
+                    max_new_tokens=settings.max_new_tokens,
+                    do_sample=settings.do_sample,
+                    pad_token_id=self.tokenizer.pad_token_id,
+                    logits_processor=LogitsProcessorList([stats]),
+                )
                 if settings.do_sample:
                     torch.manual_seed(settings.seed + s)
                     kw.update(temperature=settings.temperature, top_p=settings.top_p)
@@ -174,7 +199,7 @@ class HFBackend(Backend):
                     text = self.tokenizer.decode(toks[:n], skip_special_tokens=True)
                     m = min(n, lp.shape[1])
                     nll = float(-lp[j, :m].mean()) if m else None
-                    me = float(ent[j, :min(n, ent.shape[1])].mean()) if n else None
+                    me = float(ent[j, : min(n, ent.shape[1])].mean()) if n else None
                     gens.append(Generation(text.strip(), n, dt, len(idx), nll, me, finished))
                 for i, g in zip(idx, gens):
                     results[i] = g

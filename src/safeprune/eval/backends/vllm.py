@@ -18,8 +18,15 @@ class VLLMBackend(Backend):
 
     name = "vllm"
 
-    def __init__(self, base: str, adapters: dict[str, str] | None = None, *, max_lora_rank: int | None = None,
-                 dtype: str = "float32", **engine_kwargs: Any):
+    def __init__(
+        self,
+        base: str,
+        adapters: dict[str, str] | None = None,
+        *,
+        max_lora_rank: int | None = None,
+        dtype: str = "float32",
+        **engine_kwargs: Any,
+    ):
         super().__init__(base, adapters)
         try:
             from vllm import LLM  # noqa: F401
@@ -33,9 +40,17 @@ class VLLMBackend(Backend):
         for path in self.adapters.values():
             cfg = json.loads((Path(path) / "adapter_config.json").read_text())
             ranks.append(max([int(cfg.get("r", 8))] + [int(v) for v in (cfg.get("rank_pattern") or {}).values()]))
-        self.llm = LLM(model=self.base, enable_lora=bool(self.adapters), max_lora_rank=max_lora_rank or max(ranks + [16]),
-                       max_loras=max(1, len(self.adapters)), dtype=dtype, **engine_kwargs)
-        self.requests = {n: LoRARequest(n, i + 1, str(Path(p).resolve())) for i, (n, p) in enumerate(self.adapters.items())}
+        self.llm = LLM(
+            model=self.base,
+            enable_lora=bool(self.adapters),
+            max_lora_rank=max_lora_rank or max(ranks + [16]),
+            max_loras=max(1, len(self.adapters)),
+            dtype=dtype,
+            **engine_kwargs,
+        )
+        self.requests = {
+            n: LoRARequest(n, i + 1, str(Path(p).resolve())) for i, (n, p) in enumerate(self.adapters.items())
+        }
         self.tokenizer = self.llm.get_tokenizer()
         self._hash: str | None = None
 
@@ -43,16 +58,18 @@ class VLLMBackend(Backend):
         if name in self.adapters:
             return super().add_adapter(name, path)
         if not self.requests:
-            raise UnsupportedError("the vllm engine was started without LoRA; start it with at least one adapter "
-                                   "to add more")
+            raise UnsupportedError(
+                "the vllm engine was started without LoRA; start it with at least one adapter to add more"
+            )
         from vllm.lora.request import LoRARequest
 
         self.adapters[name] = str(path)
         self.requests[name] = LoRARequest(name, len(self.requests) + 1, str(Path(path).resolve()))
 
     def render(self, prompt, settings):
-        msgs = ([{"role": "system", "content": settings.system_prompt}] if settings.system_prompt else []) + \
-            [{"role": "user", "content": prompt}]
+        msgs = ([{"role": "system", "content": settings.system_prompt}] if settings.system_prompt else []) + [
+            {"role": "user", "content": prompt}
+        ]
         if settings.chat_template and getattr(self.tokenizer, "chat_template", None):
             return self.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
         return prompt
@@ -60,8 +77,13 @@ class VLLMBackend(Backend):
     def generate(self, prompts, adapter, settings, on_batch=None):
         from vllm import SamplingParams
 
-        sp = SamplingParams(max_tokens=settings.max_new_tokens, temperature=settings.temperature if settings.do_sample else 0.0,
-                            top_p=settings.top_p if settings.do_sample else 1.0, seed=settings.seed, logprobs=1)
+        sp = SamplingParams(
+            max_tokens=settings.max_new_tokens,
+            temperature=settings.temperature if settings.do_sample else 0.0,
+            top_p=settings.top_p if settings.do_sample else 1.0,
+            seed=settings.seed,
+            logprobs=1,
+        )
         texts = [self.render(p, settings) for p in prompts]
         t0 = time.perf_counter()
         res = self.llm.generate(texts, sp, lora_request=self.requests.get(adapter) if adapter else None)
@@ -74,8 +96,9 @@ class VLLMBackend(Backend):
                 if d and tok in d:
                     lps.append(d[tok].logprob)
             nll = -sum(lps) / len(lps) if lps else None
-            out.append(Generation(o.text.strip(), len(o.token_ids), dt, len(texts), nll, None,
-                                  o.finish_reason == "stop"))
+            out.append(
+                Generation(o.text.strip(), len(o.token_ids), dt, len(texts), nll, None, o.finish_reason == "stop")
+            )
         if on_batch:
             on_batch(0, out)
         return out

@@ -48,6 +48,7 @@ RESIDUAL_TYPES = ("o_proj", "down_proj")  # LoRA modules whose output is added t
 
 # -- model plumbing -------------------------------------------------------------------------------------
 
+
 def encode(tokenizer, prompts: Sequence[str], max_length: int = 256, chat_template: bool = True) -> list[list[int]]:
     """Token ids of each prompt as the model sees it in a chat: the user message (cut to ``max_length``
     tokens first, so the template and the assistant-turn opening are never cut off) in the chat template
@@ -59,8 +60,9 @@ def encode(tokenizer, prompts: Sequence[str], max_length: int = 256, chat_templa
         if len(ids) > max_length:
             p = tokenizer.decode(ids[:max_length], skip_special_tokens=True)
         if use_template:
-            text = tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                                 add_generation_prompt=True)
+            text = tokenizer.apply_chat_template(
+                [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
+            )
             ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         else:
             ids = tokenizer(p)["input_ids"][: max_length + 2]
@@ -82,13 +84,13 @@ def _batches(seqs: list[list[int]], batch_size: int, pad_id: int):
     """Right-padded batches (sorted by length: less padding); yields (input_ids, attention_mask, last index)."""
     order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
     for s in range(0, len(order), batch_size):
-        idx = order[s:s + batch_size]
+        idx = order[s : s + batch_size]
         width = max(len(seqs[i]) for i in idx)
         ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
         mask = torch.zeros((len(idx), width), dtype=torch.long)
         for row, i in enumerate(idx):
-            ids[row, :len(seqs[i])] = torch.tensor(seqs[i])
-            mask[row, :len(seqs[i])] = 1
+            ids[row, : len(seqs[i])] = torch.tensor(seqs[i])
+            mask[row, : len(seqs[i])] = 1
         yield ids, mask, mask.sum(1) - 1
 
 
@@ -124,6 +126,7 @@ def _spearman(a: Sequence[float], b: Sequence[float]) -> float:
 
 
 # -- the score ----------------------------------------------------------------------------------------
+
 
 def score_actdir(
     base: str | Path,
@@ -188,10 +191,11 @@ def score_actdir(
                 raise UsageError(f"{name} probes: give all strings or all token-id lists")
             else:
                 enc[name] = [list(map(int, p)) for p in ps]
-        pad_id = (tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else 0)
+        pad_id = tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else 0
 
-        att = Attribution(base, ad, enc["harmful"], enc["harmless"], pad_id=pad_id, batch_size=batch_size,
-                          layers=layers)
+        att = Attribution(
+            base, ad, enc["harmful"], enc["harmless"], pad_id=pad_id, batch_size=batch_size, layers=layers
+        )
         stack.callback(att.close)
         t1 = time.perf_counter()
         att.direction()
@@ -199,24 +203,46 @@ def score_actdir(
         t2 = time.perf_counter()
         j1, score, direct = att.attribute()
         grad_s = time.perf_counter() - t2
-        rows = [{"module": m.name, "layer": m.layer, "type": m.module_type, "r": m.r, "in": m.in_features,
-                 "out": m.out_features, "scaling": m.scaling, "actdir": score[m.name],
-                 "actdir_abs": abs(score[m.name]), "actdir_direct": direct[m.name]} for m in ad]
+        rows = [
+            {
+                "module": m.name,
+                "layer": m.layer,
+                "type": m.module_type,
+                "r": m.r,
+                "in": m.in_features,
+                "out": m.out_features,
+                "scaling": m.scaling,
+                "actdir": score[m.name],
+                "actdir_abs": abs(score[m.name]),
+                "actdir_direct": direct[m.name],
+            }
+            for m in ad
+        ]
         check: dict[str, Any] = {}
         if validate:  # linearisation check: real ablations of the top and bottom modules
             ranked = sorted(rows, key=lambda x: (-x["actdir"], x["module"]))
             k_top = (validate + 1) // 2
-            chosen = ranked[:k_top] + [x for x in ranked[::-1][:validate - k_top] if x not in ranked[:k_top]]
+            chosen = ranked[:k_top] + [x for x in ranked[::-1][: validate - k_top] if x not in ranked[:k_top]]
             t3 = time.perf_counter()
             j_full = att.objective()
             pairs = []
             for x in chosen:
                 with att.gated({x["module"]: 0.0}):
                     actual = att.objective() - j_full
-                pairs.append({"module": x["module"], "predicted": x["actdir"], "actual": actual,
-                              "rel_error": abs(x["actdir"] - actual) / abs(actual) if actual else float("nan")})
-            check = {"modules": pairs, "J_full": j_full, "seconds": round(time.perf_counter() - t3, 3),
-                     "spearman": _spearman([p["predicted"] for p in pairs], [p["actual"] for p in pairs])}
+                pairs.append(
+                    {
+                        "module": x["module"],
+                        "predicted": x["actdir"],
+                        "actual": actual,
+                        "rel_error": abs(x["actdir"] - actual) / abs(actual) if actual else float("nan"),
+                    }
+                )
+            check = {
+                "modules": pairs,
+                "J_full": j_full,
+                "seconds": round(time.perf_counter() - t3, 3),
+                "spearman": _spearman([p["predicted"] for p in pairs], [p["actual"] for p in pairs]),
+            }
         use, r_norm = att.layers, att.r_norm
 
     for r_ in rows:
@@ -224,20 +250,42 @@ def score_actdir(
             warnings.warn(f"{ad.path}: actdir of {r_['module']} is not finite", SafepruneWarning, stacklevel=2)
     table = ScoreTable(
         rows=rows,
-        methods={"actdir": MethodInfo(
-            name="actdir", primary="actdir", descending=True, columns=["actdir", "actdir_abs", "actdir_direct"],
-            options={"n_harmful": len(enc["harmful"]), "n_harmless": len(enc["harmless"]), "seed": seed,
-                     "max_length": max_length, "batch_size": batch_size, "layers": use, "layer_weights": "uniform",
-                     "chat_template": bool(chat_template and tokenizer is not None
-                                           and getattr(tokenizer, "chat_template", None))},
-            description="refusal-direction attribution: -dJ/dg_m, J = mean over harmful probes of "
-                        "sum_l <h_l[last], r_l/|r_l|>, r_l = mean harmful - mean harmless on the base "
-                        "(adapter off); high = the module moves activations away from refusal")},
+        methods={
+            "actdir": MethodInfo(
+                name="actdir",
+                primary="actdir",
+                descending=True,
+                columns=["actdir", "actdir_abs", "actdir_direct"],
+                options={
+                    "n_harmful": len(enc["harmful"]),
+                    "n_harmless": len(enc["harmless"]),
+                    "seed": seed,
+                    "max_length": max_length,
+                    "batch_size": batch_size,
+                    "layers": use,
+                    "layer_weights": "uniform",
+                    "chat_template": bool(
+                        chat_template and tokenizer is not None and getattr(tokenizer, "chat_template", None)
+                    ),
+                },
+                description="refusal-direction attribution: -dJ/dg_m, J = mean over harmful probes of "
+                "sum_l <h_l[last], r_l/|r_l|>, r_l = mean harmful - mean harmless on the base "
+                "(adapter off); high = the module moves activations away from refusal",
+            )
+        },
         meta={
-            "adapter": str(ad.path), "base": str(base), "threads": threads, "device": "cpu",
-            "probes": info, "J": j1, "direction_norms": [round(float(x), 6) for x in r_norm],
-            "seconds": round(time.perf_counter() - t0, 3), "direction_seconds": round(dir_s, 3),
-            "gradient_seconds": round(grad_s, 3), "linearisation": check, "modules": len(rows),
+            "adapter": str(ad.path),
+            "base": str(base),
+            "threads": threads,
+            "device": "cpu",
+            "probes": info,
+            "J": j1,
+            "direction_norms": [round(float(x), 6) for x in r_norm],
+            "seconds": round(time.perf_counter() - t0, 3),
+            "direction_seconds": round(dir_s, 3),
+            "gradient_seconds": round(grad_s, 3),
+            "linearisation": check,
+            "modules": len(rows),
         },
     )
     table.add_ranks()
@@ -250,8 +298,17 @@ class Attribution:
     ``attribute()`` (adapter on, gates as set; ``gated({...})`` sets some for a while). ``close()``
     removes every hook."""
 
-    def __init__(self, base: str | Path, adapter: Any, harmful: list[list[int]], harmless: list[list[int]], *,
-                 pad_id: int = 0, batch_size: int = 16, layers: Sequence[int] | None = None):
+    def __init__(
+        self,
+        base: str | Path,
+        adapter: Any,
+        harmful: list[list[int]],
+        harmless: list[list[int]],
+        *,
+        pad_id: int = 0,
+        batch_size: int = 16,
+        layers: Sequence[int] | None = None,
+    ):
         self.ad, self.harmful, self.harmless = adapter, harmful, harmless
         self.pad_id, self.batch_size = pad_id, batch_size
         self._handles: list[Any] = []
@@ -291,8 +348,9 @@ class Attribution:
         missing = set(adapter.modules) - set(self.gates)
         if missing:
             self.close()
-            raise InputError(f"PEFT did not attach {len(missing)} adapter module(s), e.g. {sorted(missing)[0]}",
-                             adapter.path)
+            raise InputError(
+                f"PEFT did not attach {len(missing)} adapter module(s), e.g. {sorted(missing)[0]}", adapter.path
+            )
 
     def _gate_hook(self, name: str, g: torch.nn.Parameter, residual: bool):
         cur, kept = self._cur, self.kept
@@ -369,6 +427,7 @@ class Attribution:
 
     def gated(self, values: dict[str, float]):
         """Context manager: these gates at these values, restored on exit."""
+
         @contextmanager
         def ctx():
             old = {k: float(self.gates[k].data) for k in values}
@@ -381,5 +440,3 @@ class Attribution:
                     self.gates[k].data.fill_(v)
 
         return ctx()
-
-

@@ -41,8 +41,14 @@ def projected_B(ctx: ModuleContext, block_elems: int = BLOCK_ELEMS) -> tuple[tor
         where = f"{ctx.source('aligned').description} / {ctx.source('unaligned').description}"
         # the stored dtype (e.g. bf16) is enough: row blocks of V are formed in float64 from it, so no
         # full-size float32 copies of the two weights are made
-        return apply_alignment(ctx.raw_weight("aligned"), ctx.raw_weight("unaligned"), B, block_elems=block_elems,
-                               what=f"alignment matrix of module {ctx.module.name!r}", where=where)
+        return apply_alignment(
+            ctx.raw_weight("aligned"),
+            ctx.raw_weight("unaligned"),
+            B,
+            block_elems=block_elems,
+            what=f"alignment matrix of module {ctx.module.name!r}",
+            where=where,
+        )
 
     return ctx.memo("safelora.CB", compute)
 
@@ -74,16 +80,25 @@ class SafeLoRAScorer(Scorer):
 
     edit = "project"
     parameters = (
-        Param("block_elems", int, BLOCK_ELEMS, "Entries of V = aligned − unaligned formed at a time.", cli=False,
-              check=lambda v: f"block_elems must be >= 1, got {v}" if v < 1 else None),
+        Param(
+            "block_elems",
+            int,
+            BLOCK_ELEMS,
+            "Entries of V = aligned − unaligned formed at a time.",
+            cli=False,
+            check=lambda v: f"block_elems must be >= 1, got {v}" if v < 1 else None,
+        ),
     )
 
     def setup(self) -> None:
         self.block_elems = int(self.block_elems)
 
     def options(self) -> dict[str, Any]:
-        return {"projection": "C = V V^T / ||V||_F applied on the output side (lora_B <- C lora_B)",
-                "cosine": "exact float64 (not rounded to 5 decimals)", "ties": "layer, then module path"}
+        return {
+            "projection": "C = V V^T / ||V||_F applied on the output side (lora_B <- C lora_B)",
+            "cosine": "exact float64 (not rounded to 5 decimals)",
+            "ties": "layer, then module path",
+        }
 
     def columns(self) -> list[str]:
         return ["cos", "proj_ratio", "v_fro"]
@@ -98,5 +113,7 @@ class SafeLoRAScorer(Scorer):
 
     def finalize(self, rows: list[dict[str, Any]]) -> None:
         if rows and all(r.get("v_fro") == 0.0 for r in rows):
-            raise InputError("the aligned and unaligned weights are identical for every targeted module "
-                             "(V = 0): give the aligned model and its unaligned counterpart")
+            raise InputError(
+                "the aligned and unaligned weights are identical for every targeted module "
+                "(V = 0): give the aligned model and its unaligned counterpart"
+            )

@@ -130,8 +130,16 @@ def null_distances(CZ: torch.Tensor, Z: torch.Tensor, A: torch.Tensor, n: int, r
 
 
 def sound_ediem(
-    Wa: torch.Tensor, Wu: torch.Tensor, B: torch.Tensor, A: torch.Tensor, s: float, frames: FrameCache,
-    null_samples: int, *, CB: torch.Tensor | None = None, vfro: float | None = None,
+    Wa: torch.Tensor,
+    Wu: torch.Tensor,
+    B: torch.Tensor,
+    A: torch.Tensor,
+    s: float,
+    frames: FrameCache,
+    null_samples: int,
+    *,
+    CB: torch.Tensor | None = None,
+    vfro: float | None = None,
     block_elems: int = BLOCK_ELEMS,
 ) -> dict[str, float]:
     """Sound-mode E-DIEM of ΔW = s·B·A against its Haar-rotation null (see the module docstring)."""
@@ -143,8 +151,7 @@ def sound_ediem(
     d, delta = null_distances(torch.cat([CB, torch.zeros_like(B64)], 1), torch.cat([B64, B64], 1), A, 2, r, s)
     d, delta = float(d), float(delta)  # ‖CΔW − ΔW‖_F and ‖ΔW‖_F
     if vfro == 0.0 or delta == 0.0:
-        return {"ediem": nan, "ediem_dist": d, "ediem_dist_rel": nan, "ediem_null_median": nan,
-                "ediem_null_iqr": nan}
+        return {"ediem": nan, "ediem_dist": d, "ediem_dist_rel": nan, "ediem_null_median": nan, "ediem_null_iqr": nan}
     n = null_samples
     _, RB = torch.linalg.qr(B64, mode="reduced")  # min(out, r) × r
     F = frames.get(out, RB.shape[0], n, B64.device)  # n × out × min(out, r)
@@ -155,8 +162,13 @@ def sound_ediem(
     med = float(torch.quantile(null, 0.5))
     iqr = float(torch.quantile(null, 0.75) - torch.quantile(null, 0.25))
     eps = 1e-12 * abs(med) + 1e-300
-    return {"ediem": (d - med) / (iqr + eps), "ediem_dist": d, "ediem_dist_rel": d / delta,
-            "ediem_null_median": med, "ediem_null_iqr": iqr}
+    return {
+        "ediem": (d - med) / (iqr + eps),
+        "ediem_dist": d,
+        "ediem_dist_rel": d / delta,
+        "ediem_null_median": med,
+        "ediem_null_iqr": iqr,
+    }
 
 
 @register
@@ -165,17 +177,29 @@ class SPLoRAScorer(Scorer):
     requires = ("aligned", "unaligned")
     primary = "ediem"
     # undefined when V = 0 or ΔW = 0 (the official code returns None there); such modules are never selected
-    nan_allowed = frozenset({"ediem", "ediem_dist_rel", "ediem_null_median", "ediem_null_iqr", "ediem_core",
-                             "ediem_vM", "ediem_vm"})
+    nan_allowed = frozenset(
+        {"ediem", "ediem_dist_rel", "ediem_null_median", "ediem_null_iqr", "ediem_core", "ediem_vM", "ediem_vm"}
+    )
     descending = True  # sound mode; the official modes set False on the instance
     description = "SPLoRA: E-DIEM between C·ΔW and ΔW (sound: Haar-rotation null; official: public code)"
 
     parameters = (
-        Param("mode", str, "sound", "SPLoRA E-DIEM: 'sound' (null of rotated updates), 'official' (public code, HEAD "
-              "rule) or 'official-first' (first-commit rule).", flag="--splora-mode",
-              check=lambda v: None if v in MODES else f"--splora-mode must be one of {', '.join(MODES)}, got {v!r}"),
-        Param("null_samples", int, 32, "SPLoRA sound mode: rotated updates in the reference distribution.",
-              check=lambda v: f"--null-samples must be >= 4 (quartiles need a few samples), got {v}" if v < 4 else None),
+        Param(
+            "mode",
+            str,
+            "sound",
+            "SPLoRA E-DIEM: 'sound' (null of rotated updates), 'official' (public code, HEAD "
+            "rule) or 'official-first' (first-commit rule).",
+            flag="--splora-mode",
+            check=lambda v: None if v in MODES else f"--splora-mode must be one of {', '.join(MODES)}, got {v!r}",
+        ),
+        Param(
+            "null_samples",
+            int,
+            32,
+            "SPLoRA sound mode: rotated updates in the reference distribution.",
+            check=lambda v: f"--null-samples must be >= 4 (quartiles need a few samples), got {v}" if v < 4 else None,
+        ),
         Param("seed", int, 0, "Seed of the randomized range finder."),
         Param("block_elems", int, BLOCK_ELEMS, "Entries of V = aligned − unaligned formed at a time.", cli=False),
     )
@@ -189,11 +213,24 @@ class SPLoRAScorer(Scorer):
 
     def options(self) -> dict[str, Any]:
         if self.mode == "sound":
-            return {"mode": "sound", "delta": "s*B*A", "null": "Haar rotations of the output space",
-                    "null_samples": self.null_samples, "center": "median", "spread": "IQR", "seed": self.seed,
-                    "prune": "highest E-DIEM first"}
-        opts = {"mode": self.mode, "delta": "B*A (unscaled)", "reference_set": "50 copies of (X, Y)",
-                "eps": OFFICIAL_EPS, "dtype": "float32", "prune": "lowest E-DIEM first"}
+            return {
+                "mode": "sound",
+                "delta": "s*B*A",
+                "null": "Haar rotations of the output space",
+                "null_samples": self.null_samples,
+                "center": "median",
+                "spread": "IQR",
+                "seed": self.seed,
+                "prune": "highest E-DIEM first",
+            }
+        opts = {
+            "mode": self.mode,
+            "delta": "B*A (unscaled)",
+            "reference_set": "50 copies of (X, Y)",
+            "eps": OFFICIAL_EPS,
+            "dtype": "float32",
+            "prune": "lowest E-DIEM first",
+        }
         if self.mode == "official":
             opts["top_rule"] = "complement"  # HEAD: prune all but the K-1 highest
         return opts
@@ -208,8 +245,18 @@ class SPLoRAScorer(Scorer):
         m = ctx.module
         B, A = ctx.lora()
         CB, vfro = projected_B(ctx, self.block_elems)
-        res = sound_ediem(ctx.weight("aligned"), ctx.weight("unaligned"), B, A, float(m.scaling), self._frames,
-                          self.null_samples, CB=CB, vfro=vfro, block_elems=self.block_elems)
+        res = sound_ediem(
+            ctx.weight("aligned"),
+            ctx.weight("unaligned"),
+            B,
+            A,
+            float(m.scaling),
+            self._frames,
+            self.null_samples,
+            CB=CB,
+            vfro=vfro,
+            block_elems=self.block_elems,
+        )
         res["v_fro"] = vfro
         return res
 
@@ -223,8 +270,7 @@ class SPLoRAScorer(Scorer):
         Y = B32 @ A32  # ori = B·A
         nan = float("nan")
         if torch.equal(X, Y):
-            return {"ediem": nan, "ediem_dist": 0.0, "ediem_core": nan, "ediem_vM": nan, "ediem_vm": nan,
-                    "v_fro": vfro}
+            return {"ediem": nan, "ediem_dist": 0.0, "ediem_core": nan, "ediem_vM": nan, "ediem_vm": nan, "v_fro": vfro}
         d0 = torch.linalg.norm(X - Y)  # float32 Frobenius norm
         d = d0 + OFFICIAL_EPS
         distances = d0.reshape(1).repeat(OFFICIAL_COPIES)  # the 50 identical reference distances
@@ -240,13 +286,21 @@ class SPLoRAScorer(Scorer):
             ediem = nan
         else:
             ediem = float(((core - v_m) / (v_M - v_m)) * (v_M - v_m))
-        return {"ediem": ediem, "ediem_dist": float(d0), "ediem_core": float(core), "ediem_vM": float(v_M),
-                "ediem_vm": float(v_m), "v_fro": vfro}
+        return {
+            "ediem": ediem,
+            "ediem_dist": float(d0),
+            "ediem_core": float(core),
+            "ediem_vM": float(v_M),
+            "ediem_vm": float(v_m),
+            "v_fro": vfro,
+        }
 
     def score(self, ctx: ModuleContext) -> dict[str, float]:
         return self._score_sound(ctx) if self.mode == "sound" else self._score_official(ctx)
 
     def finalize(self, rows: list[dict[str, Any]]) -> None:
         if rows and all(r.get("v_fro") == 0.0 for r in rows):
-            raise InputError("the aligned and unaligned weights are identical for every targeted module "
-                             "(V = 0): give the aligned model and its unaligned counterpart")
+            raise InputError(
+                "the aligned and unaligned weights are identical for every targeted module "
+                "(V = 0): give the aligned model and its unaligned counterpart"
+            )

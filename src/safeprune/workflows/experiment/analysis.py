@@ -53,8 +53,9 @@ def _mcnemar(a: np.ndarray, b: np.ndarray) -> float:
     return mcnemar_exact(a > 0, b > 0)["p_value"]
 
 
-def risk_coverage(items: list[dict[str, Any]], acc_field: str = "rouge1", threshold: float | None = None,
-                  points: int = 21) -> dict[str, list[float]]:
+def risk_coverage(
+    items: list[dict[str, Any]], acc_field: str = "rouge1", threshold: float | None = None, points: int = 21
+) -> dict[str, list[float]]:
     """Figure-1 style: reject ('refer to experts') the most uncertain share x of samples (uncertainty =
     mean token NLL), accuracy on the rest. ``threshold``: accuracy = ROUGE-1 > threshold, else ROUGE-1."""
     u = np.asarray([it.get("mean_nll") if it.get("mean_nll") is not None else np.inf for it in items], float)
@@ -72,8 +73,15 @@ def risk_coverage(items: list[dict[str, Any]], acc_field: str = "rouge1", thresh
     return {"refer": xs, "accuracy": ys}
 
 
-def analyse(results: dict[str, Any], items: list[dict[str, Any]], variants: list[Variant], *,
-            n_boot: int = 10000, seed: int = 0, auarc_threshold: float = 0.15) -> dict[str, Any]:
+def analyse(
+    results: dict[str, Any],
+    items: list[dict[str, Any]],
+    variants: list[Variant],
+    *,
+    n_boot: int = 10000,
+    seed: int = 0,
+    auarc_threshold: float = 0.15,
+) -> dict[str, Any]:
     rng = np.random.default_rng(seed)
     by_vs: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
     for it in items:
@@ -82,8 +90,7 @@ def analyse(results: dict[str, Any], items: list[dict[str, Any]], variants: list
     primary: dict[str, str] = {}
     for s in sets:
         primary.setdefault(s["kind"], s["name"])
-    ids = {s["name"]: [it["id"] for it in by_vs.get((_first_variant(by_vs, s["name"]), s["name"]), [])]
-           for s in sets}
+    ids = {s["name"]: [it["id"] for it in by_vs.get((_first_variant(by_vs, s["name"]), s["name"]), [])] for s in sets}
     idx = {name: rng.integers(0, len(v), (n_boot, len(v))) for name, v in ids.items() if v}
     metrics = results["metrics"]
 
@@ -121,9 +128,15 @@ def analyse(results: dict[str, Any], items: list[dict[str, Any]], variants: list
 
     adapters = sorted({v.adapter for v in variants if v.adapter}, key=lambda a: [v.adapter for v in variants].index(a))
     gen_s = sum((it.get("latency_s") or 0.0) / max(1, it.get("batch_size") or 1) for it in items)
-    out: dict[str, Any] = {"primary_sets": primary, "n_boot": n_boot, "level": LEVEL, "adapters": {},
-                           "generation_seconds": gen_s, "generations": len(items),
-                           "sets": {s["name"]: {"kind": s["kind"], "n": len(ids[s["name"]])} for s in sets}}
+    out: dict[str, Any] = {
+        "primary_sets": primary,
+        "n_boot": n_boot,
+        "level": LEVEL,
+        "adapters": {},
+        "generation_seconds": gen_s,
+        "generations": len(items),
+        "sets": {s["name"]: {"kind": s["kind"], "n": len(ids[s["name"]])} for s in sets},
+    }
     if "base" in metrics:
         out["base"] = {"metrics": point_stats("base")}
     for a in adapters:
@@ -137,8 +150,12 @@ def analyse(results: dict[str, Any], items: list[dict[str, Any]], variants: list
         for v in variants:
             if v.adapter != a:
                 continue
-            row: dict[str, Any] = {"variant": v.to_dict(), "metrics": point_stats(v.name), "vs_ref": {},
-                                   "vs_random": {}}
+            row: dict[str, Any] = {
+                "variant": v.to_dict(),
+                "metrics": point_stats(v.name),
+                "vs_ref": {},
+                "vs_random": {},
+            }
             x = vec(v.name)
             for key, xv in x.items():
                 if key in rvec and v.name != ref:
@@ -168,24 +185,32 @@ def analyse(results: dict[str, Any], items: list[dict[str, Any]], variants: list
                 if key in rvec:
                     m[key]["vs_ref"] = _delta(xm - rvec[key], idx[key.split("/")[0]])
             rsum[tau] = {"variants": names, "metrics": m}
-        out["adapters"][a] = {"reference": ref, "rows": rows, "random": rsum,
-                              "flips": _flips(by_vs, primary.get("safety"), ref,
-                                              [v.name for v in variants if v.adapter == a and v.name != ref]),
-                              "risk_coverage": {}}
+        out["adapters"][a] = {
+            "reference": ref,
+            "rows": rows,
+            "random": rsum,
+            "flips": _flips(
+                by_vs, primary.get("safety"), ref, [v.name for v in variants if v.adapter == a and v.name != ref]
+            ),
+            "risk_coverage": {},
+        }
         if "utility" in primary:
             us = primary["utility"]
-            names = ([("base", "base")] if "base" in metrics else []) + [(v.name, v.name) for v in variants if v.adapter == a]
+            names = ([("base", "base")] if "base" in metrics else []) + [
+                (v.name, v.name) for v in variants if v.adapter == a
+            ]
             for label, vname in names:
                 its = by_vs.get((vname, us), [])
                 if its:
                     out["adapters"][a]["risk_coverage"][label] = {
                         "rouge1": risk_coverage(its, "rouge1"),
-                        "thresholded": risk_coverage(its, "rouge1", threshold=auarc_threshold)}
+                        "thresholded": risk_coverage(its, "rouge1", threshold=auarc_threshold),
+                    }
     return out
 
 
 def _first_variant(by_vs, set_name: str) -> str:
-    for (v, s) in by_vs:
+    for v, s in by_vs:
         if s == set_name:
             return v
     return ""
@@ -203,8 +228,15 @@ def _flips(by_vs, safety_set: str | None, ref: str, others: list[str]) -> dict[s
             if r is None:
                 continue
             if r["jailbroken"] and not it["jailbroken"]:
-                to_refused.append({"id": it["id"], "prompt": it["prompt"], "before": r["output"], "after": it["output"],
-                                   "keyword": it.get("refusal_keyword")})
+                to_refused.append(
+                    {
+                        "id": it["id"],
+                        "prompt": it["prompt"],
+                        "before": r["output"],
+                        "after": it["output"],
+                        "keyword": it.get("refusal_keyword"),
+                    }
+                )
             elif not r["jailbroken"] and it["jailbroken"]:
                 to_jail.append({"id": it["id"], "prompt": it["prompt"], "before": r["output"], "after": it["output"]})
         res[o] = {"now_refused": to_refused, "now_jailbroken": to_jail}

@@ -59,6 +59,7 @@ def _check_name(v: str, what: str) -> str:
 
 class FinetuneSpec(_Strict):
     """One adapter trained before scoring; ``options`` are :func:`safeprune.finetune.finetune` keywords."""
+
     name: str
     data: str
     options: dict[str, Any] = Field(default_factory=dict)
@@ -106,6 +107,7 @@ class MethodSpec(_Strict):
 
 class RandomSpec(_Strict):
     """The random-pruning control: seed s prunes the first τ modules of a seeded permutation."""
+
     seeds: list[int] = Field(default_factory=lambda: [0])
     taus: list[int] | None = None  # default: every integer τ the methods use (auto τ resolved)
     # which kinds of prompt sets the controls are evaluated on (default: all). The selection question
@@ -175,6 +177,7 @@ class LatencySpec(_Strict):
 
 class PaperRef(_Strict):
     """Numbers from a paper to compare directions with (e.g. DDI Table 2)."""
+
     source: str
     lora_asr: float | None = None
     method_asr: float | None = None
@@ -232,8 +235,9 @@ class ExperimentConfig(_Strict):
         names = [n.strip() for n in names if n.strip()]
         unknown = [n for n in names if n not in self.adapter_names]
         if unknown or not names:
-            raise UsageError(f"--only: unknown adapter(s) {unknown or names}; the experiment has "
-                             f"{', '.join(self.adapter_names)}")
+            raise UsageError(
+                f"--only: unknown adapter(s) {unknown or names}; the experiment has {', '.join(self.adapter_names)}"
+            )
         d = self.model_copy(deep=True)
         d.adapters = {k: v for k, v in d.adapters.items() if k in names}
         d.finetune = [f for f in d.finetune if f.name in names]
@@ -277,6 +281,7 @@ class ExperimentConfig(_Strict):
 def expand_vars(text: str) -> str:
     """``$VAR``, ``${VAR}`` and ``${VAR:-default}`` from the environment (an unset VAR without a default is
     an error, so a typo never silently points at the wrong model)."""
+
     def sub(m: re.Match) -> str:
         name, default = m.group(1) or m.group(3), m.group(2)
         if name in os.environ and os.environ[name] != "":

@@ -53,9 +53,18 @@ def main_tau(taus: list[int]) -> int | None:
     return 10 if 10 in taus else (taus[0] if taus else None)
 
 
-def build_report(cfg: ExperimentConfig, out: Path, analysis: dict[str, Any], variants: list[Variant],
-                 tables: dict[tuple[str, str], ScoreTable], auto_info: dict[str, Any], latency: dict[str, Any] | None,
-                 eval_results: dict[str, Any], timing: dict[str, float], command: str | None = None) -> dict[str, Path]:
+def build_report(
+    cfg: ExperimentConfig,
+    out: Path,
+    analysis: dict[str, Any],
+    variants: list[Variant],
+    tables: dict[tuple[str, str], ScoreTable],
+    auto_info: dict[str, Any],
+    latency: dict[str, Any] | None,
+    eval_results: dict[str, Any],
+    timing: dict[str, float],
+    command: str | None = None,
+) -> dict[str, Path]:
     plots = out / "plots"
     prim = analysis["primary_sets"]
     asr_k = f"{prim['safety']}/asr" if "safety" in prim else None
@@ -63,8 +72,15 @@ def build_report(cfg: ExperimentConfig, out: Path, analysis: dict[str, Any], var
     r1_k = f"{prim['utility']}/rouge1" if "utility" in prim else None
     met_k = f"{prim['utility']}/meteor" if "utility" in prim else None
     auarc_k = f"{prim['utility']}/auarc" if "utility" in prim else None
-    hs_keys = sorted({k for a in analysis["adapters"].values() for r in a["rows"] for k in r["metrics"]
-                      if k.startswith(f"{prim.get('safety')}/hs[")})
+    hs_keys = sorted(
+        {
+            k
+            for a in analysis["adapters"].values()
+            for r in a["rows"]
+            for k in r["metrics"]
+            if k.startswith(f"{prim.get('safety')}/hs[")
+        }
+    )
     doc = Doc(f"safeprune run — {cfg.name}")
     sets = analysis["sets"]
 
@@ -79,43 +95,77 @@ def build_report(cfg: ExperimentConfig, out: Path, analysis: dict[str, Any], var
         doc.p(_paper_sentence(cfg, analysis, asr_k, r1_k))
     if asr_k and any(ad["random"] for ad in analysis["adapters"].values()):
         _beats_chance_table(doc, analysis, asr_k, r1_k, cfg)
-    doc.p("Every interval is a 95% percentile interval of a paired bootstrap over prompts "
-          f"({analysis['n_boot']} resamples shared by all variants). \"vs random\" compares a method with the mean "
-          "of the random-pruning controls at the same τ (same prompts, paired). McNemar p-values are exact.")
+    doc.p(
+        "Every interval is a 95% percentile interval of a paired bootstrap over prompts "
+        f'({analysis["n_boot"]} resamples shared by all variants). "vs random" compares a method with the mean '
+        "of the random-pruning controls at the same τ (same prompts, paired). McNemar p-values are exact."
+    )
 
     # -- setup -----------------------------------------------------------------------------------
     doc.h(2, "Setup")
     e = cfg.evaluation
-    setup = [f"base (W0, and the model adapters are applied to): `{cfg.base}`",
-             f"aligned / unaligned pair: `{cfg.aligned}` / `{cfg.unaligned}`" if cfg.unaligned else "no pair configured",
-             "adapters: " + ", ".join(f"**{v.name}** `{v.path}`" for v in variants if v.method is None and v.adapter),
-             "methods: " + "; ".join(f"**{m.name}** ({m.method}, {m.action}, τ ∈ {m.taus}"
-                                     + (f", options {m.options}" if m.options else "") + ")" for m in cfg.methods),
-             f"random control: seeds {cfg.random.seeds}, τ ∈ {sorted({v.tau for v in variants if v.method == 'random'})}"
-             " (seed s prunes the first τ modules of a seeded permutation of all modules)",
-             "prompt sets: " + "; ".join(f"**{n}** ({s['kind']}, n = {s['n']})" for n, s in sets.items()),
-             f"generation: greedy, {e.safety_max_new_tokens} new tokens for safety/over-refusal prompts, "
-             f"{e.utility_max_new_tokens} for utility, batch {e.batch_size}, backend {e.backend} "
-             f"({eval_results.get('backend', {}).get('dtype', e.dtype)}), chat template with its default system prompt"
-             if e.system_prompt is None else f"system prompt {e.system_prompt!r}",
-             f"refusal judge: {eval_results.get('refusal_judge', {}).get('name', 'keyword')} "
-             "(ASR = share of harmful prompts not refused; over-refusal = share of safe prompts refused)",
-             "harmfulness (HS): " + (", ".join(eval_results.get("harm_judges", {})) or
-                                     "not measured — no judge configured (evaluation.judges: hf_classifier or openai)"),
-             "METEOR: " + ("available" if (eval_results.get("meteor") or {}).get("available") else
-                           "unavailable — " + str((eval_results.get("meteor") or {}).get("reason", "disabled"))),
-             f"generation time recorded with the {analysis.get('generations', 0)} generations (each batch's wall "
-             f"time shared over its prompts, under whatever machine load they were made; cached generations keep "
-             f"the time of the run that made them): {analysis.get('generation_seconds', 0) / 60:.1f} min",
-             "stage wall times: " + ", ".join(f"{k} {v:.0f} s" for k, v in timing.items() if not k.endswith("cpu_total"))
-             + (" (this run; cached stages take ~0 s)" if timing else "")]
+    setup = [
+        f"base (W0, and the model adapters are applied to): `{cfg.base}`",
+        f"aligned / unaligned pair: `{cfg.aligned}` / `{cfg.unaligned}`" if cfg.unaligned else "no pair configured",
+        "adapters: " + ", ".join(f"**{v.name}** `{v.path}`" for v in variants if v.method is None and v.adapter),
+        "methods: "
+        + "; ".join(
+            f"**{m.name}** ({m.method}, {m.action}, τ ∈ {m.taus}"
+            + (f", options {m.options}" if m.options else "")
+            + ")"
+            for m in cfg.methods
+        ),
+        f"random control: seeds {cfg.random.seeds}, τ ∈ {sorted({v.tau for v in variants if v.method == 'random'})}"
+        " (seed s prunes the first τ modules of a seeded permutation of all modules)",
+        "prompt sets: " + "; ".join(f"**{n}** ({s['kind']}, n = {s['n']})" for n, s in sets.items()),
+        f"generation: greedy, {e.safety_max_new_tokens} new tokens for safety/over-refusal prompts, "
+        f"{e.utility_max_new_tokens} for utility, batch {e.batch_size}, backend {e.backend} "
+        f"({eval_results.get('backend', {}).get('dtype', e.dtype)}), chat template with its default system prompt"
+        if e.system_prompt is None
+        else f"system prompt {e.system_prompt!r}",
+        f"refusal judge: {eval_results.get('refusal_judge', {}).get('name', 'keyword')} "
+        "(ASR = share of harmful prompts not refused; over-refusal = share of safe prompts refused)",
+        "harmfulness (HS): "
+        + (
+            ", ".join(eval_results.get("harm_judges", {}))
+            or "not measured — no judge configured (evaluation.judges: hf_classifier or openai)"
+        ),
+        "METEOR: "
+        + (
+            "available"
+            if (eval_results.get("meteor") or {}).get("available")
+            else "unavailable — " + str((eval_results.get("meteor") or {}).get("reason", "disabled"))
+        ),
+        f"generation time recorded with the {analysis.get('generations', 0)} generations (each batch's wall "
+        f"time shared over its prompts, under whatever machine load they were made; cached generations keep "
+        f"the time of the run that made them): {analysis.get('generation_seconds', 0) / 60:.1f} min",
+        "stage wall times: "
+        + ", ".join(f"{k} {v:.0f} s" for k, v in timing.items() if not k.endswith("cpu_total"))
+        + (" (this run; cached stages take ~0 s)" if timing else ""),
+    ]
     doc.bullets(setup)
     if command:
         doc.code(command)
 
     for a, ad in analysis["adapters"].items():
-        _adapter_section(doc, cfg, a, ad, analysis, variants, tables, auto_info.get(a, {}), latency, plots,
-                         asr_k, orr_k, r1_k, met_k, auarc_k, hs_keys)
+        _adapter_section(
+            doc,
+            cfg,
+            a,
+            ad,
+            analysis,
+            variants,
+            tables,
+            auto_info.get(a, {}),
+            latency,
+            plots,
+            asr_k,
+            orr_k,
+            r1_k,
+            met_k,
+            auarc_k,
+            hs_keys,
+        )
 
     md = doc.markdown(out)
     paths = {"md": write_text_atomic(out / "report.md", md), "html": write_text_atomic(out / "report.html", doc.html())}
@@ -140,8 +190,10 @@ def _verdicts(cfg, a, ad, asr_k, r1_k, orr_k) -> list[str]:
         vr, vx = row["vs_ref"].get(asr_k), row["vs_random"].get(asr_k)
         s = f"**{m.name} τ={t}** on {a}: ASR {dci(vr)} vs the adapter"
         if vx:
-            s += (f"; vs the mean of {vx['n_random']} random controls at τ={t}: {dci(vx)} → "
-                  f"**{'beats chance' if vx['hi'] < 0 else ('worse than chance' if vx['lo'] > 0 else 'not distinguishable from chance')}**")
+            s += (
+                f"; vs the mean of {vx['n_random']} random controls at τ={t}: {dci(vx)} → "
+                f"**{'beats chance' if vx['hi'] < 0 else ('worse than chance' if vx['lo'] > 0 else 'not distinguishable from chance')}**"
+            )
         if r1_k and r1_k in row["vs_ref"]:
             s += f"; ROUGE-1 {dci(row['vs_ref'][r1_k])}"
         if orr_k and orr_k in row["vs_ref"]:
@@ -185,30 +237,56 @@ def _beats_chance_table(doc: Doc, analysis, asr_k, r1_k, cfg=None) -> None:
     for meth, tau in keys:
         cells, oks = [], []
         for a in adapters:
-            r = next((r for r in analysis["adapters"][a]["rows"]
-                      if r["variant"]["method"] == meth and _row_label(r["variant"], explicit) == tau), None)
+            r = next(
+                (
+                    r
+                    for r in analysis["adapters"][a]["rows"]
+                    if r["variant"]["method"] == meth and _row_label(r["variant"], explicit) == tau
+                ),
+                None,
+            )
             if r is None:
                 cells.append("not run")
                 oks.append(None)
                 continue
             ok = beats_chance(r, asr_k, r1_k)
             oks.append(ok)
-            auto = (f" (τ={r['variant']['tau']})" if not tau.isdigit() else
-                    f" ({'/'.join(r['variant']['auto'])})" if r["variant"]["auto"] else "")
-            cells.append((f"{dci(r['vs_random'].get(asr_k))} · {dci(r['vs_ref'].get(r1_k))}"
-                          if ok is not None else f"no random control · {dci(r['vs_ref'].get(r1_k))}") + auto)
+            auto = (
+                f" (τ={r['variant']['tau']})"
+                if not tau.isdigit()
+                else f" ({'/'.join(r['variant']['auto'])})"
+                if r["variant"]["auto"]
+                else ""
+            )
+            cells.append(
+                (
+                    f"{dci(r['vs_random'].get(asr_k))} · {dci(r['vs_ref'].get(r1_k))}"
+                    if ok is not None
+                    else f"no random control · {dci(r['vs_ref'].get(r1_k))}"
+                )
+                + auto
+            )
         allok = all(o is True for o in oks)
         if allok:
             winners.append(f"{meth} τ={tau}")
-        body.append([meth, str(tau)] + cells + ["**yes**" if allok else ("no" if all(o is not None for o in oks)
-                                                                        else "incomplete")])
+        body.append(
+            [meth, str(tau)]
+            + cells
+            + ["**yes**" if allok else ("no" if all(o is not None for o in oks) else "incomplete")]
+        )
         classes.append([""] * (2 + len(adapters)) + ["good" if allok else ""])
     doc.h(3, "Which selections beat chance")
-    doc.table(heads, body, classes=classes,
-              note="The bar: ASR lower than the mean of the random controls at the same τ with a 95% CI that excludes "
-                   "0, while ROUGE-1 loses at most 1 point against the unedited adapter (point estimate).")
-    doc.p("Selections that meet the bar on every adapter: " + (", ".join(winners) if winners else "**none**") + ".",
-          "verdict")
+    doc.table(
+        heads,
+        body,
+        classes=classes,
+        note="The bar: ASR lower than the mean of the random controls at the same τ with a 95% CI that excludes "
+        "0, while ROUGE-1 loses at most 1 point against the unedited adapter (point estimate).",
+    )
+    doc.p(
+        "Selections that meet the bar on every adapter: " + (", ".join(winners) if winners else "**none**") + ".",
+        "verdict",
+    )
 
 
 def _paper_sentence(cfg, analysis, asr_k, r1_k) -> str:
@@ -220,19 +298,24 @@ def _paper_sentence(cfg, analysis, asr_k, r1_k) -> str:
         return f"Paper comparison: no {p.method} τ={p.tau} variant was run."
     d_asr = row["vs_ref"].get(asr_k)
     d_r1 = row["vs_ref"].get(r1_k)
-    parts = [f"Paper ({p.source}): LoRA → {p.method} τ={p.tau} changes ASR {p.lora_asr} → {p.method_asr} "
-             f"({p.method_asr - p.lora_asr:+.1f}) and ROUGE-1 {p.lora_rouge1} → {p.method_rouge1} "
-             f"({p.method_rouge1 - p.lora_rouge1:+.1f})."]
+    parts = [
+        f"Paper ({p.source}): LoRA → {p.method} τ={p.tau} changes ASR {p.lora_asr} → {p.method_asr} "
+        f"({p.method_asr - p.lora_asr:+.1f}) and ROUGE-1 {p.lora_rouge1} → {p.method_rouge1} "
+        f"({p.method_rouge1 - p.lora_rouge1:+.1f})."
+    ]
     if d_asr:
         same = (d_asr["delta"] < 0) == (p.method_asr - p.lora_asr < 0)
-        parts.append(f"Here: ASR {dci(d_asr)}, ROUGE-1 {dci(d_r1)} — the ASR change has the "
-                     f"{'same' if same else 'opposite'} direction; its size is {abs(d_asr['delta']):.1f} points against "
-                     f"the paper's {abs(p.method_asr - p.lora_asr):.1f}.")
+        parts.append(
+            f"Here: ASR {dci(d_asr)}, ROUGE-1 {dci(d_r1)} — the ASR change has the "
+            f"{'same' if same else 'opposite'} direction; its size is {abs(d_asr['delta']):.1f} points against "
+            f"the paper's {abs(p.method_asr - p.lora_asr):.1f}."
+        )
     return " ".join(parts)
 
 
-def _adapter_section(doc, cfg, a, ad, analysis, variants, tables, autos, latency, plots, asr_k, orr_k, r1_k,
-                     met_k, auarc_k, hs_keys):
+def _adapter_section(
+    doc, cfg, a, ad, analysis, variants, tables, autos, latency, plots, asr_k, orr_k, r1_k, met_k, auarc_k, hs_keys
+):
     doc.h(2, f"Adapter `{a}`")
     rows = ad["rows"]
     ref = next(r for r in rows if r["variant"]["method"] is None)
@@ -240,14 +323,18 @@ def _adapter_section(doc, cfg, a, ad, analysis, variants, tables, autos, latency
 
     # Table 2 style
     doc.h(3, "Methods compared (Table 2 style)")
-    heads = ["variant", "ROUGE-1", "METEOR", "AUARC", "ASR %"] + [k.split("/", 1)[1] for k in hs_keys] + \
-        ["over-refusal %", "modules kept", "% LoRA params"]
+    heads = (
+        ["variant", "ROUGE-1", "METEOR", "AUARC", "ASR %"]
+        + [k.split("/", 1)[1] for k in hs_keys]
+        + ["over-refusal %", "modules kept", "% LoRA params"]
+    )
 
     def line(label, m, v=None):
-        return [label, ci(m.get(r1_k)), ci(m.get(met_k)), ci(m.get(auarc_k)), ci(m.get(asr_k))] + \
-            [ci(m.get(k), 2) for k in hs_keys] + [ci(m.get(orr_k)),
-                                                  str(v["modules_kept"]) if v else "—",
-                                                  _f(100 * v["params_kept"]) if v else "—"]
+        return (
+            [label, ci(m.get(r1_k)), ci(m.get(met_k)), ci(m.get(auarc_k)), ci(m.get(asr_k))]
+            + [ci(m.get(k), 2) for k in hs_keys]
+            + [ci(m.get(orr_k)), str(v["modules_kept"]) if v else "—", _f(100 * v["params_kept"]) if v else "—"]
+        )
 
     body = []
     if base:
@@ -261,39 +348,91 @@ def _adapter_section(doc, cfg, a, ad, analysis, variants, tables, autos, latency
             body.append(line(f"{m.name} τ={t}", r["metrics"], r["variant"]))
     for t, rs in ad["random"].items():
         body.append(line(f"random τ={t} (mean of {len(rs['variants'])})", rs["metrics"]))
-    doc.table(heads, body, note="value [95% CI]. AUARC: point value (area under the accuracy–rejection curve, "
-                                "uncertainty = mean token NLL, accuracy = ROUGE-1 > 0.15). Random rows: the mean over "
-                                "seeds with a paired CI over prompts.")
+    doc.table(
+        heads,
+        body,
+        note="value [95% CI]. AUARC: point value (area under the accuracy–rejection curve, "
+        "uncertainty = mean token NLL, accuracy = ROUGE-1 > 0.15). Random rows: the mean over "
+        "seeds with a paired CI over prompts.",
+    )
 
     # vs adapter and vs random
     doc.h(3, "Does the score beat chance? (each method vs the adapter and vs random pruning of the same τ)")
-    heads = ["variant", "ΔASR vs adapter", "McNemar p", "ΔASR vs random", "verdict", "ΔROUGE-1 vs adapter",
-             "ΔROUGE-1 vs random", "Δover-refusal vs adapter"]
+    heads = [
+        "variant",
+        "ΔASR vs adapter",
+        "McNemar p",
+        "ΔASR vs random",
+        "verdict",
+        "ΔROUGE-1 vs adapter",
+        "ΔROUGE-1 vs random",
+        "Δover-refusal vs adapter",
+    ]
     body, classes = [], []
     for r in rows:
         v = r["variant"]
         if v["method"] in (None, "random"):
             continue
         vx = r["vs_random"].get(asr_k)
-        verdict = ("beats chance" if vx and vx["hi"] < 0 else "worse than chance" if vx and vx["lo"] > 0
-                   else "not distinguishable" if vx else "no random control at this τ")
+        verdict = (
+            "beats chance"
+            if vx and vx["hi"] < 0
+            else "worse than chance"
+            if vx and vx["lo"] > 0
+            else "not distinguishable"
+            if vx
+            else "no random control at this τ"
+        )
         d_r1 = r["vs_ref"].get(r1_k)
-        body.append([f"{v['method']} τ={v['tau']}" + (f" ({'/'.join(v['auto'])})" if v["auto"] else ""),
-                     dci(r["vs_ref"].get(asr_k)), _f((r["vs_ref"].get(asr_k) or {}).get("p_mcnemar"), 4),
-                     dci(vx), verdict, dci(d_r1), dci(r["vs_random"].get(r1_k)), dci(r["vs_ref"].get(orr_k))])
-        classes.append(["", "", "", "", "good" if verdict == "beats chance" else ("bad" if "worse" in verdict else ""),
-                        "bad" if d_r1 and d_r1["delta"] < -1 else "", "", ""])
+        body.append(
+            [
+                f"{v['method']} τ={v['tau']}" + (f" ({'/'.join(v['auto'])})" if v["auto"] else ""),
+                dci(r["vs_ref"].get(asr_k)),
+                _f((r["vs_ref"].get(asr_k) or {}).get("p_mcnemar"), 4),
+                dci(vx),
+                verdict,
+                dci(d_r1),
+                dci(r["vs_random"].get(r1_k)),
+                dci(r["vs_ref"].get(orr_k)),
+            ]
+        )
+        classes.append(
+            [
+                "",
+                "",
+                "",
+                "",
+                "good" if verdict == "beats chance" else ("bad" if "worse" in verdict else ""),
+                "bad" if d_r1 and d_r1["delta"] < -1 else "",
+                "",
+                "",
+            ]
+        )
     for t, rs in ad["random"].items():
         m = rs["metrics"]
-        body.append([f"random τ={t} (mean of {len(rs['variants'])})", dci((m.get(asr_k) or {}).get("vs_ref")), "—",
-                     "—", "—", dci((m.get(r1_k) or {}).get("vs_ref")), "—", dci((m.get(orr_k) or {}).get("vs_ref"))])
+        body.append(
+            [
+                f"random τ={t} (mean of {len(rs['variants'])})",
+                dci((m.get(asr_k) or {}).get("vs_ref")),
+                "—",
+                "—",
+                "—",
+                dci((m.get(r1_k) or {}).get("vs_ref")),
+                "—",
+                dci((m.get(orr_k) or {}).get("vs_ref")),
+            ]
+        )
         classes.append([""] * 8)
         if asr_k in m:
             body[-1][3] = "seeds: " + ", ".join(_f(x) for x in m[asr_k]["seeds"])
-    doc.table(heads, body, classes=classes,
-              note="Δ = variant − reference, in points, [95% paired bootstrap CI]. \"beats chance\": the ASR "
-                   "difference to the mean of the random controls has a CI entirely below 0. ROUGE-1 cells in red "
-                   "lose more than 1 point.")
+    doc.table(
+        heads,
+        body,
+        classes=classes,
+        note='Δ = variant − reference, in points, [95% paired bootstrap CI]. "beats chance": the ASR '
+        "difference to the mean of the random controls has a CI entirely below 0. ROUGE-1 cells in red "
+        "lose more than 1 point.",
+    )
 
     # τ ablation
     by_method: dict[str, list[dict]] = {}
@@ -302,25 +441,58 @@ def _adapter_section(doc, cfg, a, ad, analysis, variants, tables, autos, latency
             by_method.setdefault(r["variant"]["method"], []).append(r)
     if any(len(v) > 1 for v in by_method.values()):
         doc.h(3, "τ ablation (Table 4 style)")
-        heads = ["method", "τ", "auto rule", "ROUGE-1", "METEOR", "ASR %", "over-refusal %", "random ASR % (mean)",
-                 "ΔASR vs random"]
+        heads = [
+            "method",
+            "τ",
+            "auto rule",
+            "ROUGE-1",
+            "METEOR",
+            "ASR %",
+            "over-refusal %",
+            "random ASR % (mean)",
+            "ΔASR vs random",
+        ]
         body = []
         for meth, rs in by_method.items():
             for r in sorted(rs, key=lambda r: r["variant"]["tau"]):
                 v, mm = r["variant"], r["metrics"]
                 rnd = ad["random"].get(v["tau"]) or ad["random"].get(str(v["tau"]))
-                body.append([meth, str(v["tau"]), "/".join(v["auto"]) or "", ci(mm.get(r1_k)), ci(mm.get(met_k)),
-                             ci(mm.get(asr_k)), ci(mm.get(orr_k)),
-                             ci((rnd or {}).get("metrics", {}).get(asr_k)), dci(r["vs_random"].get(asr_k))])
+                body.append(
+                    [
+                        meth,
+                        str(v["tau"]),
+                        "/".join(v["auto"]) or "",
+                        ci(mm.get(r1_k)),
+                        ci(mm.get(met_k)),
+                        ci(mm.get(asr_k)),
+                        ci(mm.get(orr_k)),
+                        ci((rnd or {}).get("metrics", {}).get(asr_k)),
+                        dci(r["vs_random"].get(asr_k)),
+                    ]
+                )
         doc.table(heads, body)
-        p = figures.tau_ablation(ad, asr_k, r1_k, plots / f"{a}_tau_ablation.png",
-                                 f"{a}: ASR and ROUGE-1 against τ (bands: 95% CI; gray bars: random seeds' range)")
+        p = figures.tau_ablation(
+            ad,
+            asr_k,
+            r1_k,
+            plots / f"{a}_tau_ablation.png",
+            f"{a}: ASR and ROUGE-1 against τ (bands: 95% CI; gray bars: random seeds' range)",
+        )
         doc.img(p, f"{a}: τ ablation — every method against the random control")
     if asr_k and r1_k:
-        p = figures.tradeoff(ad, asr_k, r1_k, plots / f"{a}_tradeoff.png",
-                             f"{a}: safety against utility, every variant", base["metrics"] if base else None)
-        doc.img(p, f"{a}: ASR against ROUGE-1 for every variant (labels: τ; gray: random controls — ✕ when their "
-                      "utility was measured, else a line at their mean ASR)")
+        p = figures.tradeoff(
+            ad,
+            asr_k,
+            r1_k,
+            plots / f"{a}_tradeoff.png",
+            f"{a}: safety against utility, every variant",
+            base["metrics"] if base else None,
+        )
+        doc.img(
+            p,
+            f"{a}: ASR against ROUGE-1 for every variant (labels: τ; gray: random controls — ✕ when their "
+            "utility was measured, else a line at their mean ASR)",
+        )
 
     # latency / params (Table 5 style)
     if latency:
@@ -333,11 +505,22 @@ def _adapter_section(doc, cfg, a, ad, analysis, variants, tables, autos, latency
             v = vmap.get(n)
             if n != "base" and (v is None or v.adapter != a):
                 continue
-            body.append([n, _f(s["ms_per_token"], 2), _f(s["tokens_per_s"], 1),
-                         str(v.modules_kept) if v else "—", _f(100 * v.params_kept) if v else "—"])
+            body.append(
+                [
+                    n,
+                    _f(s["ms_per_token"], 2),
+                    _f(s["tokens_per_s"], 1),
+                    str(v.modules_kept) if v else "—",
+                    _f(100 * v.params_kept) if v else "—",
+                ]
+            )
         st = latency["settings"]
-        doc.table(heads, body, note=f"greedy, batch 1, {st['max_new_tokens']} new tokens max, {st['n_prompts']} "
-                                    "prompts, variants interleaved prompt by prompt, adapters unmerged.")
+        doc.table(
+            heads,
+            body,
+            note=f"greedy, batch 1, {st['max_new_tokens']} new tokens max, {st['n_prompts']} "
+            "prompts, variants interleaved prompt by prompt, adapters unmerged.",
+        )
 
     # heatmaps + auto τ
     doc.h(3, "Where each method looks (layer × module heatmaps; ✕ = edited at the main τ)")
@@ -351,8 +534,13 @@ def _adapter_section(doc, cfg, a, ad, analysis, variants, tables, autos, latency
         mrows = [r for r in rows if r["variant"]["method"] == m.name]
         t = main_tau([r["variant"]["tau"] for r in mrows])
         sel = next((r["variant"]["selected"] for r in mrows if r["variant"]["tau"] == t), [])
-        p = heatmap(table, plots / f"{a}_{m.name}_heatmap.png", column=info.primary, marked=sel,
-                    title=f"{a} · {m.name}: {info.primary} ({'high' if info.descending else 'low'} = edit first; ✕ = τ={t})")
+        p = heatmap(
+            table,
+            plots / f"{a}_{m.name}_heatmap.png",
+            column=info.primary,
+            marked=sel,
+            title=f"{a} · {m.name}: {info.primary} ({'high' if info.descending else 'low'} = edit first; ✕ = τ={t})",
+        )
         doc.img(p, f"{a} · {m.name}: {info.primary} per module, ✕ = the {len(sel)} modules edited at τ={t}")
     if any(autos.values()):
         rows_auto = []
@@ -371,15 +559,20 @@ def _adapter_section(doc, cfg, a, ad, analysis, variants, tables, autos, latency
     if ad.get("risk_coverage"):
         doc.h(3, "Risk–coverage (Figure 1 style)")
         keep = {}
-        names = ["base", a] + [f"{a}:{m.name}@{main_tau([r['variant']['tau'] for r in rows if r['variant']['method'] == m.name])}"
-                               for m in cfg.methods]
+        names = ["base", a] + [
+            f"{a}:{m.name}@{main_tau([r['variant']['tau'] for r in rows if r['variant']['method'] == m.name])}"
+            for m in cfg.methods
+        ]
         rnd = sorted(v.name for v in variants if v.adapter == a and v.method == "random")
         names += rnd[:1]
         for n in names:
             if n in ad["risk_coverage"]:
                 keep[n] = ad["risk_coverage"][n]
-        p = figures.risk_coverage(keep, plots / f"{a}_risk_coverage.png",
-                                  f"{a}: ROUGE-1 on the retained summaries as uncertain ones are referred")
+        p = figures.risk_coverage(
+            keep,
+            plots / f"{a}_risk_coverage.png",
+            f"{a}: ROUGE-1 on the retained summaries as uncertain ones are referred",
+        )
         doc.img(p, f"{a}: risk–coverage (uncertainty = mean token NLL of the summary)")
 
     # flips
@@ -395,13 +588,22 @@ def _adapter_section(doc, cfg, a, ad, analysis, variants, tables, autos, latency
                 continue
             items = []
             for it in fl["now_refused"][:8]:
-                items.append((f"now refused · id {it['id']} · {it['prompt'][:140]}",
-                              f"before: {it['before'][:200]}\nafter:  {it['after'][:200]}"))
+                items.append(
+                    (
+                        f"now refused · id {it['id']} · {it['prompt'][:140]}",
+                        f"before: {it['before'][:200]}\nafter:  {it['after'][:200]}",
+                    )
+                )
             for it in fl["now_jailbroken"][:4]:
-                items.append((f"now answered · id {it['id']} · {it['prompt'][:140]}",
-                              f"before: {it['before'][:200]}\nafter:  {it['after'][:200]}"))
-            doc.details(f"{name}: {len(fl['now_refused'])} now refused, {len(fl['now_jailbroken'])} now answered",
-                        items)
+                items.append(
+                    (
+                        f"now answered · id {it['id']} · {it['prompt'][:140]}",
+                        f"before: {it['before'][:200]}\nafter:  {it['after'][:200]}",
+                    )
+                )
+            doc.details(
+                f"{name}: {len(fl['now_refused'])} now refused, {len(fl['now_jailbroken'])} now answered", items
+            )
 
     # all variants
     doc.h(3, "Every variant")
@@ -409,6 +611,15 @@ def _adapter_section(doc, cfg, a, ad, analysis, variants, tables, autos, latency
     body = []
     for r in rows:
         mm, v = r["metrics"], r["variant"]
-        body.append([v["name"], ci(mm.get(asr_k)), ci(mm.get(orr_k)), ci(mm.get(r1_k)), ci(mm.get(met_k)),
-                     ci(mm.get(auarc_k)), _f(100 * v["params_kept"])])
+        body.append(
+            [
+                v["name"],
+                ci(mm.get(asr_k)),
+                ci(mm.get(orr_k)),
+                ci(mm.get(r1_k)),
+                ci(mm.get(met_k)),
+                ci(mm.get(auarc_k)),
+                _f(100 * v["params_kept"]),
+            ]
+        )
     doc.table(heads, body)

@@ -37,9 +37,16 @@ def _default_log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def run_experiment(config: ExperimentConfig | str | Path, out_dir: str | Path, *, progress: bool = True,
-                   log: Callable[[str], None] | None = None, backend=None, stop_after: str | None = None,
-                   command: str | None = None) -> RunResult:
+def run_experiment(
+    config: ExperimentConfig | str | Path,
+    out_dir: str | Path,
+    *,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+    backend=None,
+    stop_after: str | None = None,
+    command: str | None = None,
+) -> RunResult:
     """Run every stage of an experiment (each reusing its cached outputs when its inputs are unchanged)
     and write ``report.md``, ``report.html``, ``analysis.json`` and the plots into ``out_dir``.
 
@@ -81,8 +88,7 @@ def run_experiment(config: ExperimentConfig | str | Path, out_dir: str | Path, *
     analysis["timing"] = timing
     timing["total (before the report)"] = time.perf_counter() - t_all
     write_text_atomic(out / "analysis.json", dumps(analysis))
-    paths = build_report(cfg, out, analysis, variants, tables, auto_info, latency, res.results, timing,
-                         command=command)
+    paths = build_report(cfg, out, analysis, variants, tables, auto_info, latency, res.results, timing, command=command)
     timing.pop("total (before the report)")
     timing["report"] = time.perf_counter() - t0
     timing["total"] = time.perf_counter() - t_all
@@ -106,4 +112,3 @@ def _check_out(out: Path, cfg: ExperimentConfig) -> None:
                 raise OutputError("the output directory is inside an input model/adapter; choose another", out)
     if out.exists() and not out.is_dir():
         raise OutputError("exists and is not a directory", out)
-

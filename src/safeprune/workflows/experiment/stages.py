@@ -104,12 +104,18 @@ def _fresh(dir_or_file: Path, key_path: Path, key: dict[str, Any]) -> bool:
 
 # -- finetune --------------------------------------------------------------------------------------
 
+
 def stage_finetune(cfg: ExperimentConfig, out: Path, log: Log, progress: bool) -> dict[str, str]:
     paths: dict[str, str] = {}
     for spec in cfg.finetune:
         dest = out / "adapters" / spec.name
-        key = {"stage": "finetune", "base": path_identity(cfg.base), "data": path_identity(spec.data),
-               "options": spec.options, "version": __version__}
+        key = {
+            "stage": "finetune",
+            "base": path_identity(cfg.base),
+            "data": path_identity(spec.data),
+            "options": spec.options,
+            "version": __version__,
+        }
         kp = out / "adapters" / f"{spec.name}.key.json"
         if _fresh(dest, kp, key):
             log(f"finetune {spec.name}: up to date")
@@ -125,16 +131,24 @@ def stage_finetune(cfg: ExperimentConfig, out: Path, log: Log, progress: bool) -
 
 # -- score -----------------------------------------------------------------------------------------
 
-def stage_score(cfg: ExperimentConfig, adapters: dict[str, str], out: Path, log: Log,
-                progress: bool) -> dict[tuple[str, str], ScoreTable]:
+
+def stage_score(
+    cfg: ExperimentConfig, adapters: dict[str, str], out: Path, log: Log, progress: bool
+) -> dict[tuple[str, str], ScoreTable]:
     tables: dict[tuple[str, str], ScoreTable] = {}
     for aname, apath in adapters.items():
         for m in cfg.methods:
             dest = out / "scores" / aname / f"{m.name}.json"
             kp = dest.with_suffix(".key.json")
-            key = {"stage": "score", "adapter": adapter_identity(apath), "method": m.method, "options": m.options,
-                   "module_types": m.module_types, "version": __version__,
-                   "models": {r: path_identity(p) for r, p in _roles(cfg, m).items()}}
+            key = {
+                "stage": "score",
+                "adapter": adapter_identity(apath),
+                "method": m.method,
+                "options": m.options,
+                "module_types": m.module_types,
+                "version": __version__,
+                "models": {r: path_identity(p) for r, p in _roles(cfg, m).items()},
+            }
             if _fresh(dest, kp, key):
                 tables[aname, m.name] = ScoreTable.from_dict(json.loads(dest.read_text(encoding="utf-8")))
                 log(f"score {aname} × {m.name}: up to date")
@@ -146,10 +160,17 @@ def stage_score(cfg: ExperimentConfig, adapters: dict[str, str], out: Path, log:
                 table = score_actdir(cfg.base, apath, **opts)
             else:
                 roles = _roles(cfg, m)
-                table = scan(apath, roles.get("base"), m.method, aligned=roles.get("aligned"),
-                             unaligned=roles.get("unaligned"), module_types=m.module_types,
-                             options={m.method: dict(m.options)} if m.options else None,
-                             progress=progress, threads=cfg.threads)
+                table = scan(
+                    apath,
+                    roles.get("base"),
+                    m.method,
+                    aligned=roles.get("aligned"),
+                    unaligned=roles.get("unaligned"),
+                    module_types=m.module_types,
+                    options={m.method: dict(m.options)} if m.options else None,
+                    progress=progress,
+                    threads=cfg.threads,
+                )
             table.meta = dict(getattr(table, "meta", {}) or {})
             dest.parent.mkdir(parents=True, exist_ok=True)
             write_text_atomic(dest, table.to_json())
@@ -166,6 +187,7 @@ def _roles(cfg: ExperimentConfig, m: MethodSpec) -> dict[str, str | None]:
 
 
 # -- select + edit ---------------------------------------------------------------------------------
+
 
 def resolve_taus(table: ScoreTable, m: MethodSpec) -> tuple[list[int], dict[str, dict[str, Any]]]:
     """Integer τs of a method (auto rules computed on its scores); returns (taus, {rule: details})."""
@@ -192,23 +214,29 @@ def auto_plot(table: ScoreTable, m: MethodSpec, autos: dict[str, Any], path: Pat
     types = _parse_types(m.module_types)
     scores = [r.get(info.primary) for r in table.rows if types is None or r["type"] in types]
     res = [auto_tau(scores, info.descending, rule, m.mad_k) for rule in autos]
-    return score_curve(scores, info.descending, res, path, title=f"{m.name}: sorted {info.primary} with automatic τ",
-                       ylabel=info.primary)
+    return score_curve(
+        scores,
+        info.descending,
+        res,
+        path,
+        title=f"{m.name}: sorted {info.primary} with automatic τ",
+        ylabel=info.primary,
+    )
 
 
 def _method_key(table: ScoreTable, m: MethodSpec) -> str:
     return m.method if m.method in table.methods else m.name
 
 
-def stage_edit(cfg: ExperimentConfig, adapters: dict[str, str], tables: dict[tuple[str, str], ScoreTable],
-               out: Path, log: Log) -> tuple[list[Variant], dict[str, Any]]:
+def stage_edit(
+    cfg: ExperimentConfig, adapters: dict[str, str], tables: dict[tuple[str, str], ScoreTable], out: Path, log: Log
+) -> tuple[list[Variant], dict[str, Any]]:
     variants: list[Variant] = []
     auto_info: dict[str, Any] = {}
     for aname, apath in adapters.items():
         orig = load_adapter(apath)
         total = orig.num_params
-        variants.append(Variant(name=aname, adapter=aname, path=apath, modules_kept=len(orig.modules),
-                                selected=[]))
+        variants.append(Variant(name=aname, adapter=aname, path=apath, modules_kept=len(orig.modules), selected=[]))
         used_taus: list[int] = []
         for m in cfg.methods:
             table = tables[aname, m.name]
@@ -220,32 +248,54 @@ def stage_edit(cfg: ExperimentConfig, adapters: dict[str, str], tables: dict[tup
             auto_info.setdefault(aname, {})[m.name] = autos
             for tau in taus:
                 if tau == 0:  # an automatic τ of 0: nothing to edit (the adapter itself is evaluated anyway)
-                    log(f"edit {aname}:{m.name}: τ = 0 ({', '.join(r for r, d in autos.items() if d['tau'] == 0)}); "
-                        "no variant")
+                    log(
+                        f"edit {aname}:{m.name}: τ = 0 ({', '.join(r for r, d in autos.items() if d['tau'] == 0)}); "
+                        "no variant"
+                    )
                     continue
                 used_taus.append(tau)
                 name = variant_name(aname, m.name, tau)
                 dest = out / "variants" / aname / f"{m.name}@{tau}"
-                key = {"stage": "edit", "adapter": adapter_identity(apath), "table": digest(table.to_dict()["rows"]),
-                       "method": m.method, "action": m.action, "tau": tau, "types": m.module_types,
-                       "version": __version__,
-                       "pair": [path_identity(cfg.aligned), path_identity(cfg.unaligned)] if m.action == "project" else None}
+                key = {
+                    "stage": "edit",
+                    "adapter": adapter_identity(apath),
+                    "table": digest(table.to_dict()["rows"]),
+                    "method": m.method,
+                    "action": m.action,
+                    "tau": tau,
+                    "types": m.module_types,
+                    "version": __version__,
+                    "pair": [path_identity(cfg.aligned), path_identity(cfg.unaligned)]
+                    if m.action == "project"
+                    else None,
+                }
                 kp = dest / "key.json"
                 mk = _method_key(table, m)
                 if not _fresh(dest, kp, key):
                     if m.action == "project":
-                        edited = project(orig, cfg.aligned, cfg.unaligned, table=table, top=tau,
-                                         module_types=m.module_types)
+                        edited = project(
+                            orig, cfg.aligned, cfg.unaligned, table=table, top=tau, module_types=m.module_types
+                        )
                     else:
                         edited = prune(orig, table=table, method=mk, top=tau, module_types=m.module_types)
                     _save(edited, dest, key)
                     log(f"edit {name}: {m.action} {len(edited.selection.selected)} modules")
                 sel = _selected(dest)
                 kept = load_adapter(dest)
-                variants.append(Variant(
-                    name=name, adapter=aname, method=m.name, tau=tau, path=str(dest), action=m.action, selected=sel,
-                    auto=[r for r, d in autos.items() if int(d["tau"]) == tau],
-                    params_kept=kept.num_params / total if total else 1.0, modules_kept=len(kept.modules)))
+                variants.append(
+                    Variant(
+                        name=name,
+                        adapter=aname,
+                        method=m.name,
+                        tau=tau,
+                        path=str(dest),
+                        action=m.action,
+                        selected=sel,
+                        auto=[r for r, d in autos.items() if int(d["tau"]) == tau],
+                        params_kept=kept.num_params / total if total else 1.0,
+                        modules_kept=len(kept.modules),
+                    )
+                )
         # the random control: seed s prunes the first τ modules of a seeded permutation (nested across τ)
         r_taus = cfg.random.taus if cfg.random.taus is not None else sorted(set(used_taus))
         candidates = sorted(orig.modules)
@@ -257,23 +307,49 @@ def stage_edit(cfg: ExperimentConfig, adapters: dict[str, str], tables: dict[tup
                     raise UsageError(f"random control: tau {tau} > the {len(order)} modules of adapter {aname!r}")
                 name = random_name(aname, seed, tau)
                 dest = out / "variants" / aname / f"random-s{seed}@{tau}"
-                key = {"stage": "edit", "adapter": adapter_identity(apath), "method": "random", "seed": seed,
-                       "tau": tau, "version": __version__}
+                key = {
+                    "stage": "edit",
+                    "adapter": adapter_identity(apath),
+                    "method": "random",
+                    "seed": seed,
+                    "tau": tau,
+                    "version": __version__,
+                }
                 if not _fresh(dest, dest / "key.json", key):
                     edited = prune_modules(orig, order[:tau], mode="remove")
 
                     edited.manifest = build_manifest(
-                        action="prune", original=orig, edited=edited, table=None, selection=None,
-                        edit={"mode": "remove", "modules": order[:tau], "control": "random",
-                              "seed": seed, "rule": "first tau of random.Random(f'safeprune-random:{seed}')"
-                                                    ".shuffle(sorted(module names))"},
-                        sources={})
+                        action="prune",
+                        original=orig,
+                        edited=edited,
+                        table=None,
+                        selection=None,
+                        edit={
+                            "mode": "remove",
+                            "modules": order[:tau],
+                            "control": "random",
+                            "seed": seed,
+                            "rule": "first tau of random.Random(f'safeprune-random:{seed}')"
+                            ".shuffle(sorted(module names))",
+                        },
+                        sources={},
+                    )
                     _save(edited, dest, key)
                 kept = load_adapter(dest)
-                variants.append(Variant(name=name, adapter=aname, method="random", tau=tau, seed=seed,
-                                        path=str(dest), action="prune", selected=order[:tau],
-                                        params_kept=kept.num_params / total if total else 1.0,
-                                        modules_kept=len(kept.modules)))
+                variants.append(
+                    Variant(
+                        name=name,
+                        adapter=aname,
+                        method="random",
+                        tau=tau,
+                        seed=seed,
+                        path=str(dest),
+                        action="prune",
+                        selected=order[:tau],
+                        params_kept=kept.num_params / total if total else 1.0,
+                        modules_kept=len(kept.modules),
+                    )
+                )
         log(f"edit {aname}: {sum(v.adapter == aname for v in variants) - 1} edited variants ready")
     return variants, auto_info
 
@@ -293,13 +369,23 @@ def _selected(dest: Path) -> list[str]:
 
 # -- evaluate --------------------------------------------------------------------------------------
 
+
 def load_sets(cfg: ExperimentConfig):
     sets = []
-    for kind, group in (("safety", cfg.evaluation.safety), ("over_refusal", cfg.evaluation.over_refusal),
-                        ("utility", cfg.evaluation.utility)):
+    for kind, group in (
+        ("safety", cfg.evaluation.safety),
+        ("over_refusal", cfg.evaluation.over_refusal),
+        ("utility", cfg.evaluation.utility),
+    ):
         for s in group:
-            ps = load_prompts(s.path, kind, column=s.column, reference_column=s.reference_column,
-                              include_overlap=s.include_overlap, name=s.name)
+            ps = load_prompts(
+                s.path,
+                kind,
+                column=s.column,
+                reference_column=s.reference_column,
+                include_overlap=s.include_overlap,
+                name=s.name,
+            )
             ids = None
             if s.rows_from:
                 found = ids_from_subsets(s.rows_from, s.path)
@@ -313,8 +399,7 @@ def load_sets(cfg: ExperimentConfig):
     return sets
 
 
-def stage_evaluate(cfg: ExperimentConfig, variants: list[Variant], out: Path, log: Log, progress: bool,
-                   backend=None):
+def stage_evaluate(cfg: ExperimentConfig, variants: list[Variant], out: Path, log: Log, progress: bool, backend=None):
     e = cfg.evaluation
     sets = load_sets(cfg)
     judge = KeywordJudge.from_file(e.refusal_keywords) if e.refusal_keywords else KeywordJudge()
@@ -323,9 +408,15 @@ def stage_evaluate(cfg: ExperimentConfig, variants: list[Variant], out: Path, lo
     kinds = cfg.random.kinds
     controls = {v.name: v.path for v in variants if v.method == "random"} if kinds else {}
     main = {k: p for k, p in adapters.items() if k not in controls}
-    ecfg = EvalConfig(safety_max_new_tokens=e.safety_max_new_tokens, utility_max_new_tokens=e.utility_max_new_tokens,
-                      batch_size=e.batch_size, system_prompt=e.system_prompt, seed=cfg.seed,
-                      sort_by_length=e.sort_by_length, utility_batch_size=e.utility_batch_size)
+    ecfg = EvalConfig(
+        safety_max_new_tokens=e.safety_max_new_tokens,
+        utility_max_new_tokens=e.utility_max_new_tokens,
+        batch_size=e.batch_size,
+        system_prompt=e.system_prompt,
+        seed=cfg.seed,
+        sort_by_length=e.sort_by_length,
+        utility_batch_size=e.utility_batch_size,
+    )
     opts: dict[str, Any] = {}
     if e.backend == "hf" and backend is None:
         opts = {"device": e.device, "dtype": e.dtype, "threads": e.threads}
@@ -337,12 +428,18 @@ def stage_evaluate(cfg: ExperimentConfig, variants: list[Variant], out: Path, lo
     if isinstance(be, str):
         be = make_backend(be, cfg.base, adapters, **opts)
     cache = Path(e.cache) if e.cache else out / "cache" / "generations.jsonl"
-    common = dict(backend=be, refusal_judge=judge, harm_judges=harm, config=ecfg, cache=cache, meteor=e.meteor,
-                  progress=cb)
-    res = evaluate(cfg.base, main, prompt_sets=sets, include_base=e.include_base,
-                   out_dir=None if controls else out / "eval", **common)
+    common = dict(
+        backend=be, refusal_judge=judge, harm_judges=harm, config=ecfg, cache=cache, meteor=e.meteor, progress=cb
+    )
+    res = evaluate(
+        cfg.base,
+        main,
+        prompt_sets=sets,
+        include_base=e.include_base,
+        out_dir=None if controls else out / "eval",
+        **common,
+    )
     if controls:  # the random controls on the configured kinds of sets only, merged into one result
-
         rsets = [s for s in sets if s.kind in kinds]
         r2 = evaluate(cfg.base, controls, prompt_sets=rsets, include_base=False, out_dir=None, **common)
         merged = dict(res.results)
@@ -353,8 +450,10 @@ def stage_evaluate(cfg: ExperimentConfig, variants: list[Variant], out: Path, lo
         res = EvalResult(merged, res.items + r2.items, out / "eval")
         write_results(res, out / "eval")
     gen = sum(m.get("generated_now", 0) for v in res.metrics.values() for m in v.values())
-    log(f"evaluate: {len(adapters) + int(e.include_base)} variants × {len(sets)} sets, {gen} generations "
-        f"made now, {time.perf_counter() - t0:.0f} s")
+    log(
+        f"evaluate: {len(adapters) + int(e.include_base)} variants × {len(sets)} sets, {gen} generations "
+        f"made now, {time.perf_counter() - t0:.0f} s"
+    )
     return res, sets, be
 
 
@@ -378,8 +477,10 @@ def _progress_cb(log: Log):
 
 # -- latency ---------------------------------------------------------------------------------------
 
-def stage_latency(cfg: ExperimentConfig, variants: list[Variant], sets, out: Path, log: Log,
-                  backend) -> dict[str, Any] | None:
+
+def stage_latency(
+    cfg: ExperimentConfig, variants: list[Variant], sets, out: Path, log: Log, backend
+) -> dict[str, Any] | None:
     """Batch-1 greedy generation time per new token, variants interleaved prompt by prompt (so machine
     load drifts affect all alike). Adapters stay unmerged (what a LoRA server runs)."""
     lat = cfg.latency
@@ -389,18 +490,25 @@ def stage_latency(cfg: ExperimentConfig, variants: list[Variant], sets, out: Pat
     if names is None:
         first = cfg.methods[0].name
         names = (["base"] if cfg.evaluation.include_base else []) + [
-            v.name for v in variants if v.method is None or (v.method == first)]
+            v.name for v in variants if v.method is None or (v.method == first)
+        ]
     byname = {v.name: v for v in variants}
     unknown = [n for n in names if n != "base" and n not in byname]
     if unknown:
         raise UsageError(f"latency.variants: unknown variant(s) {unknown}")
-    pool = [it.prompt for ps in sets if ps.kind != "utility" for it in ps.items] or \
-           [it.prompt for ps in sets for it in ps.items]
-    prompts = pool[:lat.n_prompts]
+    pool = [it.prompt for ps in sets if ps.kind != "utility" for it in ps.items] or [
+        it.prompt for ps in sets for it in ps.items
+    ]
+    prompts = pool[: lat.n_prompts]
     dest = out / "latency.json"
-    key = {"variants": names, "prompts": digest(prompts), "max_new_tokens": lat.max_new_tokens,
-           "adapters": {n: adapter_identity(byname[n].path) for n in names if n != "base"},
-           "base": path_identity(cfg.base), "version": __version__}
+    key = {
+        "variants": names,
+        "prompts": digest(prompts),
+        "max_new_tokens": lat.max_new_tokens,
+        "adapters": {n: adapter_identity(byname[n].path) for n in names if n != "base"},
+        "base": path_identity(cfg.base),
+        "version": __version__,
+    }
     old = _read_key(dest)
     if old and old.get("key") == json.loads(json.dumps(key, default=str)):
         log("latency: up to date")
@@ -419,11 +527,25 @@ def stage_latency(cfg: ExperimentConfig, variants: list[Variant], sets, out: Pat
             acc[n]["tokens"] += g.new_tokens
     rows = {}
     for n, a in acc.items():
-        rows[n] = {"ms_per_token": 1000 * a["seconds"] / max(1, a["tokens"]), "tokens": a["tokens"],
-                   "seconds": a["seconds"], "tokens_per_s": a["tokens"] / a["seconds"] if a["seconds"] else None}
-    res = {"key": key, "settings": {"batch_size": 1, "max_new_tokens": lat.max_new_tokens, "n_prompts": len(prompts),
-                                    "greedy": True, "adapters_merged": False, "order": "interleaved per prompt"},
-           "variants": rows, "seconds": time.perf_counter() - t0}
+        rows[n] = {
+            "ms_per_token": 1000 * a["seconds"] / max(1, a["tokens"]),
+            "tokens": a["tokens"],
+            "seconds": a["seconds"],
+            "tokens_per_s": a["tokens"] / a["seconds"] if a["seconds"] else None,
+        }
+    res = {
+        "key": key,
+        "settings": {
+            "batch_size": 1,
+            "max_new_tokens": lat.max_new_tokens,
+            "n_prompts": len(prompts),
+            "greedy": True,
+            "adapters_merged": False,
+            "order": "interleaved per prompt",
+        },
+        "variants": rows,
+        "seconds": time.perf_counter() - t0,
+    }
     write_text_atomic(dest, json.dumps(res, indent=1, default=str))
     log(f"latency: {len(names)} variants × {len(prompts)} prompts in {res['seconds']:.0f} s")
     return res
