@@ -4,7 +4,7 @@ VENV    ?= .venv
 VPY     := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 
-.PHONY: install demo test test-slow bench clean wordnet
+.PHONY: install demo test test-slow lint bench clean wordnet
 
 $(VPY):
 	$(PY) -m venv $(VENV)
@@ -28,6 +28,12 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(VPY) -m pytest -q -m slow
+
+# ruff (lint + formatting) and the layers contract written in pyproject.toml
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks
+	$(VENV)/bin/lint-imports
 
 bench: $(STAMP)
 	$(VPY) benchmarks/bench_scan.py

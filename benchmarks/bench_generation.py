@@ -5,7 +5,7 @@ Same prompts, same greedy settings; tokens/s = generated tokens (up to and inclu
 and tokens per CPU-second of this process (less sensitive to other processes on a shared machine).
 Writes a JSON record to benchmarks/results/bench_generation.json.
 
-    PYTHONPATH=src python benchmarks/bench_generation.py --model /work/models/aligned --n 16 --max-new-tokens 32
+    PYTHONPATH=src python benchmarks/bench_generation.py --model $SAFEPRUNE_TESTBED_MODELS/aligned --n 16 --max-new-tokens 32
 """
 
 from __future__ import annotations
@@ -39,7 +39,11 @@ FALLBACK = [
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default="/work/models/aligned", help="SmolLM2 HF directory")
+    ap.add_argument(
+        "--model",
+        default=os.path.join(os.environ.get("SAFEPRUNE_TESTBED_MODELS", "../models"), "aligned"),
+        help="SmolLM2 HF directory",
+    )
     ap.add_argument("--n", type=int, default=16)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--max-new-tokens", type=int, default=32)

@@ -8,8 +8,8 @@ adapter is loaded unmerged with ``PeftModel.from_pretrained`` (the serving setti
 matmuls per module), so removing modules removes work. Also prints what vLLM would load for each adapter:
 LoRA modules, their rank and the bytes of adapter_model.safetensors.
 
-    python benchmarks/bench_inference.py --base /work/models/aligned \\
-        --adapter full=/work/shared/testbed/adapters/mix_s0 \\
+    python benchmarks/bench_inference.py --base $SAFEPRUNE_TESTBED_MODELS/aligned \\
+        --adapter full=../shared/testbed/adapters/mix_s0 \\
         --adapter ddi10=/tmp/mix_s0_ddi10 --adapter ddi60=/tmp/mix_s0_ddi60
 
 Not run in CI (needs a real model directory).

@@ -1,7 +1,7 @@
 """Peak memory and time of SafeLoRA scoring: safeprune's low-rank path vs the official d×d approach.
 
     PYTHONPATH=src python benchmarks/bench_safelora_memory.py \
-        --adapter ../shared/testbed/adapters/mix_s0 --aligned /work/models/aligned --unaligned /work/models/unaligned
+        --adapter ../shared/testbed/adapters/mix_s0 --aligned $SAFEPRUNE_TESTBED_MODELS/aligned --unaligned $SAFEPRUNE_TESTBED_MODELS/unaligned
 
 Each approach runs in its own subprocess, so its peak RSS (``ru_maxrss``) is its own:
 
@@ -149,8 +149,12 @@ def run_official(args) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--adapter", default="../shared/testbed/adapters/mix_s0")
-    ap.add_argument("--aligned", default="/work/models/aligned")
-    ap.add_argument("--unaligned", default="/work/models/unaligned")
+    ap.add_argument(
+        "--aligned", default=os.path.join(os.environ.get("SAFEPRUNE_TESTBED_MODELS", "../models"), "aligned")
+    )
+    ap.add_argument(
+        "--unaligned", default=os.path.join(os.environ.get("SAFEPRUNE_TESTBED_MODELS", "../models"), "unaligned")
+    )
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     ap.add_argument(
         "--threads",

@@ -6,7 +6,7 @@
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 SHARED=${SHARED:-$ROOT/../shared}
-MODELS=${MODELS:-/work/models}
+MODELS=${MODELS:-${SAFEPRUNE_TESTBED_MODELS:-../models}}
 OUT=${1:-$ROOT/benchmarks/results/eval_testbed}
 PRUNED=${PRUNED:-/tmp/mix_s0_ddi10}
 CACHE=${CACHE:-/tmp/safeprune_eval_cache.jsonl}

@@ -7,7 +7,7 @@ change of any module's DDI and O. It also re-runs seed 0 to confirm that the sam
 score table.
 
     python benchmarks/seed_stability.py \
-        --adapter ../shared/testbed/adapters/mix_s0 --base /work/models/aligned \
+        --adapter ../shared/testbed/adapters/mix_s0 --base $SAFEPRUNE_TESTBED_MODELS/aligned \
         --seeds 0 1 2 3 4 --top 10 --out benchmarks/results/seed_stability
 """
 
@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import platform
 import sys
 import time
@@ -80,7 +81,7 @@ def compare(tables: dict[int, object], top: int) -> dict:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--adapter", default=str(Path(__file__).resolve().parents[2] / "shared/testbed/adapters/mix_s0"))
-    ap.add_argument("--base", default="/work/models/aligned")
+    ap.add_argument("--base", default=os.path.join(os.environ.get("SAFEPRUNE_TESTBED_MODELS", "../models"), "aligned"))
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     ap.add_argument("--top", type=int, default=10)
     ap.add_argument("--power-iters", type=int, default=2, help="DDI range-finder power iterations")

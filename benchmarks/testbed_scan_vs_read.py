@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Testbed: DDI scan time against the time to read the same W0 tensors once (and a dense reference).
 
-    python benchmarks/testbed_scan_vs_read.py --base /work/models/aligned \
+    python benchmarks/testbed_scan_vs_read.py --base $SAFEPRUNE_TESTBED_MODELS/aligned \
         --adapter ../shared/testbed/adapters/mix_s0 --out benchmarks/results [--cache cold]
 
 All timings in one run, page cache warm for every variant (one untimed read pass first); each variant is

@@ -16,7 +16,7 @@ import torch
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 TESTBED = SHARED / "testbed"
 # where ../shared/testbed/build_models.py --out wrote the aligned/unaligned models (slow tests only)
-TESTBED_MODELS = Path(__import__("os").environ.get("SAFEPRUNE_TESTBED_MODELS", "/work/models"))
+TESTBED_MODELS = Path(__import__("os").environ.get("SAFEPRUNE_TESTBED_MODELS") or SHARED.parent / "models")
 
 
 def tiny_config(family: str = "llama", layers: int = 2, hidden: int = 64):

@@ -4,7 +4,6 @@ every method scores all modules and writes an adapter that PEFT loads. Slow: `ma
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,7 +15,7 @@ from helpers import (
 
 ALIGNED = TESTBED_MODELS / "aligned"
 UNALIGNED = TESTBED_MODELS / "unaligned"
-_TB = next((p for p in (TESTBED, Path("/work/shared/testbed")) if p.is_dir()), TESTBED)
+_TB = TESTBED
 ADAPTER = _TB / "adapters" / "mix_s0"
 
 pytestmark = [

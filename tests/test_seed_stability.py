@@ -1,6 +1,6 @@
 """Seed stability of the DDI ranking on the testbed adapter (slow: real SmolLM2-135M weights).
 
-The base (/work/models/aligned) is built by ../shared/testbed/build_models.py; the test is skipped where it
+The base ($SAFEPRUNE_TESTBED_MODELS/aligned) is built by ../shared/testbed/build_models.py; the test is skipped where it
 or ../shared is absent. Measured figures: benchmarks/results/seed_stability.md.
 """
 
@@ -14,15 +14,7 @@ import pytest
 
 from helpers import TESTBED
 
-# ../shared beside the checkout (CI, the main checkout); /work/shared from a worktree
-ADAPTER = next(
-    (
-        d / "adapters" / "mix_s0"
-        for d in (TESTBED, Path("/work/shared/testbed"))
-        if (d / "adapters" / "mix_s0").is_dir()
-    ),
-    TESTBED / "adapters" / "mix_s0",
-)
+ADAPTER = TESTBED / "adapters" / "mix_s0"  # ../shared beside the checkout
 from helpers import TESTBED_MODELS  # noqa: E402
 
 BASE = Path(os.environ.get("SAFEPRUNE_TESTBED_ALIGNED", TESTBED_MODELS / "aligned"))

@@ -1,6 +1,6 @@
 """Real-model checks on ../shared/testbed (slow: needs the aligned model built by build_models.py).
 
-Set SAFEPRUNE_TESTBED_MODELS to the directory given to build_models.py --out (default /work/models).
+Set SAFEPRUNE_TESTBED_MODELS to the directory given to build_models.py --out (default: ../models beside the checkout).
 """
 
 from __future__ import annotations
