@@ -32,7 +32,7 @@ from ..weights.pair import check_pair
 from . import methods as registered_methods  # noqa: F401  (importing it registers the scoring methods)
 from .agreement import rank_agreement
 from .base import ModuleContext, Scorer, get_scorer, method_names
-from .table import MethodInfo, ScoreTable
+from .table import MethodInfo, ScoreTable, module_row
 
 
 def _check_row_finite(row: dict[str, Any], adapter: LoraAdapter, allowed: frozenset[str] = frozenset()) -> None:
@@ -85,6 +85,135 @@ def scan_threads(threads: int | None = None) -> int:
     return int(threads)
 
 
+def _make_scorers(
+    names: list[str], options: dict[str, dict[str, Any]] | None, method_options: dict[str, Any]
+) -> list[Scorer]:
+    options = {k: dict(v) for k, v in (options or {}).items()}
+    if method_options:
+        if len(names) != 1:
+            raise UsageError("pass per-method options through options={method: {...}} when scoring several methods")
+        options.setdefault(names[0], {}).update(method_options)
+    unknown = set(options) - set(names)
+    if unknown:
+        raise UsageError(f"options given for methods not being run: {', '.join(sorted(unknown))}")
+    return [get_scorer(n, **options.get(n, {})) for n in names]
+
+
+def _modules_of_types(adapter: LoraAdapter, module_types: Iterable[str] | str | None) -> list[LoraModule]:
+    types = parse_module_types(module_types)
+    modules = [m for m in adapter if types is None or m.module_type in types]
+    if not modules:
+        raise UsageError(f"no LoRA module of type {', '.join(types or [])} in the adapter")
+    return modules
+
+
+def _needed_roles(scorers: list[Scorer], names: list[str], given: dict[str, Any]) -> list[str]:
+    needed = sorted({role for s in scorers for role in s.requires})
+    missing = [r for r in needed if given.get(r) is None]
+    if missing:
+        need = ", ".join(f"--{r}" for r in missing)
+        raise UsageError(f"method(s) {', '.join(names)} need {need}")
+    return needed
+
+
+def _open_sources(
+    stack: ExitStack, needed: list[str], given: dict[str, Any], modules: list[LoraModule]
+) -> dict[str, WeightSource]:
+    """Open each needed model (closed when ``stack`` ends unless the caller passed it open), then fail fast,
+    from configs and headers alone: a pair is one architecture, every module's weight exists with the right
+    shape, and the pair agrees tensor by tensor."""
+    sources: dict[str, WeightSource] = {}
+    for role in needed:
+        src = open_weights(given[role])
+        if not isinstance(given[role], WeightSource):
+            stack.callback(src.close)
+        sources[role] = src
+    pair = "aligned" in sources and "unaligned" in sources
+    if pair:
+        check_pair(sources["aligned"], sources["unaligned"], modules, tensors=False)
+    for role, src in sources.items():
+        check_modules_present(src, modules, role)
+    if pair:
+        check_pair(sources["aligned"], sources["unaligned"], modules, config=False)
+    return sources
+
+
+def _method_info(s: Scorer) -> MethodInfo:
+    return MethodInfo(
+        name=s.name,
+        primary=s.primary,
+        descending=s.descending,
+        columns=s.columns(),
+        options=s.options(),
+        description=s.description,
+    )
+
+
+Weights = dict[str, tuple[torch.Tensor, float]]
+
+
+class _ModuleRunner:
+    """Reads each module's weights once and runs every scorer on it, in order or several modules at once."""
+
+    def __init__(self, scorers: list[Scorer], sources: dict[str, WeightSource], device: torch.device):
+        self.scorers, self.sources, self.device = scorers, sources, device
+
+    def fetch(self, m: LoraModule) -> tuple[Weights, float]:
+        ts = time.perf_counter()
+        # stored dtype (bf16 stays bf16): converting is left to the scorers that need float32; the
+        # float64 norm computed here also proves the weight finite
+        ws = {role: read_weight_and_norm(src, m, dtype=None, role=role) for role, src in self.sources.items()}
+        return ws, time.perf_counter() - ts
+
+    def score(self, m: LoraModule, ws: Weights | None) -> dict[str, Any]:
+        """Every scorer on one module; ``ws`` are its prefetched weights (None: read on demand)."""
+        ctx = ModuleContext(m, self.sources, self.device)
+        for role, (w, n) in (ws or {}).items():
+            ctx.prefetched(role, w, n)
+        row = module_row(m)
+        for s in self.scorers:
+            row.update(s.score(ctx))
+        ctx.release()
+        return row
+
+    def work(self, m: LoraModule) -> tuple[dict[str, Any], float]:
+        ws, dt = self.fetch(m)
+        return self.score(m, ws), dt
+
+    def run_parallel(self, modules: list[LoraModule], window: int, stack: ExitStack, tick, advance):
+        rows, read_s = [], 0.0
+        pool = ThreadPoolExecutor(max_workers=window)
+        stack.callback(pool.shutdown, wait=True, cancel_futures=True)
+        inflight: deque[Future] = deque(pool.submit(self.work, m) for m in modules[:window])
+        for i, m in enumerate(modules):
+            tick(m)
+            row, dt = inflight.popleft().result()
+            read_s += dt
+            if i + window < len(modules):
+                inflight.append(pool.submit(self.work, modules[i + window]))
+            rows.append(row)
+            advance()
+        return rows, read_s
+
+    def run_in_order(self, modules: list[LoraModule], prefetch: bool, stack: ExitStack, tick, advance):
+        rows, read_s = [], 0.0
+        pool = stack.enter_context(ThreadPoolExecutor(max_workers=1)) if prefetch else None
+        pending: Future | None = pool.submit(self.fetch, modules[0]) if pool else None
+        for i, m in enumerate(modules):
+            tick(m)
+            ws = None
+            if pool is not None:
+                ws, dt = pending.result()
+                read_s += dt
+                pending = pool.submit(self.fetch, modules[i + 1]) if i + 1 < len(modules) else None
+            rows.append(self.score(m, ws))
+            del ws
+            advance()
+        if pending is not None:  # pragma: no cover - only on early exit
+            pending.cancel()
+        return rows, read_s
+
+
 def scan(
     adapter: LoraAdapter | str | Path,
     base: str | Path | WeightSource | None = None,
@@ -112,33 +241,13 @@ def scan(
     if not isinstance(adapter, LoraAdapter):
         adapter = load_adapter(adapter)
     names = method_names(methods)
-    options = {k: dict(v) for k, v in (options or {}).items()}
-    if method_options:
-        if len(names) != 1:
-            raise UsageError("pass per-method options through options={method: {...}} when scoring several methods")
-        options.setdefault(names[0], {}).update(method_options)
-    unknown = set(options) - set(names)
-    if unknown:
-        raise UsageError(f"options given for methods not being run: {', '.join(sorted(unknown))}")
-    scorers: list[Scorer] = [get_scorer(n, **options.get(n, {})) for n in names]
-    nan_ok = frozenset().union(*(s.nan_allowed for s in scorers))
+    scorers = _make_scorers(names, options, method_options)
     dev = resolve_device(device)
-
-    types = parse_module_types(module_types)
-    modules = [m for m in adapter if types is None or m.module_type in types]
-    if not modules:
-        raise UsageError(f"no LoRA module of type {', '.join(types or [])} in the adapter")
-
-    needed = sorted({role for s in scorers for role in s.requires})
+    modules = _modules_of_types(adapter, module_types)
     given = {"base": base, "aligned": aligned, "unaligned": unaligned}
-    missing = [r for r in needed if given.get(r) is None]
-    if missing:
-        need = ", ".join(f"--{r}" for r in missing)
-        raise UsageError(f"method(s) {', '.join(names)} need {need}")
+    needed = _needed_roles(scorers, names, given)
 
-    rows: list[dict[str, Any]] = []
     t0 = time.perf_counter()
-    read_s = 0.0
     n_threads = scan_threads(threads) if dev.type == "cpu" else 1
     # CPU and every scorer safe to run on several modules at once: one module per thread, 1 torch thread
     # each, n_threads + 1 modules in flight (reads overlap other modules' compute; memory stays bounded by
@@ -147,109 +256,33 @@ def scan(
     parallel = (
         dev.type == "cpu" and prefetch and n_threads > 1 and all(getattr(s, "concurrent", False) for s in scorers)
     )
-
-    def new_row(m: LoraModule) -> dict[str, Any]:
-        return {
-            "module": m.name,
-            "layer": m.layer,
-            "type": m.module_type,
-            "r": m.r,
-            "in": m.in_features,
-            "out": m.out_features,
-            "scaling": m.scaling,
-        }
-
     with ExitStack() as stack:
-        prev_threads = torch.get_num_threads()
         if dev.type == "cpu":
+            stack.callback(torch.set_num_threads, torch.get_num_threads())
             torch.set_num_threads(1 if parallel else max(1, n_threads - 1))
-            stack.callback(torch.set_num_threads, prev_threads)
-        sources: dict[str, WeightSource] = {}
-        for role in needed:
-            src = open_weights(given[role])
-            if not isinstance(given[role], WeightSource):
-                stack.callback(src.close)
-            sources[role] = src
-        # fail fast, from configs and headers alone: a pair is one architecture, every module's weight
-        # exists with the right shape, and the pair agrees tensor by tensor
-        pair = "aligned" in sources and "unaligned" in sources
-        if pair:
-            check_pair(sources["aligned"], sources["unaligned"], modules, tensors=False)
-        for role, src in sources.items():
-            check_modules_present(src, modules, role)
-        if pair:
-            check_pair(sources["aligned"], sources["unaligned"], modules, config=False)
-
-        def fetch(m: LoraModule) -> tuple[dict[str, tuple[torch.Tensor, float]], float]:
-            ts = time.perf_counter()
-            # stored dtype (bf16 stays bf16): converting is left to the scorers that need float32; the
-            # float64 norm computed here also proves the weight finite
-            ws = {role: read_weight_and_norm(src, m, dtype=None, role=role) for role, src in sources.items()}
-            return ws, time.perf_counter() - ts
-
-        def score_module(m: LoraModule, ws: dict[str, tuple[torch.Tensor, float]] | None) -> dict[str, Any]:
-            """Every scorer on one module; ``ws`` are its prefetched weights (None: read on demand)."""
-            ctx = ModuleContext(m, sources, dev)
-            for role, (w, n) in (ws or {}).items():
-                ctx.prefetched(role, w, n)
-            row = new_row(m)
-            for s in scorers:
-                row.update(s.score(ctx))
-            ctx.release()
-            return row
-
-        def work(m: LoraModule) -> tuple[dict[str, Any], float]:
-            ws, dt = fetch(m)
-            return score_module(m, ws), dt
-
+        sources = _open_sources(stack, needed, given, modules)
+        runner = _ModuleRunner(scorers, sources, dev)
         prog = stack.enter_context(make_progress(progress))
         task = prog.add_task("scoring", total=len(modules), module="")
+
+        def tick(m: LoraModule) -> None:
+            prog.update(task, module=m.name)
+
         if parallel:
-            window = n_threads + 1
-            pool = ThreadPoolExecutor(max_workers=window)
-            stack.callback(pool.shutdown, wait=True, cancel_futures=True)
-            inflight: deque[Future] = deque(pool.submit(work, m) for m in modules[:window])
-            for i, m in enumerate(modules):
-                prog.update(task, module=m.name)
-                row, dt = inflight.popleft().result()
-                read_s += dt
-                if i + window < len(modules):
-                    inflight.append(pool.submit(work, modules[i + window]))
-                rows.append(row)
-                prog.advance(task)
+            rows, read_s = runner.run_parallel(modules, n_threads + 1, stack, tick, lambda: prog.advance(task))
         else:
-            pool = stack.enter_context(ThreadPoolExecutor(max_workers=1)) if prefetch and sources else None
-            pending: Future | None = pool.submit(fetch, modules[0]) if pool else None
-            for i, m in enumerate(modules):
-                prog.update(task, module=m.name)
-                ws = None
-                if pool is not None:
-                    ws, dt = pending.result()
-                    read_s += dt
-                    pending = pool.submit(fetch, modules[i + 1]) if i + 1 < len(modules) else None
-                rows.append(score_module(m, ws))
-                del ws
-                prog.advance(task)
-            if pending is not None:  # pragma: no cover - only on early exit
-                pending.cancel()
+            rows, read_s = runner.run_in_order(
+                modules, prefetch and bool(sources), stack, tick, lambda: prog.advance(task)
+            )
 
     for s in scorers:
         s.finalize(rows)
+    nan_ok = frozenset().union(*(s.nan_allowed for s in scorers))
     for row in rows:
         _check_row_finite(row, adapter, nan_ok)
     table = ScoreTable(
         rows=rows,
-        methods={
-            s.name: MethodInfo(
-                name=s.name,
-                primary=s.primary,
-                descending=s.descending,
-                columns=s.columns(),
-                options=s.options(),
-                description=s.description,
-            )
-            for s in scorers
-        },
+        methods={s.name: _method_info(s) for s in scorers},
         meta={
             "adapter": str(adapter.path) if adapter.path else None,
             **{role: str(getattr(src, "description", src)) for role, src in sources.items()},

@@ -28,6 +28,19 @@ class MethodInfo:
     description: str = ""
 
 
+def module_row(m: Any) -> dict[str, Any]:
+    """The identity columns of a score-table row for one LoRA module (:data:`ID_COLUMNS`)."""
+    return {
+        "module": m.name,
+        "layer": m.layer,
+        "type": m.module_type,
+        "r": m.r,
+        "in": m.in_features,
+        "out": m.out_features,
+        "scaling": m.scaling,
+    }
+
+
 def sort_key(row: dict[str, Any], column: str, descending: bool) -> tuple:
     """Deterministic order: by score (NaN last), then layer, then module path."""
     v = row.get(column)

@@ -102,6 +102,174 @@ def check_budget(target_asr: float, max_utility_drop: float) -> None:
 # -- search ------------------------------------------------------------------------------------------
 
 
+def _check_search(
+    ad: LoraAdapter, order: list[str], mode: str, verify_below: int, tau_max: int | None, sizes: dict[str, int]
+) -> int:
+    """Refuse a bad search before anything is generated; returns τ_max."""
+    if mode not in PRUNE_MODES:
+        raise UsageError(f"--mode must be one of {', '.join(PRUNE_MODES)}, got {mode!r}")
+    if verify_below < 0:
+        raise UsageError(f"verify_below must be >= 0, got {verify_below}")
+    if not order:
+        raise UsageError("the prune order is empty")
+    dup = sorted({m for m in order if order.count(m) > 1})
+    if dup:
+        raise UsageError(f"the prune order names modules twice: {', '.join(dup[:5])}")
+    unknown = [m for m in order if m not in ad.modules]
+    if unknown:
+        raise UsageError(f"the prune order names modules the adapter does not have: {', '.join(unknown[:5])}")
+    if tau_max is None:
+        tau_max = len(order)
+    if not 1 <= tau_max <= len(order):
+        raise UsageError(f"--tau-max must be in [1, {len(order)}] (the length of the prune order), got {tau_max}")
+    for name, v in sizes.items():
+        if v < 1:
+            raise UsageError(f"{name} must be >= 1, got {v}")
+    return tau_max
+
+
+class _ProbeEvaluator:
+    """Prunes the first τ modules of the order, generates on the probes (cached) and scores the result;
+    each τ is evaluated at most once. ``history`` keeps the rows in evaluation order (τ = 0 first: the
+    utility reference)."""
+
+    def __init__(
+        self,
+        ad: LoraAdapter,
+        order: list[str],
+        mode: str,
+        work: Path,
+        backend: Backend,
+        cache: GenerationCache,
+        judge: KeywordJudge,
+        hset: PromptSet,
+        uset: PromptSet,
+        s_set: GenSettings,
+        u_set: GenSettings,
+        target_asr: float,
+        max_utility_drop: float,
+        say,
+    ):
+        self.ad, self.order, self.mode, self.work = ad, order, mode, work
+        self.backend, self.cache, self.judge, self.say = backend, cache, judge, say
+        self.s_set, self.u_set = s_set, u_set
+        self.target_asr, self.max_utility_drop = target_asr, max_utility_drop
+        self.h_prompts = [it.prompt for it in hset.items]
+        self.u_prompts = [it.prompt for it in uset.items]
+        self.u_refs = [str(it.reference) for it in uset.items]
+        self.history: list[dict[str, Any]] = []
+        self.seen: dict[int, dict[str, Any]] = {}
+
+    def _variant(self, tau: int) -> tuple[str, Path, str]:
+        name = f"tau_{tau:04d}"
+        if tau == 0:
+            return name, self.ad.path, "unpruned"
+        # remove mode cannot drop every module (an empty adapter); zeroing lora_B is the same model
+        m = "zero" if (self.mode == "remove" and tau == len(self.ad.modules)) else self.mode
+        path = self.work / "adapters" / name
+        prune_modules(self.ad, self.order[:tau], mode=m).save(path, force=True)  # deterministic: stable cache keys
+        return name, path, m
+
+    def __call__(self, tau: int) -> dict[str, Any]:
+        if tau in self.seen:
+            return self.seen[tau]
+        t0 = time.perf_counter()
+        name, path, how = self._variant(tau)
+        self.backend.add_adapter(name, str(path))
+        hg = generate_cached(self.backend, self.cache, self.h_prompts, name, self.s_set, label=f"{name}/harmful")
+        ug = generate_cached(self.backend, self.cache, self.u_prompts, name, self.u_set, label=f"{name}/utility")
+        refused = [self.judge.refused(g.text) for g in hg]
+        asr = sum(not r for r in refused) / len(refused)
+        r1 = 100.0 * sum(s["rouge1"] for s in rouge_scores([g.text for g in ug], self.u_refs)) / len(self.u_refs)
+        gens = hg + ug
+        drop = self.history[0]["probe_rouge1"] - r1 if self.history else 0.0
+        row = {
+            "tau": tau,
+            "probe_asr": asr,
+            "probe_rouge1": r1,
+            "utility_drop": drop,
+            "meets_asr": asr <= self.target_asr,
+            "within_budget": drop <= self.max_utility_drop + 1e-9,
+            "feasible": None,
+            "edit": how,
+            "generated": sum(not g.cached for g in gens),
+            "cached": sum(g.cached for g in gens),
+            "seconds": round(time.perf_counter() - t0, 3),
+        }
+        row["feasible"] = row["meets_asr"] and row["within_budget"]
+        self.history.append(row)
+        self.seen[tau] = row
+        self.say(
+            f"  τ={tau:>4}: probe ASR {asr:.3f}  ROUGE-1 {r1:.2f} (drop {drop:+.2f})  "
+            f"{'feasible' if row['feasible'] else 'meets ASR' if row['meets_asr'] else 'ASR too high'}  "
+            f"[{row['generated']} generated, {row['cached']} cached, {row['seconds']:.1f}s]"
+        )
+        return row
+
+
+def _bisect(ev: _ProbeEvaluator, tau_max: int, target_asr: float, max_utility_drop: float) -> tuple[int | None, str]:
+    """The smallest τ ≤ τ_max meeting the ASR target, assuming ASR does not rise with τ, or None and why."""
+    if ev(0)["meets_asr"]:
+        return 0, "the unpruned adapter already meets the ASR target"
+    top = ev(tau_max)
+    if not top["meets_asr"]:
+        reason = f"τ_max={tau_max} does not reach probe ASR ≤ {target_asr} (got {top['probe_asr']:.3f})"
+        if not top["within_budget"]:
+            reason += (
+                f" and already drops ROUGE-1 by {top['utility_drop']:.2f} > {max_utility_drop} points, so "
+                "a larger τ_max would not help either (assuming monotone ASR and utility)"
+            )
+        return None, reason
+    lo, hi = 0, tau_max  # invariant: ASR(lo) > target, ASR(hi) ≤ target
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        r = ev(mid)
+        if r["meets_asr"]:
+            hi = mid
+        elif not r["within_budget"]:  # smaller τ miss the ASR target, larger τ lose more utility
+            return None, (
+                f"τ={mid} misses the ASR target and already drops ROUGE-1 by "
+                f"{r['utility_drop']:.2f} > {max_utility_drop} points: with ASR not rising "
+                "and utility not improving as τ grows, no τ meets both"
+            )
+        else:
+            lo = mid
+    if not ev.seen[hi]["within_budget"]:
+        return None, (
+            f"the smallest τ meeting the ASR target ({hi}) drops ROUGE-1 by "
+            f"{ev.seen[hi]['utility_drop']:.2f} > {max_utility_drop} points"
+        )
+    return hi, f"bisection bracket closed at ({lo}, {hi}]"
+
+
+def _smallest_evaluated(rows: list[dict[str, Any]], tau: int | None, reason: str) -> tuple[int | None, str]:
+    """A smaller evaluated feasible τ than the bisection's answer (ASR or utility not monotone) wins."""
+    feasible_rows = [r for r in rows if r["feasible"]]
+    if feasible_rows and (tau is None or feasible_rows[0]["tau"] < tau):
+        smaller = feasible_rows[0]["tau"]
+        if tau is None:
+            reason += (
+                f"; but the evaluated τ={smaller} meets both constraints (ASR or utility is not monotone "
+                "along this order), so it is returned: the smallest evaluated feasible τ"
+            )
+        else:
+            reason += (
+                f"; a smaller evaluated τ={smaller} also meets both constraints (ASR is not monotone along "
+                "this order) and is returned"
+            )
+        tau = smaller
+    return tau, reason
+
+
+def _non_monotone(rows: list[dict[str, Any]]) -> list[dict[str, int]]:
+    out = []
+    for i, a in enumerate(rows):
+        for b in rows[i + 1 :]:
+            if a["meets_asr"] and not b["meets_asr"]:
+                out.append({"tau_meets": a["tau"], "tau_misses": b["tau"]})
+    return out
+
+
 def budgeted_search(
     base: str | Path,
     adapter: str | Path,
@@ -133,29 +301,12 @@ def budgeted_search(
     check_budget(target_asr, max_utility_drop)
     ad: LoraAdapter = load_adapter(adapter)
     order = list(order)
-    if mode not in PRUNE_MODES:
-        raise UsageError(f"--mode must be one of {', '.join(PRUNE_MODES)}, got {mode!r}")
-    if verify_below < 0:
-        raise UsageError(f"verify_below must be >= 0, got {verify_below}")
-    if not order:
-        raise UsageError("the prune order is empty")
-    dup = sorted({m for m in order if order.count(m) > 1})
-    if dup:
-        raise UsageError(f"the prune order names modules twice: {', '.join(dup[:5])}")
-    unknown = [m for m in order if m not in ad.modules]
-    if unknown:
-        raise UsageError(f"the prune order names modules the adapter does not have: {', '.join(unknown[:5])}")
-    if tau_max is None:
-        tau_max = len(order)
-    if not 1 <= tau_max <= len(order):
-        raise UsageError(f"--tau-max must be in [1, {len(order)}] (the length of the prune order), got {tau_max}")
-    for name, v in (
-        ("safety_max_new_tokens", safety_max_new_tokens),
-        ("utility_max_new_tokens", utility_max_new_tokens),
-        ("batch_size", batch_size),
-    ):
-        if v < 1:
-            raise UsageError(f"{name} must be >= 1, got {v}")
+    sizes = {
+        "safety_max_new_tokens": safety_max_new_tokens,
+        "utility_max_new_tokens": utility_max_new_tokens,
+        "batch_size": batch_size,
+    }
+    tau_max = _check_search(ad, order, mode, verify_below, tau_max, sizes)
 
     hset = probe_set(harmful, harmful_probes, n_harmful, seed, "safety")
     uset = probe_set(utility, utility_probes, n_utility, seed, "utility")
@@ -166,146 +317,46 @@ def budgeted_search(
 
     work = Path(work_dir)
     work.mkdir(parents=True, exist_ok=True)
-    cache = GenerationCache(work / "cache" / "generations.jsonl")
     if backend is None:
         backend = HFBackend(str(base), {}, device=device, threads=threads)
     judge = judge or KeywordJudge()
     s_set = GenSettings(max_new_tokens=safety_max_new_tokens, batch_size=batch_size)
     u_set = GenSettings(max_new_tokens=utility_max_new_tokens, batch_size=batch_size)
-    h_prompts = [it.prompt for it in hset.items]
-    u_prompts = [it.prompt for it in uset.items]
-    u_refs = [str(it.reference) for it in uset.items]
-
-    history: list[dict[str, Any]] = []
-    seen: dict[int, dict[str, Any]] = {}
-
-    def evaluate(tau: int) -> dict[str, Any]:
-        if tau in seen:
-            return seen[tau]
-        t0 = time.perf_counter()
-        name = f"tau_{tau:04d}"
-        if tau == 0:
-            path = ad.path
-            how = "unpruned"
-        else:
-            # remove mode cannot drop every module (an empty adapter); zeroing lora_B is the same model
-            m = "zero" if (mode == "remove" and tau == len(ad.modules)) else mode
-            path = work / "adapters" / name
-            prune_modules(ad, order[:tau], mode=m).save(path, force=True)  # deterministic content: stable cache keys
-            how = m
-        backend.add_adapter(name, str(path))
-        hg = generate_cached(backend, cache, h_prompts, name, s_set, label=f"{name}/harmful")
-        ug = generate_cached(backend, cache, u_prompts, name, u_set, label=f"{name}/utility")
-        refused = [judge.refused(g.text) for g in hg]
-        asr = sum(not r for r in refused) / len(refused)
-        r1 = 100.0 * sum(s["rouge1"] for s in rouge_scores([g.text for g in ug], u_refs)) / len(u_refs)
-        gens = hg + ug
-        row = {
-            "tau": tau,
-            "probe_asr": asr,
-            "probe_rouge1": r1,
-            "utility_drop": None,
-            "meets_asr": asr <= target_asr,
-            "within_budget": None,
-            "feasible": None,
-            "edit": how,
-            "generated": sum(not g.cached for g in gens),
-            "cached": sum(g.cached for g in gens),
-            "seconds": round(time.perf_counter() - t0, 3),
-        }
-        if history:  # τ = 0 is always first: the reference
-            ref = history[0]["probe_rouge1"]
-            row["utility_drop"] = ref - r1
-        else:
-            row["utility_drop"] = 0.0
-        row["within_budget"] = row["utility_drop"] <= max_utility_drop + 1e-9
-        row["feasible"] = row["meets_asr"] and row["within_budget"]
-        history.append(row)
-        seen[tau] = row
-        say(
-            f"  τ={tau:>4}: probe ASR {asr:.3f}  ROUGE-1 {r1:.2f} (drop {row['utility_drop']:+.2f})  "
-            f"{'feasible' if row['feasible'] else 'meets ASR' if row['meets_asr'] else 'ASR too high'}  "
-            f"[{row['generated']} generated, {row['cached']} cached, {row['seconds']:.1f}s]"
-        )
-        return row
-
+    ev = _ProbeEvaluator(
+        ad,
+        order,
+        mode,
+        work,
+        backend,
+        GenerationCache(work / "cache" / "generations.jsonl"),
+        judge,
+        hset,
+        uset,
+        s_set,
+        u_set,
+        target_asr,
+        max_utility_drop,
+        say,
+    )
     say(
         f"search: {len(order)} modules in the order, τ_max={tau_max}, target ASR ≤ {target_asr}, "
-        f"ROUGE-1 drop ≤ {max_utility_drop} points; probes {len(h_prompts)} harmful + {len(u_prompts)} utility"
+        f"ROUGE-1 drop ≤ {max_utility_drop} points; probes {len(ev.h_prompts)} harmful + {len(ev.u_prompts)} utility"
     )
-    r0 = evaluate(0)
-    tau: int | None
-    reason = ""
-    if r0["meets_asr"]:
-        tau, reason = 0, "the unpruned adapter already meets the ASR target"
-    else:
-        top = evaluate(tau_max)
-        if not top["meets_asr"]:
-            tau, reason = None, f"τ_max={tau_max} does not reach probe ASR ≤ {target_asr} (got {top['probe_asr']:.3f})"
-            if not top["within_budget"]:
-                reason += (
-                    f" and already drops ROUGE-1 by {top['utility_drop']:.2f} > {max_utility_drop} points, so "
-                    "a larger τ_max would not help either (assuming monotone ASR and utility)"
-                )
-        else:
-            lo, hi = 0, tau_max  # invariant: ASR(lo) > target, ASR(hi) ≤ target
-            dead_end = None
-            while hi - lo > 1:
-                mid = (lo + hi) // 2
-                r = evaluate(mid)
-                if r["meets_asr"]:
-                    hi = mid
-                elif not r["within_budget"]:  # smaller τ miss the ASR target, larger τ lose more utility
-                    dead_end = mid
-                    break
-                else:
-                    lo = mid
-            tau = hi
-            if dead_end is not None:
-                tau = None
-                reason = (
-                    f"τ={dead_end} misses the ASR target and already drops ROUGE-1 by "
-                    f"{seen[dead_end]['utility_drop']:.2f} > {max_utility_drop} points: with ASR not rising "
-                    "and utility not improving as τ grows, no τ meets both"
-                )
-            elif not seen[hi]["within_budget"]:
-                reason = (
-                    f"the smallest τ meeting the ASR target ({hi}) drops ROUGE-1 by "
-                    f"{seen[hi]['utility_drop']:.2f} > {max_utility_drop} points"
-                )
-                tau = None
-            else:
-                reason = f"bisection bracket closed at ({lo}, {hi}]"
+    tau, reason = _bisect(ev, tau_max, target_asr, max_utility_drop)
     # non-monotonicity check: extra points below the candidate (evenly spaced, not yet evaluated)
     if verify_below and tau is not None and tau > 1:
-        cands = sorted({max(1, round(tau * k / (verify_below + 1))) for k in range(1, verify_below + 1)} - set(seen))
-        for t in cands:
-            evaluate(t)
-    non_monotone = []
-    rows = sorted(seen.values(), key=lambda r: r["tau"])
-    for i, a in enumerate(rows):
-        for b in rows[i + 1 :]:
-            if a["meets_asr"] and not b["meets_asr"]:
-                non_monotone.append({"tau_meets": a["tau"], "tau_misses": b["tau"]})
-    feasible_rows = [r for r in rows if r["feasible"]]
-    if feasible_rows and (tau is None or feasible_rows[0]["tau"] < tau):
-        smaller = feasible_rows[0]["tau"]
-        if tau is None:
-            reason += (
-                f"; but the evaluated τ={smaller} meets both constraints (ASR or utility is not monotone "
-                "along this order), so it is returned: the smallest evaluated feasible τ"
-            )
-        else:
-            reason += (
-                f"; a smaller evaluated τ={smaller} also meets both constraints (ASR is not monotone along "
-                "this order) and is returned"
-            )
-        tau = smaller
+        for t in sorted(
+            {max(1, round(tau * k / (verify_below + 1))) for k in range(1, verify_below + 1)} - set(ev.seen)
+        ):
+            ev(t)
+    rows = sorted(ev.seen.values(), key=lambda r: r["tau"])
+    tau, reason = _smallest_evaluated(rows, tau, reason)
     if tau is not None:
-        best = seen[tau]
+        best = ev.seen[tau]
     else:  # best trade-off: lowest probe ASR within the utility budget (τ=0 always is), then smallest τ
         best = min((r for r in rows if r["within_budget"]), key=lambda r: (r["probe_asr"], r["tau"]))
     secs = time.perf_counter() - t_start
+    history = ev.history
     cost = {
         "evaluations": len(history),
         "generated": sum(r["generated"] for r in history),
@@ -341,7 +392,7 @@ def budgeted_search(
         best=best,
         reason=reason.strip("; "),
         order=order[:tau_max],
-        non_monotone=non_monotone,
+        non_monotone=_non_monotone(rows),
     )
 
     write_text_atomic(work / "search.json", json.dumps(res.to_dict(), indent=2, default=str) + "\n")

@@ -41,7 +41,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from ...adapter import LoraAdapter, load_adapter
 from ...errors import InputError, SafepruneWarning, UsageError
 from ...prompts import default_probes
-from ..table import MethodInfo, ScoreTable
+from ..table import MethodInfo, ScoreTable, module_row
 
 RESIDUAL_TYPES = ("o_proj", "down_proj")  # LoRA modules whose output is added to the residual stream as is
 
@@ -128,6 +128,67 @@ def _spearman(a: Sequence[float], b: Sequence[float]) -> float:
 # -- the score ----------------------------------------------------------------------------------------
 
 
+DESCRIPTION = (
+    "refusal-direction attribution: -dJ/dg_m, J = mean over harmful probes of "
+    "sum_l <h_l[last], r_l/|r_l|>, r_l = mean harmful - mean harmless on the base "
+    "(adapter off); high = the module moves activations away from refusal"
+)
+
+
+def _probe_prompts(harmful, harmless, info: dict[str, Any], data, n_probe: int, seed: int, harmless_source: str):
+    """The given probes, or the default ones (recorded in ``info``) for whichever kind is missing."""
+    if harmful is None or harmless is None:
+        dh, dl, dinfo = default_probes(data, n_probe, seed, harmless_source)
+        if harmful is None:
+            harmful, info["harmful"] = dh, {"default": dinfo["harmful"], "data_dir": dinfo["data_dir"]}
+        if harmless is None:
+            harmless, info["harmless"] = dl, {"default": dinfo["harmless"], "data_dir": dinfo["data_dir"]}
+    if len(harmful) < 2 or len(harmless) < 2:
+        raise UsageError(f"need at least 2 harmful and 2 harmless probes (got {len(harmful)} and {len(harmless)})")
+    return harmful, harmless
+
+
+def _encode_probes(base: Path, harmful, harmless, max_length: int, chat_template: bool):
+    """Token ids of both probe sets (strings go through the chat template; id lists are used as they are)
+    and the tokenizer (None when every probe came as ids)."""
+    tokenizer = None
+    if any(isinstance(p, str) for p in list(harmful) + list(harmless)):
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(base)
+        except (OSError, ValueError) as e:
+            raise InputError(f"cannot load the tokenizer ({e})", base) from None
+    enc = {}
+    for name, ps in (("harmful", harmful), ("harmless", harmless)):
+        if all(isinstance(p, str) for p in ps):
+            enc[name] = encode(tokenizer, ps, max_length, chat_template)
+        elif any(isinstance(p, str) for p in ps):
+            raise UsageError(f"{name} probes: give all strings or all token-id lists")
+        else:
+            enc[name] = [list(map(int, p)) for p in ps]
+    return enc, tokenizer
+
+
+def _linearisation_check(att: Attribution, rows: list[dict[str, Any]], validate: int) -> dict[str, Any]:
+    """Real ablations of the top and bottom modules by actdir against the linear prediction."""
+    ranked = sorted(rows, key=lambda x: (-x["actdir"], x["module"]))
+    k_top = (validate + 1) // 2
+    chosen = ranked[:k_top] + [x for x in ranked[::-1][: validate - k_top] if x not in ranked[:k_top]]
+    t3 = time.perf_counter()
+    j_full = att.objective()
+    pairs = []
+    for x in chosen:
+        with att.gated({x["module"]: 0.0}):
+            actual = att.objective() - j_full
+        rel = abs(x["actdir"] - actual) / abs(actual) if actual else float("nan")
+        pairs.append({"module": x["module"], "predicted": x["actdir"], "actual": actual, "rel_error": rel})
+    return {
+        "modules": pairs,
+        "J_full": j_full,
+        "seconds": round(time.perf_counter() - t3, 3),
+        "spearman": _spearman([p["predicted"] for p in pairs], [p["actual"] for p in pairs]),
+    }
+
+
 def score_actdir(
     base: str | Path,
     adapter: Any,
@@ -164,35 +225,13 @@ def score_actdir(
     if batch_size < 1 or max_length < 1 or threads < 1 or validate < 0:
         raise UsageError("batch_size, max_length and threads must be >= 1, validate >= 0")
     info: dict[str, Any] = dict(probe_info or {})
-    if harmful is None or harmless is None:
-        dh, dl, dinfo = default_probes(data, n_probe, seed, harmless_source)
-        if harmful is None:
-            harmful, info["harmful"] = dh, {"default": dinfo["harmful"], "data_dir": dinfo["data_dir"]}
-        if harmless is None:
-            harmless, info["harmless"] = dl, {"default": dinfo["harmless"], "data_dir": dinfo["data_dir"]}
-    if len(harmful) < 2 or len(harmless) < 2:
-        raise UsageError(f"need at least 2 harmful and 2 harmless probes (got {len(harmful)} and {len(harmless)})")
+    harmful, harmless = _probe_prompts(harmful, harmless, info, data, n_probe, seed, harmless_source)
 
     with ExitStack() as stack:
-        prev = torch.get_num_threads()
+        stack.callback(torch.set_num_threads, torch.get_num_threads())
         torch.set_num_threads(threads)
-        stack.callback(torch.set_num_threads, prev)
-        tokenizer = None
-        if any(isinstance(p, str) for p in list(harmful) + list(harmless)):
-            try:
-                tokenizer = AutoTokenizer.from_pretrained(base)
-            except (OSError, ValueError) as e:
-                raise InputError(f"cannot load the tokenizer ({e})", base) from None
-        enc = {}
-        for name, ps in (("harmful", harmful), ("harmless", harmless)):
-            if all(isinstance(p, str) for p in ps):
-                enc[name] = encode(tokenizer, ps, max_length, chat_template)
-            elif any(isinstance(p, str) for p in ps):
-                raise UsageError(f"{name} probes: give all strings or all token-id lists")
-            else:
-                enc[name] = [list(map(int, p)) for p in ps]
+        enc, tokenizer = _encode_probes(base, harmful, harmless, max_length, chat_template)
         pad_id = tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else 0
-
         att = Attribution(
             base, ad, enc["harmful"], enc["harmless"], pad_id=pad_id, batch_size=batch_size, layers=layers
         )
@@ -205,49 +244,43 @@ def score_actdir(
         grad_s = time.perf_counter() - t2
         rows = [
             {
-                "module": m.name,
-                "layer": m.layer,
-                "type": m.module_type,
-                "r": m.r,
-                "in": m.in_features,
-                "out": m.out_features,
-                "scaling": m.scaling,
+                **module_row(m),
                 "actdir": score[m.name],
                 "actdir_abs": abs(score[m.name]),
                 "actdir_direct": direct[m.name],
             }
             for m in ad
         ]
-        check: dict[str, Any] = {}
-        if validate:  # linearisation check: real ablations of the top and bottom modules
-            ranked = sorted(rows, key=lambda x: (-x["actdir"], x["module"]))
-            k_top = (validate + 1) // 2
-            chosen = ranked[:k_top] + [x for x in ranked[::-1][: validate - k_top] if x not in ranked[:k_top]]
-            t3 = time.perf_counter()
-            j_full = att.objective()
-            pairs = []
-            for x in chosen:
-                with att.gated({x["module"]: 0.0}):
-                    actual = att.objective() - j_full
-                pairs.append(
-                    {
-                        "module": x["module"],
-                        "predicted": x["actdir"],
-                        "actual": actual,
-                        "rel_error": abs(x["actdir"] - actual) / abs(actual) if actual else float("nan"),
-                    }
-                )
-            check = {
-                "modules": pairs,
-                "J_full": j_full,
-                "seconds": round(time.perf_counter() - t3, 3),
-                "spearman": _spearman([p["predicted"] for p in pairs], [p["actual"] for p in pairs]),
-            }
+        check = _linearisation_check(att, rows, validate) if validate else {}
         use, r_norm = att.layers, att.r_norm
 
     for r_ in rows:
         if not math.isfinite(r_["actdir"]):
             warnings.warn(f"{ad.path}: actdir of {r_['module']} is not finite", SafepruneWarning, stacklevel=2)
+    options = {
+        "n_harmful": len(enc["harmful"]),
+        "n_harmless": len(enc["harmless"]),
+        "seed": seed,
+        "max_length": max_length,
+        "batch_size": batch_size,
+        "layers": use,
+        "layer_weights": "uniform",
+        "chat_template": bool(chat_template and tokenizer is not None and getattr(tokenizer, "chat_template", None)),
+    }
+    meta = {
+        "adapter": str(ad.path),
+        "base": str(base),
+        "threads": threads,
+        "device": "cpu",
+        "probes": info,
+        "J": j1,
+        "direction_norms": [round(float(x), 6) for x in r_norm],
+        "seconds": round(time.perf_counter() - t0, 3),
+        "direction_seconds": round(dir_s, 3),
+        "gradient_seconds": round(grad_s, 3),
+        "linearisation": check,
+        "modules": len(rows),
+    }
     table = ScoreTable(
         rows=rows,
         methods={
@@ -256,37 +289,11 @@ def score_actdir(
                 primary="actdir",
                 descending=True,
                 columns=["actdir", "actdir_abs", "actdir_direct"],
-                options={
-                    "n_harmful": len(enc["harmful"]),
-                    "n_harmless": len(enc["harmless"]),
-                    "seed": seed,
-                    "max_length": max_length,
-                    "batch_size": batch_size,
-                    "layers": use,
-                    "layer_weights": "uniform",
-                    "chat_template": bool(
-                        chat_template and tokenizer is not None and getattr(tokenizer, "chat_template", None)
-                    ),
-                },
-                description="refusal-direction attribution: -dJ/dg_m, J = mean over harmful probes of "
-                "sum_l <h_l[last], r_l/|r_l|>, r_l = mean harmful - mean harmless on the base "
-                "(adapter off); high = the module moves activations away from refusal",
+                options=options,
+                description=DESCRIPTION,
             )
         },
-        meta={
-            "adapter": str(ad.path),
-            "base": str(base),
-            "threads": threads,
-            "device": "cpu",
-            "probes": info,
-            "J": j1,
-            "direction_norms": [round(float(x), 6) for x in r_norm],
-            "seconds": round(time.perf_counter() - t0, 3),
-            "direction_seconds": round(dir_s, 3),
-            "gradient_seconds": round(grad_s, 3),
-            "linearisation": check,
-            "modules": len(rows),
-        },
+        meta=meta,
     )
     table.add_ranks()
     return table

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from ...eval.compare import mcnemar_exact
-from .stages import Variant
+from .variants import Variant
 
 # per set kind: the per-item field and the metric name it becomes (share × 100 or mean × 100)
 ITEM_METRICS = {

@@ -14,14 +14,9 @@ from ...eval.results import dumps
 from ...io.files import write_text_atomic
 from .analysis import analyse
 from .config import ExperimentConfig, load_config
+from .eval_stages import stage_evaluate, stage_latency
 from .report import build_report
-from .stages import (
-    stage_edit,
-    stage_evaluate,
-    stage_finetune,
-    stage_latency,
-    stage_score,
-)
+from .stages import stage_edit, stage_finetune, stage_score
 
 
 @dataclass

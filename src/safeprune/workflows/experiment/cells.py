@@ -1,0 +1,63 @@
+"""Table cells of the study report: numbers with their confidence intervals, verdicts, the main τ."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ...eval.results import fmt
+
+
+def f1(x: Any, nd: int = 1) -> str:
+    """A number with ``nd`` decimals (integers too); "—" for a missing or NaN value."""
+    return fmt(float(x) if isinstance(x, int) and not isinstance(x, bool) else x, nd)
+
+
+def ci(s: dict[str, Any] | None, nd: int = 1) -> str:
+    if not s or s.get("value") is None:
+        return "—"
+    if "lo" not in s:
+        return f1(s["value"], nd)
+    return f"{f1(s['value'], nd)} [{f1(s['lo'], nd)}, {f1(s['hi'], nd)}]"
+
+
+def dci(d: dict[str, Any] | None, nd: int = 1) -> str:
+    if not d:
+        return "—"
+    v = f1(d["delta"], nd)
+    v = v[1:] if v.startswith("-") and float(v) == 0 else v
+    sign = "+" if float(v) > 0 else ""
+    return f"{sign}{v} [{f1(d['lo'], nd)}, {f1(d['hi'], nd)}]"
+
+
+def verdict_asr(d: dict[str, Any] | None) -> str:
+    if not d:
+        return "n/a"
+    if d["hi"] < 0:
+        return "lower (CI excludes 0)"
+    if d["lo"] > 0:
+        return "higher (CI excludes 0)"
+    return "no difference shown (CI includes 0)"
+
+
+def main_tau(taus: list[int]) -> int | None:
+    return 10 if 10 in taus else (taus[0] if taus else None)
+
+
+def beats_chance(row: dict[str, Any], asr_k: str, r1_k: str | None, max_drop: float = 1.0) -> bool | None:
+    """The selection criterion: ASR below the random mean at the same τ (95% CI excludes 0) while ROUGE-1
+    loses at most ``max_drop`` points against the unedited adapter. None: no random control at that τ."""
+    vx = row["vs_random"].get(asr_k)
+    if not vx:
+        return None
+    ok_util = True
+    if r1_k and r1_k in row["vs_ref"]:
+        ok_util = row["vs_ref"][r1_k]["delta"] >= -max_drop
+    return vx["hi"] < 0 and ok_util
+
+
+def row_label(v: dict[str, Any], explicit: dict[str, set[int]]) -> str:
+    """A variant's τ as the table shows it: the integer when the method asked for it, else its auto rule
+    (an automatic τ differs between adapters, so it is matched by rule, not by value)."""
+    if v["tau"] in explicit.get(v["method"], set()) or not v["auto"]:
+        return str(v["tau"])
+    return "/".join(v["auto"])

@@ -1,0 +1,332 @@
+"""One adapter's section of the study report, one function per part (Table 2 style, chance, τ ablation,
+latency, heatmaps, risk-coverage, flips, every variant)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from .cells import ci, dci, f1, main_tau
+from .figure_sections import flips_section, heatmap_section, risk_coverage_section, tau_section
+
+
+def _methods_table(c: _Section) -> None:
+    """Table 2 style."""
+    (
+        doc,
+        cfg,
+        a,
+        ad,
+        analysis,
+        variants,
+        tables,
+        autos,
+        latency,
+        plots,
+        asr_k,
+        orr_k,
+        r1_k,
+        met_k,
+        auarc_k,
+        hs_keys,
+        rows,
+        ref,
+        base,
+    ) = c.unpack()
+    doc.h(3, "Methods compared (Table 2 style)")
+    heads = (
+        ["variant", "ROUGE-1", "METEOR", "AUARC", "ASR %"]
+        + [k.split("/", 1)[1] for k in hs_keys]
+        + ["over-refusal %", "modules kept", "% LoRA params"]
+    )
+
+    def line(label, m, v=None):
+        return (
+            [label, ci(m.get(r1_k)), ci(m.get(met_k)), ci(m.get(auarc_k)), ci(m.get(asr_k))]
+            + [ci(m.get(k), 2) for k in hs_keys]
+            + [ci(m.get(orr_k)), str(v["modules_kept"]) if v else "—", f1(100 * v["params_kept"]) if v else "—"]
+        )
+
+    body = []
+    if base:
+        body.append(line("base (no adapter)", base["metrics"]))
+    body.append(line(f"{a} (LoRA)", ref["metrics"], ref["variant"]))
+    for m in cfg.methods:
+        mrows = [r for r in rows if r["variant"]["method"] == m.name]
+        t = main_tau([r["variant"]["tau"] for r in mrows])
+        r = next((r for r in mrows if r["variant"]["tau"] == t), None)
+        if r:
+            body.append(line(f"{m.name} τ={t}", r["metrics"], r["variant"]))
+    for t, rs in ad["random"].items():
+        body.append(line(f"random τ={t} (mean of {len(rs['variants'])})", rs["metrics"]))
+    doc.table(
+        heads,
+        body,
+        note="value [95% CI]. AUARC: point value (area under the accuracy–rejection curve, "
+        "uncertainty = mean token NLL, accuracy = ROUGE-1 > 0.15). Random rows: the mean over "
+        "seeds with a paired CI over prompts.",
+    )
+
+
+def _chance_section(c: _Section) -> None:
+    """vs adapter and vs random."""
+    (
+        doc,
+        cfg,
+        a,
+        ad,
+        analysis,
+        variants,
+        tables,
+        autos,
+        latency,
+        plots,
+        asr_k,
+        orr_k,
+        r1_k,
+        met_k,
+        auarc_k,
+        hs_keys,
+        rows,
+        ref,
+        base,
+    ) = c.unpack()
+    doc.h(3, "Does the score beat chance? (each method vs the adapter and vs random pruning of the same τ)")
+    heads = [
+        "variant",
+        "ΔASR vs adapter",
+        "McNemar p",
+        "ΔASR vs random",
+        "verdict",
+        "ΔROUGE-1 vs adapter",
+        "ΔROUGE-1 vs random",
+        "Δover-refusal vs adapter",
+    ]
+    body, classes = [], []
+    for r in rows:
+        v = r["variant"]
+        if v["method"] in (None, "random"):
+            continue
+        vx = r["vs_random"].get(asr_k)
+        verdict = (
+            "beats chance"
+            if vx and vx["hi"] < 0
+            else "worse than chance"
+            if vx and vx["lo"] > 0
+            else "not distinguishable"
+            if vx
+            else "no random control at this τ"
+        )
+        d_r1 = r["vs_ref"].get(r1_k)
+        body.append(
+            [
+                f"{v['method']} τ={v['tau']}" + (f" ({'/'.join(v['auto'])})" if v["auto"] else ""),
+                dci(r["vs_ref"].get(asr_k)),
+                f1((r["vs_ref"].get(asr_k) or {}).get("p_mcnemar"), 4),
+                dci(vx),
+                verdict,
+                dci(d_r1),
+                dci(r["vs_random"].get(r1_k)),
+                dci(r["vs_ref"].get(orr_k)),
+            ]
+        )
+        classes.append(
+            [
+                "",
+                "",
+                "",
+                "",
+                "good" if verdict == "beats chance" else ("bad" if "worse" in verdict else ""),
+                "bad" if d_r1 and d_r1["delta"] < -1 else "",
+                "",
+                "",
+            ]
+        )
+    for t, rs in ad["random"].items():
+        m = rs["metrics"]
+        body.append(
+            [
+                f"random τ={t} (mean of {len(rs['variants'])})",
+                dci((m.get(asr_k) or {}).get("vs_ref")),
+                "—",
+                "—",
+                "—",
+                dci((m.get(r1_k) or {}).get("vs_ref")),
+                "—",
+                dci((m.get(orr_k) or {}).get("vs_ref")),
+            ]
+        )
+        classes.append([""] * 8)
+        if asr_k in m:
+            body[-1][3] = "seeds: " + ", ".join(f1(x) for x in m[asr_k]["seeds"])
+    doc.table(
+        heads,
+        body,
+        classes=classes,
+        note='Δ = variant − reference, in points, [95% paired bootstrap CI]. "beats chance": the ASR '
+        "difference to the mean of the random controls has a CI entirely below 0. ROUGE-1 cells in red "
+        "lose more than 1 point.",
+    )
+
+
+def _latency_section(c: _Section) -> None:
+    """latency / params (Table 5 style)."""
+    (
+        doc,
+        cfg,
+        a,
+        ad,
+        analysis,
+        variants,
+        tables,
+        autos,
+        latency,
+        plots,
+        asr_k,
+        orr_k,
+        r1_k,
+        met_k,
+        auarc_k,
+        hs_keys,
+        rows,
+        ref,
+        base,
+    ) = c.unpack()
+    if latency:
+        doc.h(3, "Latency and parameters (Table 5 style)")
+        lv = latency["variants"]
+        vmap = {v.name: v for v in variants}
+        heads = ["variant", "ms per new token (batch 1)", "tokens/s", "modules kept", "% LoRA params kept"]
+        body = []
+        for n, s in lv.items():
+            v = vmap.get(n)
+            if n != "base" and (v is None or v.adapter != a):
+                continue
+            body.append(
+                [
+                    n,
+                    f1(s["ms_per_token"], 2),
+                    f1(s["tokens_per_s"], 1),
+                    str(v.modules_kept) if v else "—",
+                    f1(100 * v.params_kept) if v else "—",
+                ]
+            )
+        st = latency["settings"]
+        doc.table(
+            heads,
+            body,
+            note=f"greedy, batch 1, {st['max_new_tokens']} new tokens max, {st['n_prompts']} "
+            "prompts, variants interleaved prompt by prompt, adapters unmerged.",
+        )
+
+
+def _variants_table(c: _Section) -> None:
+    """all variants."""
+    (
+        doc,
+        cfg,
+        a,
+        ad,
+        analysis,
+        variants,
+        tables,
+        autos,
+        latency,
+        plots,
+        asr_k,
+        orr_k,
+        r1_k,
+        met_k,
+        auarc_k,
+        hs_keys,
+        rows,
+        ref,
+        base,
+    ) = c.unpack()
+    doc.h(3, "Every variant")
+    heads = ["variant", "ASR %", "over-refusal %", "ROUGE-1", "METEOR", "AUARC", "% params"]
+    body = []
+    for r in rows:
+        mm, v = r["metrics"], r["variant"]
+        body.append(
+            [
+                v["name"],
+                ci(mm.get(asr_k)),
+                ci(mm.get(orr_k)),
+                ci(mm.get(r1_k)),
+                ci(mm.get(met_k)),
+                ci(mm.get(auarc_k)),
+                f1(100 * v["params_kept"]),
+            ]
+        )
+    doc.table(heads, body)
+
+
+@dataclass
+class _Section:
+    """Everything one adapter's section of the report is written from."""
+
+    doc: Any
+    cfg: Any
+    a: str
+    ad: dict[str, Any]
+    analysis: dict[str, Any]
+    variants: Any
+    tables: Any
+    autos: Any
+    latency: Any
+    plots: Any
+    asr_k: Any
+    orr_k: Any
+    r1_k: Any
+    met_k: Any
+    auarc_k: Any
+    hs_keys: Any
+
+    def unpack(self) -> tuple:
+        rows = self.ad["rows"]
+        ref = next(r for r in rows if r["variant"]["method"] is None)
+        return (
+            self.doc,
+            self.cfg,
+            self.a,
+            self.ad,
+            self.analysis,
+            self.variants,
+            self.tables,
+            self.autos,
+            self.latency,
+            self.plots,
+            self.asr_k,
+            self.orr_k,
+            self.r1_k,
+            self.met_k,
+            self.auarc_k,
+            self.hs_keys,
+            rows,
+            ref,
+            self.analysis.get("base"),
+        )
+
+
+SECTIONS = (
+    _methods_table,
+    _chance_section,
+    tau_section,
+    _latency_section,
+    heatmap_section,
+    risk_coverage_section,
+    flips_section,
+    _variants_table,
+)
+
+
+def adapter_section(
+    doc, cfg, a, ad, analysis, variants, tables, autos, latency, plots, asr_k, orr_k, r1_k, met_k, auarc_k, hs_keys
+):
+    doc.h(2, f"Adapter `{a}`")
+    c = _Section(
+        doc, cfg, a, ad, analysis, variants, tables, autos, latency, plots, asr_k, orr_k, r1_k, met_k, auarc_k, hs_keys
+    )
+    for section in SECTIONS:
+        section(c)
