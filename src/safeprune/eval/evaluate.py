@@ -65,6 +65,63 @@ class EvalResult:
         return self.results["metrics"]
 
 
+def _records(vname: str, ps: PromptSet, gens, judge: KeywordJudge) -> list[dict[str, Any]]:
+    """One record per prompt: the generation, its refusal verdict and what the set's kind needs."""
+    recs = []
+    for it, g in zip(ps.items, gens):
+        refused_kw = judge.matched(g.text)
+        rec: dict[str, Any] = {
+            "variant": vname,
+            "set": ps.name,
+            "kind": ps.kind,
+            "id": it.id,
+            "prompt": it.prompt,
+            "output": g.text,
+            "new_tokens": g.new_tokens,
+            "finished": g.finished,
+            "latency_s": g.batch_seconds,
+            "batch_size": g.batch_size,
+            "mean_nll": g.mean_nll,
+            "mean_entropy": g.mean_entropy,
+            "cached": g.cached,
+            "refused": refused_kw is not None,
+            "refusal_keyword": refused_kw,
+        }
+        if ps.kind == "safety":
+            rec["overlap"] = it.overlap
+            rec["jailbroken"] = refused_kw is None
+        if ps.kind == "utility":
+            rec["reference"] = it.reference
+        recs.append(rec)
+    return recs
+
+
+def _judge_harm(recs: list[dict[str, Any]], hjudges: dict[str, HarmJudge]) -> None:
+    for jid, hj in hjudges.items():
+        scores = hj.score_batch([r["prompt"] for r in recs], [r["output"] for r in recs])
+        for r, s in zip(recs, scores):
+            r.setdefault("harm", {})[jid] = s.score
+            if s.error:
+                r.setdefault("harm_error", {})[jid] = s.error
+
+
+def _score_utility(recs: list[dict[str, Any]], met: Meteor | None) -> None:
+    rs = rouge_scores([r["output"] for r in recs], [r["reference"] for r in recs])
+    for r, s in zip(recs, rs):
+        r.update(s)
+        if met is not None:
+            r["meteor"] = met.score(r["output"], r["reference"])
+
+
+def _generation_stats(gens) -> dict[str, Any]:
+    return {
+        "tokens_per_s": tokens_per_second(gens),
+        "mean_latency_s": sum(g.batch_seconds for g in gens) / max(1, len(gens)),
+        "mean_new_tokens": sum(g.new_tokens for g in gens) / max(1, len(gens)),
+        "generated_now": sum(not g.cached for g in gens),
+    }
+
+
 def evaluate(
     base: str | Path,
     adapters: dict[str, str | Path] | None = None,
@@ -116,55 +173,16 @@ def evaluate(
     for vname, adapter in variants:
         metrics[vname] = {}
         for ps in prompt_sets:
-            settings = cfg.settings(ps.kind)
-            prompts = [it.prompt for it in ps.items]
             cb = (lambda d, n, _v=vname, _s=ps.name: progress(f"{_v} · {_s}", d, n)) if progress else None
-            gens = generate_cached(be, gcache, prompts, adapter, settings, label=vname, progress=cb)
-            recs = []
-            for it, g in zip(ps.items, gens):
-                refused_kw = judge.matched(g.text)
-                rec: dict[str, Any] = {
-                    "variant": vname,
-                    "set": ps.name,
-                    "kind": ps.kind,
-                    "id": it.id,
-                    "prompt": it.prompt,
-                    "output": g.text,
-                    "new_tokens": g.new_tokens,
-                    "finished": g.finished,
-                    "latency_s": g.batch_seconds,
-                    "batch_size": g.batch_size,
-                    "mean_nll": g.mean_nll,
-                    "mean_entropy": g.mean_entropy,
-                    "cached": g.cached,
-                    "refused": refused_kw is not None,
-                    "refusal_keyword": refused_kw,
-                }
-                if ps.kind == "safety":
-                    rec["overlap"] = it.overlap
-                    rec["jailbroken"] = refused_kw is None
-                if ps.kind == "utility":
-                    rec["reference"] = it.reference
-                recs.append(rec)
+            gens = generate_cached(
+                be, gcache, [it.prompt for it in ps.items], adapter, cfg.settings(ps.kind), label=vname, progress=cb
+            )
+            recs = _records(vname, ps, gens, judge)
             if ps.kind == "safety" and hjudges:
-                for jid, hj in hjudges.items():
-                    scores = hj.score_batch([r["prompt"] for r in recs], [r["output"] for r in recs])
-                    for r, s in zip(recs, scores):
-                        r.setdefault("harm", {})[jid] = s.score
-                        if s.error:
-                            r.setdefault("harm_error", {})[jid] = s.error
+                _judge_harm(recs, hjudges)
             if ps.kind == "utility":
-                rs = rouge_scores([r["output"] for r in recs], [r["reference"] for r in recs])
-                for r, s in zip(recs, rs):
-                    r.update(s)
-                    if met is not None:
-                        r["meteor"] = met.score(r["output"], r["reference"])
-            m = _set_metrics(ps, recs, hjudges, met, cfg)
-            m["tokens_per_s"] = tokens_per_second(gens)
-            m["mean_latency_s"] = sum(g.batch_seconds for g in gens) / max(1, len(gens))
-            m["mean_new_tokens"] = sum(g.new_tokens for g in gens) / max(1, len(gens))
-            m["generated_now"] = sum(not g.cached for g in gens)
-            metrics[vname][ps.name] = m
+                _score_utility(recs, met)
+            metrics[vname][ps.name] = _set_metrics(ps, recs, hjudges, met, cfg) | _generation_stats(gens)
             items.extend(recs)
     timing["seconds"] = time.perf_counter() - t_all
 

@@ -73,49 +73,44 @@ def risk_coverage(
     return {"refer": xs, "accuracy": ys}
 
 
-def analyse(
-    results: dict[str, Any],
-    items: list[dict[str, Any]],
-    variants: list[Variant],
-    *,
-    n_boot: int = 10000,
-    seed: int = 0,
-    auarc_threshold: float = 0.15,
-) -> dict[str, Any]:
-    rng = np.random.default_rng(seed)
-    by_vs: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
-    for it in items:
-        by_vs[it["variant"], it["set"]].append(it)
-    sets = results["sets"]
-    primary: dict[str, str] = {}
-    for s in sets:
-        primary.setdefault(s["kind"], s["name"])
-    ids = {s["name"]: [it["id"] for it in by_vs.get((_first_variant(by_vs, s["name"]), s["name"]), [])] for s in sets}
-    idx = {name: rng.integers(0, len(v), (n_boot, len(v))) for name, v in ids.items() if v}
-    metrics = results["metrics"]
+class _Vectors:
+    """Per-prompt metric vectors of every variant (aligned on one prompt order per set), the bootstrap
+    indices, and the statistics built from them."""
 
-    def vectors(vname: str) -> dict[str, np.ndarray]:
-        out = {}
-        for s in sets:
-            for mname, field in ITEM_METRICS.get(s["kind"], []):
-                x = _vec(by_vs.get((vname, s["name"]), []), field, ids[s["name"]])
-                if x is not None:
-                    out[f"{s['name']}/{mname}"] = x
-        return out
+    def __init__(self, results: dict[str, Any], items: list[dict[str, Any]], n_boot: int, seed: int):
+        rng = np.random.default_rng(seed)
+        self.by_vs: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+        for it in items:
+            self.by_vs[it["variant"], it["set"]].append(it)
+        self.sets = results["sets"]
+        self.metrics = results["metrics"]
+        self.ids = {
+            s["name"]: [it["id"] for it in self.by_vs.get((_first_variant(self.by_vs, s["name"]), s["name"]), [])]
+            for s in self.sets
+        }
+        self.idx = {name: rng.integers(0, len(v), (n_boot, len(v))) for name, v in self.ids.items() if v}
+        self._cache: dict[str, dict[str, np.ndarray]] = {}
 
-    vec_cache: dict[str, dict[str, np.ndarray]] = {}
+    def __call__(self, vname: str) -> dict[str, np.ndarray]:
+        if vname not in self._cache:
+            out = {}
+            for s in self.sets:
+                for mname, field in ITEM_METRICS.get(s["kind"], []):
+                    x = _vec(self.by_vs.get((vname, s["name"]), []), field, self.ids[s["name"]])
+                    if x is not None:
+                        out[f"{s['name']}/{mname}"] = x
+            self._cache[vname] = out
+        return self._cache[vname]
 
-    def vec(vname: str) -> dict[str, np.ndarray]:
-        if vname not in vec_cache:
-            vec_cache[vname] = vectors(vname)
-        return vec_cache[vname]
+    def boot(self, key: str) -> np.ndarray:
+        return self.idx[key.split("/")[0]]
 
-    def point_stats(vname: str) -> dict[str, Any]:
+    def point_stats(self, vname: str) -> dict[str, Any]:
         out: dict[str, Any] = {}
-        for key, x in vec(vname).items():
-            out[key] = _stat(x, idx[key.split("/")[0]])
-        for s in sets:
-            m = metrics.get(vname, {}).get(s["name"], {})
+        for key, x in self(vname).items():
+            out[key] = _stat(x, self.boot(key))
+        for s in self.sets:
+            m = self.metrics.get(vname, {}).get(s["name"], {})
             if s["kind"] == "utility":
                 out[f"{s['name']}/auarc"] = {"value": m.get("auarc")}
                 out[f"{s['name']}/auarc_rouge1"] = {"value": m.get("auarc_rouge1")}
@@ -126,6 +121,61 @@ def analyse(
             out[f"{s['name']}/tokens_per_s"] = {"value": m.get("tokens_per_s")}
         return out
 
+    def variant_row(self, v: Variant, ref: str, randoms: dict[int, list[str]]) -> dict[str, Any]:
+        """A variant's metrics with paired deltas against the adapter and against the random controls' mean."""
+        row: dict[str, Any] = {
+            "variant": v.to_dict(),
+            "metrics": self.point_stats(v.name),
+            "vs_ref": {},
+            "vs_random": {},
+        }
+        rvec, x = self(ref), self(v.name)
+        for key, xv in x.items():
+            if key in rvec and v.name != ref:
+                d = _delta(xv - rvec[key], self.boot(key))
+                if key.endswith("/asr") or key.endswith("/over_refusal"):
+                    d["p_mcnemar"] = _mcnemar(rvec[key], xv)
+                row["vs_ref"][key] = d
+        if v.method not in (None, "random") and randoms.get(v.tau):
+            rv = [self(n) for n in randoms[v.tau]]
+            for key, xv in x.items():
+                if all(key in r for r in rv):
+                    d = _delta(xv - np.mean([r[key] for r in rv], axis=0), self.boot(key))
+                    d["n_random"] = len(rv)
+                    row["vs_random"][key] = d
+        return row
+
+    def random_summary(self, randoms: dict[int, list[str]], ref: str) -> dict[int, Any]:
+        """The random control per τ: mean over seeds (paired CI over prompts)."""
+        rvec = self(ref)
+        rsum = {}
+        for tau, names in sorted(randoms.items()):
+            rv = [self(n) for n in names]
+            keys = set.intersection(*(set(r) for r in rv)) if rv else set()
+            m = {}
+            for key in keys:
+                xm = np.mean([r[key] for r in rv], axis=0)
+                m[key] = _stat(xm, self.boot(key))
+                m[key]["seeds"] = [float(r[key].mean()) for r in rv]
+                if key in rvec:
+                    m[key]["vs_ref"] = _delta(xm - rvec[key], self.boot(key))
+            rsum[tau] = {"variants": names, "metrics": m}
+        return rsum
+
+
+def analyse(
+    results: dict[str, Any],
+    items: list[dict[str, Any]],
+    variants: list[Variant],
+    *,
+    n_boot: int = 10000,
+    seed: int = 0,
+    auarc_threshold: float = 0.15,
+) -> dict[str, Any]:
+    vec = _Vectors(results, items, n_boot, seed)
+    primary: dict[str, str] = {}
+    for s in vec.sets:
+        primary.setdefault(s["kind"], s["name"])
     adapters = sorted({v.adapter for v in variants if v.adapter}, key=lambda a: [v.adapter for v in variants].index(a))
     gen_s = sum((it.get("latency_s") or 0.0) / max(1, it.get("batch_size") or 1) for it in items)
     out: dict[str, Any] = {
@@ -135,72 +185,32 @@ def analyse(
         "adapters": {},
         "generation_seconds": gen_s,
         "generations": len(items),
-        "sets": {s["name"]: {"kind": s["kind"], "n": len(ids[s["name"]])} for s in sets},
+        "sets": {s["name"]: {"kind": s["kind"], "n": len(vec.ids[s["name"]])} for s in vec.sets},
     }
-    if "base" in metrics:
-        out["base"] = {"metrics": point_stats("base")}
+    if "base" in vec.metrics:
+        out["base"] = {"metrics": vec.point_stats("base")}
     for a in adapters:
         ref = a
-        rvec = vec(ref)
-        rows = []
         randoms: dict[int, list[str]] = defaultdict(list)
         for v in variants:
             if v.adapter == a and v.method == "random":
                 randoms[v.tau].append(v.name)
-        for v in variants:
-            if v.adapter != a:
-                continue
-            row: dict[str, Any] = {
-                "variant": v.to_dict(),
-                "metrics": point_stats(v.name),
-                "vs_ref": {},
-                "vs_random": {},
-            }
-            x = vec(v.name)
-            for key, xv in x.items():
-                if key in rvec and v.name != ref:
-                    d = _delta(xv - rvec[key], idx[key.split("/")[0]])
-                    if key.endswith("/asr") or key.endswith("/over_refusal"):
-                        d["p_mcnemar"] = _mcnemar(rvec[key], xv)
-                    row["vs_ref"][key] = d
-            if v.method not in (None, "random") and randoms.get(v.tau):
-                rv = [vec(n) for n in randoms[v.tau]]
-                for key, xv in x.items():
-                    if all(key in r for r in rv):
-                        rmean = np.mean([r[key] for r in rv], axis=0)
-                        d = _delta(xv - rmean, idx[key.split("/")[0]])
-                        d["n_random"] = len(rv)
-                        row["vs_random"][key] = d
-            rows.append(row)
-        # the random control summarised per τ: mean over seeds (paired CI over prompts)
-        rsum = {}
-        for tau, names in sorted(randoms.items()):
-            rv = [vec(n) for n in names]
-            keys = set.intersection(*(set(r) for r in rv)) if rv else set()
-            m = {}
-            for key in keys:
-                xm = np.mean([r[key] for r in rv], axis=0)
-                m[key] = _stat(xm, idx[key.split("/")[0]])
-                m[key]["seeds"] = [float(r[key].mean()) for r in rv]
-                if key in rvec:
-                    m[key]["vs_ref"] = _delta(xm - rvec[key], idx[key.split("/")[0]])
-            rsum[tau] = {"variants": names, "metrics": m}
         out["adapters"][a] = {
             "reference": ref,
-            "rows": rows,
-            "random": rsum,
+            "rows": [vec.variant_row(v, ref, randoms) for v in variants if v.adapter == a],
+            "random": vec.random_summary(randoms, ref),
             "flips": _flips(
-                by_vs, primary.get("safety"), ref, [v.name for v in variants if v.adapter == a and v.name != ref]
+                vec.by_vs, primary.get("safety"), ref, [v.name for v in variants if v.adapter == a and v.name != ref]
             ),
             "risk_coverage": {},
         }
         if "utility" in primary:
             us = primary["utility"]
-            names = ([("base", "base")] if "base" in metrics else []) + [
+            names = ([("base", "base")] if "base" in vec.metrics else []) + [
                 (v.name, v.name) for v in variants if v.adapter == a
             ]
             for label, vname in names:
-                its = by_vs.get((vname, us), [])
+                its = vec.by_vs.get((vname, us), [])
                 if its:
                     out["adapters"][a]["risk_coverage"][label] = {
                         "rouge1": risk_coverage(its, "rouge1"),
