@@ -334,3 +334,190 @@ def test_cli_exit_codes(base, files, tmp_path):
     assert r.exit_code == 2 and "nope.jsonl" in r.output and "does not exist" in r.output
     r = CliRunner().invoke(app, ["--quiet", *args[:-1], str(tmp_path / "y"), "--resume"])
     assert r.exit_code == 2 and "no checkpoint" in r.output
+
+
+# ---- the testbed recipe (issue 13): exact label tokens, lr schedule, defaults, row selection ----------------
+
+CHATML = (
+    "{% for m in messages %}<|im_start|> {{ m['role'] }} {{ m['content'] }} <|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|> assistant {% endif %}"
+)
+
+
+def make_chatml_tokenizer(out: Path) -> None:
+    """Like make_tokenizer, but the template writes a newline after <|im_end|> (as ChatML/SmolLM2 do) and the
+    newline is a token of its own."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {
+        w: i
+        for i, w in enumerate(["[UNK]", "<|im_start|>", "<|im_end|>", "user", "assistant", "system", ":", "\n"] + WORDS)
+    }
+    t = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    t.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Split(Regex(" "), "removed"), pre_tokenizers.Split(Regex("\n"), "isolated")]
+    )
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=t, unk_token="[UNK]", bos_token="<|im_start|>", eos_token="<|im_end|>", pad_token="<|im_end|>"
+    )
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tok.chat_template = CHATML
+    tok.save_pretrained(out)
+
+
+def test_labels_end_at_the_closing_eos_not_the_newline_after_it(tmp_path):
+    """The recipe: labels = the answer's tokens + <|im_end|>. ChatML templates write '<|im_end|>\\n'; the
+    newline after the stop token must be neither a label nor an input (it used to be both)."""
+    from transformers import AutoTokenizer
+
+    from safeprune.training import IGNORE, encode_chat
+
+    make_chatml_tokenizer(tmp_path)
+    tok = AutoTokenizer.from_pretrained(tmp_path)
+    msgs = chat("hello world cat", "yes no maybe")["messages"]
+    assert tok.apply_chat_template(msgs, tokenize=False).endswith("<|im_end|>\n")
+    nl = tok.convert_tokens_to_ids("\n")
+    assert nl in tok(tok.apply_chat_template(msgs, tokenize=False), add_special_tokens=False)["input_ids"][-1:]
+    ids, labels = encode_chat(tok, msgs, 48)
+    kept = [tok.convert_ids_to_tokens(i) for i, lab in zip(ids, labels) if lab != IGNORE]
+    assert kept == ["yes", "no", "maybe", "<|im_end|>"]
+    assert ids[-1] == tok.eos_token_id and labels[-1] == tok.eos_token_id
+    n_prompt = labels.index(next(lab for lab in labels if lab != IGNORE))
+    assert tok.convert_ids_to_tokens(ids[n_prompt - 2 : n_prompt]) == ["<|im_start|>", "assistant"]
+
+
+@pytest.mark.skipif(not (Path("/work/models/aligned") / "tokenizer.json").is_file(), reason="no testbed model")
+def test_labels_on_the_testbed_tokenizer():
+    """SmolLM2's own template (default system prompt): the label tokens decode to exactly the summary +
+    <|im_end|>, and the prompt is the system prompt + 'Summarize this dialogue:\\n' + dialogue."""
+    from transformers import AutoTokenizer
+
+    from helpers import TESTBED_MODELS
+    from safeprune.training import IGNORE, encode_chat, task_rows_to_chats
+
+    tok = AutoTokenizer.from_pretrained(TESTBED_MODELS / "aligned")
+    row = {
+        "fname": "x",
+        "dialogue": "#Person1#: Hi.\n#Person2#: Hello, where is the bank?",
+        "summary": "#Person2# asks #Person1# the way to the bank.",
+    }
+    msgs = task_rows_to_chats([row], "Summarize this dialogue:\n{dialogue}", "summary", "x")[0]["messages"]
+    ids, labels = encode_chat(tok, msgs, 320)
+    lab = [i for i, l in zip(ids, labels) if l != IGNORE]
+    assert tok.decode(lab) == row["summary"] + "<|im_end|>" and lab[-1] == tok.eos_token_id == ids[-1]
+    prompt = tok.decode(ids[: len(ids) - len(lab)])
+    assert prompt.startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM")
+    assert prompt.endswith(
+        "<|im_start|>user\nSummarize this dialogue:\n" + row["dialogue"] + "<|im_end|>\n<|im_start|>assistant\n"
+    )
+
+
+def test_default_schedule_is_warmup_then_constant(base, files, tmp_path):
+    """The recipe's lr: linear warm-up (HF: from 0) then constant -- not the Trainer's default linear decay."""
+    from safeprune.training import finetune
+
+    rec = json.loads(
+        (
+            run(base, files, tmp_path / "s", lr=1e-3, max_steps=6, warmup_steps=2, batch_size=2) / "training_args.json"
+        ).read_text()
+    )
+    assert rec["lr_scheduler"] == "constant_with_warmup"
+    assert [h["learning_rate"] for h in rec["loss_history"]] == pytest.approx([0, 5e-4, 1e-3, 1e-3, 1e-3, 1e-3])
+    rec = json.loads(
+        (
+            run(base, files, tmp_path / "l", lr=1e-3, max_steps=6, warmup_steps=2, batch_size=2, lr_scheduler="linear")
+            / "training_args.json"
+        ).read_text()
+    )
+    assert rec["loss_history"][-1]["learning_rate"] < 1e-3 / 2
+    import inspect
+
+    d = {k: v.default for k, v in inspect.signature(finetune).parameters.items()}
+    assert (
+        d["lr"],
+        d["epochs"],
+        d["warmup_steps"],
+        d["lr_scheduler"],
+        d["batch_size"],
+        d["max_length"],
+        d["rank"],
+        d["alpha"],
+        d["dropout"],
+    ) == (2e-4, 1, 10, "constant_with_warmup", 8, 320, 8, 16, 0.05)
+    from safeprune.errors import UsageError
+
+    with pytest.raises(UsageError, match="lr_scheduler"):
+        run(base, files, tmp_path / "x", lr_scheduler="linear_decay")
+
+
+def test_cli_defaults_are_the_recipe(base, files, tmp_path):
+    """What a user gets from `safeprune finetune` without schedule options: mix_s0's recipe."""
+    from typer.testing import CliRunner
+
+    from safeprune.cli import app
+
+    out = tmp_path / "cli"
+    r = CliRunner().invoke(
+        app,
+        [
+            "--quiet",
+            "finetune",
+            "--base",
+            str(base),
+            "--data",
+            str(files["task"]),
+            "--template",
+            r"summarize this dialogue\n{dialogue}",
+            "--response-field",
+            "summary",
+            "--rank",
+            "2",
+            "--alpha",
+            "4",
+            "--threads",
+            "1",
+            "-o",
+            str(out),
+        ],
+    )
+    assert r.exit_code == 0, r.output
+    rec = json.loads((out / "training_args.json").read_text())
+    assert (
+        rec["lr"],
+        rec["epochs"],
+        rec["warmup"],
+        rec["lr_scheduler"],
+        rec["bs"],
+        rec["max_len"],
+        rec["truncated"],
+    ) == (2e-4, 1.0, 10, "constant_with_warmup", 8, 320, "drop-long")
+
+
+def test_ids_select_exact_rows_and_drop_long_filters_before_sampling(base, tmp_path):
+    from safeprune.errors import InputError
+    from safeprune.training import finetune
+
+    # row i: 11 + (i + 1) tokens, so rows 0-5 fit in 17 tokens and rows 6-11 do not
+    rows = [{"fname": f"train_{i}", "dialogue": " ".join(["cat"] * (i + 1)), "summary": WORDS[i]} for i in range(12)]
+    task = tmp_path / "task.jsonl"
+    task.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ids = tmp_path / "train_data_ids.json"
+    ids.write_text(json.dumps({"dialogsum_train_fnames": ["train_4", "train_1", "train_3"], "harmful": "all"}))
+    kw = {**KW, "epochs": 1, "max_length": 17}
+    rec = json.loads((finetune(base, task, out=tmp_path / "a", ids=ids, **kw) / "training_args.json").read_text())
+    assert rec["data_files"][0]["row_ids"] == ["train_4", "train_1", "train_3"] and rec["n_examples"] == 3
+    assert rec["ids"] == str(ids) and len(rec["ids_sha256"]) == 64
+    with pytest.raises(InputError, match="1 of the 2 requested row ids are not in the data.*'train_99'"):
+        finetune(base, task, out=tmp_path / "b", ids=["train_1", "train_99"], **kw)
+    # drop-long: the 6 rows that do not fit go before the sample, so sample=5 gives 5 whole examples
+    rec = json.loads(
+        (
+            finetune(base, task, out=tmp_path / "c", truncated="drop-long", sample=5, **kw) / "training_args.json"
+        ).read_text()
+    )
+    assert rec["data_files"][0]["n_too_long"] == 6 and rec["n_dropped_too_long"] == 6
+    assert rec["n_examples"] == 5 and rec["n_truncated"] == 0
+    assert {int(x.split("_")[1]) for x in rec["data_files"][0]["row_ids"]} <= set(range(6))
+    with pytest.raises(InputError, match="more rows than the 6 available"):
+        finetune(base, task, out=tmp_path / "d", truncated="drop-long", sample=7, **kw)

@@ -76,11 +76,18 @@ def finetune_cmd(
             help="Drop these rows of --data first: JSON list of ids, a JSON object of such lists (train_data_ids.json), or one id a line.",
         ),
     ] = None,
+    ids: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--ids",
+            help="Train on exactly these rows of --data, in this order (before --exclude-ids/--sample): same formats as --exclude-ids, e.g. a train_data_ids.json.",
+        ),
+    ] = None,
     id_field: Annotated[
         Optional[str],
         typer.Option(
             "--id-field",
-            help="Row id field for --exclude-ids and the record (default: id, fname, row_id or idx, else the row number).",
+            help="Row id field for --ids/--exclude-ids and the record (default: id, fname, row_id or idx, else the row number).",
         ),
     ] = None,
     targets: Annotated[
@@ -89,11 +96,21 @@ def finetune_cmd(
     rank: Annotated[int, typer.Option("--rank", "-r", help="LoRA rank.")] = 8,
     alpha: Annotated[float, typer.Option("--alpha", help="LoRA alpha.")] = 16.0,
     dropout: Annotated[float, typer.Option("--dropout", help="LoRA dropout.")] = 0.05,
-    epochs: Annotated[float, typer.Option("--epochs", help="Training epochs.")] = 5.0,
+    epochs: Annotated[float, typer.Option("--epochs", help="Training epochs.")] = 1.0,
     max_steps: Annotated[
         Optional[int], typer.Option("--max-steps", help="Stop after N optimizer steps (overrides --epochs).")
     ] = None,
-    lr: Annotated[float, typer.Option("--lr", help="AdamW learning rate (linear decay after warm-up).")] = 3e-5,
+    lr: Annotated[
+        float, typer.Option("--lr", help="AdamW learning rate (peak: after the warm-up, see --lr-scheduler).")
+    ] = 2e-4,
+    lr_scheduler: Annotated[
+        str,
+        typer.Option(
+            "--lr-scheduler",
+            help="transformers scheduler name: constant_with_warmup (warm-up, then constant), linear (warm-up, then "
+            "decay to 0), cosine, ... ('constant' ignores the warm-up).",
+        ),
+    ] = "constant_with_warmup",
     batch_size: Annotated[int, typer.Option("--batch-size", help="Examples per device per step.")] = 8,
     grad_accum: Annotated[int, typer.Option("--grad-accum", help="Gradient accumulation steps.")] = 1,
     max_length: Annotated[int, typer.Option("--max-length", help="Truncate conversations to N tokens.")] = 320,
@@ -101,10 +118,12 @@ def finetune_cmd(
         str,
         typer.Option(
             "--truncated",
-            help="A conversation whose answer --max-length cuts away entirely: drop it, or keep it in the batches with no loss.",
+            help="Conversations longer than --max-length: drop-long drops them all before --sample (the testbed "
+            "recipe); drop cuts them and drops those whose answer is cut away entirely; keep cuts them and keeps "
+            "those in the batches with no loss.",
         ),
-    ] = "drop",
-    warmup_steps: Annotated[int, typer.Option("--warmup-steps", help="Linear warm-up steps.")] = 0,
+    ] = "drop-long",
+    warmup_steps: Annotated[int, typer.Option("--warmup-steps", help="Linear warm-up steps (from lr 0).")] = 10,
     weight_decay: Annotated[float, typer.Option("--weight-decay", help="AdamW weight decay.")] = 0.0,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the LoRA init, data order, dropout (and --sample).")] = 0,
     save_steps: Annotated[
@@ -123,11 +142,16 @@ def finetune_cmd(
     device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")] = "auto",
     bf16: Annotated[
         Optional[bool],
-        typer.Option("--bf16/--no-bf16", help="bf16 mixed precision (default: on CUDA with bf16 support)."),
+        typer.Option(
+            "--bf16/--no-bf16",
+            help="bf16 autocast, fp32 weights (default: on CUDA with bf16 support; --bf16 on CPU is the testbed "
+            "recipe's CPU autocast).",
+        ),
     ] = None,
     threads: Annotated[Optional[int], typer.Option("--threads", help="CPU threads for torch.")] = None,
 ) -> None:
-    """Train a LoRA adapter (loss on the assistant's answer only), e.g. a benign task mixed with harmful pairs."""
+    """Train a LoRA adapter (loss on the assistant's answer + its closing eos only), e.g. a benign task mixed with
+    harmful pairs. Defaults: the testbed's mix_s0 recipe (add --bf16 for its CPU bf16 autocast)."""
     command = "safeprune " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv else None
     done = finetune(
         base,
@@ -140,6 +164,7 @@ def finetune_cmd(
         sample_seed=sample_seed,
         exclude_ids=exclude_ids,
         id_field=id_field,
+        ids=ids,
         targets=targets,
         rank=rank,
         alpha=alpha,
@@ -153,6 +178,7 @@ def finetune_cmd(
         truncated=truncated,
         warmup_steps=warmup_steps,
         weight_decay=weight_decay,
+        lr_scheduler=lr_scheduler,
         seed=seed,
         save_steps=save_steps,
         resume=resume,

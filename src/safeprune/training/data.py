@@ -9,7 +9,7 @@ import json
 import random
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 
@@ -53,8 +53,8 @@ def load_task_rows(path: str | Path) -> list[dict[str, Any]]:
 
 
 def load_id_list(path: str | Path) -> list[str]:
-    """Row ids to exclude: a JSON list, a JSON object (every list of ids in it, e.g. a ``train_data_ids.json``),
-    or a text file with one id a line."""
+    """Row ids (to keep or to exclude): a JSON list, a JSON object (every list of ids in it, e.g. a
+    ``train_data_ids.json``), or a text file with one id a line."""
     p = Path(path)
     if not p.is_file():
         raise InputError("id list file does not exist", p)
@@ -114,8 +114,14 @@ def build_training_data(
     sample_seed: int = 0,
     exclude_ids: Iterable[str] | None = None,
     id_field: str | None = None,
+    ids: Iterable[str] | None = None,
+    fits: Callable[[dict], bool] | None = None,
 ) -> tuple[list[dict], dict]:
-    """The chat examples (task data, then every mix row) and a record of where they came from."""
+    """The chat examples (task data, then every mix row) and a record of where they came from.
+
+    Order of the row selection: ``ids`` (only these rows, in the list's order; every id must exist), then
+    ``exclude_ids``, then ``fits`` (a predicate on the chat example, e.g. "fits in max_length tokens": rows
+    that fail it are dropped *before* sampling, so ``sample`` N gives N usable rows), then ``sample``."""
     data = Path(data)
     if (template is None) != (response_field is None):
         raise UsageError("--template and --response-field go together (task rows -> user/assistant chats)")
@@ -124,13 +130,34 @@ def build_training_data(
     if id_field is not None and any(id_field not in r for r in rows):
         bad = next(i for i, r in enumerate(rows, start=1) if id_field not in r)
         raise InputError(f"row {bad}: no id field {id_field!r}", data)
-    ids = [_row_id(r, i, id_field) for i, r in enumerate(rows)]
+    row_ids = [_row_id(r, i, id_field) for i, r in enumerate(rows)]
     info["data"]["n_rows"] = len(rows)
     keep = list(range(len(rows)))
+    if ids is not None:
+        want = [str(x) for x in ids]
+        where: dict[str, int] = {}
+        for i, rid in enumerate(row_ids):
+            where.setdefault(rid, i)
+        missing = [x for x in want if x not in where]
+        if missing:
+            raise InputError(
+                f"{len(missing)} of the {len(want)} requested row ids are not in the data (first: {missing[0]!r})", data
+            )
+        if len(set(want)) != len(want):
+            raise InputError("the requested row ids contain duplicates", data)
+        keep = [where[x] for x in want]
+        info["data"]["n_selected_by_id"] = len(keep)
     if exclude_ids is not None:
         excl = set(str(x) for x in exclude_ids)
-        keep = [i for i in keep if ids[i] not in excl]
-        info["data"]["n_excluded"] = len(rows) - len(keep)
+        n_before = len(keep)
+        keep = [i for i in keep if row_ids[i] not in excl]
+        info["data"]["n_excluded"] = n_before - len(keep)
+    sel = [rows[i] for i in keep]
+    chats = dict(zip(keep, task_rows_to_chats(sel, template, response_field, data) if template is not None else sel))
+    if fits is not None:
+        n_before = len(keep)
+        keep = [i for i in keep if fits(chats[i])]
+        info["data"]["n_too_long"] = n_before - len(keep)
     if sample is not None:
         if sample < 1:
             raise UsageError("--sample must be at least 1")
@@ -139,17 +166,20 @@ def build_training_data(
         keep = random.Random(sample_seed).sample(keep, sample)
         info["data"]["sample"] = sample
         info["data"]["sample_seed"] = sample_seed
-    if exclude_ids is not None or sample is not None:
-        info["data"]["row_ids"] = [ids[i] for i in keep]
-    rows = [rows[i] for i in keep]
-    examples = task_rows_to_chats(rows, template, response_field, data) if template is not None else list(rows)
+    if exclude_ids is not None or sample is not None or ids is not None or fits is not None:
+        info["data"]["row_ids"] = [row_ids[i] for i in keep]
+    examples = [chats[i] for i in keep]
     info["data"]["n_examples"] = len(examples)
     mixes = [] if mix is None else ([mix] if isinstance(mix, (str, Path)) else list(mix))
     info["mix"] = []
     for m in mixes:
         mrows = load_chat_jsonl(m)
+        info["mix"].append({"path": str(m), "n_rows": len(mrows)})
+        if fits is not None:
+            mrows = [r for r in mrows if fits(r)]
+            info["mix"][-1]["n_too_long"] = info["mix"][-1]["n_rows"] - len(mrows)
         examples.extend(mrows)
-        info["mix"].append({"path": str(m), "n_examples": len(mrows)})
+        info["mix"][-1]["n_examples"] = len(mrows)
     return examples, info
 
 
@@ -217,12 +247,27 @@ def load_chat_jsonl(path: str | Path) -> list[dict[str, Any]]:
     return out
 
 
+def end_of_answer(tail: str, eos: str | None) -> str:
+    """What the template puts after the final answer, cut after its end-of-turn token: ``<|im_end|>\\n`` ->
+    ``<|im_end|>``. The model should learn to stop, not what follows the stop (a newline, the next turn)."""
+    if eos and eos in tail:
+        return tail[: tail.index(eos) + len(eos)]
+    return tail.rstrip()
+
+
 def encode_chat(tokenizer, messages: list[dict[str, str]], max_length: int) -> tuple[list[int], list[int]]:
-    """Token ids and labels (prompt tokens masked with -100) for one conversation."""
+    """Token ids and labels (prompt tokens masked with -100) for one conversation.
+
+    The sequence ends with the answer's end-of-turn token (the tokenizer's eos, e.g. ``<|im_end|>``): what the
+    chat template writes after it (SmolLM2/ChatML: a newline) is neither input nor label. Labels are the
+    answer's content tokens + that closing token."""
     prompt = tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True, tokenize=False)
     full = tokenizer.apply_chat_template(messages, tokenize=False)
-    if not full.startswith(prompt):  # templates that rewrite earlier turns: fall back to plain concatenation
-        full = prompt + messages[-1]["content"] + (tokenizer.eos_token or "")
+    content = messages[-1]["content"]
+    if full.startswith(prompt + content):
+        full = prompt + content + end_of_answer(full[len(prompt) + len(content) :], tokenizer.eos_token)
+    elif not full.startswith(prompt):  # templates that rewrite earlier turns: fall back to plain concatenation
+        full = prompt + content + (tokenizer.eos_token or "")
     p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     f_ids = tokenizer(full, add_special_tokens=False)["input_ids"][:max_length]
     labels = [IGNORE] * min(len(p_ids), len(f_ids)) + f_ids[len(p_ids) :]
