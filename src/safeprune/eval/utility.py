@@ -12,6 +12,7 @@ accuracy is ROUGE-1 F > ``threshold`` (0.15, the SPLoRA proxy) and, as a second 
 from __future__ import annotations
 
 import re
+import warnings
 from typing import Any, Sequence
 
 import numpy as np
@@ -42,8 +43,6 @@ class Meteor:
         self.reason = how
         if path is not None:
             try:
-                import warnings
-
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")  # "multilingual functions are not available"
                     self.wordnet = load_wordnet(path)

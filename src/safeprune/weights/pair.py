@@ -27,8 +27,10 @@ import torch
 
 from ..errors import InputError, NonFiniteError, ShapeMismatchError, UsageError
 from ..io.safetensors import check_safetensors_header
-from . import GGUFSource, SafetensorsSource, WeightSource
-from . import name_candidates as _name_candidates
+from .base import WeightSource
+from .gguf import GGUFSource
+from .keys import name_candidates
+from .safetensors import SafetensorsSource
 
 F64 = torch.float64
 BLOCK_ELEMS = 1 << 20  # entries of V formed at a time (4 MiB in float32)
@@ -139,7 +141,7 @@ def _config_of(src: WeightSource) -> tuple[dict | None, Path | None]:
 
 def _pair_key(src: WeightSource, module: str, role: str) -> str:
     keys = src.keys()
-    cands = [c + ".weight" for c in _name_candidates(module)]
+    cands = [c + ".weight" for c in name_candidates(module)]
     for k in cands:
         if k in keys:
             return k

@@ -21,8 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ...adapter import load_adapter
-from ...adapter import parse_module_types as _parse_types
+from ...adapter import load_adapter, parse_module_types
 from ...edit import build_manifest, project, prune, prune_modules
 from ...errors import UsageError
 from ...io.files import write_text_atomic
@@ -143,7 +142,7 @@ def auto_plot(table: ScoreTable, m: MethodSpec, autos: dict[str, Any], path: Pat
 
     key = _method_key(table, m)
     info = table.methods[key]
-    types = _parse_types(m.module_types)
+    types = parse_module_types(m.module_types)
     scores = [r.get(info.primary) for r in table.rows if types is None or r["type"] in types]
     res = [auto_tau(scores, info.descending, rule, m.mad_k) for rule in autos]
     return score_curve(
