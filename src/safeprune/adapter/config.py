@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import warnings
 from pathlib import Path
 from typing import Any
 
 from ..errors import InputError, SafepruneWarning, UnsupportedError
 from ..io.files import check_inside
+from ..io.jsonio import loads_bounded
+from ..io.patterns import check_pattern, suffix_match
 from .names import CONFIG_NAME
 
 _MAX_CONFIG_BYTES = 16 * 1024 * 1024
@@ -33,7 +34,7 @@ def read_config(path: Path) -> dict[str, Any]:
     try:
         if cfg_path.stat().st_size > _MAX_CONFIG_BYTES:
             raise InputError(f"implausibly large ({cfg_path.stat().st_size} bytes) for an adapter config", cfg_path)
-        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+        cfg = loads_bounded(cfg_path.read_text(encoding="utf-8"), cfg_path, CONFIG_NAME)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise InputError(f"not valid JSON ({short_error(e)})", cfg_path) from None
     except OSError as e:
@@ -43,13 +44,19 @@ def read_config(path: Path) -> dict[str, Any]:
     return cfg
 
 
-def pattern_value(patterns: dict[str, Any] | None, module_name: str, default: Any) -> Any:
+def pattern_value(
+    patterns: dict[str, Any] | None,
+    module_name: str,
+    default: Any,
+    where: Any = CONFIG_NAME,
+    what: str = "rank_pattern",
+) -> Any:
     """PEFT's ``get_pattern_key`` rule: the first pattern (in dict order) whose regex matches a dotted
     suffix of the module path wins."""
     if not patterns:
         return default
     for key, value in patterns.items():
-        if _pattern_matches(key, module_name):
+        if suffix_match(key, module_name, where, what):
             return value
     return default
 
@@ -84,10 +91,7 @@ def validate_config(cfg: dict[str, Any], cfg_path: Path | str) -> None:
         if not isinstance(val, dict):
             raise InputError(f"'{key}' must be an object, got {type(val).__name__}", cfg_path)
         for k, v in val.items():
-            try:
-                re.compile(rf"(.*\.)?({k})$")
-            except re.error:
-                raise InputError(f"'{key}' key {k!r} is not a valid regular expression", cfg_path) from None
+            check_pattern(k, cfg_path, key)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
                 raise InputError(f"'{key}[{k!r}]' must be a positive number, got {v!r}", cfg_path)
             if key == "rank_pattern" and not isinstance(v, int):
@@ -102,10 +106,6 @@ def validate_config(cfg: dict[str, Any], cfg_path: Path | str) -> None:
         raise InputError("'target_modules' must be a list of strings", cfg_path)
 
 
-def _pattern_matches(key: str, module_name: str) -> bool:
-    return re.match(rf"(.*\.)?({key})$", module_name) is not None
-
-
 def warn_unmatched_patterns(cfg: dict[str, Any], modules: dict[str, Any], cfg_path: Path | str) -> None:
     """Warn about ``rank_pattern``/``alpha_pattern`` keys that match no LoRA module of the adapter.
 
@@ -116,7 +116,7 @@ def warn_unmatched_patterns(cfg: dict[str, Any], modules: dict[str, Any], cfg_pa
 
     for key in ("rank_pattern", "alpha_pattern"):
         for pat in cfg.get(key) or {}:
-            if not any(_pattern_matches(pat, name) for name in modules):
+            if not any(suffix_match(pat, name, cfg_path, key) for name in modules):
                 warnings.warn(
                     SafepruneWarning(f"'{key}' entry {pat!r} matches no LoRA module; ignored", cfg_path), stacklevel=2
                 )

@@ -131,7 +131,7 @@ def build_modules(
         r = int(A.shape[0])
         if r == 0:
             raise InputError(f"module {path!r} has rank 0", file)
-        r_cfg = pattern_value(cfg.get("rank_pattern"), path, r_default)
+        r_cfg = pattern_value(cfg.get("rank_pattern"), path, r_default, file.parent / CONFIG_NAME)
         if r_cfg != r:
             raise ShapeMismatchError(
                 f"module {path!r}: tensors have rank {r} but adapter_config.json gives r={r_cfg}", file
@@ -143,7 +143,9 @@ def build_modules(
             )
         for k, t in ((key_A, A), (key_B, B)) + ((bias,) if bias is not None else ()):
             _check_finite(t, k, file)
-        alpha = float(pattern_value(cfg.get("alpha_pattern"), path, alpha_default))
+        alpha = float(
+            pattern_value(cfg.get("alpha_pattern"), path, alpha_default, file.parent / CONFIG_NAME, "alpha_pattern")
+        )
         modules[path] = LoraModule(
             name=path,
             lora_A=A,

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from ..errors import InputError
 from .files import check_regular_file
+from .jsonio import loads_bounded
 
 # bytes per element for the dtypes safetensors defines
 SAFETENSORS_DTYPES = {
@@ -71,7 +72,7 @@ def read_safetensors_header(file: Path) -> tuple[dict, int]:
         raise InputError(f"cannot read file ({e.strerror or e})", file) from None
     try:
         # readers disagree on which of two equal keys wins: a header that names a tensor twice is refused
-        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
+        header = loads_bounded(raw.decode("utf-8"), file, "the safetensors header", object_pairs_hook=_no_duplicates)
     except _DuplicateKey as e:
         raise InputError(f"corrupt safetensors header: {e.args[0]!r} appears twice", file) from None
     except (UnicodeDecodeError, json.JSONDecodeError):

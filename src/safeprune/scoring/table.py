@@ -12,6 +12,7 @@ from typing import Any, Iterable
 
 from ..errors import InputError
 from ..io.files import json_default
+from ..io.jsonio import loads_bounded, read_text_bounded
 from ..io.text import fmt_number
 
 DEFAULT_TOP = 10  # modules acted on when no rule is given (the DDI paper's τ)
@@ -141,7 +142,7 @@ def read_score_table(path: Path, adapter=None) -> ScoreTable:
     """A score table written by ``scan --json`` / ``scan-act -o``; with ``adapter``, check that it scores
     exactly that adapter's modules. The one reader of score tables."""
     try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        data = loads_bounded(read_text_bounded(Path(path), "a score table"), path, "the score table")
     except FileNotFoundError:
         raise InputError("score table not found", path) from None
     except OSError as e:

@@ -5,11 +5,11 @@ file (or a directory holding exactly one), or a hub id from the local cache.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from ..errors import InputError, UnsupportedError
 from ..io.files import check_inside, check_regular_file
+from ..io.jsonio import loads_bounded, read_text_bounded
 from .base import WeightSource
 from .gguf import GGUFSource
 from .hub import looks_like_hub_id, resolve_hub_id
@@ -29,11 +29,16 @@ def open_dir(d: Path, root: Path | None = None) -> WeightSource:
     if index.is_file():
         check_inside(index, root)
         try:
-            idx = json.loads(index.read_text(encoding="utf-8"))
+            idx = loads_bounded(read_text_bounded(index, "a shard index"), index, "the shard index")
             wm = idx["weight_map"]
             assert isinstance(wm, dict)
+        except InputError:
+            raise
         except Exception:
             raise InputError("corrupt index: expected JSON with a 'weight_map' object", index) from None
+        bad = next(((k, v) for k, v in wm.items() if not isinstance(v, str) or not v), None)
+        if bad is not None:
+            raise InputError(f"corrupt index: weight_map[{bad[0]!r}] is {bad[1]!r}, not a shard file name", index)
         shard_names = sorted(set(wm.values()))
         files = []
         for name in shard_names:

@@ -17,7 +17,6 @@ same shape for every targeted tensor, so a mismatched pair fails before any scor
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path
@@ -26,6 +25,7 @@ from typing import Iterable
 import torch
 
 from ..errors import InputError, NonFiniteError, ShapeMismatchError, UsageError
+from ..io.jsonio import loads_bounded, read_text_bounded
 from ..io.safetensors import check_safetensors_header
 from .base import WeightSource
 from .gguf import GGUFSource
@@ -133,10 +133,16 @@ def _config_of(src: WeightSource) -> tuple[dict | None, Path | None]:
     cfg = files[0].parent / "config.json"
     if not cfg.is_file():
         return None, None
+    # a config.json that is there but unreadable is refused: ignoring it would skip the architecture check
     try:
-        return json.loads(cfg.read_text(encoding="utf-8")), cfg
-    except (OSError, ValueError):
-        return None, None
+        data = loads_bounded(read_text_bounded(cfg, "a model config"), cfg, "config.json")
+    except OSError as e:
+        raise InputError(f"cannot read file ({e.strerror or e})", cfg) from None
+    except ValueError as e:
+        raise InputError(f"not valid JSON ({str(e)[:120]})", cfg) from None
+    if not isinstance(data, dict):
+        raise InputError("expected a JSON object", cfg)
+    return data, cfg
 
 
 def _pair_key(src: WeightSource, module: str, role: str) -> str:
