@@ -1116,15 +1116,18 @@ def _(c: Ctx) -> Setup:
 
 
 def _interrupt_during_swap(monkeypatch: Any) -> None:
-    """Ctrl-C at the worst moment of --force: the old output moved aside, the new one not yet in place."""
-    real = os.replace
+    """Ctrl-C at the worst moment of --force: the old output moved aside, the new one not yet in place (the
+    rename that would put it there raises, as a signal delivered there would)."""
+    import safeprune.io.commit as commit
 
-    def replace(src, dst):
+    real = commit.rename_noreplace
+
+    def rename(src, dst):
         if ".safeprune-tmp-" in str(src):
             raise KeyboardInterrupt
         return real(src, dst)
 
-    monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr(commit, "rename_noreplace", rename)
 
 
 @case("interrupt_while_replacing_with_force", r"^interrupted: no output was written$", code=130)

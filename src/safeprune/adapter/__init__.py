@@ -2,6 +2,7 @@
 config validated, and written back atomically."""
 
 from .config import pattern_value, scaling_for, validate_config
+from .digest import adapter_fingerprint, fingerprint_dir
 from .load import build_modules, load_adapter
 from .names import (
     ADAPTER_FILES,
@@ -19,13 +20,14 @@ from .records import (
     parse_lora_key,
     parse_module_types,
 )
-from .write import COPY_FILES, write_adapter
+from .write import COPY_FILES, stage_adapter, write_adapter
 
 __all__ = [
     "LoraAdapter",
     "LoraModule",
     "load_adapter",
     "write_adapter",
+    "stage_adapter",
     "build_modules",
     "validate_config",
     "pattern_value",
@@ -41,4 +43,6 @@ __all__ = [
     "MANIFEST_NAME",
     "ADAPTER_FILES",
     "COPY_FILES",
+    "adapter_fingerprint",
+    "fingerprint_dir",
 ]

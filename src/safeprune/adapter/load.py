@@ -41,7 +41,9 @@ def _load_safetensors(file: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
         with safe_open(str(file), framework="pt") as f:
             meta = dict(f.metadata() or {})
             for k in f.keys():
-                tensors[k] = f.get_tensor(k)
+                t = f.get_tensor(k)
+                # 8-bit (and smaller) floats have no arithmetic in torch (isfinite, matmul): read them upcast
+                tensors[k] = t.float() if t.is_floating_point() and t.element_size() < 2 else t
     except InputError:
         raise
     except Exception as e:  # SafetensorError, OSError, ...

@@ -16,11 +16,11 @@ from typing import Any
 import safetensors.torch
 
 from ..errors import OutputError
+from ..io.commit import Outputs
 from ..io.files import (
     fsync_tree_files,
     json_default,
     make_temp_dir,
-    swap_dir_into_place,
 )
 from ..io.outputs import check_output_path
 from .names import CONFIG_NAME, MANIFEST_NAME, WEIGHTS_NAME
@@ -40,15 +40,16 @@ COPY_FILES = (
 )
 
 
-def write_adapter(
-    adapter: Any, out_dir: str | Path, *, force: bool = False, extra_inputs: list[Path] | None = None
+def stage_adapter(
+    adapter: Any, out_dir: str | Path, outputs: Outputs, *, force: bool = False, extra_inputs: list[Path] | None = None
 ) -> Path:
-    """Write ``adapter`` (a :class:`~safeprune.adapter.LoraAdapter`) as a PEFT adapter directory, with its
-    manifest as ``safeprune.json`` when it has one."""
+    """Write ``adapter`` completely into a temporary directory beside ``out_dir`` and stage it in ``outputs``
+    (it becomes ``out_dir`` when ``outputs`` is committed, together with the command's other outputs)."""
     out = Path(out_dir)
     inputs = ([adapter.path] if adapter.path else []) + list(extra_inputs or [])
     check_output_path(out, inputs, force)
     tmp = make_temp_dir(out)
+    outputs.stage_dir(tmp, out, replace=force)
     try:
         sd = {k: v.detach().to("cpu").contiguous() for k, v in adapter.state_dict().items()}
         meta = dict(adapter.metadata or {})
@@ -65,11 +66,17 @@ def write_adapter(
                 json.dumps(adapter.manifest, indent=2, default=json_default) + "\n", encoding="utf-8"
             )
         fsync_tree_files(tmp)
-        swap_dir_into_place(tmp, out)
     except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
         raise OutputError(f"cannot write the adapter ({e.strerror or e}); nothing was written", out) from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    return out
+
+
+def write_adapter(
+    adapter: Any, out_dir: str | Path, *, force: bool = False, extra_inputs: list[Path] | None = None
+) -> Path:
+    """Write ``adapter`` (a :class:`~safeprune.adapter.LoraAdapter`) as a PEFT adapter directory, with its
+    manifest as ``safeprune.json`` when it has one; atomically (see :mod:`safeprune.io.commit`)."""
+    with Outputs() as outputs:
+        out = stage_adapter(adapter, out_dir, outputs, force=force, extra_inputs=extra_inputs)
+        outputs.commit()
     return out

@@ -7,16 +7,19 @@ traceback unless ``--debug``. Ctrl-C exits 130 and leaves no partial output.
 from __future__ import annotations
 
 import functools
+import math
 import sys
 import warnings
 from typing import Any, Callable, List
 
+import click
 import typer
 from rich.console import Console
 from rich.text import Text
 from typing_extensions import Annotated
 
-from ..errors import SafepruneError, SafepruneWarning
+from ..errors import SafepruneError, SafepruneWarning, UsageError
+from ..io.commit import interrupted_message
 from ..io.text import one_line
 
 app = typer.Typer(
@@ -48,10 +51,23 @@ def _warning_printer(previous: Callable) -> Callable:
     return show
 
 
+def _check_finite_options(kwargs: dict[str, Any]) -> None:
+    """One validator for every float option of every command: NaN and ±inf are refused, naming the flag."""
+    for name, v in kwargs.items():
+        if isinstance(v, float) and not math.isfinite(v):
+            flag = "--" + name.replace("_", "-")
+            ctx = click.get_current_context(silent=True)
+            for p in ctx.command.params if ctx is not None else ():
+                if p.name == name and getattr(p, "opts", None):
+                    flag = max(p.opts, key=len)
+            raise UsageError(f"{flag} must be a finite number, got {v}")
+
+
 def handle_errors(fn: Callable) -> Callable:
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
+            _check_finite_options(kwargs)
             with warnings.catch_warnings():
                 warnings.simplefilter("always", SafepruneWarning)
                 warnings.showwarning = _warning_printer(warnings.showwarning)
@@ -66,8 +82,13 @@ def handle_errors(fn: Callable) -> Callable:
         except KeyboardInterrupt:
             if state["debug"]:
                 raise
-            err.print("[bold red]interrupted[/]: no output was written", highlight=False)
+            report("interrupted", "bold red", interrupted_message())
             raise typer.Exit(130) from None
+        except OSError as e:  # a file-system refusal on a path the user gave (name too long, permission, ...)
+            if state["debug"]:
+                raise
+            report("error", "bold red", f"{e.filename}: {e.strerror or e}" if e.filename else f"{e.strerror or e}")
+            raise typer.Exit(2) from None
         except Exception as e:  # a bug: say so in one line, details with --debug
             if state["debug"]:
                 raise

@@ -8,10 +8,11 @@ from typing import Optional
 import typer
 from typing_extensions import Annotated
 
-from ..adapter import load_adapter
+from ..adapter import load_adapter, stage_adapter
 from ..api import project
 from ..errors import UsageError
-from ..io.outputs import check_output_path
+from ..io.commit import Outputs
+from ..io.outputs import check_output_file, check_output_path, local_inputs
 from .app import app, err, handle_errors, out, state
 from .options import (
     AdapterArg,
@@ -23,7 +24,7 @@ from .options import (
     TypesOpt,
     UnalignedOpt,
 )
-from .render import print_table, write_side_outputs
+from .render import print_table, stage_side_outputs
 
 
 @app.command("project")
@@ -57,7 +58,10 @@ def project_cmd(
     if aligned is None or unaligned is None:
         raise UsageError("project needs --aligned (the aligned/chat model) and --unaligned (its base counterpart)")
     ad = load_adapter(adapter, allow_pickle=allow_pickle)
-    check_output_path(output, [adapter], force)  # fail before the (slow) scan
+    inputs = local_inputs(adapter, aligned, unaligned)
+    check_output_path(output, inputs, force)  # fail before the (slow) scan
+    for side in (json_out, csv_out):
+        check_output_file(side, inputs, not_equal=[output])
     edited = project(
         ad,
         aligned,
@@ -73,8 +77,10 @@ def project_cmd(
     )
     marked = set(edited.selection.selected)
     print_table(edited.scores, marked=marked)
-    path = edited.save(output, force=force)
-    write_side_outputs(edited.scores, json_out, csv_out, None, marked=marked)
+    with Outputs() as outputs:  # the adapter and the side files: all or none
+        path = stage_adapter(edited, output, outputs, force=force, extra_inputs=inputs)
+        stage_side_outputs(outputs, edited.scores, json_out, csv_out, None, marked=marked)
+        outputs.commit()
     if not state["quiet"]:
         err.print(f"projected {len(marked)} of {len(ad)} modules ({edited.selection.rule.describe()})", highlight=False)
     out.print(f"wrote {path}", highlight=False)

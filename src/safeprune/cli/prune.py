@@ -8,8 +8,9 @@ from typing import Optional
 import typer
 from typing_extensions import Annotated
 
-from ..adapter import load_adapter, write_adapter
+from ..adapter import load_adapter, stage_adapter
 from ..edit import prune
+from ..io.commit import Outputs
 from ..io.outputs import check_output_file, check_output_path, local_inputs
 from ..scoring import method_names, read_score_table
 from .app import app, err, handle_errors, out, state
@@ -30,7 +31,7 @@ from .options import (
     UnalignedOpt,
     with_method_options,
 )
-from .render import print_table, write_side_outputs
+from .render import print_table, stage_side_outputs
 
 
 @app.command("prune")
@@ -103,8 +104,10 @@ def prune_cmd(
     )
     marked = set(edited.selection.selected)
     print_table(edited.scores, marked=marked)
-    path = write_adapter(edited, output, force=force, extra_inputs=inputs)
-    write_side_outputs(edited.scores, json_out, csv_out, plot, marked=marked)
+    with Outputs() as outputs:  # the adapter and the side files: all or none
+        path = stage_adapter(edited, output, outputs, force=force, extra_inputs=inputs)
+        stage_side_outputs(outputs, edited.scores, json_out, csv_out, plot, marked=marked)
+        outputs.commit()
     ed = edited.manifest["edit"]
     if not state["quiet"]:
         err.print(

@@ -8,7 +8,7 @@ from typing import Optional
 
 from rich.table import Table
 
-from ..io.files import write_text_atomic
+from ..io.commit import Outputs
 from ..io.text import fmt_number
 from ..report.plots import heatmap
 from ..scoring import ScoreTable
@@ -66,13 +66,29 @@ def print_agreement(table: ScoreTable) -> None:
     out.print(t)
 
 
+def stage_side_outputs(
+    outputs: Outputs,
+    table: ScoreTable,
+    json_path: Path | None,
+    csv_path: Path | None,
+    plot_path: Path | None,
+    marked=(),
+) -> None:
+    """Stage the --json / --csv / --plot files (``-``: standard output) to be committed with the command's
+    other outputs."""
+    if json_path:
+        outputs.stage_text(json_path, table.to_json())
+    if csv_path:
+        outputs.stage_text(csv_path, table.to_csv())
+    if plot_path:
+        first = next(iter(table.methods.values()))
+        outputs.stage_file(Path(plot_path), lambda tmp: heatmap(table, tmp, column=first.primary, marked=marked))
+
+
 def write_side_outputs(
     table: ScoreTable, json_path: Path | None, csv_path: Path | None, plot_path: Path | None, marked=()
 ) -> None:
-    if json_path:
-        write_text_atomic(json_path, table.to_json())
-    if csv_path:
-        write_text_atomic(csv_path, table.to_csv())
-    if plot_path:
-        first = next(iter(table.methods.values()))
-        heatmap(table, plot_path, column=first.primary, marked=marked)
+    """The side files of a command that writes nothing else, all or none."""
+    with Outputs() as outputs:
+        stage_side_outputs(outputs, table, json_path, csv_path, plot_path, marked)
+        outputs.commit()

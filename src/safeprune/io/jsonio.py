@@ -43,11 +43,17 @@ def nesting_depth(text: str) -> int:
 def loads_bounded(
     text: str, where: Any, what: str = "JSON", *, max_depth: int = MAX_DEPTH, object_pairs_hook: Callable | None = None
 ) -> Any:
-    """``json.loads`` that refuses a document nested deeper than ``max_depth`` with an InputError naming
-    ``where``. JSON syntax errors propagate as ``json.JSONDecodeError`` so callers keep their own wording."""
-    if nesting_depth(text) > max_depth:
-        raise InputError(f"{what} nested more than {max_depth} levels deep; refusing to parse it", where)
-    return json.loads(text, object_pairs_hook=object_pairs_hook)
+    """``json.loads`` that refuses a document nested deeper than ``max_depth`` (or too deep for the parser) with
+    an InputError naming ``where``. JSON syntax errors propagate as ``json.JSONDecodeError`` so callers keep
+    their own wording."""
+    try:  # syntax errors first, so a broken document keeps its "not valid JSON" message
+        data = json.loads(text, object_pairs_hook=object_pairs_hook)
+    except RecursionError:
+        data = None
+    else:
+        if nesting_depth(text) <= max_depth:
+            return data
+    raise InputError(f"{what} nested more than {max_depth} levels deep; refusing to parse it", where)
 
 
 def read_text_bounded(path: Path, what: str, max_bytes: int = MAX_JSON_BYTES) -> str:

@@ -37,7 +37,9 @@ SAFETENSORS_DTYPES = {
     "F6_E2M3": 0.75,
     "F6_E3M2": 0.75,
 }
-_MAX_HEADER = 100 * 1024 * 1024
+# limits on what a header may describe (README "Security"): real headers are a few hundred KiB at most
+MAX_HEADER_BYTES = 16 * 1024 * 1024
+MAX_TENSORS = 100_000
 
 
 class _DuplicateKey(ValueError):
@@ -63,7 +65,11 @@ def read_safetensors_header(file: Path) -> tuple[dict, int]:
             if len(head) < 8:
                 raise InputError("truncated safetensors file (shorter than its 8-byte header length)", file)
             (n,) = struct.unpack("<Q", head)
-            if n > _MAX_HEADER or 8 + n > size:
+            if n > MAX_HEADER_BYTES and 8 + n <= size:
+                raise InputError(
+                    f"safetensors header of {n} bytes exceeds the {MAX_HEADER_BYTES // (1024 * 1024)} MiB limit", file
+                )
+            if 8 + n > size:
                 raise InputError(
                     f"corrupt safetensors header: header length {n} does not fit in a {size}-byte file", file
                 )
@@ -79,6 +85,8 @@ def read_safetensors_header(file: Path) -> tuple[dict, int]:
         raise InputError("corrupt safetensors header: not valid JSON", file) from None
     if not isinstance(header, dict):
         raise InputError("corrupt safetensors header: not a JSON object", file)
+    if len(header) > MAX_TENSORS + 1:
+        raise InputError(f"safetensors header lists {len(header) - 1} tensors, over the limit of {MAX_TENSORS}", file)
     return header, 8 + n
 
 

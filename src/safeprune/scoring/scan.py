@@ -19,7 +19,7 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
-from ..adapter import LoraAdapter, LoraModule, load_adapter, parse_module_types
+from ..adapter import LoraAdapter, LoraModule, adapter_fingerprint, load_adapter, parse_module_types
 from ..errors import NonFiniteError, UsageError
 from ..io.progress import make_progress
 from ..weights import (
@@ -285,6 +285,7 @@ def scan(
         methods={s.name: _method_info(s) for s in scorers},
         meta={
             "adapter": str(adapter.path) if adapter.path else None,
+            "adapter_sha256": adapter_fingerprint(adapter.path) if adapter.path else None,
             **{role: str(getattr(src, "description", src)) for role, src in sources.items()},
             "device": str(dev),
             "threads": n_threads,

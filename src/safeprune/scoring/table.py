@@ -10,10 +10,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
+from ..adapter import adapter_fingerprint
 from ..errors import InputError
 from ..io.files import json_default
 from ..io.jsonio import loads_bounded, read_text_bounded
 from ..io.text import fmt_number
+from .base import REGISTRY
 
 DEFAULT_TOP = 10  # modules acted on when no rule is given (the DDI paper's τ)
 ID_COLUMNS = ["module", "layer", "type", "r", "in", "out", "scaling"]
@@ -139,8 +141,10 @@ def _fmt_csv(v: Any) -> Any:
 
 
 def read_score_table(path: Path, adapter=None) -> ScoreTable:
-    """A score table written by ``scan --json`` / ``scan-act -o``; with ``adapter``, check that it scores
-    exactly that adapter's modules. The one reader of score tables."""
+    """A score table written by ``scan --json`` / ``scan-act -o``, validated as untrusted input: one row per
+    module, each named once, every score a finite number (or null where the method documents an undefined
+    score). With ``adapter``: exactly that adapter's modules, and the table's adapter fingerprint (when it
+    carries one) must be this adapter's. The one reader of score tables."""
     try:
         data = loads_bounded(read_text_bounded(Path(path), "a score table"), path, "the score table")
     except FileNotFoundError:
@@ -153,29 +157,79 @@ def read_score_table(path: Path, adapter=None) -> ScoreTable:
         ) from None
     if not isinstance(data, dict) or "rows" not in data:
         raise InputError("not a score table (no 'rows'); write one with `safeprune scan --json`", path)
+    _check_table_shape(data, path)
     try:
         table = ScoreTable.from_dict(data)
     except (ValueError, KeyError, TypeError) as e:
         raise InputError(f"not a safeprune score table ({type(e).__name__}: {e})", path) from None
-    for r in table.rows:  # JSON null = an undefined score
-        for c in table.score_columns:
-            if r.get(c) is None and c in r:
-                r[c] = float("nan")
+    _check_scores(table, path)
     if adapter is not None:
-        have, want = {r["module"] for r in table.rows}, set(adapter.modules)
-        if have != want:
-            extra, missing = sorted(have - want), sorted(want - have)
-            raise InputError(
-                "the score table does not match the adapter's modules ("
-                + "; ".join(
-                    x
-                    for x in (
-                        f"not in the adapter: {', '.join(extra[:3])}" if extra else "",
-                        f"not scored: {', '.join(missing[:3])}" if missing else "",
-                    )
-                    if x
-                )
-                + ")",
-                path,
-            )
+        _check_table_matches(table, adapter, path)
     return table
+
+
+def _check_table_shape(data: dict[str, Any], path: Path) -> None:
+    rows, methods = data.get("rows"), data.get("methods", {})
+    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+        raise InputError("not a score table: 'rows' must be a list of objects", path)
+    if not isinstance(methods, dict) or not methods or not all(isinstance(v, dict) for v in methods.values()):
+        raise InputError("not a score table: 'methods' must name at least one scoring method", path)
+    if not isinstance(data.get("meta", {}), dict):
+        raise InputError("not a score table: 'meta' must be an object", path)
+    seen: set[str] = set()
+    for i, r in enumerate(rows, start=1):
+        name = r.get("module")
+        if not isinstance(name, str) or not name:
+            raise InputError(f"row {i} has no module name", path)
+        if name in seen:
+            raise InputError(f"module {name!r} has two rows", path)
+        seen.add(name)
+
+
+def _check_scores(table: ScoreTable, path: Path) -> None:
+    """Every score is a number or null. The column a method ranks by must be finite, except where the method
+    documents an undefined score (``Scorer.nan_allowed``: such modules are never selected); diagnostic
+    columns may be undefined (null)."""
+    for m, info in table.methods.items():
+        allowed = REGISTRY[m].nan_allowed if m in REGISTRY else frozenset()
+        ranked = {info.primary, f"{info.primary}_norm"}
+        for c in info.columns:
+            for r in table.rows:
+                v = r.get(c)
+                if isinstance(v, bool) or not (v is None or isinstance(v, (int, float))):
+                    raise InputError(f"score {c!r} of module {r['module']!r} is {v!r}, not a number", path)
+                undefined = v is None or math.isnan(v)
+                if c in ranked and c in r and (undefined and c not in allowed or not undefined and math.isinf(v)):
+                    raise InputError(f"score {c!r} of module {r['module']!r} is {v}, not a finite number", path)
+                if c in ranked and c not in r:
+                    raise InputError(f"score {c!r} of module {r['module']!r} is missing", path)
+                if v is None and c in r:
+                    r[c] = float("nan")  # JSON null = an undefined score
+                elif v is not None and math.isinf(v):
+                    raise InputError(f"score {c!r} of module {r['module']!r} is {v}, not a finite number", path)
+
+
+def _check_table_matches(table: ScoreTable, adapter, path: Path) -> None:
+    have, want = {r["module"] for r in table.rows}, set(adapter.modules)
+    if have != want:
+        extra, missing = sorted(have - want), sorted(want - have)
+        raise InputError(
+            "the score table does not match the adapter's modules ("
+            + "; ".join(
+                x
+                for x in (
+                    f"not in the adapter: {', '.join(extra[:3])}" if extra else "",
+                    f"not scored: {', '.join(missing[:3])}" if missing else "",
+                )
+                if x
+            )
+            + ")",
+            path,
+        )
+    recorded = table.meta.get("adapter_sha256")
+    if recorded is not None and adapter.path is not None and recorded != adapter_fingerprint(adapter.path):
+        raise InputError(
+            "the score table was computed for another adapter (its adapter_sha256 differs from this "
+            "adapter's config and weights)",
+            path,
+        )

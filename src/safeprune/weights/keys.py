@@ -7,7 +7,7 @@ from typing import Iterable
 
 import torch
 
-from ..errors import InputError, NonFiniteError, ShapeMismatchError
+from ..errors import InputError, NonFiniteError, ShapeMismatchError, UnsupportedError
 from .base import WeightSource
 from .norms import fro_norm64
 
@@ -77,8 +77,12 @@ def read_weight_and_norm(
     """
     key = module_weight_key(source, module, role)
     w = source.get(key, dtype=dtype)
-    if not w.is_floating_point():
-        w = w.float()
+    if not w.is_floating_point():  # e.g. int8 without its dequantisation scales: the numbers are not W0
+        raise UnsupportedError(
+            f"tensor {key!r} is stored as {str(w.dtype).replace('torch.', '')}: a quantised weight without its "
+            "scales cannot be scored; give the unquantised base (safetensors) or a GGUF file",
+            source.file_of(key),
+        )
     n = fro_norm64(w)
     if not math.isfinite(n):
         bad = "NaN" if bool(torch.isnan(w).any()) else "Inf"

@@ -35,6 +35,12 @@ class SafetensorsSource(WeightSource):
             for k, info in header.items():
                 if k == "__metadata__":
                     continue
+                if k in self._file_of and weight_map is None:  # which copy wins would be arbitrary
+                    raise InputError(
+                        f"tensor {k!r} is in two shards ({self._file_of[k].name} and {f.name}) and no "
+                        "index says which to use",
+                        self.description,
+                    )
                 self._shapes[k] = tuple(info["shape"])
                 self._file_of[k] = f
                 b, e = info["data_offsets"]

@@ -38,7 +38,7 @@ from peft.tuners.lora import LoraLayer
 from scipy.stats import spearmanr
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from ...adapter import LoraAdapter, load_adapter
+from ...adapter import LoraAdapter, adapter_fingerprint, load_adapter
 from ...errors import InputError, SafepruneWarning, UsageError
 from ...prompts import default_probes
 from ..table import MethodInfo, ScoreTable, module_row
@@ -269,6 +269,7 @@ def score_actdir(
     }
     meta = {
         "adapter": str(ad.path),
+        "adapter_sha256": adapter_fingerprint(ad.path),
         "base": str(base),
         "threads": threads,
         "device": "cpu",
