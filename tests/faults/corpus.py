@@ -1180,3 +1180,256 @@ def _(c: Ctx) -> Setup:
     wm = {k: "../outside.safetensors" for k in base_tensors()}
     (c.base / "model.safetensors.index.json").write_text(json.dumps({"weight_map": wm}))
     return Setup(c.prune(), str(c.base / "../outside.safetensors"), c.out)
+
+
+# -------------------------------------------------------------------------------------------------
+# 9. hostile inputs, round two (issue 15): one case or more per class, each refused at its root
+# -------------------------------------------------------------------------------------------------
+
+DEEP = 5000  # far past any real nesting, far past Python's recursion limit
+
+
+def _deep(n: int = DEEP) -> str:
+    return "[" * n + "]" * n
+
+
+@case("deep_json_adapter_config", r"adapter_config\.json: adapter_config\.json nested more than 64 levels deep")
+def _(c: Ctx) -> Setup:
+    c.valid()
+    c.cfg.write_text('{"peft_type": "LORA", "x": ' + _deep() + "}")
+    return Setup(c.prune(), str(c.cfg), c.out)
+
+
+@case("deep_json_safetensors_header", r"the safetensors header nested more than 64 levels deep")
+def _(c: Ctx) -> Setup:
+    c.valid()
+    header, data = split_safetensors(c.st)
+    h = json.dumps(header)[:-1] + ', "__junk__": ' + _deep() + "}"
+    raw = h.encode()
+    c.st.write_bytes(struct.pack("<Q", len(raw)) + raw + data)
+    return _adapter_file(c)
+
+
+@case("deep_json_base_index", r"the shard index nested more than 64 levels deep")
+def _(c: Ctx) -> Setup:
+    c.valid()
+    (c.base / "model.safetensors.index.json").write_text('{"weight_map": ' + _deep() + "}")
+    return Setup(c.prune(), str(c.base / "model.safetensors.index.json"), c.out)
+
+
+@case("deep_json_score_table", r"the score table nested more than 64 levels deep")
+def _(c: Ctx) -> Setup:
+    c.valid()
+    t = c.tmp / "in" / "scores.json"
+    t.write_text('{"rows": ' + _deep() + "}")
+    return Setup(c.prune("--scores", str(t)), str(t), c.out)
+
+
+@case("deep_json_pair_config", r"config\.json: config\.json nested more than 64 levels deep")
+def _(c: Ctx) -> Setup:
+    c.valid()
+    u = c.tmp / "in" / "unaligned"
+    write_base(u, base_tensors(seed=5))
+    (u / "config.json").write_text('{"model_type": ' + _deep() + "}")
+    args = [
+        "prune",
+        str(c.adapter),
+        "--aligned",
+        str(c.base),
+        "--unaligned",
+        str(u),
+        "-m",
+        "safelora",
+        "-o",
+        str(c.out),
+        "--top",
+        "2",
+    ]
+    return Setup(args, str(u / "config.json"), c.out)
+
+
+@case("corrupt_pair_config", r"config\.json: not valid JSON")
+def _(c: Ctx) -> Setup:
+    c.valid()
+    u = c.tmp / "in" / "unaligned"
+    write_base(u, base_tensors(seed=5))
+    (u / "config.json").write_text("{not json")
+    args = [
+        "prune",
+        str(c.adapter),
+        "--aligned",
+        str(c.base),
+        "--unaligned",
+        str(u),
+        "-m",
+        "safelora",
+        "-o",
+        str(c.out),
+        "--top",
+        "2",
+    ]
+    return Setup(args, str(u / "config.json"), c.out)
+
+
+@case("catastrophic_rank_pattern", r"'rank_pattern' key '\(x\|x\)\+y' takes too long to match")
+def _(c: Ctx) -> Setup:
+    c.valid()
+    # a module named 32 x's: the pattern's nested quantifiers backtrack exponentially on it
+    t = adapter_tensors()
+    name = "model.layers.0." + "x" * 32
+    g = torch.Generator().manual_seed(3)
+    t[f"{PREFIX}{name}.lora_A.weight"] = torch.randn(R, 64, generator=g)
+    t[f"{PREFIX}{name}.lora_B.weight"] = torch.randn(64, R, generator=g)
+    patterns = {"(x|x)+y": 4}  # exponential backtracking, even in the regex package
+    write_adapter(c.adapter, t, adapter_config(rank_pattern=patterns))
+    return Setup(["inspect", str(c.adapter)], str(c.cfg), None)
+
+
+@case("index_weight_map_value_not_a_string", r"weight_map\[.*\] is 7, not a shard file name")
+def _(c: Ctx) -> Setup:
+    c.valid()
+    wm = {k: "model.safetensors" for k in base_tensors()}
+    wm["model.norm.weight"] = 7
+    (c.base / "model.safetensors.index.json").write_text(json.dumps({"weight_map": wm}))
+    return Setup(c.prune(), str(c.base / "model.safetensors.index.json"), c.out)
+
+
+@case("output_name_too_long", r"File name too long")
+def _(c: Ctx) -> Setup:
+    c.valid()
+    c.out = c.tmp / "out" / ("n" * 300)  # over NAME_MAX: even asking whether it exists fails
+    return Setup(c.prune(), None, None)
+
+
+def _score_table(c: Ctx, mutate: Callable[[dict], Any]) -> Path:
+    from safeprune.scoring import scan
+
+    data = json.loads(scan(str(c.adapter), str(c.base), "ddi").to_json())
+    data = mutate(data) or data
+    t = c.tmp / "in" / "scores.json"
+    t.write_text(json.dumps(data))
+    return t
+
+
+@case("score_table_is_a_list", r"not a score table \(no 'rows'\)")
+def _(c: Ctx) -> Setup:
+    c.valid()
+    t = _score_table(c, lambda d: [d])
+    return Setup(c.prune("--scores", str(t)), str(t), c.out)
+
+
+@case("score_table_string_score", r"score 'ddi' of module .* is 'high', not a number")
+def _(c: Ctx) -> Setup:
+    c.valid()
+    t = _score_table(c, lambda d: d["rows"][0].update(ddi="high"))
+    return Setup(c.prune("--scores", str(t)), str(t), c.out)
+
+
+@case("score_table_nan_scores", r"score 'ddi' of module .* is None, not a finite number")
+def _(c: Ctx) -> Setup:
+    c.valid()
+
+    def nan_all(d):
+        for r in d["rows"]:
+            r["ddi"] = None
+
+    t = _score_table(c, nan_all)
+    return Setup(c.prune("--scores", str(t)), str(t), c.out)
+
+
+@case("score_table_forged_duplicate_row", r"module .* has two rows")
+def _(c: Ctx) -> Setup:
+    c.valid()
+    t = _score_table(c, lambda d: d["rows"].append({**d["rows"][-1], "ddi": 99.0}))
+    return Setup(c.prune("--scores", str(t)), str(t), c.out)
+
+
+@case("score_table_for_another_adapter", r"the score table was computed for another adapter")
+def _(c: Ctx) -> Setup:
+    c.valid()
+    t = _score_table(c, lambda d: d["meta"].update(adapter_sha256="0" * 64))
+    return Setup(c.prune("--scores", str(t)), str(t), c.out)
+
+
+@case("threshold_nan", r"--threshold must be a finite number, got nan")
+def _(c: Ctx) -> Setup:
+    c.valid()
+    args = [a for a in c.prune() if a not in ("--top", "2")] + ["--threshold", "nan"]
+    return Setup(args, None, c.out)
+
+
+@case("threshold_norm_inf", r"--threshold-norm must be a finite number, got inf")
+def _(c: Ctx) -> Setup:
+    c.valid()
+    args = [a for a in c.prune() if a not in ("--top", "2")] + ["--threshold-norm", "inf"]
+    return Setup(args, None, c.out)
+
+
+@case("duplicate_tensor_across_shards", r"is in two shards \(a\.safetensors and b\.safetensors\)")
+def _(c: Ctx) -> Setup:
+    c.valid()
+    t = base_tensors()
+    c.base_st.unlink()
+    save_file(t, str(c.base / "a.safetensors"))
+    k = f"{module_name(0, 'q_proj')}.weight"
+    save_file({k: t[k] * 2}, str(c.base / "b.safetensors"))
+    return Setup(c.prune(), str(c.base), c.out)
+
+
+@case("int8_base_weight", r"is stored as int8: a quantised weight without its scales cannot be scored")
+def _(c: Ctx) -> Setup:
+    t = base_tensors()
+    k = f"{module_name(0, 'q_proj')}.weight"
+    t[k] = (t[k] * 100).to(torch.int8)
+    write_base(c.base, t)
+    write_adapter(c.adapter)
+    return Setup(c.prune(), str(c.base_st), c.out)
+
+
+@case("json_onto_a_symlink", r"output .* is a symbolic link; refusing to replace it")
+def _(c: Ctx) -> Setup:
+    c.valid()
+    target = c.tmp / "in" / "precious.txt"
+    target.write_text("keep me")
+    link = c.tmp / "out" / "scores.json"
+    link.symlink_to(target)
+    return Setup(c.prune("--json", str(link)), str(link), c.out)
+
+
+@case("json_onto_a_device", r"output /dev/null is a device or FIFO, not a file")
+def _(c: Ctx) -> Setup:
+    c.valid()
+    return Setup(c.prune("--json", "/dev/null"), "/dev/null", c.out)
+
+
+@case("plot_onto_the_config_beside_a_base_file", r"would replace a file read with the input")
+def _(c: Ctx) -> Setup:
+    c.valid()
+    return Setup(c.prune("--plot", str(c.base / "config.json"), base=c.base_st), str(c.base / "config.json"), c.out)
+
+
+@case("full_disk_on_a_side_file_leaves_no_adapter", r"scores\.json: cannot write \(No space left on device\)")
+def _(c: Ctx) -> Setup:
+    c.valid()
+    j = c.tmp / "out" / "scores.json"
+
+    def enospc_on_json(monkeypatch: Any) -> None:
+        real = Path.write_text
+
+        def write_text(self, *a, **k):
+            if self.name.startswith(".scores.json."):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self))
+            return real(self, *a, **k)
+
+        monkeypatch.setattr(Path, "write_text", write_text)
+
+    return Setup(c.prune("--json", str(j)), "scores.json", c.out, patch=enospc_on_json)
+
+
+@case("header_over_the_size_limit", r"safetensors header of \d+ bytes exceeds the 16 MiB limit")
+def _(c: Ctx) -> Setup:
+    c.valid()
+    header, data = split_safetensors(c.st)
+    header["__metadata__"] = {"format": "pt", "pad": "x" * (17 * 1024 * 1024)}
+    raw_safetensors(c.st, header, data)
+    return _adapter_file(c)

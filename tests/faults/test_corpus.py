@@ -256,3 +256,45 @@ def test_real_full_disk_tmpfs(tmp_path):
     ), err_lines[0]
     assert listing == [], f"left on the full disk: {listing}"
     assert snapshot(tmp_path / "in") == before
+
+
+def test_issue_example_pattern_does_not_hang(tmp_path):
+    """`(x+x+)+y` against a 32-x module name hung for minutes under `re`; it must answer at once."""
+    import time
+
+    import torch
+    from corpus import PREFIX, R, adapter_config, adapter_tensors, write_adapter
+
+    t = adapter_tensors()
+    name = "model.layers.0." + "x" * 32
+    t[f"{PREFIX}{name}.lora_A.weight"] = torch.randn(R, 64)
+    t[f"{PREFIX}{name}.lora_B.weight"] = torch.randn(64, R)
+    ad = write_adapter(tmp_path / "ad", t, adapter_config(rank_pattern={"(x+x+)+y": 4}))
+    t0 = time.monotonic()
+    code, stdout, stderr, _ = run_cli(["inspect", str(ad)])
+    assert time.monotonic() - t0 < 20
+    assert code == 0 and "matches no LoRA module" in stderr
+
+
+def test_names_print_as_themselves(tmp_path):
+    """Module names and paths holding rich markup or terminal escapes are printed escaped, never interpreted."""
+    import torch
+    from corpus import PREFIX, R, adapter_config, adapter_tensors, write_adapter
+
+    t = adapter_tensors()
+    name = "model.layers.0.mlp[/]\x1b]0;pwned\x07\x1b[2J"
+    t[f"{PREFIX}{name}.lora_A.weight"] = torch.randn(R, 64)
+    t[f"{PREFIX}{name}.lora_B.weight"] = torch.randn(64, R)
+    ad = write_adapter(tmp_path / "ad", t, adapter_config())
+    code, stdout, stderr, exc = run_cli(["inspect", str(ad)])
+    assert code == 0, (stderr, exc)
+    assert "\x1b" not in stdout and "\x07" not in stdout
+    assert "[/]" in stdout and "\\x1b" in stdout
+
+
+def test_dash_writes_the_score_table_to_stdout(tmp_path):
+    c = Ctx(tmp_path).valid()
+    code, stdout, stderr, _ = run_cli(["-q", "scan", str(c.adapter), "--base", str(c.base), "--json", "-"])
+    assert code == 0, stderr
+    assert stdout.lstrip().startswith("{") and '"rows"' in stdout
+    assert not (tmp_path / "-").exists()

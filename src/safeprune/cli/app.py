@@ -29,8 +29,10 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-out = Console(width=None if sys.stdout.isatty() else 160)
-err = Console(stderr=True)
+# markup is never parsed from what is printed: module names and paths come from files strangers wrote (a name
+# holding "[/]" must print as itself); control characters in them are escaped by one_line / the renderers
+out = Console(width=None if sys.stdout.isatty() else 160, markup=False, highlight=False)
+err = Console(stderr=True, markup=False, highlight=False)
 state: dict[str, Any] = {"debug": False, "quiet": False}
 
 

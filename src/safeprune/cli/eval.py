@@ -15,6 +15,7 @@ from ..eval.evaluate import EvalConfig, evaluate
 from ..eval.judges import KeywordJudge, parse_judge_spec
 from ..eval.results import summary_markdown
 from ..eval.wordnet import load_wordnet, setup_wordnet
+from ..io.text import one_line
 from ..prompts import ids_from_subsets, load_prompts, subset
 from .app import app, err, handle_errors, out, state
 
@@ -211,7 +212,7 @@ def eval_cmd(
     )
     if not state["quiet"]:
         out.print(summary_markdown(res.results), highlight=False, markup=False)
-    out.print(f"wrote {output}", highlight=False)
+    out.print(f"wrote {one_line(output)}", highlight=False)
 
 
 @app.command("compare")

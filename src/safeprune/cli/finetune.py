@@ -14,6 +14,7 @@ from typing import List, Optional
 import typer
 from typing_extensions import Annotated
 
+from ..io.text import one_line
 from ..training import finetune
 from .app import app, err, handle_errors, state
 
@@ -190,4 +191,4 @@ def finetune_cmd(
         command=command,
     )
     if not state["quiet"]:
-        err.print(f"adapter written to {done}", highlight=False)
+        err.print(f"adapter written to {one_line(done)}", highlight=False)

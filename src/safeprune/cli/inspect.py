@@ -5,6 +5,7 @@ from __future__ import annotations
 from rich.table import Table
 
 from ..adapter import load_adapter
+from ..io.text import one_line
 from .app import app, handle_errors, out
 from .options import AdapterArg, AllowPickleOpt
 
@@ -16,14 +17,14 @@ def inspect_cmd(adapter: AdapterArg, allow_pickle: AllowPickleOpt = False) -> No
     ad = load_adapter(adapter, allow_pickle=allow_pickle)
     t = Table(
         header_style="bold",
-        title=f"{ad.path}: {len(ad)} LoRA modules, {ad.num_params:,} parameters",
+        title=one_line(f"{ad.path}: {len(ad)} LoRA modules, {ad.num_params:,} parameters"),
         title_justify="left",
     )
     for c in ("module", "r", "alpha", "scaling", "in", "out", "dtype"):
         t.add_column(c, justify="left" if c == "module" else "right")
     for m in ad:
         t.add_row(
-            m.name,
+            one_line(m.name),
             str(m.r),
             f"{m.alpha:g}",
             f"{m.scaling:g}",
@@ -35,6 +36,6 @@ def inspect_cmd(adapter: AdapterArg, allow_pickle: AllowPickleOpt = False) -> No
     if ad.extra_tensors:
         out.print(
             f"{len(ad.extra_tensors)} other tensors kept as they are: "
-            + ", ".join(list(ad.extra_tensors)[:5])
+            + ", ".join(one_line(k) for k in list(ad.extra_tensors)[:5])
             + (" ..." if len(ad.extra_tensors) > 5 else "")
         )

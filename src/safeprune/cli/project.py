@@ -13,6 +13,7 @@ from ..api import project
 from ..errors import UsageError
 from ..io.commit import Outputs
 from ..io.outputs import check_output_file, check_output_path, local_inputs
+from ..io.text import one_line
 from .app import app, err, handle_errors, out, state
 from .options import (
     AdapterArg,
@@ -83,4 +84,4 @@ def project_cmd(
         outputs.commit()
     if not state["quiet"]:
         err.print(f"projected {len(marked)} of {len(ad)} modules ({edited.selection.rule.describe()})", highlight=False)
-    out.print(f"wrote {path}", highlight=False)
+    out.print(f"wrote {one_line(path)}", highlight=False)

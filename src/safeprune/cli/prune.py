@@ -12,6 +12,7 @@ from ..adapter import load_adapter, stage_adapter
 from ..edit import prune
 from ..io.commit import Outputs
 from ..io.outputs import check_output_file, check_output_path, local_inputs
+from ..io.text import one_line
 from ..scoring import method_names, read_score_table
 from .app import app, err, handle_errors, out, state
 from .options import (
@@ -115,4 +116,4 @@ def prune_cmd(
             f"({edited.selection.rule.describe()}); LoRA parameters kept: {ed['lora_params_kept_pct']:.1f}%",
             highlight=False,
         )
-    out.print(f"wrote {path}", highlight=False)
+    out.print(f"wrote {one_line(path)}", highlight=False)

@@ -9,7 +9,7 @@ from typing import Optional
 from rich.table import Table
 
 from ..io.commit import Outputs
-from ..io.text import fmt_number
+from ..io.text import fmt_number, one_line
 from ..report.plots import heatmap
 from ..scoring import ScoreTable
 from .app import out, state
@@ -37,7 +37,7 @@ def print_table(
         )
     for r in rows:
         style = "red" if marked and r["module"] in marked else None
-        t.add_row(*[fmt_number(r.get(c)) for c in cols], style=style)
+        t.add_row(*[one_line(fmt_number(r.get(c))) for c in cols], style=style)
     out.print(t)
 
 

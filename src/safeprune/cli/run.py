@@ -10,6 +10,7 @@ from typing import Optional
 import typer
 from typing_extensions import Annotated
 
+from ..io.text import one_line
 from ..workflows.experiment import load_config, run_experiment
 from .app import app, handle_errors, out, state
 
@@ -67,4 +68,4 @@ def run_cmd(
         command="safeprune " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
     )
     if res.analysis:
-        out.print(f"report: {res.report_md}  ·  {res.report_html}")
+        out.print(f"report: {one_line(res.report_md)}  ·  {one_line(res.report_html)}")

@@ -11,6 +11,7 @@ from typing_extensions import Annotated
 from ..adapter import load_adapter
 from ..errors import UsageError
 from ..io.files import write_text_atomic
+from ..io.text import one_line
 from ..scoring import method_names, read_score_table, scan
 from ..workflows.search import budgeted_search, check_budget, prune_order
 from .app import app, err, handle_errors, out, state
@@ -137,4 +138,4 @@ def search_cmd(
             f"ROUGE-1 drop {b['utility_drop']:.2f})",
             highlight=False,
         )
-    out.print(f"wrote {output / 'search.json'}", highlight=False)
+    out.print(f"wrote {one_line(output / 'search.json')}", highlight=False)

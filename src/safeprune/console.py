@@ -1,0 +1,19 @@
+"""The ``safeprune`` executable's entry point.
+
+Loading the command line imports torch, transformers and peft (seconds). Ctrl-C during that time must end
+like Ctrl-C anywhere else — one line, exit 130, nothing written — not with a traceback from an import; so
+this module imports nothing heavy itself and the package's API is loaded lazily (``safeprune/__init__.py``).
+"""
+
+from __future__ import annotations
+
+import sys
+
+
+def main() -> None:
+    try:
+        from .cli import main as run
+    except KeyboardInterrupt:
+        sys.stderr.write("interrupted: no output was written\n")
+        sys.exit(130)
+    run()
