@@ -106,7 +106,7 @@ def check_safetensors_header(file: Path) -> dict:
         if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
             raise InputError(f"corrupt safetensors header: entry {name!r} lacks dtype/shape/data_offsets", file)
         dtype = info["dtype"]
-        if dtype not in SAFETENSORS_DTYPES:
+        if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPES:
             raise InputError(f"tensor {name!r} has unknown dtype {dtype!r}", file)
         shape = info["shape"]
         offs = info["data_offsets"]

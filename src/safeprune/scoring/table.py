@@ -176,6 +176,30 @@ def _check_table_shape(data: dict[str, Any], path: Path) -> None:
         raise InputError("not a score table: 'methods' must name at least one scoring method", path)
     if not isinstance(data.get("meta", {}), dict):
         raise InputError("not a score table: 'meta' must be an object", path)
+    for m, info in methods.items():
+        ok = (
+            isinstance(info.get("primary"), str)
+            and isinstance(info.get("descending"), bool)
+            and isinstance(info.get("columns"), list)
+            and all(isinstance(c, str) for c in info["columns"])
+            and info["primary"] in info["columns"]
+            and isinstance(info.get("options", {}), dict)
+            and all(isinstance(info.get(k, ""), str) for k in ("name", "description"))
+        )
+        if not ok:
+            raise InputError(
+                f"not a score table: method {m!r} needs a primary column among its columns, "
+                "descending true/false and options as an object",
+                path,
+            )
+    kinds = {
+        "layer": (int, type(None)),
+        "type": (str,),
+        "r": (int,),
+        "in": (int,),
+        "out": (int,),
+        "scaling": (int, float),
+    }
     seen: set[str] = set()
     for i, r in enumerate(rows, start=1):
         name = r.get("module")
@@ -184,6 +208,11 @@ def _check_table_shape(data: dict[str, Any], path: Path) -> None:
         if name in seen:
             raise InputError(f"module {name!r} has two rows", path)
         seen.add(name)
+        bad = next(
+            (k for k, t in kinds.items() if k in r and (isinstance(r[k], bool) or not isinstance(r[k], t))), None
+        )
+        if bad is not None:
+            raise InputError(f"module {name!r}: {bad!r} is {r[bad]!r}, not what a score table holds there", path)
 
 
 def _check_scores(table: ScoreTable, path: Path) -> None:
