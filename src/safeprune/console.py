@@ -7,6 +7,7 @@ this module imports nothing heavy itself and the package's API is loaded lazily 
 
 from __future__ import annotations
 
+import signal
 import sys
 
 
@@ -16,4 +17,7 @@ def main() -> None:
     except KeyboardInterrupt:
         sys.stderr.write("interrupted: no output was written\n")
         sys.exit(130)
-    run()
+    try:
+        run()
+    finally:  # the work is done (or refused): a late Ctrl-C must not turn the exit status into a kill
+        signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -298,3 +298,16 @@ def test_dash_writes_the_score_table_to_stdout(tmp_path):
     assert code == 0, stderr
     assert stdout.lstrip().startswith("{") and '"rows"' in stdout
     assert not (tmp_path / "-").exists()
+
+
+def test_outputs_respect_the_umask(tmp_path):
+    c = Ctx(tmp_path).valid()
+    old = os.umask(0o022)
+    try:
+        code, _, stderr, _ = run_cli(c.prune("--json", str(tmp_path / "out" / "s.json")))
+    finally:
+        os.umask(old)
+    assert code == 0, stderr
+    assert stat.S_IMODE(c.out.stat().st_mode) == 0o755
+    assert stat.S_IMODE((c.out / "adapter_model.safetensors").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "out" / "s.json").stat().st_mode) == 0o644

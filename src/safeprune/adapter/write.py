@@ -21,6 +21,7 @@ from ..io.files import (
     fsync_tree_files,
     json_default,
     make_temp_dir,
+    umask_modes,
 )
 from ..io.outputs import check_output_path
 from .names import CONFIG_NAME, MANIFEST_NAME, WEIGHTS_NAME
@@ -65,6 +66,7 @@ def stage_adapter(
             (tmp / MANIFEST_NAME).write_text(
                 json.dumps(adapter.manifest, indent=2, default=json_default) + "\n", encoding="utf-8"
             )
+        umask_modes(tmp)
         fsync_tree_files(tmp)
     except OSError as e:
         raise OutputError(f"cannot write the adapter ({e.strerror or e}); nothing was written", out) from None

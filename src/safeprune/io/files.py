@@ -113,6 +113,15 @@ def fsync_dir(d: Path) -> None:
         os.close(fd)
 
 
+def umask_modes(d: Path) -> None:
+    """Give the files directly inside ``d`` the mode the umask asks for (some writers, e.g. safetensors'
+    ``save_file``, create 0600 files that a server running as another user could not read)."""
+    mode = 0o666 & ~current_umask()
+    for f in d.iterdir():
+        if f.is_file() and not f.is_symlink():
+            os.chmod(f, mode)
+
+
 def fsync_tree_files(d: Path) -> None:
     """fsync every file directly inside ``d``, then ``d`` itself."""
     for f in d.iterdir():
@@ -126,6 +135,7 @@ def swap_dir_into_place(new: Path, dest: Path) -> Path:
     """Rename the finished directory ``new`` to ``dest``. An existing ``dest`` is first moved aside, put back
     if the rename fails, and deleted only once ``new`` is in place. The one directory-swap routine of the
     project (adapters, fine-tuning runs, the demo's cached adapter)."""
+    umask_modes(new)
     if dest.exists():
         old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.safeprune-old-", dir=dest.parent))
         os.rmdir(old)
@@ -147,6 +157,8 @@ def make_temp_dir(dest: Path, what: str = "output directory") -> Path:
     :func:`swap_dir_into_place`."""
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
-        return Path(tempfile.mkdtemp(prefix=f".{dest.name}.safeprune-tmp-", dir=dest.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.safeprune-tmp-", dir=dest.parent))
+        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes 0700: the output gets the usual mode
+        return tmp
     except OSError as e:
         raise OutputError(f"cannot create the {what} ({e.strerror or e}); nothing was written", dest) from None
