@@ -1433,3 +1433,11 @@ def _(c: Ctx) -> Setup:
     header["__metadata__"] = {"format": "pt", "pad": "x" * (17 * 1024 * 1024)}
     raw_safetensors(c.st, header, data)
     return _adapter_file(c)
+
+
+@case("adapter_keys_with_an_extra_model_level", r"base model has no weight for LoRA module 'model\.model\.layers")
+def _(c: Ctx) -> Setup:
+    write_base(c.base)
+    t = {k.replace(PREFIX, PREFIX + "model."): v for k, v in adapter_tensors().items()}
+    write_adapter(c.adapter, t)
+    return Setup(c.prune(), str(c.base), c.out)

@@ -311,3 +311,22 @@ def test_outputs_respect_the_umask(tmp_path):
     assert stat.S_IMODE(c.out.stat().st_mode) == 0o755
     assert stat.S_IMODE((c.out / "adapter_model.safetensors").stat().st_mode) == 0o644
     assert stat.S_IMODE((tmp_path / "out" / "s.json").stat().st_mode) == 0o644
+
+
+def test_float8_lora_is_read_upcast(tmp_path):
+    import torch
+    from corpus import adapter_tensors, write_adapter
+
+    c = Ctx(tmp_path).valid()
+    write_adapter(c.adapter, {k: v.to(torch.float8_e4m3fn) for k, v in adapter_tensors().items()})
+    code, _, stderr, exc = run_cli(c.prune())
+    assert code == 0, (stderr, exc)
+    assert (c.out / "adapter_model.safetensors").is_file()
+
+
+def test_output_path_with_escapes_is_echoed_escaped(tmp_path):
+    c = Ctx(tmp_path).valid()
+    c.out = tmp_path / "out" / "p\x1b[2Jq\nr"
+    code, stdout, stderr, _ = run_cli(c.prune())
+    assert code == 0, stderr
+    assert "\x1b" not in stdout and "\\x1b[2Jq\\nr" in stdout

@@ -15,9 +15,12 @@ from .norms import fro_norm64
 def name_candidates(module: str) -> Iterable[str]:
     yield module
     parts = module.split(".")
-    # checkpoints saved from the bare backbone (no "model." prefix) or wrapped (VLMs)
+    # checkpoints saved from the bare backbone (no "model." prefix) or wrapped (VLMs). Never drop a level to
+    # reach another "model." path: PEFT would not match "model.model.layers.0..." to "model.layers.0...", and an
+    # adapter with an extra level is an adapter for another model
     if parts[0] == "model":
-        yield ".".join(parts[1:])
+        if len(parts) > 1 and parts[1] != "model":
+            yield ".".join(parts[1:])
     else:
         yield "model." + module
     for wrapper in ("model.language_model.", "language_model.model.", "language_model."):
