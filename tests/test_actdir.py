@@ -17,7 +17,8 @@ from safeprune.api import prune
 from safeprune.cli import app
 from safeprune.errors import UsageError
 from safeprune.prompts import default_probes, probes_from_file
-from safeprune.scoring.methods.actdir import Attribution, score_actdir
+from safeprune.scoring.attribution import Attribution
+from safeprune.scoring.methods.actdir import score_actdir
 from safeprune.selection import select
 
 
@@ -155,7 +156,7 @@ def test_scan_act_cli_with_chat_template(tmp_path):
     from transformers import AutoTokenizer
 
     from helpers import make_model
-    from safeprune.scoring.methods.actdir import encode
+    from safeprune.scoring.attribution import encode
 
     base = make_model(tmp_path / "base", "llama", layers=2)
     tiny_chat_tokenizer(base)

@@ -83,6 +83,8 @@ def _check_finite(t: torch.Tensor, key: str, file: Path) -> None:
         raise NonFiniteError(f"tensor {key!r} contains {bad}", file)
 
 
+# Long on purpose: one pass over the tensors whose every check is a distinct refusal users see; split up, the
+# order in which they fire (and so which message a broken adapter gets) would be harder to read.
 def build_modules(
     tensors: dict[str, torch.Tensor], cfg: dict[str, Any], file: Path
 ) -> tuple[dict[str, LoraModule], dict[str, torch.Tensor]]:

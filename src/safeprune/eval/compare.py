@@ -80,6 +80,8 @@ _KIND_METRICS = {
 _COMMON = [("mean_new_tokens", "new_tokens", 1.0), ("mean_latency_s", "latency_s", 1.0)]
 
 
+# Long on purpose: one paired comparison per metric kind (safety, over-refusal, utility, AUARC), each a
+# short block over the same aligned prompt pairs; the shared state is the pairing itself.
 def compare(
     results_dir: str | Path,
     a: str,

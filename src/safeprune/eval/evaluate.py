@@ -122,6 +122,8 @@ def _generation_stats(gens) -> dict[str, Any]:
     }
 
 
+# Long because of the results record: the generation loop is four helpers; the rest is the provenance
+# dictionary written once, field by field.
 def evaluate(
     base: str | Path,
     adapters: dict[str, str | Path] | None = None,

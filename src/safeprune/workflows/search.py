@@ -270,6 +270,8 @@ def _non_monotone(rows: list[dict[str, Any]]) -> list[dict[str, int]]:
     return out
 
 
+# Long because of the record: checks, evaluator, bisection and the verify/smallest-τ steps are helpers
+# above; what stays is wiring and the cost/probe dictionaries of search.json.
 def budgeted_search(
     base: str | Path,
     adapter: str | Path,

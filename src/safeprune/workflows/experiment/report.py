@@ -16,6 +16,8 @@ from .sections import adapter_section
 from .variants import Variant
 
 
+# Long on purpose: the report's top section in reading order (header, verdicts, tables, per-adapter
+# sections); each part is a few lines of document building.
 def build_report(
     cfg: ExperimentConfig,
     out: Path,

@@ -68,6 +68,7 @@ def _methods_table(c: _Section) -> None:
     )
 
 
+# Long on purpose: one table (method vs adapter vs random at the same τ) whose columns are built together.
 def _chance_section(c: _Section) -> None:
     """vs adapter and vs random."""
     (
