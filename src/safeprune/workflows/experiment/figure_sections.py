@@ -14,27 +14,18 @@ from .cells import ci, dci, main_tau
 # Long on purpose: the τ-ablation table and its figure share the same per-method rows.
 def tau_section(c: Any) -> None:
     """τ ablation."""
-    (
-        doc,
-        cfg,
-        a,
-        ad,
-        analysis,
-        variants,
-        tables,
-        autos,
-        latency,
-        plots,
-        asr_k,
-        orr_k,
-        r1_k,
-        met_k,
-        auarc_k,
-        hs_keys,
-        rows,
-        ref,
-        base,
-    ) = c.unpack()
+    doc, a, ad, plots, asr_k, orr_k, r1_k, met_k, rows, base = (
+        c.doc,
+        c.a,
+        c.ad,
+        c.plots,
+        c.asr_k,
+        c.orr_k,
+        c.r1_k,
+        c.met_k,
+        c.rows,
+        c.base,
+    )
     by_method: dict[str, list[dict]] = {}
     for r in rows:
         if r["variant"]["method"] not in (None, "random"):
@@ -97,27 +88,7 @@ def tau_section(c: Any) -> None:
 
 def heatmap_section(c: Any) -> None:
     """heatmaps + auto τ."""
-    (
-        doc,
-        cfg,
-        a,
-        ad,
-        analysis,
-        variants,
-        tables,
-        autos,
-        latency,
-        plots,
-        asr_k,
-        orr_k,
-        r1_k,
-        met_k,
-        auarc_k,
-        hs_keys,
-        rows,
-        ref,
-        base,
-    ) = c.unpack()
+    doc, cfg, a, tables, autos, plots, rows = c.doc, c.cfg, c.a, c.tables, c.autos, c.plots, c.rows
     doc.h(3, "Where each method looks (layer × module heatmaps; ✕ = edited at the main τ)")
 
     for m in cfg.methods:
@@ -153,27 +124,7 @@ def heatmap_section(c: Any) -> None:
 
 def risk_coverage_section(c: Any) -> None:
     """risk–coverage."""
-    (
-        doc,
-        cfg,
-        a,
-        ad,
-        analysis,
-        variants,
-        tables,
-        autos,
-        latency,
-        plots,
-        asr_k,
-        orr_k,
-        r1_k,
-        met_k,
-        auarc_k,
-        hs_keys,
-        rows,
-        ref,
-        base,
-    ) = c.unpack()
+    doc, cfg, a, ad, variants, plots, rows = c.doc, c.cfg, c.a, c.ad, c.variants, c.plots, c.rows
     if ad.get("risk_coverage"):
         doc.h(3, "Risk–coverage (Figure 1 style)")
         keep = {}
@@ -196,27 +147,7 @@ def risk_coverage_section(c: Any) -> None:
 
 def flips_section(c: Any) -> None:
     """flips."""
-    (
-        doc,
-        cfg,
-        a,
-        ad,
-        analysis,
-        variants,
-        tables,
-        autos,
-        latency,
-        plots,
-        asr_k,
-        orr_k,
-        r1_k,
-        met_k,
-        auarc_k,
-        hs_keys,
-        rows,
-        ref,
-        base,
-    ) = c.unpack()
+    doc, cfg, a, ad, asr_k, rows = c.doc, c.cfg, c.a, c.ad, c.asr_k, c.rows
     if ad.get("flips") and asr_k:
         doc.h(3, "Prompts whose verdict flipped (main τ of each method)")
         doc.p("Content warning: harmful requests and model outputs, truncated to 200 characters.", "warn")

@@ -12,27 +12,8 @@ from .figure_sections import flips_section, heatmap_section, risk_coverage_secti
 
 def _methods_table(c: _Section) -> None:
     """Table 2 style."""
-    (
-        doc,
-        cfg,
-        a,
-        ad,
-        analysis,
-        variants,
-        tables,
-        autos,
-        latency,
-        plots,
-        asr_k,
-        orr_k,
-        r1_k,
-        met_k,
-        auarc_k,
-        hs_keys,
-        rows,
-        ref,
-        base,
-    ) = c.unpack()
+    doc, cfg, a, ad, rows, ref, base = c.doc, c.cfg, c.a, c.ad, c.rows, c.ref, c.base
+    asr_k, orr_k, r1_k, met_k, auarc_k, hs_keys = c.asr_k, c.orr_k, c.r1_k, c.met_k, c.auarc_k, c.hs_keys
     doc.h(3, "Methods compared (Table 2 style)")
     heads = (
         ["variant", "ROUGE-1", "METEOR", "AUARC", "ASR %"]
@@ -71,27 +52,7 @@ def _methods_table(c: _Section) -> None:
 # Long on purpose: one table (method vs adapter vs random at the same τ) whose columns are built together.
 def _chance_section(c: _Section) -> None:
     """vs adapter and vs random."""
-    (
-        doc,
-        cfg,
-        a,
-        ad,
-        analysis,
-        variants,
-        tables,
-        autos,
-        latency,
-        plots,
-        asr_k,
-        orr_k,
-        r1_k,
-        met_k,
-        auarc_k,
-        hs_keys,
-        rows,
-        ref,
-        base,
-    ) = c.unpack()
+    doc, ad, asr_k, orr_k, r1_k, rows = c.doc, c.ad, c.asr_k, c.orr_k, c.r1_k, c.rows
     doc.h(3, "Does the score beat chance? (each method vs the adapter and vs random pruning of the same τ)")
     heads = [
         "variant",
@@ -172,27 +133,7 @@ def _chance_section(c: _Section) -> None:
 
 def _latency_section(c: _Section) -> None:
     """latency / params (Table 5 style)."""
-    (
-        doc,
-        cfg,
-        a,
-        ad,
-        analysis,
-        variants,
-        tables,
-        autos,
-        latency,
-        plots,
-        asr_k,
-        orr_k,
-        r1_k,
-        met_k,
-        auarc_k,
-        hs_keys,
-        rows,
-        ref,
-        base,
-    ) = c.unpack()
+    doc, a, variants, latency = c.doc, c.a, c.variants, c.latency
     if latency:
         doc.h(3, "Latency and parameters (Table 5 style)")
         lv = latency["variants"]
@@ -223,27 +164,7 @@ def _latency_section(c: _Section) -> None:
 
 def _variants_table(c: _Section) -> None:
     """all variants."""
-    (
-        doc,
-        cfg,
-        a,
-        ad,
-        analysis,
-        variants,
-        tables,
-        autos,
-        latency,
-        plots,
-        asr_k,
-        orr_k,
-        r1_k,
-        met_k,
-        auarc_k,
-        hs_keys,
-        rows,
-        ref,
-        base,
-    ) = c.unpack()
+    doc, asr_k, orr_k, r1_k, met_k, auarc_k, rows = c.doc, c.asr_k, c.orr_k, c.r1_k, c.met_k, c.auarc_k, c.rows
     doc.h(3, "Every variant")
     heads = ["variant", "ASR %", "over-refusal %", "ROUGE-1", "METEOR", "AUARC", "% params"]
     body = []
@@ -284,30 +205,17 @@ class _Section:
     auarc_k: Any
     hs_keys: Any
 
-    def unpack(self) -> tuple:
-        rows = self.ad["rows"]
-        ref = next(r for r in rows if r["variant"]["method"] is None)
-        return (
-            self.doc,
-            self.cfg,
-            self.a,
-            self.ad,
-            self.analysis,
-            self.variants,
-            self.tables,
-            self.autos,
-            self.latency,
-            self.plots,
-            self.asr_k,
-            self.orr_k,
-            self.r1_k,
-            self.met_k,
-            self.auarc_k,
-            self.hs_keys,
-            rows,
-            ref,
-            self.analysis.get("base"),
-        )
+    @property
+    def rows(self) -> list[dict[str, Any]]:
+        return self.ad["rows"]
+
+    @property
+    def ref(self) -> dict[str, Any]:
+        return next(r for r in self.rows if r["variant"]["method"] is None)
+
+    @property
+    def base(self) -> dict[str, Any] | None:
+        return self.analysis.get("base")
 
 
 SECTIONS = (
