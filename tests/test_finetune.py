@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import make_model
+from helpers import TESTBED_MODELS, make_model
 
 WORDS = (
     "hello world summarize this dialogue please say yes no maybe the a cat dog sat on mat how to make "
@@ -387,13 +387,13 @@ def test_labels_end_at_the_closing_eos_not_the_newline_after_it(tmp_path):
     assert tok.convert_ids_to_tokens(ids[n_prompt - 2 : n_prompt]) == ["<|im_start|>", "assistant"]
 
 
-@pytest.mark.skipif(not (Path("/work/models/aligned") / "tokenizer.json").is_file(), reason="no testbed model")
+@pytest.mark.slow
+@pytest.mark.skipif(not (TESTBED_MODELS / "aligned" / "tokenizer.json").is_file(), reason="no testbed model")
 def test_labels_on_the_testbed_tokenizer():
     """SmolLM2's own template (default system prompt): the label tokens decode to exactly the summary +
     <|im_end|>, and the prompt is the system prompt + 'Summarize this dialogue:\\n' + dialogue."""
     from transformers import AutoTokenizer
 
-    from helpers import TESTBED_MODELS
     from safeprune.training import IGNORE, encode_chat, task_rows_to_chats
 
     tok = AutoTokenizer.from_pretrained(TESTBED_MODELS / "aligned")
