@@ -91,3 +91,39 @@ def test_debug_shows_traceback(tmp_path, llama_dir):
 def test_inspect(llama_adapter):
     r = run("inspect", llama_adapter)
     assert r.exit_code == 0 and "14 LoRA modules" in r.output
+
+
+def test_version_flag():
+    from safeprune import __version__
+
+    r = CliRunner().invoke(app, ["--version"])
+    assert r.exit_code == 0 and r.stdout.strip() == f"safeprune {__version__}"
+
+
+def test_inspect_and_module_sort_put_layer_2_before_layer_10(tmp_path):
+    import torch
+
+    from helpers import make_adapter, make_model
+    from safeprune.adapter import load_adapter
+
+    base = make_model(tmp_path / "base", "llama", layers=11)
+    ad = make_adapter(base, tmp_path / "ad", "llama", r=2, alpha=4, targets=["q_proj"])
+    r = CliRunner().invoke(app, ["inspect", str(ad)])
+    assert r.exit_code == 0, r.output
+    layers = [int(ln.split("layers.")[1].split(".")[0]) for ln in r.stdout.splitlines() if "layers." in ln]
+    assert layers == sorted(layers) and layers[:3] == [0, 1, 2]
+    r = CliRunner().invoke(app, ["scan", str(ad), "--base", str(base), "--sort", "module"])
+    assert r.exit_code == 0, r.output
+    layers = [int(ln.split("layers.")[1].split(".")[0]) for ln in r.stdout.splitlines() if "layers." in ln]
+    assert layers == sorted(layers)
+    assert torch.is_tensor(load_adapter(ad).modules["model.layers.10.self_attn.q_proj"].lora_A)
+
+
+def test_evaluation_metrics_install_with_the_package():
+    """`pip install safeprune` must bring what eval/run need (rouge-score, nltk): a study must not die after
+    generating because a metric package is missing."""
+    from importlib.metadata import requires
+
+    core = [r for r in (requires("safeprune") or []) if "extra ==" not in r]
+    for pkg in ("rouge-score", "nltk", "regex"):
+        assert any(r.startswith(pkg) for r in core), (pkg, core)

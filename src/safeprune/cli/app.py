@@ -21,6 +21,7 @@ from typing_extensions import Annotated
 from ..errors import SafepruneError, SafepruneWarning, UsageError
 from ..io.commit import interrupted_message
 from ..io.text import one_line
+from ..version import __version__
 
 app = typer.Typer(
     name="safeprune",
@@ -100,8 +101,17 @@ def handle_errors(fn: Callable) -> Callable:
     return wrapper
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        out.print(f"safeprune {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
 def _main(
+    version: Annotated[
+        bool, typer.Option("--version", help="Print the version and exit.", callback=_print_version, is_eager=True)
+    ] = False,
     debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or tables.")] = False,
 ) -> None:

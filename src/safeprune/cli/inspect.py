@@ -5,7 +5,7 @@ from __future__ import annotations
 from rich.table import Table
 
 from ..adapter import load_adapter
-from ..io.text import one_line
+from ..io.text import natural_key, one_line
 from .app import app, handle_errors, out
 from .options import AdapterArg, AllowPickleOpt
 
@@ -22,7 +22,7 @@ def inspect_cmd(adapter: AdapterArg, allow_pickle: AllowPickleOpt = False) -> No
     )
     for c in ("module", "r", "alpha", "scaling", "in", "out", "dtype"):
         t.add_column(c, justify="left" if c == "module" else "right")
-    for m in ad:
+    for m in sorted(ad, key=lambda m: natural_key(m.name)):
         t.add_row(
             one_line(m.name),
             str(m.r),

@@ -9,7 +9,7 @@ from typing import Optional
 from rich.table import Table
 
 from ..io.commit import Outputs
-from ..io.text import fmt_number, one_line
+from ..io.text import fmt_number, natural_key, one_line
 from ..report.plots import heatmap
 from ..scoring import ScoreTable
 from .app import out, state
@@ -21,7 +21,10 @@ def print_table(
     if state["quiet"]:
         return
     first = next(iter(table.methods.values()))
-    rows = table.ordered(first.primary, first.descending) if sort == "rank" else table.rows
+    if sort == "rank":
+        rows = table.ordered(first.primary, first.descending)
+    else:  # module order: layer 2 before layer 10
+        rows = sorted(table.rows, key=lambda r: natural_key(r["module"]))
     if limit:
         rows = rows[:limit]
     t = Table(show_lines=False, header_style="bold", title=f"{len(table)} LoRA modules", title_justify="left")

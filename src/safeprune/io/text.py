@@ -3,6 +3,7 @@ wrote (module names, paths) made safe to print."""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 
@@ -15,6 +16,11 @@ def fmt_number(v: Any) -> str:
             return f"{v:.4f}"
         return f"{v:.3e}"
     return str(v)
+
+
+def natural_key(name: str) -> tuple:
+    """Sort key that orders embedded numbers by value: layers.2 before layers.10."""
+    return tuple(int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name))
 
 
 def one_line(text: object) -> str:
