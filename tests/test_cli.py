@@ -127,3 +127,28 @@ def test_evaluation_metrics_install_with_the_package():
     core = [r for r in (requires("safeprune") or []) if "extra ==" not in r]
     for pkg in ("rouge-score", "nltk", "regex"):
         assert any(r.startswith(pkg) for r in core), (pkg, core)
+
+
+def test_the_python_api_names_the_readme_uses():
+    import safeprune
+    import safeprune.training
+
+    for name in (
+        "load_adapter",
+        "open_weights",
+        "scan",
+        "select",
+        "prune",
+        "project",
+        "prune_modules",
+        "evaluate",
+        "compare",
+        "run_experiment",
+        "budgeted_search",
+        "prune_order",
+        "ScoreTable",
+        "SafepruneError",
+        "__version__",
+    ):
+        assert hasattr(safeprune, name), name
+    assert callable(safeprune.training.finetune)

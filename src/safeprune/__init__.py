@@ -27,6 +27,9 @@ _API = {
     "SafepruneError": ".errors",
     "evaluate": ".eval",
     "compare": ".eval",
+    "run_experiment": ".workflows.experiment",
+    "budgeted_search": ".workflows.search",
+    "prune_order": ".workflows.search",
 }
 
 __all__ = [*_API, "__version__"]

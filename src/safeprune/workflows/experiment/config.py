@@ -58,7 +58,7 @@ def _check_name(v: str, what: str) -> str:
 
 
 class FinetuneSpec(_Strict):
-    """One adapter trained before scoring; ``options`` are :func:`safeprune.finetune.finetune` keywords."""
+    """One adapter trained before scoring; ``options`` are :func:`safeprune.training.finetune` keywords."""
 
     name: str
     data: str
@@ -200,7 +200,7 @@ class ExperimentConfig(_Strict):
     latency: LatencySpec = Field(default_factory=LatencySpec)
     paper: PaperRef | None = None
     seed: int = 0
-    threads: int | None = None  # scoring threads (default: see safeprune.scan.scan_threads)
+    threads: int | None = None  # scoring threads (default: see safeprune.scoring.scan_threads)
     source: str | None = None  # the experiment file (filled in by load_config)
 
     @field_validator("adapters")
