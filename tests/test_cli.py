@@ -152,3 +152,15 @@ def test_the_python_api_names_the_readme_uses():
     ):
         assert hasattr(safeprune, name), name
     assert callable(safeprune.training.finetune)
+
+
+def test_first_hour_messages(tmp_path, llama_adapter, llama_dir):
+    """zero mode reports what still acts (not "kept 100%"); scan says where it wrote; prune marks its rows."""
+    r = run("prune", llama_adapter, "--base", llama_dir, "--top", "3", "--mode", "zero", "-o", tmp_path / "z")
+    assert r.exit_code == 0, r.output
+    msg = " ".join(r.stderr.split())
+    assert "zeroed 3 of" in msg and "still acting" in msg and "kept: 100.0%" not in msg
+    r = run("scan", llama_adapter, "--base", llama_dir, "--json", tmp_path / "s.json")
+    assert r.exit_code == 0 and f"wrote {tmp_path / 's.json'}" in "".join(r.stderr.splitlines())
+    r = run("prune", llama_adapter, "--base", llama_dir, "--top", "2", "-o", tmp_path / "p")
+    assert r.exit_code == 0 and "edited" in r.stdout and r.stdout.count("✕") == 2

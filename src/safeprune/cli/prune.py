@@ -111,9 +111,16 @@ def prune_cmd(
         outputs.commit()
     ed = edited.manifest["edit"]
     if not state["quiet"]:
+        total = ad.num_params
+        acting = total - sum(ad.modules[n].num_params for n in marked)  # zeroed tensors are kept but do nothing
+        share = (
+            f"LoRA parameters kept: {ed['lora_params_kept_pct']:.1f}%"
+            if mode == "remove"
+            else (f"LoRA parameters still acting: {100.0 * acting / total:.1f}% (the zeroed ones stay in the file)")
+        )
         err.print(
             f"{'removed' if mode == 'remove' else 'zeroed'} {len(marked)} of {ed['modules_before']} modules "
-            f"({edited.selection.rule.describe()}); LoRA parameters kept: {ed['lora_params_kept_pct']:.1f}%",
+            f"({edited.selection.rule.describe()}); {share}",
             highlight=False,
         )
     out.print(f"wrote {one_line(path)}", highlight=False)

@@ -32,6 +32,8 @@ def print_table(
     if len(table.methods) > 1:  # several methods: their primary scores side by side (all columns: --json/--csv)
         cols = ["module"] + list(dict.fromkeys(i.primary for i in table.methods.values()))
     cols += [f"rank_{m}" for m in table.methods]
+    if marked:  # the modules this command edits, marked in their own column (not by colour alone)
+        cols.append("edited")
     for c in cols:
         t.add_column(
             c.replace("rank_", "rank ") if c.startswith("rank_") else c,
@@ -40,7 +42,10 @@ def print_table(
         )
     for r in rows:
         style = "red" if marked and r["module"] in marked else None
-        t.add_row(*[one_line(fmt_number(r.get(c))) for c in cols], style=style)
+        cells = [one_line(fmt_number(r.get(c))) for c in cols if c != "edited"]
+        if marked:
+            cells.append("✕" if r["module"] in marked else "")
+        t.add_row(*cells, style=style)
     out.print(t)
 
 

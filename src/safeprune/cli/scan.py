@@ -10,6 +10,7 @@ from typing_extensions import Annotated
 
 from ..adapter import load_adapter
 from ..io.outputs import check_output_file, local_inputs
+from ..io.text import one_line
 from ..scoring import method_names, scan
 from .app import app, err, handle_errors, state
 from .options import (
@@ -68,3 +69,6 @@ def scan_cmd(
     write_side_outputs(table, json_out, csv_out, plot)
     if not state["quiet"]:
         err.print(f"scored {len(table)} modules in {table.meta['seconds']:.2f}s", highlight=False)
+        for p in (json_out, csv_out, plot):
+            if p is not None and str(p) != "-":
+                err.print(f"wrote {one_line(p)}", highlight=False)
