@@ -1225,12 +1225,12 @@ def _(c: Ctx) -> Setup:
     return Setup(c.prune("--scores", str(t)), str(t), c.out)
 
 
-@case("deep_json_pair_config", r"config\.json: config\.json nested more than 64 levels deep")
-def _(c: Ctx) -> Setup:
+def _pair_with_config(c: Ctx, config_text: str) -> Setup:
+    """A SafeLoRA prune whose unaligned model has the given config.json."""
     c.valid()
     u = c.tmp / "in" / "unaligned"
     write_base(u, base_tensors(seed=5))
-    (u / "config.json").write_text('{"model_type": ' + _deep() + "}")
+    (u / "config.json").write_text(config_text)
     args = [
         "prune",
         str(c.adapter),
@@ -1246,29 +1246,16 @@ def _(c: Ctx) -> Setup:
         "2",
     ]
     return Setup(args, str(u / "config.json"), c.out)
+
+
+@case("deep_json_pair_config", r"config\.json: config\.json nested more than 64 levels deep")
+def _(c: Ctx) -> Setup:
+    return _pair_with_config(c, '{"model_type": ' + _deep() + "}")
 
 
 @case("corrupt_pair_config", r"config\.json: not valid JSON")
 def _(c: Ctx) -> Setup:
-    c.valid()
-    u = c.tmp / "in" / "unaligned"
-    write_base(u, base_tensors(seed=5))
-    (u / "config.json").write_text("{not json")
-    args = [
-        "prune",
-        str(c.adapter),
-        "--aligned",
-        str(c.base),
-        "--unaligned",
-        str(u),
-        "-m",
-        "safelora",
-        "-o",
-        str(c.out),
-        "--top",
-        "2",
-    ]
-    return Setup(args, str(u / "config.json"), c.out)
+    return _pair_with_config(c, "{not json")
 
 
 @case("catastrophic_rank_pattern", r"'rank_pattern' key '\(x\|x\)\+y' takes too long to match")

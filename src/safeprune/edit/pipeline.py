@@ -15,8 +15,6 @@ from .manifest import build_manifest
 from .project import project_modules
 from .prune import prune_modules
 
-Spec = "str | Path | WeightSource | None"
-
 
 def as_adapter(adapter: LoraAdapter | str | Path, allow_pickle: bool = False) -> LoraAdapter:
     return adapter if isinstance(adapter, LoraAdapter) else load_adapter(adapter, allow_pickle=allow_pickle)

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from ..errors import OutputError, OutputExistsError
-from .files import current_umask, fsync_dir
+from .files import fsync_dir, temp_beside, umask_modes
 from .text import one_line
 
 _COMMITTED: list[Path] = []  # outputs this process has completed (what an interrupt message must mention)
@@ -87,6 +87,37 @@ def rename_noreplace(src: Path, dst: Path) -> None:
     os.rename(src, dst)
 
 
+def _replace_dir(new: Path, dest: Path) -> Path | None:
+    """Rename ``new`` to ``dest``, an existing ``dest`` first moved aside (and put back if the rename fails).
+    Returns where the old one went (the caller deletes it once everything is in place), or None."""
+    old = None
+    if os.path.lexists(dest):
+        old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.safeprune-old-", dir=dest.parent))
+        os.rmdir(old)
+        os.replace(dest, old)
+    try:
+        rename_noreplace(new, dest)
+    except BaseException:
+        if old is not None:
+            os.replace(old, dest)
+        raise
+    return old
+
+
+def swap_dir_into_place(new: Path, dest: Path) -> Path:
+    """Make the finished directory ``new`` the directory ``dest`` (an existing one is replaced, and put back
+    if that fails), with the umask's file modes. For a single directory output whose temporary must survive
+    a failed rename (a fine-tuning run with its checkpoints); a command's outputs go through :class:`Outputs`."""
+    umask_modes(new)
+    with deferred_signals():
+        old = _replace_dir(new, dest)
+        if old is not None:
+            _remove(old)
+        fsync_dir(dest.parent)
+    _COMMITTED.append(dest)
+    return dest
+
+
 def _remove(p: Path) -> None:
     if p.is_dir() and not p.is_symlink():
         shutil.rmtree(p, ignore_errors=True)
@@ -111,13 +142,9 @@ class Outputs:
     def temp_file(self, dest: Path) -> Path:
         """A new empty temporary file beside ``dest`` (same suffix, the umask's mode), to be staged."""
         try:
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            fd, name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp" + dest.suffix, dir=dest.parent)
-            os.close(fd)
-            os.chmod(name, 0o666 & ~current_umask())
+            return temp_beside(dest)
         except OSError as e:
             raise OutputError(f"cannot write ({e.strerror or e}); nothing was written", dest) from None
-        return Path(name)
 
     def stage_text(self, dest: Path | str, text: str) -> None:
         if str(dest) == "-":
@@ -180,18 +207,7 @@ class Outputs:
             if not replace:
                 rename_noreplace(tmp, dest)
                 return None
-            old = None
-            if os.path.lexists(dest):
-                old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.safeprune-old-", dir=dest.parent))
-                os.rmdir(old)
-                os.replace(dest, old)
-            try:
-                rename_noreplace(tmp, dest)
-            except BaseException:
-                if old is not None:
-                    os.replace(old, dest)
-                raise
-            return old
+            return _replace_dir(tmp, dest)
         old = None
         if os.path.lexists(dest):
             fd, name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".old", dir=dest.parent)

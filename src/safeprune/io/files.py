@@ -7,9 +7,7 @@ destination under a hidden temporary name and renamed into place when complete.
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import stat
 import tempfile
 from contextlib import contextmanager
@@ -57,8 +55,14 @@ def json_default(o: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
-def dump_json(obj: Any, indent: int | None = 2) -> str:
-    return json.dumps(obj, indent=indent, default=json_default)
+def temp_beside(dest: Path) -> Path:
+    """A new empty hidden file beside ``dest`` (same suffix, so writers that look at it pick the format), with
+    the mode the umask asks for (mkstemp makes 0600). OSError propagates."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp" + dest.suffix, dir=dest.parent)
+    os.close(fd)
+    os.chmod(name, 0o666 & ~current_umask())
+    return Path(name)
 
 
 @contextmanager
@@ -69,15 +73,11 @@ def atomic_path(path: str | Path, what: str = "") -> Iterator[Path]:
     p = Path(path)
     label = f"the {what}" if what else ""
     try:
-        p.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp" + p.suffix, dir=p.parent)
-        os.close(fd)
-        os.chmod(tmp_name, 0o666 & ~current_umask())  # mkstemp makes 0600: outputs get the usual mode
+        tmp = temp_beside(p)
     except OSError as e:
         raise OutputError(
             f"cannot write{' ' + label if label else ''} ({e.strerror or e}); nothing was written", p
         ) from None
-    tmp = Path(tmp_name)
     try:
         yield tmp
         with open(tmp, "rb") as fh:
@@ -131,30 +131,9 @@ def fsync_tree_files(d: Path) -> None:
     fsync_dir(d)
 
 
-def swap_dir_into_place(new: Path, dest: Path) -> Path:
-    """Rename the finished directory ``new`` to ``dest``. An existing ``dest`` is first moved aside, put back
-    if the rename fails, and deleted only once ``new`` is in place. The one directory-swap routine of the
-    project (adapters, fine-tuning runs, the demo's cached adapter)."""
-    umask_modes(new)
-    if dest.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.safeprune-old-", dir=dest.parent))
-        os.rmdir(old)
-        os.replace(dest, old)
-        try:
-            os.replace(new, dest)
-        except BaseException:
-            os.replace(old, dest)
-            raise
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(new, dest)
-    fsync_dir(dest.parent)
-    return dest
-
-
 def make_temp_dir(dest: Path, what: str = "output directory") -> Path:
     """A hidden temporary directory beside ``dest``, to assemble an output in before
-    :func:`swap_dir_into_place`."""
+    :func:`safeprune.io.commit.swap_dir_into_place` or :class:`safeprune.io.commit.Outputs`."""
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.safeprune-tmp-", dir=dest.parent))

@@ -25,7 +25,7 @@ from transformers import (
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from ..errors import InputError, UsageError
-from ..io.files import swap_dir_into_place
+from ..io.commit import swap_dir_into_place
 from ..io.hashing import sha256_hex
 from .callbacks import progress_callback
 from .checks import check_finetune, partial_dir

@@ -24,7 +24,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ..edit import prune
 from ..errors import InputError
-from ..io.files import swap_dir_into_place, write_text_atomic
+from ..io.commit import swap_dir_into_place
+from ..io.files import write_text_atomic
 from ..io.hashing import json_digest
 from ..report.plots import heatmap
 from ..training import LoraSettings, TrainSettings, builtin_examples, train_lora

@@ -85,9 +85,8 @@ class DDIScorer(Scorer):
     description = "Directional Deviation Index S·O·M (data-free; needs the base weights)"
 
     parameters = (
-        Param(
-            "subspace_dim", str, "r", "DDI subspace dimension t: 'r', '2r' or an integer.", check=lambda v: None
-        ),  # parse_subspace_dim in setup() says what is wrong
+        # validated by parse_subspace_dim in setup(), which says what is wrong
+        Param("subspace_dim", str, "r", "DDI subspace dimension t: 'r', '2r' or an integer."),
         Param(
             "oversample",
             int,

@@ -36,11 +36,20 @@ from pydantic import (
     model_validator,
 )
 
+from ...edit import default_edit
 from ...errors import InputError, UsageError
+from ...scoring import REGISTRY
 from ...weights import looks_like_hub_id
 
 AUTO_TAUS = ("knee", "mad")
-PAIR_METHODS = ("safelora", "splora")
+
+
+def needs_pair(method: str) -> bool:
+    """Whether a scoring method reads an aligned/unaligned pair (as its declaration says: SafeLoRA, SPLoRA)."""
+    cls = REGISTRY.get(method)
+    return cls is not None and "unaligned" in cls.requires
+
+
 DATA_METHODS = ("actdir",)
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 
@@ -99,8 +108,8 @@ class MethodSpec(_Strict):
         if self.method is None:
             self.method = self.name
         if self.action is None:
-            self.action = "project" if self.method == "safelora" else "prune"
-        if self.action == "project" and self.method != "safelora":
+            self.action = default_edit(self.method)  # what the method declares (SafeLoRA: project)
+        if self.action == "project" and default_edit(self.method) != "project":
             raise ValueError(f"method {self.name!r}: action 'project' is SafeLoRA's projection (method safelora)")
         return self
 
@@ -226,7 +235,7 @@ class ExperimentConfig(_Strict):
             raise ValueError("'random' is the built-in control; configure it under random:")
         if not self.methods:
             raise ValueError("give at least one method")
-        if any(m.method in PAIR_METHODS for m in self.methods) and not self.unaligned:
+        if any(needs_pair(m.method) for m in self.methods) and not self.unaligned:
             raise ValueError("safelora/splora need `unaligned:` (and `aligned:`, default base)")
         return self
 

@@ -32,7 +32,7 @@ from ...scoring.table import ScoreTable
 from ...selection import RANDOM_RULE, auto_tau, random_order, select
 from ...training import finetune
 from ...version import __version__
-from .config import ExperimentConfig, MethodSpec
+from .config import ExperimentConfig, MethodSpec, needs_pair
 from .variants import Log, Variant, adapter_identity, digest, fresh, path_identity, random_name, read_key, variant_name
 
 
@@ -112,7 +112,7 @@ def stage_score(
 
 
 def _roles(cfg: ExperimentConfig, m: MethodSpec) -> dict[str, str | None]:
-    if m.method in ("safelora", "splora"):
+    if needs_pair(m.method):
         return {"aligned": cfg.aligned, "unaligned": cfg.unaligned}
     return {"base": cfg.base}
 
