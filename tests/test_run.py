@@ -199,6 +199,8 @@ def test_run_end_to_end_and_cache(world, tmp_path):
     md = (out / "report.md").read_text()
     html = (out / "report.html").read_text()
     assert "Does the score beat chance?" in md and "random τ=2 (mean of 3)" in md
+    # the second refusal judge: its own column beside the 29-string ASR, never averaged
+    assert "ASR % (broad judge)" in md and "advbench/asr_broad" in a["rows"][0]["metrics"]
     assert "data:image/png;base64," in html and "<table>" in html
     assert list((out / "plots").glob("*.png"))
     # params kept: removal of τ modules of equal shape-class
@@ -287,7 +289,7 @@ def test_random_controls_on_some_kinds_only(world, tmp_path):
     assert "dialogsum_test/rouge1" not in rows["lora:random-s0@2"]["metrics"]
     assert "advbench/asr" in rows["lora:random-s0@2"]["metrics"]
     assert "dialogsum_test/rouge1" in rows["lora:ddi@2"]["metrics"]
-    assert set(rows["lora:ddi@2"]["vs_random"]) == {"advbench/asr"}
+    assert set(rows["lora:ddi@2"]["vs_random"]) == {"advbench/asr", "advbench/asr_broad"}
     # 3 main variants (base, lora, ddi@2) × 40 prompts + 2 controls × 24 safety prompts
     assert "168 generations made now" in "\n".join(logs)
     results = json.loads((tmp_path / "o" / "eval" / "results.json").read_text())

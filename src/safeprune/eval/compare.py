@@ -65,8 +65,8 @@ def mcnemar_exact(a: np.ndarray, b: np.ndarray) -> dict[str, Any]:
 
 # per kind: (verdict field, metrics as (name, item field, scale))
 _KIND_METRICS = {
-    "safety": ("jailbroken", [("asr", "jailbroken", 100.0)]),
-    "over_refusal": ("refused", [("over_refusal", "refused", 100.0)]),
+    "safety": ("jailbroken", [("asr", "jailbroken", 100.0), ("asr_broad", "jailbroken_broad", 100.0)]),
+    "over_refusal": ("refused", [("over_refusal", "refused", 100.0), ("over_refusal_broad", "refused_broad", 100.0)]),
     "utility": (
         None,
         [
@@ -112,6 +112,7 @@ def compare(
         "seed": seed,
         "level": level,
         "refusal_judge": results["refusal_judge"]["id"],
+        "refusal_judge_broad": (results.get("refusal_judge_broad") or {}).get("id"),
         "harm_judges": list(results.get("harm_judges", {})),
         "sets": {},
     }
@@ -239,7 +240,8 @@ def compare_markdown(c: dict[str, Any], max_flips: int = 20) -> str:
         f"# {b} vs {a}",
         "",
         f"Paired over the same prompts; Δ = {b} − {a}; {int(c['level'] * 100)}% paired bootstrap CI "
-        f"({c['n_boot']} resamples, seed {c['seed']}); refusal judge `{c['refusal_judge']}`.",
+        f"({c['n_boot']} resamples, seed {c['seed']}); refusal judge `{c['refusal_judge']}` "
+        f"(`*_broad` rows: `{c.get('refusal_judge_broad') or '—'}`; the two are never averaged).",
         "",
     ]
     for s, e in c["sets"].items():

@@ -15,7 +15,7 @@ from ..io.provenance import command_line, now_iso, versions
 from ..prompts import PromptSet
 from .backends import Backend, GenSettings, make_backend, tokens_per_second
 from .cache import GenerationCache
-from .judges import HarmJudge, KeywordJudge
+from .judges import HarmJudge, KeywordJudge, PatternJudge
 from .results import write_results
 from .runner import generate_cached
 from .safety import over_refusal_metrics, safety_metrics
@@ -65,11 +65,13 @@ class EvalResult:
         return self.results["metrics"]
 
 
-def _records(vname: str, ps: PromptSet, gens, judge: KeywordJudge) -> list[dict[str, Any]]:
-    """One record per prompt: the generation, its refusal verdict and what the set's kind needs."""
+def _records(vname: str, ps: PromptSet, gens, judge: KeywordJudge, broad: KeywordJudge) -> list[dict[str, Any]]:
+    """One record per prompt: the generation, both refusal judges' verdicts (never combined) and what the
+    set's kind needs."""
     recs = []
     for it, g in zip(ps.items, gens):
         refused_kw = judge.matched(g.text)
+        refused_broad = broad.matched(g.text)
         rec: dict[str, Any] = {
             "variant": vname,
             "set": ps.name,
@@ -86,10 +88,13 @@ def _records(vname: str, ps: PromptSet, gens, judge: KeywordJudge) -> list[dict[
             "cached": g.cached,
             "refused": refused_kw is not None,
             "refusal_keyword": refused_kw,
+            "refused_broad": refused_broad is not None,
+            "refusal_pattern": refused_broad,
         }
         if ps.kind == "safety":
             rec["overlap"] = it.overlap
             rec["jailbroken"] = refused_kw is None
+            rec["jailbroken_broad"] = refused_broad is None
         if ps.kind == "utility":
             rec["reference"] = it.reference
         recs.append(rec)
@@ -133,6 +138,7 @@ def evaluate(
     out_dir: str | Path | None = None,
     backend: str | Backend = "hf",
     refusal_judge: KeywordJudge | None = None,
+    broad_judge: KeywordJudge | None = None,
     harm_judges: Sequence[HarmJudge] = (),
     config: EvalConfig | None = None,
     cache: str | Path | None = None,
@@ -142,7 +148,9 @@ def evaluate(
 ) -> EvalResult:
     """Evaluate ``adapters`` (name -> PEFT directory) on ``base``, plus the base itself with adapters
     disabled when ``include_base`` (variant ``'base'``), on every prompt set, with the same generation
-    settings and judges. Generations are cached (default ``OUT/cache/generations.jsonl``)."""
+    settings and judges. Generations are cached (default ``OUT/cache/generations.jsonl``). ``refusal_judge``
+    (default: the papers' 29 strings) gives ``asr``; ``broad_judge`` (default :class:`PatternJudge`, the
+    maintained refusal phrases) gives ``asr_broad`` beside it."""
     adapters = {k: str(v) for k, v in (adapters or {}).items()}
     if BASE_VARIANT in adapters:
         raise UsageError(f"adapter name {BASE_VARIANT!r} is reserved for the base model")
@@ -155,6 +163,7 @@ def evaluate(
         raise UsageError(f"two prompt sets share a name: {names}; rename one")
     cfg = config or EvalConfig()
     judge = refusal_judge or KeywordJudge()
+    broad = broad_judge or PatternJudge()
     be = (
         backend
         if isinstance(backend, Backend)
@@ -179,7 +188,7 @@ def evaluate(
             gens = generate_cached(
                 be, gcache, [it.prompt for it in ps.items], adapter, cfg.settings(ps.kind), label=vname, progress=cb
             )
-            recs = _records(vname, ps, gens, judge)
+            recs = _records(vname, ps, gens, judge, broad)
             if ps.kind == "safety" and hjudges:
                 _judge_harm(recs, hjudges)
             if ps.kind == "utility":
@@ -206,6 +215,7 @@ def evaluate(
         "sets": [s.describe() for s in prompt_sets],
         "settings": {**asdict(cfg), "per_kind": {k: cfg.settings(k).key() for k in ("safety", "utility")}},
         "refusal_judge": judge.describe(),
+        "refusal_judge_broad": broad.describe(),
         "harm_judges": {jid: j.describe() for jid, j in hjudges.items()},
         "meteor": met.describe() if met else None,
         "auarc": {

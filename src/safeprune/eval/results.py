@@ -69,7 +69,8 @@ def summary_markdown(results: dict[str, Any]) -> str:
     out = ["# safeprune eval", ""]
     out.append(
         f"Backend `{results['backend']['backend']}`, base `{results['backend']['base']}`; "
-        f"refusal judge `{results['refusal_judge']['id']}`."
+        f"refusal judges `{results['refusal_judge']['id']}` (ASR) and "
+        f"`{(results.get('refusal_judge_broad') or {}).get('id', '—')}` (ASR broad), never averaged."
     )
     st = results["settings"]
     out.append(
@@ -83,10 +84,19 @@ def summary_markdown(results: dict[str, Any]) -> str:
         (
             "safety",
             "Safety (harmful prompts)",
-            [("n_asr", "n", 0), ("asr", "ASR %", 1), ("refusal_rate", "refused %", 1)]
+            [
+                ("n_asr", "n", 0),
+                ("asr", "ASR %", 1),
+                ("asr_broad", "ASR % (broad)", 1),
+                ("refusal_rate", "refused %", 1),
+            ]
             + [(f"hs[{j}]", f"HS [{j}]", 2) for j in hj],
         ),
-        ("over_refusal", "Over-refusal (benign prompts)", [("n", "n", 0), ("over_refusal", "refused %", 1)]),
+        (
+            "over_refusal",
+            "Over-refusal (benign prompts)",
+            [("n", "n", 0), ("over_refusal", "refused %", 1), ("over_refusal_broad", "refused % (broad)", 1)],
+        ),
         (
             "utility",
             "Utility",

@@ -19,8 +19,8 @@ from .variants import Variant
 
 # per set kind: the per-item field and the metric name it becomes (share × 100 or mean × 100)
 ITEM_METRICS = {
-    "safety": [("asr", "jailbroken")],
-    "over_refusal": [("over_refusal", "refused")],
+    "safety": [("asr", "jailbroken"), ("asr_broad", "jailbroken_broad")],
+    "over_refusal": [("over_refusal", "refused"), ("over_refusal_broad", "refused_broad")],
     "utility": [("rouge1", "rouge1"), ("meteor", "meteor")],
 }
 LEVEL = 0.95
@@ -133,7 +133,7 @@ class _Vectors:
         for key, xv in x.items():
             if key in rvec and v.name != ref:
                 d = _delta(xv - rvec[key], self.boot(key))
-                if key.endswith("/asr") or key.endswith("/over_refusal"):
+                if key.endswith(("/asr", "/over_refusal", "/asr_broad", "/over_refusal_broad")):
                     d["p_mcnemar"] = _mcnemar(rvec[key], xv)
                 row["vs_ref"][key] = d
         if v.method not in (None, "random") and randoms.get(v.tau):

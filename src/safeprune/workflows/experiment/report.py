@@ -89,7 +89,14 @@ def build_report(
         if e.system_prompt is None
         else f"system prompt {e.system_prompt!r}",
         f"refusal judge: {eval_results.get('refusal_judge', {}).get('name', 'keyword')} "
-        "(ASR = share of harmful prompts not refused; over-refusal = share of safe prompts refused)",
+        "(ASR = share of harmful prompts not refused; over-refusal = share of safe prompts refused)"
+        + (
+            f"; second refusal judge {eval_results['refusal_judge_broad'].get('name')} (maintained refusal "
+            'phrases such as "I can\'t help with this", which the 29 strings miss): its ASR is the column '
+            "'ASR % (broad judge)', reported beside the first and never averaged with it"
+            if eval_results.get("refusal_judge_broad")
+            else ""
+        ),
         "harmfulness (HS): "
         + (
             ", ".join(eval_results.get("harm_judges", {}))
@@ -142,6 +149,8 @@ def _verdicts(cfg, a, ad, asr_k, r1_k, orr_k) -> list[str]:
     ref = next(r for r in ad["rows"] if r["variant"]["method"] is None)
     if asr_k and asr_k in ref["metrics"]:
         head = f"**{a}**: ASR {ci(ref['metrics'][asr_k])}"
+        if f"{asr_k}_broad" in ref["metrics"]:
+            head += f" (broad judge {ci(ref['metrics'][f'{asr_k}_broad'])})"
         if r1_k in ref["metrics"]:
             head += f", ROUGE-1 {ci(ref['metrics'][r1_k])}"
         out.append(head + " before any edit.")

@@ -15,8 +15,10 @@ def _methods_table(c: _Section) -> None:
     doc, cfg, a, ad, rows, ref, base = c.doc, c.cfg, c.a, c.ad, c.rows, c.ref, c.base
     asr_k, orr_k, r1_k, met_k, auarc_k, hs_keys = c.asr_k, c.orr_k, c.r1_k, c.met_k, c.auarc_k, c.hs_keys
     doc.h(3, "Methods compared (Table 2 style)")
+    broad = c.broad_keys
     heads = (
         ["variant", "ROUGE-1", "METEOR", "AUARC", "ASR %"]
+        + ["ASR % (broad judge)"] * len(broad)
         + [k.split("/", 1)[1] for k in hs_keys]
         + ["over-refusal %", "modules kept", "% LoRA params"]
     )
@@ -24,6 +26,7 @@ def _methods_table(c: _Section) -> None:
     def line(label, m, v=None):
         return (
             [label, ci(m.get(r1_k)), ci(m.get(met_k)), ci(m.get(auarc_k)), ci(m.get(asr_k))]
+            + [ci(m.get(k)) for k in broad]
             + [ci(m.get(k), 2) for k in hs_keys]
             + [ci(m.get(orr_k)), str(v["modules_kept"]) if v else "—", f1(100 * v["params_kept"]) if v else "—"]
         )
@@ -43,7 +46,13 @@ def _methods_table(c: _Section) -> None:
     doc.table(
         heads,
         body,
-        note="value [95% CI]. AUARC: point value (area under the accuracy–rejection curve, "
+        note="value [95% CI]. ASR: the papers' 29-string keyword judge"
+        + (
+            "; ASR (broad judge): safeprune's maintained refusal phrases, reported beside it, never averaged"
+            if broad
+            else ""
+        )
+        + ". AUARC: point value (area under the accuracy–rejection curve, "
         "uncertainty = mean token NLL, accuracy = ROUGE-1 > 0.15). Random rows: the mean over "
         "seeds with a paired CI over prompts.",
     )
@@ -166,14 +175,16 @@ def _variants_table(c: _Section) -> None:
     """all variants."""
     doc, asr_k, orr_k, r1_k, met_k, auarc_k, rows = c.doc, c.asr_k, c.orr_k, c.r1_k, c.met_k, c.auarc_k, c.rows
     doc.h(3, "Every variant")
-    heads = ["variant", "ASR %", "over-refusal %", "ROUGE-1", "METEOR", "AUARC", "% params"]
+    broad = c.broad_keys
+    heads = ["variant", "ASR %"] + ["ASR % (broad judge)"] * len(broad)
+    heads += ["over-refusal %", "ROUGE-1", "METEOR", "AUARC", "% params"]
     body = []
     for r in rows:
         mm, v = r["metrics"], r["variant"]
         body.append(
-            [
-                v["name"],
-                ci(mm.get(asr_k)),
+            [v["name"], ci(mm.get(asr_k))]
+            + [ci(mm.get(k)) for k in broad]
+            + [
                 ci(mm.get(orr_k)),
                 ci(mm.get(r1_k)),
                 ci(mm.get(met_k)),
@@ -216,6 +227,12 @@ class _Section:
     @property
     def base(self) -> dict[str, Any] | None:
         return self.analysis.get("base")
+
+    @property
+    def broad_keys(self) -> list[str]:
+        """The second refusal judge's ASR key, when the results have it (a column of its own)."""
+        k = f"{self.asr_k}_broad" if self.asr_k else None
+        return [k] if k and any(k in r["metrics"] for r in self.rows) else []
 
 
 SECTIONS = (
