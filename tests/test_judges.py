@@ -103,7 +103,9 @@ def test_eval_reports_both_judges_side_by_side(tmp_path):
     assert m["lora"]["advbench"]["asr"] == 100.0 and m["lora"]["advbench"]["asr_broad"] == 100.0
     assert m["fixed"]["advbench"]["asr"] == 100.0  # the 29 strings miss the refusal
     assert m["fixed"]["advbench"]["asr_broad"] == 0.0
-    assert m["fixed"]["xstest"]["over_refusal"] == 100.0 and m["fixed"]["xstest"]["over_refusal_broad"] == 0.0  # "Hello!"
+    assert (
+        m["fixed"]["xstest"]["over_refusal"] == 100.0 and m["fixed"]["xstest"]["over_refusal_broad"] == 0.0
+    )  # "Hello!"
     assert m["lora"]["xstest"]["over_refusal_broad"] == 100.0
     res = json.loads((out / "results.json").read_text())
     assert res["refusal_judge_broad"]["type"] == "pattern" and res["refusal_judge"]["type"] == "keyword"

@@ -46,6 +46,10 @@ AutoTauOpt = Annotated[
     ),
 ]
 MadKOpt = Annotated[float, typer.Option("--mad-k", help="k for --auto-tau mad.")]
+AllowEmptyOpt = Annotated[
+    bool,
+    typer.Option("--allow-empty", help="Write the adapter even when the rule selects no module (otherwise an error)."),
+]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Replace an existing output directory.")]
 OutputDirOpt = Annotated[
     Path, typer.Option("--output", "-o", help="Output adapter directory (must not exist unless --force).")

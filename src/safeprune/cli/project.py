@@ -18,6 +18,7 @@ from .app import app, err, handle_errors, out, state
 from .options import (
     AdapterArg,
     AlignedOpt,
+    AllowEmptyOpt,
     AllowPickleOpt,
     AutoTauOpt,
     DeviceOpt,
@@ -25,7 +26,7 @@ from .options import (
     TypesOpt,
     UnalignedOpt,
 )
-from .render import print_table, stage_side_outputs
+from .render import check_selection, print_table, stage_side_outputs
 
 
 @app.command("project")
@@ -54,6 +55,7 @@ def project_cmd(
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the score table as JSON.")] = None,
     csv_out: Annotated[Optional[Path], typer.Option("--csv", help="Also write the score table as CSV.")] = None,
     allow_pickle: AllowPickleOpt = False,
+    allow_empty: AllowEmptyOpt = False,
 ) -> None:
     """SafeLoRA: replace lora_B of the least-aligned modules by C·lora_B (C = VVᵀ/‖V‖_F); write a PEFT adapter + safeprune.json."""
     if aligned is None or unaligned is None:
@@ -78,6 +80,7 @@ def project_cmd(
     )
     marked = set(edited.selection.selected)
     print_table(edited.scores, marked=marked)
+    check_selection(edited, "projects", allow_empty)
     with Outputs() as outputs:  # the adapter and the side files: all or none
         path = stage_adapter(edited, output, outputs, force=force, extra_inputs=inputs)
         stage_side_outputs(outputs, edited.scores, json_out, csv_out, None, marked=marked)

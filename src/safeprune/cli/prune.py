@@ -18,6 +18,7 @@ from .app import app, err, handle_errors, out, state
 from .options import (
     AdapterArg,
     AlignedOpt,
+    AllowEmptyOpt,
     AllowPickleOpt,
     AutoTauOpt,
     BaseOpt,
@@ -32,7 +33,7 @@ from .options import (
     UnalignedOpt,
     with_method_options,
 )
-from .render import print_table, stage_side_outputs
+from .render import check_selection, print_table, stage_side_outputs
 
 
 @app.command("prune")
@@ -73,6 +74,7 @@ def prune_cmd(
     csv_out: CsvOpt = None,
     plot: Annotated[Optional[Path], typer.Option("--plot", help="Heatmap with the pruned modules marked.")] = None,
     allow_pickle: AllowPickleOpt = False,
+    allow_empty: AllowEmptyOpt = False,
     method_options: MethodOptions = None,
 ) -> None:
     """Score, select and prune modules; write a new PEFT adapter plus safeprune.json."""
@@ -105,6 +107,7 @@ def prune_cmd(
     )
     marked = set(edited.selection.selected)
     print_table(edited.scores, marked=marked)
+    check_selection(edited, "prunes", allow_empty)
     with Outputs() as outputs:  # the adapter and the side files: all or none
         path = stage_adapter(edited, output, outputs, force=force, extra_inputs=inputs)
         stage_side_outputs(outputs, edited.scores, json_out, csv_out, plot, marked=marked)

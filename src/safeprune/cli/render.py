@@ -3,16 +3,18 @@ method-agreement table, and the --json/--csv/--plot side files."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from rich.table import Table
 
+from ..errors import UsageError
 from ..io.commit import Outputs
 from ..io.text import fmt_number, natural_key, one_line
 from ..report.plots import heatmap
 from ..scoring import ScoreTable
-from .app import out, state
+from .app import out, report, state
 
 
 def print_table(
@@ -100,3 +102,24 @@ def write_side_outputs(
     with Outputs() as outputs:
         stage_side_outputs(outputs, table, json_path, csv_path, plot_path, marked)
         outputs.commit()
+
+
+def check_selection(edited: Any, verb: str, allow_empty: bool) -> None:
+    """A rule that selects no module would write an unchanged adapter with exit 0 (a silent no-op): refuse
+    it with the score range, unless ``--allow-empty``, which writes it after a loud warning."""
+    if len(edited.selection.selected):
+        return
+    rule = edited.selection.rule
+    vals = [v for v in edited.scores.column(rule.column) if isinstance(v, (int, float)) and math.isfinite(v)]
+    rng = (
+        f"{rule.column} ranges from {fmt_number(min(vals))} to {fmt_number(max(vals))} over {len(vals)} modules"
+        if vals
+        else f"no module has a finite {rule.column}"
+    )
+    msg = f"the selection is empty: {rule.describe()} {verb} 0 of {len(edited.scores)} modules ({rng})"
+    if not allow_empty:
+        raise UsageError(
+            msg + "; nothing written (pick a threshold inside that range, use --top K, or --allow-empty to write "
+            "the unchanged adapter)"
+        )
+    report("warning", "bold yellow", msg + "; writing the unchanged adapter anyway (--allow-empty)")

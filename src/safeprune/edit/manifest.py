@@ -38,8 +38,8 @@ def build_manifest(
     edit: dict[str, Any],
     sources: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    selected = set(selection.selected) if selection else set()
-    reasons = selection.reasons if selection else {}
+    selected = set(selection.selected) if selection is not None else set()
+    reasons = selection.reasons if selection is not None else {}
     modules = []
     rows = {r["module"]: r for r in table.to_records()} if table is not None else {}
     for name in original.modules:
@@ -68,7 +68,7 @@ def build_manifest(
             k: {"primary": v.primary, "descending": v.descending, "options": v.options}
             for k, v in (table.methods.items() if table is not None else [])
         },
-        "selection": selection.to_dict() if selection else None,
+        "selection": selection.to_dict() if selection is not None else None,
         "edit": {
             **edit,
             "lora_params_before": before,
