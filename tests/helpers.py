@@ -174,3 +174,15 @@ def tiny_chat_tokenizer(model_dir: Path) -> None:
         "{% if add_generation_prompt %}<|im_start|> assistant {% endif %}"
     )
     ft.save_pretrained(model_dir)
+
+
+def no_base(adapter_dir: Path, tmp: Path) -> Path:
+    """A copy of the adapter whose base_model_name_or_path resolves nowhere (so --base is not defaulted)."""
+    import shutil
+
+    out = Path(tmp) / f"{Path(adapter_dir).name}-nobase"
+    shutil.copytree(adapter_dir, out)
+    cfg = read_config(out)
+    cfg["base_model_name_or_path"] = "nobody/not-a-cached-model"
+    write_config(out, cfg)
+    return out

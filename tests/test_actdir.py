@@ -11,7 +11,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from helpers import SHARED, make_adapter, tiny_chat_tokenizer
+from helpers import SHARED, make_adapter, no_base, tiny_chat_tokenizer
 from safeprune.adapter import load_adapter
 from safeprune.api import prune
 from safeprune.cli import app
@@ -218,5 +218,5 @@ def test_scan_act_cli_with_chat_template(tmp_path):
     assert t["methods"]["actdir"]["options"]["chat_template"] is True
     assert t["meta"]["probes"]["harmful"]["n"] == 8 and t["meta"]["probes"]["harmless"]["format"] == "dialogsum"
     assert len(t["rows"]) == 4 and len(t["meta"]["linearisation"]["modules"]) == 2
-    r = CliRunner().invoke(app, ["scan-act", str(adapter), "-o", str(tmp_path / "u.json")])
+    r = CliRunner().invoke(app, ["scan-act", str(no_base(adapter, tmp_path)), "-o", str(tmp_path / "u.json")])
     assert r.exit_code == 2 and "--base" in r.output

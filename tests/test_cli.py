@@ -75,8 +75,8 @@ def test_errors_are_one_line_exit_2(tmp_path, llama_adapter, llama_dir):
     r = run("scan", tmp_path / "missing", "--base", llama_dir)
     assert r.exit_code == 2
     assert "missing" in r.output and "does not exist" in r.output and "Traceback" not in r.output
-    r = run("scan", llama_adapter)
-    assert r.exit_code == 2 and "--base" in r.output
+    r = run("scan", llama_adapter)  # --base defaults to the adapter's base_model_name_or_path (test_first_hour.py)
+    assert r.exit_code == 0, r.output
     r = run("scan", llama_adapter, "--base", llama_dir, "--subspace-dim", "abc")
     assert r.exit_code == 2 and "subspace-dim" in r.output
     r = run("prune", llama_adapter, "--base", llama_dir, "--top", 2, "--threshold", 0.1, "-o", tmp_path / "x")

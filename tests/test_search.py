@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import no_base
 from safeprune import load_adapter
 from safeprune.errors import UsageError
 from safeprune.eval.backends import FakeBackend
@@ -313,6 +314,7 @@ def test_cli_search_usage_errors(llama_adapter, probes, tmp_path):
         app, [str(a) for a in base + ["--target-asr", "50", "--max-utility-drop", "1", "--base", tmp_path]]
     )
     assert r.exit_code == 2 and "fraction" in r.output
+    base[1] = no_base(llama_adapter, tmp_path)
     r = CliRunner().invoke(app, [str(a) for a in base + ["--target-asr", "0.5", "--max-utility-drop", "1"]])
     assert r.exit_code == 2 and "--base" in r.output
     bad = tmp_path / "bad.json"

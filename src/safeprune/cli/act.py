@@ -15,7 +15,7 @@ from ..prompts import probes_from_file
 from ..scoring.methods.actdir import score_actdir
 from .app import app, err, handle_errors, state
 from .options import AdapterArg, AllowPickleOpt
-from .render import print_table, write_side_outputs
+from .render import default_base, print_table, write_side_outputs
 
 
 @app.command("scan-act")
@@ -23,8 +23,13 @@ from .render import print_table, write_side_outputs
 def scan_act_cmd(
     adapter: AdapterArg,
     base: Annotated[
-        Optional[Path],
-        typer.Option("--base", "-b", help="Aligned base model (HF directory) the adapter was trained on."),
+        Optional[str],
+        typer.Option(
+            "--base",
+            "-b",
+            help="Aligned base model the adapter was trained on: HF directory, .gguf or hub id (default: the "
+            "adapter's base_model_name_or_path, when that resolves here).",
+        ),
     ] = None,
     output: Annotated[
         Optional[Path],
@@ -65,6 +70,7 @@ def scan_act_cmd(
     allow_pickle: AllowPickleOpt = False,
 ) -> None:
     """Score every LoRA module by refusal-direction attribution (runs the model on probe prompts)."""
+    base = default_base(base, adapter)
     if base is None:
         raise UsageError("scan-act needs --base (the aligned model the adapter was trained on)")
     for side in (output, csv_out, plot):

@@ -18,6 +18,7 @@ from ..eval.wordnet import load_wordnet, setup_wordnet
 from ..io.text import one_line
 from ..prompts import ids_from_subsets, load_prompts, subset
 from .app import app, err, handle_errors, out, state
+from .render import default_base
 
 
 def _parse_named(specs: list[str]) -> dict[str, str]:
@@ -71,10 +72,18 @@ def _load_sets(
 @app.command("eval")
 @handle_errors
 def eval_cmd(
-    base: Annotated[str, typer.Option("--base", "-b", help="Base model directory (Hugging Face format).")],
     output: Annotated[
         Path, typer.Option("--output", "-o", help="Results directory (results.json, items.jsonl, summary.csv/.md).")
     ],
+    base: Annotated[
+        Optional[str],
+        typer.Option(
+            "--base",
+            "-b",
+            help="Base model: HF directory, .gguf, .safetensors in an HF directory, or hub id (default: the first "
+            "adapter's base_model_name_or_path, when that resolves here).",
+        ),
+    ] = None,
     adapter: Annotated[
         Optional[List[str]],
         typer.Option(
@@ -165,6 +174,12 @@ def eval_cmd(
 ) -> None:
     """Generate and score the base and/or adapters on the same prompts; write results for `compare`."""
     adapters = _parse_named(adapter or [])
+    base = default_base(base, next(iter(adapters.values()), None))
+    if base is None:
+        raise UsageError(
+            "give --base (the model to generate with); it defaults to an adapter's base_model_name_or_path only "
+            "when that names a model found here"
+        )
     sets = []
     args = (rows_from, limit, sample, seed, include_overlap, id_column, reference_column)
     sets += _load_sets("safety", safety or [], *args)

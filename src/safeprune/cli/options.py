@@ -21,7 +21,10 @@ AdapterArg = Annotated[
 BaseOpt = Annotated[
     Optional[str],
     typer.Option(
-        "--base", "-b", help="Base model the adapter was trained on: HF directory, .safetensors, .gguf or hub id."
+        "--base",
+        "-b",
+        help="Base model the adapter was trained on: HF directory, .safetensors, .gguf or hub id "
+        "(default: the adapter's base_model_name_or_path, when that resolves here).",
     ),
 ]
 AlignedOpt = Annotated[

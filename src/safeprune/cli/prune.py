@@ -33,7 +33,7 @@ from .options import (
     UnalignedOpt,
     with_method_options,
 )
-from .render import check_selection, print_table, stage_side_outputs
+from .render import check_selection, default_base, print_table, stage_side_outputs
 
 
 @app.command("prune")
@@ -81,6 +81,8 @@ def prune_cmd(
     methods = method_names(method)
     if len(methods) != 1:
         raise typer.BadParameter("prune ranks by exactly one method", param_hint="--method")
+    if scores is None:
+        base = default_base(base, adapter, methods)
     inputs = local_inputs(adapter, base, aligned, unaligned)
     check_output_path(output, inputs, force)  # fail before reading or scoring anything
     for side in (json_out, csv_out, plot):

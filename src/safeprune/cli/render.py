@@ -13,8 +13,9 @@ from ..errors import UsageError
 from ..io.commit import Outputs
 from ..io.text import fmt_number, natural_key, one_line
 from ..report.plots import heatmap
-from ..scoring import ScoreTable
-from .app import out, report, state
+from ..scoring import REGISTRY, ScoreTable
+from ..weights.resolve import base_from_adapter
+from .app import err, out, report, state
 
 
 def print_table(
@@ -123,3 +124,16 @@ def check_selection(edited: Any, verb: str, allow_empty: bool) -> None:
             "the unchanged adapter)"
         )
     report("warning", "bold yellow", msg + "; writing the unchanged adapter anyway (--allow-empty)")
+
+
+def default_base(base: str | None, adapter_dir: Any, methods: list[str] | None = None) -> str | None:
+    """``--base`` when given (or when none of ``methods`` reads a base), else the adapter's ``base_model_name_or_path`` when that resolves here (a local
+    model or a hub id in the local cache; nothing is downloaded), said on stderr; else None."""
+    if base is not None or adapter_dir is None:
+        return base
+    if methods is not None and not any("base" in REGISTRY[m].requires for m in methods if m in REGISTRY):
+        return base
+    found = base_from_adapter(adapter_dir)
+    if found is not None and not state["quiet"]:
+        err.print(f"base: {one_line(found)} (from the adapter's base_model_name_or_path)", highlight=False)
+    return found

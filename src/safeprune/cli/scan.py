@@ -25,7 +25,7 @@ from .options import (
     UnalignedOpt,
     with_method_options,
 )
-from .render import print_agreement, print_table, write_side_outputs
+from .render import default_base, print_agreement, print_table, write_side_outputs
 
 
 @app.command("scan")
@@ -49,6 +49,7 @@ def scan_cmd(
 ) -> None:
     """Score every LoRA module (S, O, M, M_norm, DDI, DDI_norm and rank for DDI)."""
     methods = method_names(method)
+    base = default_base(base, adapter, methods)
     for side in (json_out, csv_out, plot):
         check_output_file(side, local_inputs(adapter, base, aligned, unaligned))
     ad = load_adapter(adapter, allow_pickle=allow_pickle)

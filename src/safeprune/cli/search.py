@@ -16,6 +16,7 @@ from ..scoring import method_names, read_score_table, scan
 from ..workflows.search import budgeted_search, check_budget, prune_order
 from .app import app, err, handle_errors, out, state
 from .options import AdapterArg, AlignedOpt, BaseOpt, DeviceOpt, UnalignedOpt
+from .render import default_base
 
 
 @app.command("search")
@@ -77,6 +78,7 @@ def search_cmd(
     methods = method_names(method)
     if len(methods) != 1:
         raise typer.BadParameter("search follows exactly one method's order", param_hint="--method")
+    base = default_base(base, adapter)
     if base is None:
         raise UsageError("search needs --base (the model the adapter was trained on) to generate")
     if scores is not None:

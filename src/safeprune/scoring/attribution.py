@@ -14,6 +14,7 @@ from peft.tuners.lora import LoraLayer
 from transformers import AutoModelForCausalLM
 
 from ..errors import InputError, UsageError
+from ..weights.resolve import resolve_model
 
 RESIDUAL_TYPES = ("o_proj", "down_proj")  # LoRA modules whose output is added to the residual stream as is
 
@@ -111,7 +112,8 @@ class Attribution:
         self.ad, self.harmful, self.harmless = adapter, harmful, harmless
         self.pad_id, self.batch_size = pad_id, batch_size
         self._handles: list[Any] = []
-        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+        ref = resolve_model(str(base))
+        model = AutoModelForCausalLM.from_pretrained(ref.directory, dtype=torch.float32, **ref.kwargs())
         self.model = model = PeftModel.from_pretrained(model, str(adapter.path)).eval()
         name_ = model.active_adapter
         adapter_name = name_ if isinstance(name_, str) else model.active_adapters[0]

@@ -7,7 +7,8 @@ from pathlib import Path
 
 from transformers.trainer_utils import SchedulerType
 
-from ..errors import InputError, OutputExistsError, UsageError
+from ..errors import OutputExistsError, UsageError
+from ..weights.resolve import resolve_model
 
 TRUNCATED = ("drop-long", "drop", "keep")
 SCHEDULERS = tuple(t.value for t in SchedulerType)
@@ -32,8 +33,7 @@ def partial_dir(out: str | Path) -> Path:
 
 def check_finetune(base: Path, out: Path, work: Path, resume: bool, force: bool, **v) -> Path | None:
     """Refuse bad settings and clashing outputs before anything is loaded; the checkpoint to resume from."""
-    if not (base / "config.json").is_file():
-        raise InputError("not a Hugging Face model directory (no config.json)", base)
+    resolve_model(str(base))  # a model transformers can load (directory, .gguf, hub id), or a one-line error
     for name, lo in (("rank", 1), ("batch_size", 1), ("grad_accum", 1), ("max_length", 2), ("warmup_steps", 0)):
         if v[name] < lo:
             raise UsageError(f"{name} must be at least {lo} (got {v[name]})")

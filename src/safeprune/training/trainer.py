@@ -27,6 +27,7 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from ..errors import InputError, UsageError
 from ..io.commit import swap_dir_into_place
 from ..io.hashing import sha256_hex
+from ..weights.resolve import resolve_model
 from .callbacks import progress_callback
 from .checks import check_finetune, partial_dir
 from .data import (
@@ -56,7 +57,8 @@ def _id_record(key: str, file: Path | None, ids: list[str] | None) -> dict[str, 
 
 def _chat_tokenizer(base: Path):
     try:
-        tok = AutoTokenizer.from_pretrained(base)
+        ref = resolve_model(str(base))
+        tok = AutoTokenizer.from_pretrained(ref.directory, **ref.kwargs())
     except (OSError, ValueError) as e:
         raise InputError(f"cannot load the tokenizer ({e})", base) from None
     if not getattr(tok, "chat_template", None):
@@ -167,7 +169,8 @@ def _outcome(trainer, result, train_seconds: float) -> dict[str, Any]:
 def _lora_model(base: Path, seed: int, cfg: LoraConfig, tlist: list[str]):
     set_seed(seed)  # LoRA initialisation (the Trainer reseeds for the data order and dropout)
     try:
-        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+        ref = resolve_model(str(base))
+        model = AutoModelForCausalLM.from_pretrained(ref.directory, dtype=torch.float32, **ref.kwargs())
     except (OSError, ValueError) as e:
         raise InputError(f"cannot load the model ({e})", base) from None
     try:

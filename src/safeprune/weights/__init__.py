@@ -3,7 +3,7 @@ from safetensors (single, sharded), GGUF or the hub cache, under Hugging Face na
 
 from .base import WeightSource
 from .gguf import GGUFSource
-from .hub import looks_like_hub_id, resolve_hub_id
+from .hub import cached_hub_snapshot, looks_like_hub_id, resolve_hub_id
 from .keys import (
     base_key_for,
     check_modules_present,
@@ -14,6 +14,7 @@ from .keys import (
 )
 from .norms import checked_fro_norm, fro_norm64
 from .open import open_dir, open_weights
+from .resolve import ModelRef, base_from_adapter, resolve_model
 from .safetensors import SafetensorsSource
 
 __all__ = [
@@ -24,6 +25,10 @@ __all__ = [
     "open_dir",
     "looks_like_hub_id",
     "resolve_hub_id",
+    "cached_hub_snapshot",
+    "ModelRef",
+    "resolve_model",
+    "base_from_adapter",
     "base_key_for",
     "check_modules_present",
     "module_weight_key",

@@ -23,6 +23,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessorList
 
 from ...errors import InputError, UsageError
+from ...weights.resolve import resolve_model
 from .base import Backend, Generation, GenSettings
 
 
@@ -73,19 +74,15 @@ class HFBackend(Backend):
         super().__init__(base, adapters)
         if threads:
             torch.set_num_threads(threads)
-        bp = Path(base)
-        if not bp.is_dir():
-            raise InputError(
-                "base model must be a local Hugging Face model directory (no hub downloads at run time)", bp
-            )
-        if not (bp / "config.json").is_file():
-            raise InputError("no config.json: not a Hugging Face model directory", bp)
+        ref = resolve_model(base)  # HF directory, sharded, .safetensors in one, .gguf, hub id from the cache
+        bp, kw = ref.directory, ref.kwargs()
+        self.base = str(ref.path)  # what the generation cache's model hash reads
         self.device = (
             "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
         )
         self.dtype = dtype
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(bp, local_files_only=True)
+            self.tokenizer = AutoTokenizer.from_pretrained(bp, local_files_only=True, **kw)
         except Exception as e:  # noqa: BLE001 - transformers raises many kinds
             raise InputError(
                 f"cannot load the tokenizer ({type(e).__name__}: {str(e).splitlines()[0][:200]})", bp
@@ -93,7 +90,7 @@ class HFBackend(Backend):
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        model = AutoModelForCausalLM.from_pretrained(bp, dtype=getattr(torch, dtype), local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(bp, dtype=getattr(torch, dtype), local_files_only=True, **kw)
         model.to(self.device).eval()
         self._has_peft = False
         for i, (name, path) in enumerate(self.adapters.items()):

@@ -39,6 +39,7 @@ from transformers import AutoTokenizer
 from ...adapter import LoraAdapter, adapter_fingerprint, load_adapter
 from ...errors import InputError, SafepruneWarning, UsageError
 from ...prompts import default_probes
+from ...weights.resolve import resolve_model
 from ..attribution import Attribution, encode
 from ..table import MethodInfo, ScoreTable, module_row
 
@@ -78,7 +79,8 @@ def _encode_probes(base: Path, harmful, harmless, max_length: int, chat_template
     tokenizer = None
     if any(isinstance(p, str) for p in list(harmful) + list(harmless)):
         try:
-            tokenizer = AutoTokenizer.from_pretrained(base)
+            ref = resolve_model(str(base))
+            tokenizer = AutoTokenizer.from_pretrained(ref.directory, **ref.kwargs())
         except (OSError, ValueError) as e:
             raise InputError(f"cannot load the tokenizer ({e})", base) from None
     enc = {}
@@ -145,9 +147,7 @@ def score_actdir(
     ad = adapter if isinstance(adapter, LoraAdapter) else load_adapter(adapter)
     if ad.path is None:
         raise UsageError("actdir loads the adapter with PEFT: give an adapter directory (this one has no path)")
-    base = Path(base)
-    if not base.is_dir():
-        raise InputError("actdir needs the base model as a Hugging Face directory", base)
+    resolve_model(str(base))  # a model transformers can load (directory, .gguf, hub id), or a one-line error
     if batch_size < 1 or max_length < 1 or threads < 1 or validate < 0:
         raise UsageError("batch_size, max_length and threads must be >= 1, validate >= 0")
     info: dict[str, Any] = dict(probe_info or {})
