@@ -193,3 +193,51 @@ def test_eval_generates_from_a_gguf_base(tmp_path):
     )
     assert r.exit_code == 0, r.output
     assert json.loads((tmp_path / "res" / "results.json").read_text())["metrics"]["base"]
+
+
+# -- the edited adapter's model card and base_model_name_or_path -------------------------------------------
+
+
+def test_the_edited_adapter_has_a_card_of_the_edit(tmp_path, llama_adapter, llama_dir):
+    import shutil
+
+    from helpers import read_config, write_config
+
+    ad = tmp_path / "ad"
+    shutil.copytree(llama_adapter, ad)
+    (ad / "README.md").write_text("---\nlibrary_name: peft\n---\n# Model Card\n[More Information Needed]\n")
+    cfg = read_config(ad)
+    cfg["base_model_name_or_path"] = str(tmp_path / "elsewhere" / "model")  # a path from another machine
+    write_config(ad, cfg)
+    r = run("prune", ad, "--base", llama_dir, "--top", 2, "-o", tmp_path / "out")
+    assert r.exit_code == 0, r.output
+    card = (tmp_path / "out" / "README.md").read_text()
+    man = json.loads((tmp_path / "out" / "safeprune.json").read_text())
+    assert "[More Information Needed]" not in card  # PEFT's boilerplate is gone
+    assert "library_name: peft" in card and "safeprune-prune" in card
+    assert "2 of 14 modules" in card and "safeprune.json" in card and "top 2 by ddi" in card
+    for m in man["selection"]["selected"]:
+        assert f"`{m['module']}`" in card
+    # base_model_name_or_path now names a model PEFT can load here (the base the user gave), recorded
+    out_cfg = read_config(tmp_path / "out")
+    assert out_cfg["base_model_name_or_path"] == str(llama_dir.resolve())
+    assert man["edit"]["base_model_name_or_path"]["before"] == cfg["base_model_name_or_path"]
+
+    # an author's own card is kept below the edit's; a hub id in the config is left alone
+    (ad / "README.md").write_text("# My adapter\nTrained on my data.\n")
+    cfg["base_model_name_or_path"] = "someone/some-model"
+    write_config(ad, cfg)
+    r = run("prune", ad, "--base", llama_dir, "--top", 1, "-o", tmp_path / "out2")
+    assert r.exit_code == 0, r.output
+    card = (tmp_path / "out2" / "README.md").read_text()
+    assert "The original adapter's card" in card and "Trained on my data." in card
+    assert read_config(tmp_path / "out2")["base_model_name_or_path"] == "someone/some-model"
+
+
+def test_a_pruned_adapter_loads_with_auto_peft(tmp_path, llama_adapter, llama_dir):
+    from peft import AutoPeftModelForCausalLM
+
+    r = run("prune", llama_adapter, "--base", llama_dir, "--top", 2, "-o", tmp_path / "out")
+    assert r.exit_code == 0, r.output
+    model = AutoPeftModelForCausalLM.from_pretrained(str(tmp_path / "out"))
+    assert model is not None

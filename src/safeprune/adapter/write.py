@@ -24,6 +24,7 @@ from ..io.files import (
     umask_modes,
 )
 from ..io.outputs import check_output_path
+from .card import model_card
 from .names import CONFIG_NAME, MANIFEST_NAME, WEIGHTS_NAME
 
 # side files of an adapter directory that are copied to the output unchanged
@@ -65,6 +66,15 @@ def stage_adapter(
         if adapter.manifest is not None:
             (tmp / MANIFEST_NAME).write_text(
                 json.dumps(adapter.manifest, indent=2, default=json_default) + "\n", encoding="utf-8"
+            )
+            # the card says what the edit did (PEFT's boilerplate card, copied above, says nothing)
+            card = tmp / "README.md"
+            original = card.read_text(encoding="utf-8", errors="replace") if card.is_file() else None
+            card.write_text(
+                model_card(
+                    json.loads(json.dumps(adapter.manifest, default=json_default)), adapter.config, out.name, original
+                ),
+                encoding="utf-8",
             )
         umask_modes(tmp)
         fsync_tree_files(tmp)

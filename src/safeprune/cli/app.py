@@ -23,7 +23,7 @@ from typer.core import TyperCommand, TyperGroup
 from typing_extensions import Annotated
 
 from ..errors import SafepruneError, SafepruneWarning, UsageError
-from ..io.commit import interrupted_message
+from ..io.commit import forget_committed, interrupted_message
 from ..io.text import one_line
 from ..version import __version__
 
@@ -172,6 +172,7 @@ def handle_errors(fn: Callable) -> Callable:
         for flag in _COMMON_FLAGS:
             if kwargs.pop(flag, False):
                 state[flag] = True
+        forget_committed()  # one command's interrupt message names that command's outputs only
         try:
             _check_finite_options(kwargs)
             with warnings.catch_warnings():

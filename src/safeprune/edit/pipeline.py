@@ -7,10 +7,10 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from ..adapter import LoraAdapter, load_adapter
-from ..errors import UsageError
+from ..errors import InputError, UsageError
 from ..scoring import REGISTRY, ScoreTable, scan
 from ..selection import select
-from ..weights import WeightSource
+from ..weights import WeightSource, looks_like_hub_id, resolve_model
 from .manifest import build_manifest
 from .project import project_modules
 from .prune import prune_modules
@@ -131,6 +131,33 @@ def project(
     )
 
 
+def _runs_here(spec: Any) -> bool:
+    """Whether transformers' ``from_pretrained(spec)`` (what PEFT's AutoPeftModel calls) loads ``spec`` here."""
+    try:
+        return resolve_model(str(spec)).gguf_file is None
+    except (InputError, OSError, ValueError):
+        return False
+
+
+def loadable_base(config: dict[str, Any], base: Any) -> dict[str, Any] | None:
+    """Point the edited adapter's ``base_model_name_or_path`` at the base the user gave when the one it names
+    cannot be loaded here (a path from another machine, a folder holding only a GGUF) and the user's base can
+    (an HF directory, or a hub id). A hub id in the config is kept: it loads anywhere. Returns the change, for
+    the manifest, or None."""
+    cur = config.get("base_model_name_or_path")
+    if base is None or isinstance(base, WeightSource) or (isinstance(cur, str) and looks_like_hub_id(cur)):
+        return None
+    if isinstance(cur, str) and _runs_here(cur):
+        return None
+    spec = str(base)
+    if not _runs_here(spec):
+        return None
+    ref = resolve_model(spec)
+    new = spec if looks_like_hub_id(spec) and not Path(spec).exists() else str(ref.directory.resolve())
+    config["base_model_name_or_path"] = new
+    return {"before": cur, "after": new}
+
+
 def _edit(
     adapter: LoraAdapter,
     action: str,
@@ -162,6 +189,9 @@ def _edit(
         )
     selection = select(table, method, **select_args)
     edited, edit = apply(selection.selected)
+    moved = loadable_base(edited.config, base)
+    if moved:
+        edit = {**edit, "base_model_name_or_path": moved}
     edited.manifest = build_manifest(
         action=action, original=adapter, edited=edited, table=table, selection=selection, edit=edit, sources=sources
     )

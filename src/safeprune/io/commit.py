@@ -31,6 +31,11 @@ from .text import one_line
 _COMMITTED: list[Path] = []  # outputs this process has completed (what an interrupt message must mention)
 
 
+def forget_committed() -> None:
+    """A new command starts: what an earlier command in this process completed is not its output."""
+    _COMMITTED.clear()
+
+
 def interrupted_message() -> str:
     if not _COMMITTED:
         return "no output was written"
