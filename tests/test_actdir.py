@@ -152,7 +152,7 @@ def test_default_probes_are_seeded_and_tuning_only():
     assert len(ps) == 8 and pinfo["format"] == "strongreject"
 
 
-def test_scan_act_cli_with_chat_template(tmp_path):
+def test_scan_act_cli_with_chat_template(monkeypatch, tmp_path):
     from transformers import AutoTokenizer
 
     from helpers import make_model
@@ -192,6 +192,9 @@ def test_scan_act_cli_with_chat_template(tmp_path):
                 )
                 + "\n"
             )
+    import safeprune.io.progress
+
+    monkeypatch.setattr(safeprune.io.progress, "LOG_EVERY", 0.0)  # a line per batch where no bar is drawn
     r = CliRunner().invoke(
         app,
         [
@@ -218,5 +221,9 @@ def test_scan_act_cli_with_chat_template(tmp_path):
     assert t["methods"]["actdir"]["options"]["chat_template"] is True
     assert t["meta"]["probes"]["harmful"]["n"] == 8 and t["meta"]["probes"]["harmless"]["format"] == "dialogsum"
     assert len(t["rows"]) == 4 and len(t["meta"]["linearisation"]["modules"]) == 2
+    # progress: 8 + 8 probes at batch 3 = 6 batches for the direction, 3 for the gradient, 3 × 3 for the check
+    err = " ".join(r.stderr.split())
+    assert "actdir: refusal direction: 6/6" in err and "actdir: attribution (one backward pass): 3/3" in err
+    assert "checking 2 modules by ablation: 9/9" in err
     r = CliRunner().invoke(app, ["scan-act", str(no_base(adapter, tmp_path)), "-o", str(tmp_path / "u.json")])
     assert r.exit_code == 2 and "--base" in r.output

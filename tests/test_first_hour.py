@@ -241,3 +241,49 @@ def test_a_pruned_adapter_loads_with_auto_peft(tmp_path, llama_adapter, llama_di
     assert r.exit_code == 0, r.output
     model = AutoPeftModelForCausalLM.from_pretrained(str(tmp_path / "out"))
     assert model is not None
+
+
+# -- noise and progress --------------------------------------------------------------------------------
+
+
+def test_library_noise_is_silenced_in_commands(capsys, tmp_path):
+    import warnings
+
+    from helpers import make_model
+    from safeprune.cli.app import handle_errors
+    from safeprune.io.noise import LIBRARY_NOISE
+
+    m = make_model(tmp_path / "m", "llama", layers=1)
+
+    @handle_errors
+    def cmd():
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(m)
+        _ = model.is_gradient_checkpointing  # what PEFT reads on every PeftModel: a FutureWarning
+        warnings.warn(f"Could not find a config file in {tmp_path} - will assume that the vocabulary was not modified.")
+        warnings.warn("something else")
+
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        cmd()
+    msgs = [str(w.message) for w in rec] + [capsys.readouterr().err]
+    assert not any("is_gradient_checkpointing" in x or "Could not find a config file" in x for x in msgs), msgs
+    assert any("something else" in x for x in msgs)  # only the two known messages are silenced
+    assert len(LIBRARY_NOISE) == 2
+
+
+def test_progress_writes_lines_where_no_bar_can_be_drawn(capsys, monkeypatch):
+    import safeprune.io.progress as progress
+
+    monkeypatch.setattr(progress, "LOG_EVERY", 0.0)
+    with progress.make_progress(True) as p:
+        t = p.add_task("training LoRA", total=3, module="")
+        for _ in range(3):
+            p.advance(t)
+    err = capsys.readouterr().err
+    assert "training LoRA: 1/3" in err and "training LoRA: 3/3" in err
+    with progress.make_progress(False) as p:  # -q: nothing
+        t = p.add_task("quiet", total=1, module="")
+        p.advance(t)
+    assert "quiet" not in capsys.readouterr().err

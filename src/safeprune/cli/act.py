@@ -96,6 +96,7 @@ def scan_act_cmd(
         data=data,
         harmless_source=harmless_source,
         probe_info=info,
+        progress=not state["quiet"],
     )
     print_table(table, limit=limit)
     write_side_outputs(table, output, csv_out, plot)

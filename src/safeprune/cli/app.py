@@ -24,6 +24,7 @@ from typing_extensions import Annotated
 
 from ..errors import SafepruneError, SafepruneWarning, UsageError
 from ..io.commit import forget_committed, interrupted_message
+from ..io.noise import silence_library_noise
 from ..io.text import one_line
 from ..version import __version__
 
@@ -177,6 +178,7 @@ def handle_errors(fn: Callable) -> Callable:
             _check_finite_options(kwargs)
             with warnings.catch_warnings():
                 warnings.simplefilter("always", SafepruneWarning)
+                silence_library_noise()
                 warnings.showwarning = _warning_printer(warnings.showwarning)
                 return fn(*args, **kwargs)
         except typer.Exit:

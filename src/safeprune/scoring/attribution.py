@@ -169,8 +169,15 @@ class Attribution:
             h.remove()
         self._handles = []
 
+    tick: Any = None  # called after every batch (a progress bar's advance), or None
+
+    def batches(self, seqs: list[list[int]]) -> int:
+        return -(-len(seqs) // self.batch_size)
+
     def _acts(self, seqs: list[list[int]]):
         for ids, mask, last in _batches(seqs, self.batch_size, self.pad_id):
+            if self.tick is not None:
+                self.tick()
             self._cur["last"] = last
             yield self.cap.run(self.model, ids, mask, last)
 

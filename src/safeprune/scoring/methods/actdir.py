@@ -38,6 +38,7 @@ from transformers import AutoTokenizer
 
 from ...adapter import LoraAdapter, adapter_fingerprint, load_adapter
 from ...errors import InputError, SafepruneWarning, UsageError
+from ...io.progress import make_progress
 from ...prompts import default_probes
 from ...weights.resolve import resolve_model
 from ..attribution import Attribution, encode
@@ -134,6 +135,7 @@ def score_actdir(
     harmless_source: str = "mix",
     chat_template: bool = True,
     probe_info: dict[str, Any] | None = None,
+    progress: bool = False,
 ) -> ScoreTable:
     """Score every LoRA module of ``adapter`` (a PEFT adapter directory or a :class:`LoraAdapter` loaded
     from one) on ``base`` (HF model directory) by refusal-direction attribution; see the module docstring.
@@ -162,12 +164,23 @@ def score_actdir(
             base, ad, enc["harmful"], enc["harmless"], pad_id=pad_id, batch_size=batch_size, layers=layers
         )
         stack.callback(att.close)
+        prog = stack.enter_context(make_progress(progress))  # batches counted as they start (bar, ETA)
+
+        def phase(label: str, n_batches: int) -> None:
+            task = prog.add_task(f"actdir: {label}", total=n_batches, module="")
+            att.tick = lambda: prog.advance(task)
+
+        n_h, n_l = att.batches(enc["harmful"]), att.batches(enc["harmless"])
         t1 = time.perf_counter()
+        phase("refusal direction", n_h + n_l)
         att.direction()
         dir_s = time.perf_counter() - t1
         t2 = time.perf_counter()
+        phase("attribution (one backward pass)", n_h)
         j1, score, direct = att.attribute()
         grad_s = time.perf_counter() - t2
+        if validate:
+            phase(f"checking {min(validate, len(ad))} modules by ablation", n_h * (1 + min(validate, len(ad))))
         rows = [
             {
                 **module_row(m),

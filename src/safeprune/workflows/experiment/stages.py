@@ -88,7 +88,7 @@ def stage_score(
             log(f"score {aname} × {m.name} ...")
             if m.method == "actdir":
                 opts = dict(m.options)
-                table = score_actdir(cfg.base, apath, **opts)
+                table = score_actdir(cfg.base, apath, progress=progress, **opts)
             else:
                 roles = _roles(cfg, m)
                 table = scan(
