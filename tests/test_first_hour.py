@@ -287,3 +287,21 @@ def test_progress_writes_lines_where_no_bar_can_be_drawn(capsys, monkeypatch):
         t = p.add_task("quiet", total=1, module="")
         p.advance(t)
     assert "quiet" not in capsys.readouterr().err
+
+
+def test_skipped_tests_are_named_in_the_summary(tmp_path):
+    """13 tests skipped quietly without ../shared: the suite's summary names every skip and its reason."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    t = tmp_path / "test_skip.py"
+    t.write_text("import pytest\n\n\ndef test_needs_data():\n    pytest.skip('shared data not present')\n")
+    r = subprocess.run(
+        [sys.executable, "-m", "pytest", "-c", str(root / "pyproject.toml"), "--rootdir", str(tmp_path), str(t)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert "SKIPPED [1]" in r.stdout and "shared data not present" in r.stdout, r.stdout[-500:]
