@@ -305,3 +305,60 @@ def test_skipped_tests_are_named_in_the_summary(tmp_path):
         timeout=120,
     )
     assert "SKIPPED [1]" in r.stdout and "shared data not present" in r.stdout, r.stdout[-500:]
+
+
+# -- the report does not contradict itself ---------------------------------------------------------------
+
+
+def test_beats_chance_means_the_same_in_the_summary_and_the_bar_table():
+    """splora-official τ=10: ASR far below the random controls but ROUGE-1 −8.4 — the summary said "beats
+    chance" while the bar table said "no"."""
+    from safeprune.workflows.experiment.cells import beats_chance, chance_verdict, variant_label
+
+    row = {
+        "variant": {"name": "mix_s0:splora-official@10", "method": "splora-official", "tau": 10, "auto": []},
+        "vs_random": {"advbench/asr": {"delta": -20.0, "lo": -30.0, "hi": -10.0, "n_random": 3}},
+        "vs_ref": {"dialogsum/rouge1": {"delta": -8.4, "lo": -10.0, "hi": -7.0}},
+    }
+    assert beats_chance(row, "advbench/asr", "dialogsum/rouge1") is False
+    verdict = chance_verdict(row, "advbench/asr", "dialogsum/rouge1")
+    assert verdict != "beats chance" and "does not meet the bar" in verdict
+    row["vs_ref"]["dialogsum/rouge1"]["delta"] = -0.5
+    assert chance_verdict(row, "advbench/asr", "dialogsum/rouge1") == "beats chance"
+    assert beats_chance(row, "advbench/asr", "dialogsum/rouge1") is True
+    assert variant_label(row["variant"]) == "splora-official τ=10"
+    assert variant_label({"method": "random", "seed": 1, "tau": 10}) == "random-s1 τ=10"
+
+
+def test_heatmap_marks_are_outlined(tmp_path, monkeypatch):
+    """Red ✕ on the dark cells of viridis were invisible: they carry a white outline."""
+    import safeprune.report.plots as plots
+    from safeprune.scoring import ScoreTable
+
+    figs = []
+    monkeypatch.setattr(plots, "save_figure", lambda fig, path: figs.append(fig) or path)
+    rows = [
+        {"module": f"model.layers.{i}.self_attn.q_proj", "layer": i, "type": "q_proj", "ddi": float(i)}
+        for i in range(3)
+    ]
+    plots.heatmap(
+        ScoreTable(rows=rows, methods={}, meta={}), tmp_path / "h.png", column="ddi", marked=[rows[0]["module"]]
+    )
+    marks = [t for t in figs[0].axes[0].texts if t.get_text() == "✕"]
+    assert len(marks) == 1 and marks[0].get_color() == "red" and marks[0].get_path_effects()
+
+
+def test_tau_labels_do_not_overlap():
+    from safeprune.report.figures import place_labels
+
+    # twelve points in one small cluster (the scatter where τ labels overlapped)
+    pts = [(100 + 2 * (i % 4), 100 + 3 * (i // 4), str(2 * i + 2)) for i in range(12)]
+    offs = place_labels(pts)
+    boxes = []
+    for (x, y, t), off in zip(pts, offs):
+        if off is not None:
+            boxes.append((x + off[0], y + off[1], x + off[0] + 5.5 * len(t), y + off[1] + 9.0))
+    assert len(boxes) >= 6
+    for i, a in enumerate(boxes):
+        for b in boxes[i + 1 :]:
+            assert not (a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]), (a, b)

@@ -201,6 +201,8 @@ def test_run_end_to_end_and_cache(world, tmp_path):
     assert "Does the score beat chance?" in md and "random τ=2 (mean of 3)" in md
     # the second refusal judge: its own column beside the 29-string ASR, never averaged
     assert "ASR % (broad judge)" in md and "advbench/asr_broad" in a["rows"][0]["metrics"]
+    # one name per variant in every table ("ddi τ=2"); the results' key only in its own column, as code
+    assert "ddi τ=2" in md and md.count("lora:ddi@2") == md.count("`lora:ddi@2`") >= 1
     assert "data:image/png;base64," in html and "<table>" in html
     assert list((out / "plots").glob("*.png"))
     # params kept: removal of τ modules of equal shape-class

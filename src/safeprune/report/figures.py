@@ -7,6 +7,35 @@ from typing import Any
 
 from .plots import plt, save_figure
 
+# where a τ label may sit relative to its point (pixels, y up), tried in this order
+_LABEL_SPOTS = [(4, 3), (4, -12), (-4, 3), (-4, -12), (4, 13), (4, -22), (-4, 13), (-4, -22), (10, -5), (-10, -5)]
+
+
+def place_labels(
+    points: list[tuple[float, float, str]], char_w: float = 5.5, height: float = 9.0
+) -> list[tuple[float, float] | None]:
+    """Offsets (pixels, lower-left corner of the text) that keep every label's box clear of the others and of
+    every point; None where no spot is free (the value is in the tables anyway)."""
+
+    def hit(a, b) -> bool:
+        return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+    taken = [(x - 3, y - 3, x + 3, y + 3) for x, y, _ in points]
+    out: list[tuple[float, float] | None] = []
+    for x, y, text in points:
+        w = char_w * len(text)
+        for dx, dy in _LABEL_SPOTS:
+            x0 = x + dx if dx >= 0 else x + dx - w
+            box = (x0, y + dy, x0 + w, y + dy + height)
+            if not any(hit(box, b) for b in taken):
+                taken.append(box)
+                out.append((x0 - x, dy))
+                break
+        else:
+            out.append(None)
+    return out
+
+
 COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf", "#bcbd22"]
 
 
@@ -57,6 +86,7 @@ def tradeoff(
     """ASR against ROUGE-1 for every variant (lower-right is better)."""
     fig, ax = plt.subplots(figsize=(6.4, 4.6), dpi=110)
     methods: list[str] = []
+    labels: dict[tuple[str, float, float], list[str]] = {}  # τ values sharing one point get one label "2,4"
     for row in ad["rows"]:
         v, m = row["variant"], row["metrics"]
         if asr_key not in m or util_key not in m:
@@ -79,13 +109,8 @@ def tradeoff(
             alpha=0.8,
         )
         if v["tau"] is not None and meth != "random":
-            ax.annotate(
-                str(v["tau"]),
-                (m[util_key]["value"], m[asr_key]["value"]),
-                fontsize=7,
-                xytext=(3, 3),
-                textcoords="offset points",
-            )
+            key = (meth, round(m[util_key]["value"], 6), round(m[asr_key]["value"], 6))
+            labels.setdefault(key, []).append(str(v["tau"]))
     # controls evaluated without the utility set: their mean ASR per τ as a horizontal line
     for k, (t, r) in enumerate(sorted((int(t), r) for t, r in ad.get("random", {}).items())):
         m = r["metrics"]
@@ -106,6 +131,7 @@ def tradeoff(
             color="goldenrod",
             label="base (no adapter)",
         )
+    _label_points(ax, [(x, y, ",".join(ts)) for (_, x, y), ts in labels.items()])
     h, lab = ax.get_legend_handles_labels()
     seen: dict[str, Any] = {}
     for hh, ll in zip(h, lab):
@@ -123,7 +149,7 @@ def risk_coverage(curves: dict[str, dict[str, Any]], path: Path, title: str, whi
     fig, ax = plt.subplots(figsize=(6.0, 4.2), dpi=110)
     for i, (label, c) in enumerate(curves.items()):
         cv = c[which]
-        style = "--" if label == "base" else "-"
+        style = "--" if label.startswith("base") else "-"
         ax.plot(
             [100 * x for x in cv["refer"]], cv["accuracy"], style, label=label, color=COLORS[i % len(COLORS)], lw=1.5
         )
@@ -134,3 +160,14 @@ def risk_coverage(curves: dict[str, dict[str, Any]], path: Path, title: str, whi
     ax.set_title(title, fontsize=10)
     fig.tight_layout()
     return save_figure(fig, path)
+
+
+def _label_points(ax, points: list[tuple[float, float, str]]) -> None:
+    """τ labels beside their points, none on top of another (see :func:`place_labels`)."""
+    if not points:
+        return
+    ax.autoscale_view()
+    px = [(*ax.transData.transform((x, y)), t) for x, y, t in points]
+    for (x, y, t), off in zip(points, place_labels(px)):
+        if off is not None:
+            ax.annotate(t, (x, y), xytext=off, textcoords="offset pixels", fontsize=7, ha="left", va="bottom")

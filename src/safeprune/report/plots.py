@@ -11,10 +11,12 @@ import matplotlib
 matplotlib.use("Agg")  # no display needed; set before pyplot is imported
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib import patheffects  # noqa: E402
 
 from ..io.files import atomic_path  # noqa: E402
 from ..scoring.table import ScoreTable  # noqa: E402
 
+MARK_OUTLINE = [patheffects.withStroke(linewidth=2.5, foreground="white")]
 _TYPE_ORDER = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -50,7 +52,18 @@ def heatmap(
     for name in marks:
         if name in pos:
             i, j = pos[name]
-            ax.text(j, i, "✕", ha="center", va="center", color="red", fontsize=9, fontweight="bold")
+            # red with a white outline: visible on the dark cells of viridis as on the bright ones
+            ax.text(
+                j,
+                i,
+                "✕",
+                ha="center",
+                va="center",
+                color="red",
+                fontsize=9,
+                fontweight="bold",
+                path_effects=MARK_OUTLINE,
+            )
     fig.colorbar(im, ax=ax, label=column)
     ax.set_title(title or f"{column} per module" + (" (✕ = selected)" if marks else ""), fontsize=9, wrap=True)
     fig.tight_layout()

@@ -61,3 +61,31 @@ def row_label(v: dict[str, Any], explicit: dict[str, set[int]]) -> str:
     if v["tau"] in explicit.get(v["method"], set()) or not v["auto"]:
         return str(v["tau"])
     return "/".join(v["auto"])
+
+
+UTILITY_BUDGET = 1.0  # ROUGE-1 points a selection may lose against the unedited adapter and still meet the bar
+
+
+def chance_verdict(row: dict[str, Any], asr_k: str, r1_k: str | None) -> str:
+    """The one verdict of a selection against its random controls, used by the summary and every table (so
+    "beats chance" means the same everywhere: ASR below chance *and* ROUGE-1 within the budget)."""
+    vx = row["vs_random"].get(asr_k)
+    if not vx:
+        return "no random control at this τ"
+    if vx["hi"] < 0:
+        if beats_chance(row, asr_k, r1_k, UTILITY_BUDGET):
+            return "beats chance"
+        return f"ASR below chance, but ROUGE-1 loses more than {UTILITY_BUDGET:g} point — does not meet the bar"
+    if vx["lo"] > 0:
+        return "worse than chance"
+    return "not distinguishable from chance"
+
+
+def variant_label(v: dict[str, Any]) -> str:
+    """A variant's one name in every table and figure of the report: "ddi τ=10", "random-s0 τ=10",
+    "lora (LoRA)" (the results files key it as "lora:ddi@10"; the every-variant table shows both)."""
+    if v.get("method") is None:
+        return f"{v['adapter']} (LoRA)" if v.get("adapter") else "base (no adapter)"
+    if v["method"] == "random":
+        return f"random-s{v.get('seed')} τ={v['tau']}"
+    return f"{v['method']} τ={v['tau']}" + (f" ({'/'.join(v['auto'])})" if v.get("auto") else "")

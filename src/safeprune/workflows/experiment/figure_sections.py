@@ -8,7 +8,7 @@ from typing import Any
 
 from ...report import figures
 from ...report.plots import heatmap
-from .cells import ci, dci, main_tau
+from .cells import ci, dci, main_tau, variant_label
 
 
 # Long on purpose: the τ-ablation table and its figure share the same per-method rows.
@@ -134,9 +134,10 @@ def risk_coverage_section(c: Any) -> None:
         ]
         rnd = sorted(v.name for v in variants if v.adapter == a and v.method == "random")
         names += rnd[:1]
+        labels = {r["variant"]["name"]: variant_label(r["variant"]) for r in rows} | {"base": "base (no adapter)"}
         for n in names:
             if n in ad["risk_coverage"]:
-                keep[n] = ad["risk_coverage"][n]
+                keep[labels.get(n, n)] = ad["risk_coverage"][n]
         p = figures.risk_coverage(
             keep,
             plots / f"{a}_risk_coverage.png",
@@ -174,5 +175,5 @@ def flips_section(c: Any) -> None:
                     )
                 )
             doc.details(
-                f"{name}: {len(fl['now_refused'])} now refused, {len(fl['now_jailbroken'])} now answered", items
+                f"{m.name} τ={t}: {len(fl['now_refused'])} now refused, {len(fl['now_jailbroken'])} now answered", items
             )

@@ -10,7 +10,7 @@ from typing import Any
 from ...io.files import write_text_atomic
 from ...report.doc import Doc
 from ...scoring.table import ScoreTable
-from .cells import beats_chance, ci, dci, main_tau, row_label
+from .cells import beats_chance, chance_verdict, ci, dci, main_tau, row_label, variant_label
 from .config import ExperimentConfig
 from .sections import adapter_section
 from .variants import Variant
@@ -162,11 +162,11 @@ def _verdicts(cfg, a, ad, asr_k, r1_k, orr_k) -> list[str]:
         if row is None or not asr_k:
             continue
         vr, vx = row["vs_ref"].get(asr_k), row["vs_random"].get(asr_k)
-        s = f"**{m.name} τ={t}** on {a}: ASR {dci(vr)} vs the adapter"
+        s = f"**{variant_label(row['variant'])}** on {a}: ASR {dci(vr)} vs the adapter"
         if vx:
             s += (
                 f"; vs the mean of {vx['n_random']} random controls at τ={t}: {dci(vx)} → "
-                f"**{'beats chance' if vx['hi'] < 0 else ('worse than chance' if vx['lo'] > 0 else 'not distinguishable from chance')}**"
+                f"**{chance_verdict(row, asr_k, r1_k)}**"
             )
         if r1_k and r1_k in row["vs_ref"]:
             s += f"; ROUGE-1 {dci(row['vs_ref'][r1_k])}"

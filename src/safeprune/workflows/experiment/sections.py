@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from .cells import ci, dci, f1, main_tau
+from .cells import chance_verdict, ci, dci, f1, main_tau, variant_label
 from .figure_sections import flips_section, heatmap_section, risk_coverage_section, tau_section
 
 
@@ -40,7 +40,7 @@ def _methods_table(c: _Section) -> None:
         t = main_tau([r["variant"]["tau"] for r in mrows])
         r = next((r for r in mrows if r["variant"]["tau"] == t), None)
         if r:
-            body.append(line(f"{m.name} τ={t}", r["metrics"], r["variant"]))
+            body.append(line(variant_label(r["variant"]), r["metrics"], r["variant"]))
     for t, rs in ad["random"].items():
         body.append(line(f"random τ={t} (mean of {len(rs['variants'])})", rs["metrics"]))
     doc.table(
@@ -79,19 +79,11 @@ def _chance_section(c: _Section) -> None:
         if v["method"] in (None, "random"):
             continue
         vx = r["vs_random"].get(asr_k)
-        verdict = (
-            "beats chance"
-            if vx and vx["hi"] < 0
-            else "worse than chance"
-            if vx and vx["lo"] > 0
-            else "not distinguishable"
-            if vx
-            else "no random control at this τ"
-        )
+        verdict = chance_verdict(r, asr_k, r1_k)
         d_r1 = r["vs_ref"].get(r1_k)
         body.append(
             [
-                f"{v['method']} τ={v['tau']}" + (f" ({'/'.join(v['auto'])})" if v["auto"] else ""),
+                variant_label(v),
                 dci(r["vs_ref"].get(asr_k)),
                 f1((r["vs_ref"].get(asr_k) or {}).get("p_mcnemar"), 4),
                 dci(vx),
@@ -107,7 +99,7 @@ def _chance_section(c: _Section) -> None:
                 "",
                 "",
                 "",
-                "good" if verdict == "beats chance" else ("bad" if "worse" in verdict else ""),
+                "good" if verdict == "beats chance" else ("bad" if "worse" in verdict or "not meet" in verdict else ""),
                 "bad" if d_r1 and d_r1["delta"] < -1 else "",
                 "",
                 "",
@@ -135,8 +127,9 @@ def _chance_section(c: _Section) -> None:
         body,
         classes=classes,
         note='Δ = variant − reference, in points, [95% paired bootstrap CI]. "beats chance": the ASR '
-        "difference to the mean of the random controls has a CI entirely below 0. ROUGE-1 cells in red "
-        "lose more than 1 point.",
+        "difference to the mean of the random controls has a CI entirely below 0 and ROUGE-1 loses at most 1 "
+        "point against the adapter (the same bar as the summary's table). ROUGE-1 cells in red lose more than 1 "
+        "point.",
     )
 
 
@@ -155,7 +148,7 @@ def _latency_section(c: _Section) -> None:
                 continue
             body.append(
                 [
-                    n,
+                    variant_label(v.to_dict()) if v else ("base (no adapter)" if n == "base" else n),
                     f1(s["ms_per_token"], 2),
                     f1(s["tokens_per_s"], 1),
                     str(v.modules_kept) if v else "—",
@@ -177,12 +170,12 @@ def _variants_table(c: _Section) -> None:
     doc.h(3, "Every variant")
     broad = c.broad_keys
     heads = ["variant", "ASR %"] + ["ASR % (broad judge)"] * len(broad)
-    heads += ["over-refusal %", "ROUGE-1", "METEOR", "AUARC", "% params"]
+    heads += ["over-refusal %", "ROUGE-1", "METEOR", "AUARC", "% params", "name in the results files"]
     body = []
     for r in rows:
         mm, v = r["metrics"], r["variant"]
         body.append(
-            [v["name"], ci(mm.get(asr_k))]
+            [variant_label(v), ci(mm.get(asr_k))]
             + [ci(mm.get(k)) for k in broad]
             + [
                 ci(mm.get(orr_k)),
@@ -190,6 +183,7 @@ def _variants_table(c: _Section) -> None:
                 ci(mm.get(met_k)),
                 ci(mm.get(auarc_k)),
                 f1(100 * v["params_kept"]),
+                f"`{v['name']}`",
             ]
         )
     doc.table(heads, body)
