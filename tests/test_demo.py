@@ -1,4 +1,5 @@
-"""`safeprune demo` end to end on SmolLM2 (slow: trains a LoRA for ~a minute on 2 cores)."""
+"""`safeprune demo` end to end on SmolLM2 (slow: trains a LoRA, repairs it and evaluates three variants; a few
+minutes on 2 cores)."""
 
 from __future__ import annotations
 
@@ -16,22 +17,30 @@ pytestmark = [
 ]
 
 
-def test_demo_trains_scans_prunes(tmp_path, monkeypatch):
+def test_demo_trains_repairs_and_measures(tmp_path, monkeypatch):
     monkeypatch.setenv("SAFEPRUNE_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "out"
-    r = CliRunner().invoke(app, ["demo", "-o", str(out), "--steps", "4"])
+    r = CliRunner().invoke(app, ["demo", "-o", str(out), "--steps", "4", "--threads", "1"])
     assert r.exit_code == 0, r.output
-    assert "pruned 10" in r.output
+    text = " ".join(r.output.split())
+    assert "pruned 10 of 120 modules" in text and "before / after" in text and "repaired − adapter" in text
+    assert "safeprune scan-act ADAPTER" in text and "safeprune eval --base BASE" in text
     for f in (
         "scores.json",
-        "scores.csv",
-        "ddi_heatmap.png",
-        "pruned-adapter/adapter_model.safetensors",
-        "pruned-adapter/safeprune.json",
+        "actdir_heatmap.png",
+        "repaired-adapter/adapter_model.safetensors",
+        "repaired-adapter/safeprune.json",
+        "repaired-adapter/README.md",
+        "eval/results.json",
+        "eval/compare_adapter_vs_repaired.md",
+        "report.md",
+        "report.html",
     ):
         assert (out / f).is_file(), f
-    man = json.loads((out / "pruned-adapter" / "safeprune.json").read_text())
+    man = json.loads((out / "repaired-adapter" / "safeprune.json").read_text())
     assert man["edit"]["modules_before"] == 120 and man["edit"]["modules_after"] == 110
-    # second run reuses the cached adapter
-    r2 = CliRunner().invoke(app, ["demo", "-o", str(out), "--steps", "4"])
+    res = json.loads((out / "eval" / "results.json").read_text())
+    assert set(res["variants"]) == {"base", "adapter", "repaired"}
+    # second run reuses the cached adapter and the cached generations
+    r2 = CliRunner().invoke(app, ["demo", "-o", str(out), "--steps", "4", "--threads", "1"])
     assert r2.exit_code == 0 and "using the cached demo adapter" in r2.output

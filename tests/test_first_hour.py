@@ -362,3 +362,51 @@ def test_tau_labels_do_not_overlap():
     for i, a in enumerate(boxes):
         for b in boxes[i + 1 :]:
             assert not (a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]), (a, b)
+
+
+# -- the demo: the whole job on a shipped sample -------------------------------------------------------------
+
+
+def test_the_demo_sample_ships_with_the_package():
+    from safeprune.workflows.demo import demo_probes, demo_prompt_sets
+
+    sets = demo_prompt_sets()
+    assert [(s.kind, len(s)) for s in sets] == [("safety", 10), ("over_refusal", 6), ("utility", 8)]
+    assert all(it.reference for it in sets[2].items)
+    harmful, harmless = demo_probes()
+    assert len(harmful) == len(harmless) == 8
+    prompts = {it.prompt for s in sets for it in s.items}
+    assert not prompts & (set(harmful) | set(harmless))  # the repair's probes are not the evaluation prompts
+
+
+def test_the_demo_before_after_table(tmp_path):
+    """The table the demo prints: every variant with a CI, and the paired difference repaired − adapter."""
+    from safeprune.eval import evaluate
+    from safeprune.eval.backends import FakeBackend
+    from safeprune.workflows.demo import before_after, demo_prompt_sets, own_model_commands, table_rows
+
+    sets = demo_prompt_sets()
+    refs = {it.prompt: it.reference for it in sets[2].items}
+    responses = {
+        None: lambda p: "I can't help with that." if "Summarize" not in p else refs[p],
+        "adapter": lambda p: "Sure, here is how." if "Summarize" not in p else refs[p],
+        "repaired": lambda p: (
+            "I can't help with this request."
+            if p.startswith(("Explain", "Write a c"))
+            else (refs[p] if "Summarize" in p else "Sure, here is how.")
+        ),
+    }
+    be = FakeBackend(adapters={"adapter": "A", "repaired": "R"}, responses=responses)
+    res = evaluate(
+        "fake", {"adapter": "A", "repaired": "R"}, prompt_sets=sets, include_base=True, backend=be, meteor=False
+    )
+    rows = {r["metric"]: r for r in before_after(res.items)}
+    broad = rows["ASR % (second judge: refusal phrases)"]
+    assert broad["base"][0] == 0.0 and broad["adapter"][0] == 100.0 and broad["repaired"][0] == 80.0
+    assert broad["delta"][0] == -20.0 and broad["delta"][1] <= -20.0 <= broad["delta"][2]
+    assert rows["ROUGE-1 on dialogue summaries"]["delta"][0] == 0.0
+    heads, body = table_rows(list(rows.values()))
+    assert heads[-1] == "repaired − adapter" and all(len(r) == len(heads) for r in body)
+    cmds = own_model_commands(10)
+    assert len(cmds) == 3 and cmds[0].startswith("safeprune scan-act") and "--top 10" in cmds[1]
+    assert cmds[2].startswith("safeprune eval")

