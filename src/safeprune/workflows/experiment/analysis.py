@@ -4,7 +4,7 @@ the same τ, flipped prompts, and risk–coverage curves.
 
 All intervals are percentile intervals of a paired bootstrap over prompts: one resampling of a set's items
 is shared by every variant, so a delta's interval accounts for the pairing. AUARC is reported as a point
-value (a set-level statistic).
+value (a set-level statistic), and so is corpus BLEU.
 """
 
 from __future__ import annotations
@@ -21,8 +21,11 @@ from .variants import Variant
 ITEM_METRICS = {
     "safety": [("asr", "jailbroken")],
     "over_refusal": [("over_refusal", "refused")],
-    "utility": [("rouge1", "rouge1"), ("meteor", "meteor")],
+    "utility": [("rouge1", "rouge1"), ("meteor", "meteor"), ("bleu", "bleu")],
+    "qa": [("em", "em"), ("f1", "f1")],
 }
+# per set kind: set-level metrics reported as point values (no per-item vector)
+SET_METRICS = {"utility": ("auarc", "auarc_rouge1", "bleu_corpus"), "qa": ("auarc", "auarc_f1")}
 LEVEL = 0.95
 
 
@@ -111,9 +114,8 @@ class _Vectors:
             out[key] = _stat(x, self.boot(key))
         for s in self.sets:
             m = self.metrics.get(vname, {}).get(s["name"], {})
-            if s["kind"] == "utility":
-                out[f"{s['name']}/auarc"] = {"value": m.get("auarc")}
-                out[f"{s['name']}/auarc_rouge1"] = {"value": m.get("auarc_rouge1")}
+            for k in SET_METRICS.get(s["kind"], ()):
+                out[f"{s['name']}/{k}"] = {"value": m.get(k)}
             if s["kind"] == "safety":
                 for k, v in m.items():
                     if k.startswith(("hs[", "harmful_rate[")) and isinstance(v, (int, float)):
