@@ -182,7 +182,8 @@ def _sampled_uncertainty(be, gcache, ps: PromptSet, adapter, vname, cfg: EvalCon
         for row, g in zip(samples, gens):
             row.append(extract_answer(g.text) if ps.kind == "qa" else g.text)
     for r, it, row in zip(recs, ps.items, samples):
-        ids = cluster(row, equiv, context=it.prompt if ps.kind == "qa" else "")
+        question = it.prompt.removeprefix(ps.info.get("instruction", "")) if ps.kind == "qa" else ""
+        ids = cluster(row, equiv, context=question)  # NLI: the bare question before both answers
         r["uq_samples"] = row
         r["uq_clusters"] = ids
         r["semantic_entropy"] = cluster_entropy(ids)

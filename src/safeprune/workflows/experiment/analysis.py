@@ -57,11 +57,18 @@ def _mcnemar(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def risk_coverage(
-    items: list[dict[str, Any]], acc_field: str = "rouge1", threshold: float | None = None, points: int = 21
+    items: list[dict[str, Any]],
+    acc_field: str = "rouge1",
+    threshold: float | None = None,
+    points: int = 21,
+    uncertainty_field: str = "mean_nll",
 ) -> dict[str, list[float]]:
     """Figure-1 style: reject ('refer to experts') the most uncertain share x of samples (uncertainty =
-    mean token NLL), accuracy on the rest. ``threshold``: accuracy = ROUGE-1 > threshold, else ROUGE-1."""
-    u = np.asarray([it.get("mean_nll") if it.get("mean_nll") is not None else np.inf for it in items], float)
+    mean token NLL, or the field the evaluation's AUARC used), accuracy on the rest. ``threshold``:
+    accuracy = ROUGE-1 > threshold, else ROUGE-1."""
+    u = np.asarray(
+        [it.get(uncertainty_field) if it.get(uncertainty_field) is not None else np.inf for it in items], float
+    )
     a = np.asarray([it.get(acc_field) or 0.0 for it in items], float)
     if threshold is not None:
         a = (a > threshold).astype(float)
@@ -175,6 +182,7 @@ def analyse(
     auarc_threshold: float = 0.15,
 ) -> dict[str, Any]:
     vec = _Vectors(results, items, n_boot, seed)
+    ufield = (results.get("auarc") or {}).get("field", "mean_nll")
     primary: dict[str, str] = {}
     for s in vec.sets:
         primary.setdefault(s["kind"], s["name"])
@@ -215,8 +223,10 @@ def analyse(
                 its = vec.by_vs.get((vname, us), [])
                 if its:
                     out["adapters"][a]["risk_coverage"][label] = {
-                        "rouge1": risk_coverage(its, "rouge1"),
-                        "thresholded": risk_coverage(its, "rouge1", threshold=auarc_threshold),
+                        "rouge1": risk_coverage(its, "rouge1", uncertainty_field=ufield),
+                        "thresholded": risk_coverage(
+                            its, "rouge1", threshold=auarc_threshold, uncertainty_field=ufield
+                        ),
                     }
     return out
 
