@@ -222,7 +222,7 @@ def eval_cmd(
     )
     cost = sampled_uncertainty_cost(sets, len(adapters) + int(no_adapter_baseline or not adapters), cfg)
     if cost:
-        err.print(cost, highlight=False, markup=False)
+        err.print(cost, highlight=False, markup=False, soft_wrap=True)
     opts = {"device": device, "threads": threads} if backend == "hf" else {}
     progress = None
     if not state["quiet"]:
