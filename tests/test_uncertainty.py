@@ -138,7 +138,7 @@ def test_sampled_uncertainty_is_deterministic_for_a_fixed_seed(tmp_path):
     assert it["semantic_entropy"] == 0.0 and it["uq_clusters"] == [0, 0, 0, 0]
     assert all(len(i["uq_samples"]) == 4 for i in r1.items)
     m = r1.metrics["base"]["qa"]
-    assert m["uncertainty"] == "sampled" and m["extra_generations"] == 32
+    assert m["uncertainty"] == "sampled" and m["extra_generations"] == 32 and m["samples_generated_now"] == 32
     assert r1.results["auarc"]["field"] == "semantic_entropy"
     assert r1.results["auarc"]["sampling"]["equivalence"]["id"] == "rougeL:0.5"
     assert "entropy over clusters" in (tmp_path / "a" / "summary.md").read_text()

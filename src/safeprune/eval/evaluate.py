@@ -168,10 +168,12 @@ def _score_qa(recs: list[dict[str, Any]]) -> None:
         r.update(qa_scores(r["answer"], r["reference"]))
 
 
-def _sampled_uncertainty(be, gcache, ps: PromptSet, adapter, vname, cfg: EvalConfig, equiv, progress, recs) -> None:
-    """K seeded sampled generations per item; uncertainty = entropy over clusters of equivalent answers."""
+def _sampled_uncertainty(be, gcache, ps: PromptSet, adapter, vname, cfg: EvalConfig, equiv, progress, recs) -> int:
+    """K seeded sampled generations per item; uncertainty = entropy over clusters of equivalent answers.
+    Returns how many samples were generated now (the rest came from the cache)."""
     prompts = [it.prompt for it in ps.items]
     samples: list[list[str]] = [[] for _ in prompts]
+    fresh = 0
     for k in range(cfg.uq_samples):
         cb = (
             (lambda d, n, _k=k: progress(f"{vname} · {ps.name} · sample {_k + 1}/{cfg.uq_samples}", d, n))
@@ -179,6 +181,7 @@ def _sampled_uncertainty(be, gcache, ps: PromptSet, adapter, vname, cfg: EvalCon
             else None
         )
         gens = generate_cached(be, gcache, prompts, adapter, cfg.sample_settings(ps.kind, k), label=vname, progress=cb)
+        fresh += sum(not g.cached for g in gens)
         for row, g in zip(samples, gens):
             row.append(extract_answer(g.text) if ps.kind == "qa" else g.text)
     for r, it, row in zip(recs, ps.items, samples):
@@ -187,6 +190,7 @@ def _sampled_uncertainty(be, gcache, ps: PromptSet, adapter, vname, cfg: EvalCon
         r["uq_samples"] = row
         r["uq_clusters"] = ids
         r["semantic_entropy"] = cluster_entropy(ids)
+    return fresh
 
 
 def _generation_stats(gens) -> dict[str, Any]:
@@ -264,9 +268,12 @@ def evaluate(
                 _score_utility(recs, met)
             if ps.kind == "qa":
                 _score_qa(recs)
+            extra: dict[str, Any] = {}
             if sampled and ps.kind in SCORED_KINDS:
-                _sampled_uncertainty(be, gcache, ps, adapter, vname, cfg, equiv, progress, recs)
-            metrics[vname][ps.name] = _set_metrics(ps, recs, hjudges, met, cfg) | _generation_stats(gens)
+                extra["samples_generated_now"] = _sampled_uncertainty(
+                    be, gcache, ps, adapter, vname, cfg, equiv, progress, recs
+                )
+            metrics[vname][ps.name] = _set_metrics(ps, recs, hjudges, met, cfg) | _generation_stats(gens) | extra
             items.extend(recs)
     timing["seconds"] = time.perf_counter() - t_all
 

@@ -114,7 +114,9 @@ def stage_evaluate(cfg: ExperimentConfig, variants: list[Variant], out: Path, lo
         merged["timing"] = {"seconds": res.results["timing"]["seconds"] + r2.results["timing"]["seconds"]}
         res = EvalResult(merged, res.items + r2.items, out / "eval")
         write_results(res, out / "eval")
-    gen = sum(m.get("generated_now", 0) for v in res.metrics.values() for m in v.values())
+    gen = sum(
+        m.get("generated_now", 0) + m.get("samples_generated_now", 0) for v in res.metrics.values() for m in v.values()
+    )
     log(
         f"evaluate: {len(adapters) + int(e.include_base)} variants × {len(sets)} sets, {gen} generations "
         f"made now, {time.perf_counter() - t0:.0f} s"
