@@ -175,6 +175,17 @@ def test_hotpotqa_and_generic_question_answer_files(tmp_path):
     assert own.items[0].prompt == "Q: Capital of France?"
 
 
+def test_qa_file_as_harmless_probes_gives_bare_questions(tmp_path):
+    from safeprune.prompts import probes_from_file
+
+    hp = _jsonl(
+        tmp_path / "hp.jsonl",
+        [{"orig_idx": i, "question": f"Who is {i}?", "answer": "x", "type": "bridge"} for i in range(4)],
+    )
+    items, info = probes_from_file(hp, "harmless", None, 0)
+    assert items == [f"Who is {i}?" for i in range(4)] and info["format"] == "hotpotqa"
+
+
 def test_qa_loader_errors(tmp_path):
     with pytest.raises(UsageError, match="reference column"):
         load_prompts(_jsonl(tmp_path / "a.jsonl", [{"q": "x?", "a": "y"}]), "qa", column="q")
