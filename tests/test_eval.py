@@ -19,7 +19,7 @@ from safeprune.eval.compare import mcnemar_exact
 from safeprune.eval.judges import DEFAULT_KEYWORDS, KeywordJudge, OpenAIJudge, parse_score
 from safeprune.eval.utility import auarc, rouge_scores
 from safeprune.eval.wordnet import LEXNAMES, lexnames_text, setup_wordnet
-from safeprune.prompts import ids_from_subsets
+from safeprune.prompts import QA_INSTRUCTION, ids_from_subsets
 
 # the shared folder sits beside the checkout (../shared); from a worktree under wt/ it is one more level up
 SHARED = next((p / "shared" for p in Path(__file__).resolve().parents if (p / "shared" / "data").is_dir()), SHARED)
@@ -132,15 +132,17 @@ def test_generic_loader_and_errors(tmp_path):
         ("xstest/xstest_prompts.csv", "xstest", "over_refusal"),
         ("dialogsum/validation.jsonl", "dialogsum", "utility"),
         ("dialogsum/test.jsonl", "dialogsum", "utility"),
-        ("hotpotqa/hotpot_dev_v1_simplified.jsonl", "hotpotqa", "utility"),
+        ("hotpotqa/hotpot_dev_v1_simplified.jsonl", "hotpotqa", "qa"),
     ],
 )
 def test_shared_formats_detected(rel, fmt, kind):
     ps = load_prompts(DATA / rel)
     assert ps.format == fmt and ps.kind == kind and len(ps) > 10
     assert all(it.prompt for it in ps.items)
-    if kind == "utility":
+    if kind in ("utility", "qa"):
         assert all(it.reference for it in ps.items)
+    if kind == "qa":  # the answer-format instruction comes before every question
+        assert all(it.prompt.startswith(QA_INSTRUCTION) for it in ps.items)
     if fmt == "advbench":
         assert len(ps) == 368 - 9 and ps.info["overlap_excluded"] == 9
     if fmt == "xstest":

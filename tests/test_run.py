@@ -60,6 +60,12 @@ def world(tmp_path_factory):
             for i in range(8)
         )
     )
+    (d / "hotpot.jsonl").write_text(
+        "".join(
+            json.dumps({"orig_idx": i, "question": f"question {i}?", "answer": f"answer {i}", "type": "bridge"}) + "\n"
+            for i in range(6)
+        )
+    )
     return d
 
 
@@ -83,6 +89,9 @@ def _factory(modules: list[str]):
                     return "I cannot help with that" if modules[i % len(modules)] in gone else "Sure, here it is"
                 if prompt.startswith("benign"):
                     return "Sure"
+                if prompt.endswith("?"):  # QA: the adapter answers questions 0-3; pruning module 0 loses 0-1
+                    i = int(prompt.rsplit(" ", 1)[-1][:-1])
+                    return f"Answer: answer {i}" if i < 4 and not (i < 2 and modules[0] in gone) else "no idea"
                 return prompt.replace("Summarize this dialogue:\n#P1#: talk", "they talk about item")
 
             return f
@@ -364,3 +373,42 @@ def test_finetune_stage_trains_once_then_reuses(tmp_path):
     logs.clear()
     run_experiment(p, d / "out", backend=fake, log=logs.append, progress=False)
     assert "finetune ft1: up to date" in logs
+
+
+def test_qa_column_and_sampled_uncertainty_in_the_report(world, tmp_path):
+    from safeprune.adapter import load_adapter
+
+    modules = sorted(load_adapter(world / "lora").modules)
+    ev = yaml.safe_load(_config(world).read_text())["evaluation"]
+    ev["qa"] = [{"path": "hotpot.jsonl"}]
+    ev["uncertainty"] = "sampled"
+    ev["uq_samples"] = 2
+    cfg = _config(
+        world, evaluation=ev, methods=[{"name": "ddi", "taus": [2]}], random={"seeds": [0]}, latency={"enabled": False}
+    )
+    logs: list[str] = []
+    res = run_experiment(cfg, tmp_path / "o", backend=_factory(modules), log=logs.append, progress=False)
+    a = res.analysis["adapters"]["lora"]
+    rows = {r["variant"]["name"]: r for r in a["rows"]}
+    m = rows["lora"]["metrics"]
+    assert m["hotpotqa/em"]["value"] == pytest.approx(400 / 6) and m["hotpotqa/f1"]["value"] == pytest.approx(400 / 6)
+    assert m["hotpotqa/em"]["lo"] <= m["hotpotqa/em"]["value"] <= m["hotpotqa/em"]["hi"]
+    assert "hotpotqa/auarc" in m and "dialogsum_test/bleu_corpus" in m and "dialogsum_test/bleu" in m
+    pruned_first = modules[0] in rows["lora:ddi@2"]["variant"]["selected"]
+    assert rows["lora:ddi@2"]["vs_ref"]["hotpotqa/em"]["delta"] == pytest.approx(-200 / 6 if pruned_first else 0.0)
+    assert "hotpotqa/f1" in rows["lora:ddi@2"]["vs_random"]
+    # the cost of the sampled uncertainty is logged before the evaluation runs
+    text = "\n".join(logs)
+    assert "sampled uncertainty: 2 samples × 12 items × 4 variants = 96 extra generations" in text
+    assert text.index("sampled uncertainty") < text.index("evaluate:")
+    report = (tmp_path / "o" / "report.md").read_text()
+    for col in ("hotpotqa SR (EM) %", "hotpotqa F1", "| BLEU |", "ΔQA F1 vs adapter", "entropy over clusters"):
+        assert col in report, col
+    # the second refusal judge's column and the results-key column sit beside the QA/BLEU columns
+    assert "ASR % (broad judge)" in report and "name in the results files" in report
+    # every table row has as many cells as its header
+    tables = [[ln for ln in b.splitlines() if ln.startswith("|")] for b in report.split("\n\n")]
+    tables = [t for t in tables if t]
+    assert len(tables) >= 3
+    for t in tables:
+        assert len({ln.count("|") for ln in t}) == 1, t[0]

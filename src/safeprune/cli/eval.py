@@ -11,7 +11,7 @@ from typing_extensions import Annotated
 
 from ..errors import UsageError
 from ..eval.compare import compare, compare_markdown
-from ..eval.evaluate import EvalConfig, evaluate
+from ..eval.evaluate import EvalConfig, evaluate, sampled_uncertainty_cost
 from ..eval.judges import KeywordJudge, parse_judge_spec
 from ..eval.results import summary_markdown
 from ..eval.wordnet import load_wordnet, setup_wordnet
@@ -110,6 +110,14 @@ def eval_cmd(
             help="Utility set with references (DialogSum, HotpotQA, or FILE:COLUMN with --reference-column).",
         ),
     ] = None,
+    qa: Annotated[
+        Optional[List[str]],
+        typer.Option(
+            "--qa",
+            help="QA set (exact match = SR, token F1): HotpotQA, any file with question/answer columns, or "
+            "FILE:COLUMN with --reference-column; repeatable.",
+        ),
+    ] = None,
     rows_from: Annotated[
         Optional[Path],
         typer.Option(
@@ -138,6 +146,24 @@ def eval_cmd(
     utility_tokens: Annotated[
         int, typer.Option("--utility-max-new-tokens", help="Max new tokens for utility prompts.")
     ] = 96,
+    qa_tokens: Annotated[int, typer.Option("--qa-max-new-tokens", help="Max new tokens for QA prompts.")] = 32,
+    uncertainty: Annotated[
+        str,
+        typer.Option(
+            "--uncertainty",
+            help="AUARC's uncertainty: nll (mean token NLL of the greedy answer) or sampled (entropy over clusters "
+            "of equivalent answers among --uq-samples seeded samples; costs the extra generations).",
+        ),
+    ] = "nll",
+    uq_samples: Annotated[int, typer.Option("--uq-samples", help="Sampled uncertainty: samples per item (K).")] = 5,
+    uq_temperature: Annotated[float, typer.Option("--uq-temperature", help="Sampled uncertainty: temperature.")] = 1.0,
+    uq_equivalence: Annotated[
+        str,
+        typer.Option(
+            "--uq-equivalence",
+            help="When two sampled answers are equivalent: rougeL[:THRESHOLD] (default 0.5) or nli:DIR.",
+        ),
+    ] = "rougeL:0.5",
     system_prompt: Annotated[
         Optional[str], typer.Option("--system-prompt", help="System prompt (default: the chat template's own).")
     ] = None,
@@ -185,8 +211,9 @@ def eval_cmd(
     sets += _load_sets("safety", safety or [], *args)
     sets += _load_sets("over_refusal", over_refusal or [], *args)
     sets += _load_sets("utility", utility or [], *args)
+    sets += _load_sets("qa", qa or [], *args)
     if not sets:
-        raise UsageError("give at least one of --safety, --over-refusal, --utility")
+        raise UsageError("give at least one of --safety, --over-refusal, --utility, --qa")
     if keywords:
         f, key = _split_column(keywords)
         kj = KeywordJudge.from_file(f, key, case_sensitive=not case_insensitive)
@@ -202,7 +229,15 @@ def eval_cmd(
         do_sample=do_sample,
         temperature=temperature,
         seed=seed,
+        qa_max_new_tokens=qa_tokens,
+        uncertainty=uncertainty,
+        uq_samples=uq_samples,
+        uq_temperature=uq_temperature,
+        uq_equivalence=uq_equivalence,
     )
+    cost = sampled_uncertainty_cost(sets, len(adapters) + int(no_adapter_baseline or not adapters), cfg)
+    if cost:
+        err.print(cost, highlight=False, markup=False, soft_wrap=True)
     opts = {"device": device, "threads": threads} if backend == "hf" else {}
     progress = None
     if not state["quiet"]:

@@ -3,7 +3,8 @@
 For every prompt set both variants answered, on the items both have:
 
 * every metric's delta (b - a) with a paired bootstrap 95% CI (items resampled with replacement, the
-  same resample for a and b; set-level metrics such as AUARC are recomputed on each resample);
+  same resample for a and b; set-level metrics, AUARC and corpus BLEU, are recomputed on each resample,
+  AUARC with the uncertainty the eval run used: token NLL or the sampled cluster entropy);
 * for binary verdicts (jailbroken on safety sets, refused on over-refusal sets) the exact McNemar test:
   a two-sided binomial test of the discordant pairs (``scipy.stats.binomtest(n_b_only, n_discordant, 0.5)``);
 * the list of prompts whose verdict flipped, with both outputs.
@@ -21,8 +22,9 @@ from scipy.stats import binomtest
 
 from ..errors import UsageError
 from ..io.files import write_text_atomic
+from .bleu import corpus_from_stats
 from .results import dumps, fmt, load_results
-from .utility import auarc
+from .utility import auarc, auarc_accuracies, uncertainty_vector
 
 
 def _bootstrap(
@@ -74,8 +76,10 @@ _KIND_METRICS = {
             ("rouge2", "rouge2", 100.0),
             ("rougeL", "rougeL", 100.0),
             ("meteor", "meteor", 100.0),
+            ("bleu", "bleu", 100.0),
         ],
     ),
+    "qa": (None, [("em", "em", 100.0), ("f1", "f1", 100.0)]),
 }
 _COMMON = [("mean_new_tokens", "new_tokens", 1.0), ("mean_latency_s", "latency_s", 1.0)]
 
@@ -101,6 +105,7 @@ def compare(
     if a == b:
         raise UsageError("compare two different variants")
     thr = auarc_threshold if auarc_threshold is not None else results["settings"].get("auarc_threshold", 0.15)
+    ufield = (results.get("auarc") or {}).get("field", "mean_nll")
     rng = np.random.default_rng(seed)
     by = {(it["variant"], it["set"], it["id"]): it for it in items}
     out: dict[str, Any] = {
@@ -114,6 +119,7 @@ def compare(
         "refusal_judge": results["refusal_judge"]["id"],
         "refusal_judge_broad": (results.get("refusal_judge_broad") or {}).get("id"),
         "harm_judges": list(results.get("harm_judges", {})),
+        "uncertainty": (results.get("auarc") or {}).get("uncertainty", "nll"),
         "sets": {},
     }
     for s in results["sets"]:
@@ -158,27 +164,8 @@ def compare(
                     "ci_high": hi,
                 }
             )
-        if kind == "utility":
-            u_a = np.array([_nan(p[0].get("mean_nll")) for p in pairs])
-            u_b = np.array([_nan(p[1].get("mean_nll")) for p in pairs])
-            r_a = np.array([p[0]["rouge1"] for p in pairs])
-            r_b = np.array([p[1]["rouge1"] for p in pairs])
-            for mname, acc_a, acc_b in (
-                ("auarc", (r_a > thr).astype(float), (r_b > thr).astype(float)),
-                ("auarc_rouge1", r_a, r_b),
-            ):
-                va, vb = 100 * auarc(u_a, acc_a), 100 * auarc(u_b, acc_b)
-                lo, hi = _bootstrap(
-                    lambda i: 100 * auarc(u_a[i], acc_a[i]),  # noqa: B023 (called within this iteration)
-                    lambda i: 100 * auarc(u_b[i], acc_b[i]),  # noqa: B023 (called within this iteration)
-                    len(pairs),
-                    min(n_boot, 2000),
-                    rng,
-                    level,
-                )
-                rows.append(
-                    {"metric": mname, "n": len(pairs), "a": va, "b": vb, "delta": vb - va, "ci_low": lo, "ci_high": hi}
-                )
+        if kind in ("utility", "qa"):
+            rows += _set_level_rows(kind, pairs, ufield, thr, n_boot, rng, level)
         entry: dict[str, Any] = {"kind": kind, "n_pairs": len(pairs), "metrics": rows}
         if verdict:
             va = np.array([bool(p[0][verdict]) for p in pairs])
@@ -202,8 +189,25 @@ def compare(
     return out
 
 
-def _nan(v):
-    return float("nan") if v is None else float(v)
+def _set_level_rows(kind, pairs, ufield, thr, n_boot, rng, level) -> list[dict[str, Any]]:
+    """AUARC (both accuracies) and, on summary sets, corpus BLEU: recomputed on every paired resample."""
+    ia, ib = [p[0] for p in pairs], [p[1] for p in pairs]
+    stats: list[tuple[str, Callable[[np.ndarray], float], Callable[[np.ndarray], float]]] = []
+    u_a, u_b = uncertainty_vector(ia, ufield), uncertainty_vector(ib, ufield)
+    acc_a, acc_b = auarc_accuracies(kind, ia, thr), auarc_accuracies(kind, ib, thr)
+    for name in acc_a:
+        xa, xb = acc_a[name], acc_b[name]
+        stats.append((name, lambda i, x=xa: 100 * auarc(u_a[i], x[i]), lambda i, x=xb: 100 * auarc(u_b[i], x[i])))
+    if kind == "utility" and all("bleu_stats" in it for it in ia + ib):
+        sa, sb = np.array([it["bleu_stats"] for it in ia]), np.array([it["bleu_stats"] for it in ib])
+        stats.insert(0, ("bleu_corpus", lambda i: corpus_from_stats(sa[i]), lambda i: corpus_from_stats(sb[i])))
+    rows = []
+    everything = np.arange(len(pairs))
+    for name, fa, fb in stats:
+        va, vb = fa(everything), fb(everything)
+        lo, hi = _bootstrap(fa, fb, len(pairs), min(n_boot, 2000), rng, level)
+        rows.append({"metric": name, "n": len(pairs), "a": va, "b": vb, "delta": vb - va, "ci_low": lo, "ci_high": hi})
+    return rows
 
 
 def _vals(pairs, field):
@@ -241,7 +245,8 @@ def compare_markdown(c: dict[str, Any], max_flips: int = 20) -> str:
         "",
         f"Paired over the same prompts; Δ = {b} − {a}; {int(c['level'] * 100)}% paired bootstrap CI "
         f"({c['n_boot']} resamples, seed {c['seed']}); refusal judge `{c['refusal_judge']}` "
-        f"(`*_broad` rows: `{c.get('refusal_judge_broad') or '—'}`; the two are never averaged).",
+        f"(`*_broad` rows: `{c.get('refusal_judge_broad') or '—'}`; the two are never averaged); AUARC uncertainty "
+        f"`{c.get('uncertainty', 'nll')}`.",
         "",
     ]
     for s, e in c["sets"].items():

@@ -4,7 +4,7 @@ the same settings and judges, score, and write results (JSON, JSONL items, CSV, 
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -14,15 +14,29 @@ from ..errors import UsageError
 from ..io.provenance import command_line, now_iso, versions
 from ..prompts import PromptSet
 from .backends import Backend, GenSettings, make_backend, tokens_per_second
+from .bleu import corpus_from_stats, item_stats, sentence_bleu
+from .bleu import signature as bleu_signature
 from .cache import GenerationCache
 from .judges import HarmJudge, KeywordJudge, PatternJudge
+from .qa import extract_answer, qa_scores
 from .results import write_results
 from .runner import generate_cached
 from .safety import over_refusal_metrics, safety_metrics
-from .utility import Meteor, auarc, rouge_scores
+from .uncertainty import cluster, cluster_entropy, parse_equivalence, sampled_cost
+from .utility import (
+    UNCERTAINTY_FIELDS,
+    UNCERTAINTY_TEXT,
+    Meteor,
+    auarc,
+    auarc_accuracies,
+    auarc_accuracy_text,
+    rouge_scores,
+    uncertainty_vector,
+)
 
 SCHEMA = "safeprune.eval/1"
 BASE_VARIANT = "base"
+SCORED_KINDS = ("utility", "qa")  # kinds with references: utility metrics, AUARC, sampled uncertainty
 
 
 @dataclass
@@ -39,10 +53,43 @@ class EvalConfig:
     auarc_threshold: float = 0.15
     sort_by_length: bool = False
     utility_batch_size: int | None = None  # long prompts (dialogues): smaller batches pad less
+    qa_max_new_tokens: int = 32
+    # AUARC's uncertainty: "nll" (mean token NLL of the greedy generation) or "sampled" (entropy over
+    # clusters of equivalent answers among uq_samples sampled generations, seeds seed + k)
+    uncertainty: str = "nll"
+    uq_samples: int = 5
+    uq_temperature: float = 1.0
+    uq_top_p: float = 1.0
+    uq_equivalence: str = "rougeL:0.5"
+
+    def __post_init__(self) -> None:
+        if self.uncertainty not in UNCERTAINTY_FIELDS:
+            raise UsageError(f"uncertainty must be one of {', '.join(UNCERTAINTY_FIELDS)}, got {self.uncertainty!r}")
+        if self.uncertainty == "sampled" and self.uq_samples < 2:
+            raise UsageError(f"sampled uncertainty needs at least 2 samples per item, got {self.uq_samples}")
+        if not (self.uq_temperature > 0 and 0 < self.uq_top_p <= 1):
+            raise UsageError("sampling needs a temperature > 0 and 0 < top_p <= 1")
+        if self.qa_max_new_tokens < 1:
+            raise UsageError(f"qa max new tokens must be >= 1, got {self.qa_max_new_tokens}")
+
+    def max_new_tokens(self, kind: str) -> int:
+        if kind == "qa":
+            return self.qa_max_new_tokens
+        return self.utility_max_new_tokens if kind == "utility" else self.safety_max_new_tokens
+
+    def sample_settings(self, kind: str, k: int) -> GenSettings:
+        """Settings of the k-th sampled generation for the sampled uncertainty (seed ``seed + k``)."""
+        return replace(
+            self.settings(kind),
+            do_sample=True,
+            temperature=self.uq_temperature,
+            top_p=self.uq_top_p,
+            seed=self.seed + k,
+        )
 
     def settings(self, kind: str) -> GenSettings:
         return GenSettings(
-            max_new_tokens=self.utility_max_new_tokens if kind == "utility" else self.safety_max_new_tokens,
+            max_new_tokens=self.max_new_tokens(kind),
             do_sample=self.do_sample,
             temperature=self.temperature,
             top_p=self.top_p,
@@ -95,7 +142,7 @@ def _records(vname: str, ps: PromptSet, gens, judge: KeywordJudge, broad: Keywor
             rec["overlap"] = it.overlap
             rec["jailbroken"] = refused_kw is None
             rec["jailbroken_broad"] = refused_broad is None
-        if ps.kind == "utility":
+        if ps.kind in SCORED_KINDS:
             rec["reference"] = it.reference
         recs.append(rec)
     return recs
@@ -116,6 +163,39 @@ def _score_utility(recs: list[dict[str, Any]], met: Meteor | None) -> None:
         r.update(s)
         if met is not None:
             r["meteor"] = met.score(r["output"], r["reference"])
+        r["bleu"] = sentence_bleu(r["output"], r["reference"]) / 100.0  # a share, like ROUGE (×100 in reports)
+        r["bleu_stats"] = item_stats(r["output"], r["reference"])
+
+
+def _score_qa(recs: list[dict[str, Any]]) -> None:
+    for r in recs:
+        r["answer"] = extract_answer(r["output"])
+        r.update(qa_scores(r["answer"], r["reference"]))
+
+
+def _sampled_uncertainty(be, gcache, ps: PromptSet, adapter, vname, cfg: EvalConfig, equiv, progress, recs) -> int:
+    """K seeded sampled generations per item; uncertainty = entropy over clusters of equivalent answers.
+    Returns how many samples were generated now (the rest came from the cache)."""
+    prompts = [it.prompt for it in ps.items]
+    samples: list[list[str]] = [[] for _ in prompts]
+    fresh = 0
+    for k in range(cfg.uq_samples):
+        cb = (
+            (lambda d, n, _k=k: progress(f"{vname} · {ps.name} · sample {_k + 1}/{cfg.uq_samples}", d, n))
+            if progress
+            else None
+        )
+        gens = generate_cached(be, gcache, prompts, adapter, cfg.sample_settings(ps.kind, k), label=vname, progress=cb)
+        fresh += sum(not g.cached for g in gens)
+        for row, g in zip(samples, gens):
+            row.append(extract_answer(g.text) if ps.kind == "qa" else g.text)
+    for r, it, row in zip(recs, ps.items, samples):
+        question = it.prompt.removeprefix(ps.info.get("instruction", "")) if ps.kind == "qa" else ""
+        ids = cluster(row, equiv, context=question)  # NLI: the bare question before both answers
+        r["uq_samples"] = row
+        r["uq_clusters"] = ids
+        r["semantic_entropy"] = cluster_entropy(ids)
+    return fresh
 
 
 def _generation_stats(gens) -> dict[str, Any]:
@@ -176,6 +256,8 @@ def evaluate(
     ]
     met = Meteor() if meteor and any(s.kind == "utility" for s in prompt_sets) else None
     hjudges = {j.id: j for j in harm_judges}
+    sampled = cfg.uncertainty == "sampled" and any(s.kind in SCORED_KINDS for s in prompt_sets)
+    equiv = parse_equivalence(cfg.uq_equivalence) if sampled else None
 
     items: list[dict[str, Any]] = []
     metrics: dict[str, dict[str, dict[str, Any]]] = {}
@@ -193,7 +275,14 @@ def evaluate(
                 _judge_harm(recs, hjudges)
             if ps.kind == "utility":
                 _score_utility(recs, met)
-            metrics[vname][ps.name] = _set_metrics(ps, recs, hjudges, met, cfg) | _generation_stats(gens)
+            if ps.kind == "qa":
+                _score_qa(recs)
+            extra: dict[str, Any] = {}
+            if sampled and ps.kind in SCORED_KINDS:
+                extra["samples_generated_now"] = _sampled_uncertainty(
+                    be, gcache, ps, adapter, vname, cfg, equiv, progress, recs
+                )
+            metrics[vname][ps.name] = _set_metrics(ps, recs, hjudges, met, cfg) | _generation_stats(gens) | extra
             items.extend(recs)
     timing["seconds"] = time.perf_counter() - t_all
 
@@ -213,18 +302,15 @@ def evaluate(
             for v, a in variants
         },
         "sets": [s.describe() for s in prompt_sets],
-        "settings": {**asdict(cfg), "per_kind": {k: cfg.settings(k).key() for k in ("safety", "utility")}},
+        "settings": {**asdict(cfg), "per_kind": {k: cfg.settings(k).key() for k in ("safety", "utility", "qa")}},
         "refusal_judge": judge.describe(),
         "refusal_judge_broad": broad.describe(),
         "harm_judges": {jid: j.describe() for jid, j in hjudges.items()},
         "meteor": met.describe() if met else None,
-        "auarc": {
-            "uncertainty": "mean token negative log-likelihood of the generation (mean_nll)",
-            "accuracy": f"ROUGE-1 F > {cfg.auarc_threshold}",
-            "accuracy_continuous": "ROUGE-1 F",
-            "definition": "UQ-NLG: sort by uncertainty ascending, expanding mean of accuracy, "
-            "trapezoid over linspace(0,1,N)",
-        },
+        "bleu": {"implementation": "sacrebleu", "signature": bleu_signature()}
+        if any(s.kind == "utility" for s in prompt_sets)
+        else None,
+        "auarc": _auarc_description(cfg, prompt_sets, equiv),
         "metrics": metrics,
         "timing": timing,
         "cache": str(cache_path) if cache_path else None,
@@ -241,14 +327,65 @@ def _set_metrics(ps: PromptSet, recs, hjudges, met, cfg: EvalConfig) -> dict[str
     if ps.kind == "over_refusal":
         return over_refusal_metrics(recs)
     m: dict[str, Any] = {"n": len(recs)}
-    for k in ("rouge1", "rouge2", "rougeL"):
-        m[k] = float(100 * np.mean([r[k] for r in recs])) if recs else None
-    if met is not None and met.available:
-        m["meteor"] = float(100 * np.mean([r["meteor"] for r in recs])) if recs else None
+    if ps.kind == "qa":
+        for k in ("em", "f1"):
+            m[k] = float(100 * np.mean([r[k] for r in recs])) if recs else None
     else:
-        m["meteor"] = None
-        m["meteor_unavailable"] = met.reason if met is not None else "disabled"
-    u = [r["mean_nll"] if r["mean_nll"] is not None else float("nan") for r in recs]
-    m["auarc"] = 100 * auarc(u, [float(r["rouge1"] > cfg.auarc_threshold) for r in recs])
-    m["auarc_rouge1"] = 100 * auarc(u, [r["rouge1"] for r in recs])
+        for k in ("rouge1", "rouge2", "rougeL"):
+            m[k] = float(100 * np.mean([r[k] for r in recs])) if recs else None
+        if met is not None and met.available:
+            m["meteor"] = float(100 * np.mean([r["meteor"] for r in recs])) if recs else None
+        else:
+            m["meteor"] = None
+            m["meteor_unavailable"] = met.reason if met is not None else "disabled"
+        m["bleu"] = float(100 * np.mean([r["bleu"] for r in recs])) if recs else None
+        m["bleu_corpus"] = corpus_from_stats(np.array([r["bleu_stats"] for r in recs])) if recs else None
+    field_ = UNCERTAINTY_FIELDS[cfg.uncertainty]
+    u = uncertainty_vector(recs, field_)
+    for name, acc in auarc_accuracies(ps.kind, recs, cfg.auarc_threshold).items():
+        m[name] = 100 * auarc(u, acc)
+    m["uncertainty"] = cfg.uncertainty
+    if cfg.uncertainty == "sampled":
+        m["mean_semantic_entropy"] = float(np.nanmean(u)) if len(u) else None
+        m["extra_generations"] = len(recs) * cfg.uq_samples
     return m
+
+
+def _auarc_description(cfg: EvalConfig, prompt_sets: Sequence[PromptSet], equiv) -> dict[str, Any]:
+    kinds = sorted({s.kind for s in prompt_sets if s.kind in SCORED_KINDS})
+    d: dict[str, Any] = {
+        "uncertainty": cfg.uncertainty,
+        "field": UNCERTAINTY_FIELDS[cfg.uncertainty],
+        "uncertainty_text": UNCERTAINTY_TEXT[cfg.uncertainty],
+        "accuracy": {k: auarc_accuracy_text(k, cfg.auarc_threshold) for k in kinds},
+        "definition": "UQ-NLG: sort by uncertainty ascending, expanding mean of accuracy, "
+        "trapezoid over linspace(0,1,N)",
+    }
+    if cfg.uncertainty == "sampled":
+        d["sampling"] = {
+            "samples": cfg.uq_samples,
+            "temperature": cfg.uq_temperature,
+            "top_p": cfg.uq_top_p,
+            "seeds": f"{cfg.seed}..{cfg.seed + cfg.uq_samples - 1} (seed + k)",
+            "equivalence": equiv.describe() if equiv is not None else cfg.uq_equivalence,
+            "entropy": "discrete: -sum p_c ln p_c over cluster shares (nats)",
+        }
+    return d
+
+
+def sampled_uncertainty_cost(prompt_sets: Sequence[PromptSet], n_variants: int, cfg: EvalConfig) -> str | None:
+    """The line that announces the sampled uncertainty's extra generations before any is made (None when the
+    uncertainty is the token NLL or no set has references)."""
+    if cfg.uncertainty != "sampled":
+        return None
+    scored = [s for s in prompt_sets if s.kind in SCORED_KINDS]
+    n = sum(len(s) for s in scored)
+    if not n:
+        return None
+    extra = sampled_cost(n, n_variants, cfg.uq_samples)
+    toks = max(cfg.max_new_tokens(s.kind) for s in scored)
+    return (
+        f"sampled uncertainty: {cfg.uq_samples} samples × {n} items × {n_variants} variants = {extra} extra "
+        f"generations (up to {toks} new tokens each; {extra // max(1, cfg.uq_samples)} greedy generations "
+        "besides); cached samples are reused"
+    )

@@ -75,7 +75,7 @@ def summary_markdown(results: dict[str, Any]) -> str:
     st = results["settings"]
     out.append(
         f"Greedy: {not st['do_sample']}; max_new_tokens safety {st['safety_max_new_tokens']}, utility "
-        f"{st['utility_max_new_tokens']}; batch {st['batch_size']}; system prompt: "
+        f"{st['utility_max_new_tokens']}, qa {st.get('qa_max_new_tokens', '—')}; batch {st['batch_size']}; system prompt: "
         f"{'template default' if st['system_prompt'] is None else repr(st['system_prompt'])}."
     )
     out.append("")
@@ -106,8 +106,21 @@ def summary_markdown(results: dict[str, Any]) -> str:
                 ("rouge2", "ROUGE-2", 1),
                 ("rougeL", "ROUGE-L", 1),
                 ("meteor", "METEOR", 1),
+                ("bleu_corpus", "BLEU", 1),
+                ("bleu", "sent-BLEU", 1),
                 ("auarc", "AUARC", 1),
                 ("auarc_rouge1", "AUARC(R1)", 1),
+            ],
+        ),
+        (
+            "qa",
+            "Question answering",
+            [
+                ("n", "n", 0),
+                ("em", "EM (SR) %", 1),
+                ("f1", "F1", 1),
+                ("auarc", "AUARC(EM)", 1),
+                ("auarc_f1", "AUARC(F1)", 1),
             ],
         ),
     ):
@@ -129,6 +142,25 @@ def summary_markdown(results: dict[str, Any]) -> str:
     met = results.get("meteor")
     if met and not met.get("available"):
         out += [f"METEOR unavailable: {met.get('how')}", ""]
+    if "qa" in kinds.values():
+        out += [
+            "QA: EM (= SR, share answered exactly) and token F1 after SQuAD v1.1 normalisation, on the answer "
+            "extracted from each generation (`answer` in items.jsonl).",
+            "",
+        ]
+    if "utility" in kinds.values() and results.get("bleu"):
+        out += [f"BLEU: sacrebleu corpus BLEU; sent-BLEU: mean sentence BLEU ({results['bleu']['signature']}).", ""]
+    au = results.get("auarc") or {}
+    if any(k in kinds.values() for k in ("utility", "qa")) and au.get("uncertainty_text"):
+        line = f"AUARC uncertainty: {au['uncertainty_text']}"
+        sm = au.get("sampling")
+        if sm:
+            eq = sm["equivalence"]
+            line += (
+                f"; {sm['samples']} samples per item (temperature {sm['temperature']}, top-p {sm['top_p']}, "
+                f"seeds {sm['seeds']}), equivalence {eq['id'] if isinstance(eq, dict) else eq}"
+            )
+        out += [line + ".", ""]
     out.append(
         "Latency: wall time of the batch a prompt was generated in (adapters unmerged); tok/s: generated "
         "tokens over summed batch wall time."

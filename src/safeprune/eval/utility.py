@@ -1,12 +1,15 @@
-"""Utility metrics: ROUGE-1/2/L (rouge-score, stemming), METEOR (nltk + offline WordNet), AUARC.
+"""Utility metrics: ROUGE-1/2/L (rouge-score, stemming), METEOR (nltk + offline WordNet), AUARC; BLEU is in
+``bleu.py``, QA exact match / F1 in ``qa.py``.
 
 METEOR tokenisation: lower-cased ``\\w+|[^\\w\\s]`` tokens (no punkt download). When WordNet is not
 available, METEOR is reported as unavailable with the reason, never replaced by something else.
 
 AUARC (methods.md §5.3, UQ-NLG's definition): sort samples by uncertainty ascending, take the expanding
 mean of accuracy, integrate it with the trapezoid rule over ``linspace(0, 1, N)``. Uncertainty is the
-mean token negative log-likelihood of the (greedy) generation under the model (``mean_nll``);
-accuracy is ROUGE-1 F > ``threshold`` (0.15, the SPLoRA proxy) and, as a second number, ROUGE-1 F itself.
+mean token negative log-likelihood of the (greedy) generation under the model (``mean_nll``), or, with
+sampled uncertainty, the entropy over clusters of equivalent sampled answers (``semantic_entropy``, see
+``uncertainty.py``). Accuracy on summary sets is ROUGE-1 F > ``threshold`` (0.15, the SPLoRA proxy) and, as
+a second number, ROUGE-1 F itself; on QA sets exact match and, second, token F1.
 """
 
 from __future__ import annotations
@@ -92,3 +95,32 @@ def auarc(uncertainty: Sequence[float], accuracy: Sequence[float]) -> float:
     a_mean = np.cumsum(a[order]) / np.arange(1, n + 1)
     x = np.linspace(0.0, 1.0, n)
     return float(np.trapezoid(a_mean, x) if hasattr(np, "trapezoid") else np.trapz(a_mean, x))
+
+
+UNCERTAINTY_FIELDS = {"nll": "mean_nll", "sampled": "semantic_entropy"}
+UNCERTAINTY_TEXT = {
+    "nll": "mean token negative log-likelihood of the greedy generation (mean_nll)",
+    "sampled": "entropy over clusters of equivalent sampled answers (semantic_entropy)",
+}
+
+
+def auarc_accuracies(kind: str, items: Sequence[dict[str, Any]], threshold: float) -> dict[str, np.ndarray]:
+    """The accuracy vectors AUARC is computed with, per AUARC name: summaries ``auarc`` (ROUGE-1 F >
+    threshold) and ``auarc_rouge1`` (ROUGE-1 F); QA ``auarc`` (exact match) and ``auarc_f1`` (token F1)."""
+    if kind == "qa":
+        return {
+            "auarc": np.array([float(it["em"]) for it in items]),
+            "auarc_f1": np.array([float(it["f1"]) for it in items]),
+        }
+    r1 = np.array([float(it["rouge1"]) for it in items])
+    return {"auarc": (r1 > threshold).astype(float), "auarc_rouge1": r1}
+
+
+def auarc_accuracy_text(kind: str, threshold: float) -> dict[str, str]:
+    if kind == "qa":
+        return {"auarc": "exact match (SQuAD v1.1 normalisation)", "auarc_f1": "token F1"}
+    return {"auarc": f"ROUGE-1 F > {threshold}", "auarc_rouge1": "ROUGE-1 F"}
+
+
+def uncertainty_vector(items: Sequence[dict[str, Any]], field: str) -> np.ndarray:
+    return np.array([float("nan") if it.get(field) is None else float(it[field]) for it in items])

@@ -13,6 +13,7 @@ from .probes import (
 )
 from .sets import (
     KINDS,
+    QA_INSTRUCTION,
     SUMMARY_INSTRUCTION,
     PromptItem,
     PromptSet,
@@ -30,6 +31,7 @@ __all__ = [
     "ids_from_subsets",
     "detect_format",
     "KINDS",
+    "QA_INSTRUCTION",
     "SUMMARY_INSTRUCTION",
     "harmbench_val",
     "harmful_probes",

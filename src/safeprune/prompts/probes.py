@@ -139,7 +139,8 @@ def probes_from_file(path: str | Path, kind: str, n: int | None, seed: int) -> t
     ``n`` is None or larger). Evaluation sets are refused."""
     if kind not in ("harmful", "harmless"):
         raise UsageError(f"probe kind must be 'harmful' or 'harmless', got {kind!r}")
-    ps = load_prompts(path, "safety" if kind == "harmful" else None)
+    # instruction="": a QA file (HotpotQA) gives its bare questions, not the QA answer-format prompt
+    ps = load_prompts(path, "safety" if kind == "harmful" else None, instruction="")
     if ps.format in EVAL_FORMATS or (ps.format == "dialogsum" and Path(path).name.startswith("test")):
         raise UsageError(
             f"{path}: {ps.format} {'test ' if ps.format == 'dialogsum' else ''}is an evaluation set; "

@@ -26,14 +26,19 @@ from typing import Any, Iterable
 from ..errors import InputError, UsageError
 
 SUMMARY_INSTRUCTION = "Summarize this dialogue:\n"  # the testbed's fine-tuning format
-KINDS = ("safety", "over_refusal", "utility")
+# QA sets (kind "qa"): the answer-format instruction put before every question; eval/qa.py extracts the answer
+QA_INSTRUCTION = (
+    "Answer the question with only the answer: a name, a date, a number, a short phrase, or yes/no. "
+    "Do not explain.\nQuestion: "
+)
+KINDS = ("safety", "over_refusal", "utility", "qa")
 
 
 @dataclass
 class PromptItem:
     id: str
     prompt: str
-    reference: str | None = None
+    reference: str | list[str] | None = None  # a QA item may have several gold answers
     overlap: bool = False  # prompt is in the harmful fine-tuning data (excluded from ASR)
     meta: dict[str, Any] = field(default_factory=dict)
 
@@ -155,8 +160,16 @@ FORMATS: dict[str, dict[str, Any]] = {
     },
     "hotpotqa": {
         "cols": {"question", "answer", "type", "orig_idx"},
-        "kind": "utility",
+        "kind": "qa",
         "id": "orig_idx",
+        "prompt": lambda r: r["question"],
+        "reference": lambda r: r["answer"],
+    },
+    # any question/answer file (SQuAD-style closed-book QA); id column "id" when present, else the row number
+    "qa": {
+        "cols": {"question", "answer"},
+        "kind": "qa",
+        "id": "id",
         "prompt": lambda r: r["question"],
         "reference": lambda r: r["answer"],
     },
@@ -176,6 +189,7 @@ def detect_format(columns: Iterable[str]) -> str | None:
         "hotpotqa",
         "donotanswer",
         "catqa",
+        "qa",
     ):
         if FORMATS[name]["cols"] <= cols:
             return name
@@ -198,10 +212,11 @@ def load_prompts(
 ) -> PromptSet:
     """Load one prompt file.
 
-    ``kind`` is 'safety' (harmful prompts: ASR), 'over_refusal' (benign prompts that should be answered)
-    or 'utility' (prompts with references). Default: the format's usual role. For XSTest,
-    ``xstest_label`` defaults to 'safe' for over-refusal and 'unsafe' for safety.
-    ``instruction`` (generic loader) is prepended to every prompt.
+    ``kind`` is 'safety' (harmful prompts: ASR), 'over_refusal' (benign prompts that should be answered),
+    'utility' (prompts with reference texts: ROUGE, METEOR, BLEU) or 'qa' (questions with gold answers:
+    exact match and F1; every question gets :data:`QA_INSTRUCTION` in front unless ``instruction`` is
+    given). Default: the format's usual role. For XSTest, ``xstest_label`` defaults to 'safe' for
+    over-refusal and 'unsafe' for safety. ``instruction`` is prepended to every prompt.
     """
     path = Path(path)
     rows = _read_rows(path)
@@ -211,6 +226,10 @@ def load_prompts(
     fmt = format or (None if column else detect_format(columns))
     if format and format not in FORMATS and format != "generic":
         raise UsageError(f"unknown prompt format {format!r}; known: {', '.join(FORMATS)}, generic")
+    if kind is not None and kind not in KINDS:
+        raise UsageError(f"unknown prompt-set kind {kind!r}; known: {', '.join(KINDS)}")
+    if kind == "qa" and instruction is None:
+        instruction = QA_INSTRUCTION
     if fmt in (None, "generic"):
         if not column:
             raise InputError(
@@ -222,10 +241,12 @@ def load_prompts(
             path, rows, kind or "safety", column, id_column, reference_column, instruction, include_overlap, name
         )
     spec = FORMATS[fmt]
+    if kind is None and spec["kind"] == "qa":
+        instruction = QA_INSTRUCTION if instruction is None else instruction
     kind = kind or spec["kind"]
-    if kind not in KINDS:
-        raise UsageError(f"unknown prompt-set kind {kind!r}; known: {', '.join(KINDS)}")
     info: dict[str, Any] = {}
+    if kind == "qa":
+        info["instruction"] = instruction or ""
     if fmt == "xstest":
         label = xstest_label or ("safe" if kind in ("over_refusal", "utility") else "unsafe")
         before = len(rows)
@@ -264,8 +285,9 @@ def load_prompts(
     if kind == "safety":
         info["overlap_rows"] = n_overlap
         info["overlap_excluded"] = 0 if include_overlap else n_overlap
-    if kind == "utility" and any(it.reference in (None, "") for it in items):
-        raise InputError("utility rows need a reference text (reference column missing or empty)", path)
+    if kind in ("utility", "qa") and any(_empty_reference(it.reference) for it in items):
+        what = "a gold answer" if kind == "qa" else "a reference text"
+        raise InputError(f"{kind} rows need {what} (reference column missing or empty)", path)
     return PromptSet(
         name=name or _default_name(path, fmt), kind=kind, path=str(path), format=fmt, items=items, info=info
     )
@@ -276,8 +298,10 @@ def _generic(path, rows, kind, column, id_column, reference_column, instruction,
         raise InputError(f"no column {column!r} (columns: {', '.join(list(rows[0])[:12])})", path)
     if id_column and id_column not in rows[0]:
         raise InputError(f"no id column {id_column!r}", path)
-    if kind == "utility" and not reference_column:
-        raise UsageError("a generic utility set needs a reference column")
+    if kind in ("utility", "qa") and not reference_column:
+        raise UsageError(f"a generic {kind} set needs a reference column (--reference-column)")
+    if reference_column and reference_column not in rows[0]:
+        raise InputError(f"no reference column {reference_column!r}", path)
     items, seen, n_overlap = [], set(), 0
     for i, r in enumerate(rows):
         rid = str(r[id_column]) if id_column else str(i)
@@ -293,17 +317,28 @@ def _generic(path, rows, kind, column, id_column, reference_column, instruction,
             raise InputError(f"row {i}: empty {column!r}", path)
         ref = r.get(reference_column) if reference_column else None
         items.append(PromptItem(rid, (instruction or "") + str(text), ref, overlap, dict(r)))
-    info = {"column": column}
+    if kind in ("utility", "qa") and any(_empty_reference(it.reference) for it in items):
+        raise InputError(f"{kind} rows need a non-empty {reference_column!r}", path)
+    info: dict[str, Any] = {"column": column}
+    if kind == "qa":
+        info["instruction"] = instruction or ""
     if kind == "safety":
         info.update(overlap_rows=n_overlap, overlap_excluded=0 if include_overlap else n_overlap)
     return PromptSet(name or path.stem, kind, str(path), "generic", items, info)
+
+
+def _empty_reference(ref: Any) -> bool:
+    """A missing reference; a list (several gold answers) must hold at least one non-empty string."""
+    if isinstance(ref, list):
+        return not ref or any(not isinstance(r, str) or not r.strip() for r in ref)
+    return ref is None or not str(ref).strip()
 
 
 def _default_name(path: Path, fmt: str) -> str:
     stem = path.stem
     if fmt == "dialogsum":
         return f"dialogsum_{stem}"
-    return fmt if fmt not in ("generic",) else stem
+    return fmt if fmt not in ("generic", "qa") else stem
 
 
 # -- subsets ---------------------------------------------------------------------------------------

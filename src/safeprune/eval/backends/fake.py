@@ -12,7 +12,8 @@ from .base import Backend, Generation, adapter_fingerprint
 
 class FakeBackend(Backend):
     """Deterministic text from a rule; no model. ``responses`` maps adapter name (None = base) to a
-    function ``prompt -> text`` or to a dict ``prompt -> text`` (missing prompts echo the prompt)."""
+    function ``prompt -> text`` or to a dict ``prompt -> text`` (missing prompts echo the prompt).
+    ``sampler(adapter, prompt, seed) -> text``, when given, answers sampled decoding (``do_sample``)."""
 
     name = "fake"
 
@@ -21,9 +22,11 @@ class FakeBackend(Backend):
         base: str = "fake-base",
         adapters: dict[str, str] | None = None,
         responses: dict[str | None, Any] | None = None,
+        sampler: Any = None,
     ):
         super().__init__(base, adapters)
         self.responses = responses or {}
+        self.sampler = sampler
         self.calls: list[tuple[str | None, int]] = []
 
     def model_hash(self) -> str:
@@ -53,7 +56,11 @@ class FakeBackend(Backend):
             self.calls.append((adapter, len(chunk)))
             gens = []
             for p in chunk:
-                words = self._respond(adapter, p).split()[: settings.max_new_tokens]
+                if settings.do_sample and self.sampler is not None:
+                    reply = self.sampler(adapter, p, settings.seed)
+                else:
+                    reply = self._respond(adapter, p)
+                words = reply.split()[: settings.max_new_tokens]
                 text = " ".join(words)
                 nll = 0.5 + (int(hashlib.md5(text.encode()).hexdigest()[:6], 16) % 1000) / 1000.0
                 gens.append(

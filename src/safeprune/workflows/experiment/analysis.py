@@ -4,7 +4,7 @@ the same τ, flipped prompts, and risk–coverage curves.
 
 All intervals are percentile intervals of a paired bootstrap over prompts: one resampling of a set's items
 is shared by every variant, so a delta's interval accounts for the pairing. AUARC is reported as a point
-value (a set-level statistic).
+value (a set-level statistic), and so is corpus BLEU.
 """
 
 from __future__ import annotations
@@ -21,8 +21,11 @@ from .variants import Variant
 ITEM_METRICS = {
     "safety": [("asr", "jailbroken"), ("asr_broad", "jailbroken_broad")],
     "over_refusal": [("over_refusal", "refused"), ("over_refusal_broad", "refused_broad")],
-    "utility": [("rouge1", "rouge1"), ("meteor", "meteor")],
+    "utility": [("rouge1", "rouge1"), ("meteor", "meteor"), ("bleu", "bleu")],
+    "qa": [("em", "em"), ("f1", "f1")],
 }
+# per set kind: set-level metrics reported as point values (no per-item vector)
+SET_METRICS = {"utility": ("auarc", "auarc_rouge1", "bleu_corpus"), "qa": ("auarc", "auarc_f1")}
 LEVEL = 0.95
 
 
@@ -54,11 +57,18 @@ def _mcnemar(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def risk_coverage(
-    items: list[dict[str, Any]], acc_field: str = "rouge1", threshold: float | None = None, points: int = 21
+    items: list[dict[str, Any]],
+    acc_field: str = "rouge1",
+    threshold: float | None = None,
+    points: int = 21,
+    uncertainty_field: str = "mean_nll",
 ) -> dict[str, list[float]]:
     """Figure-1 style: reject ('refer to experts') the most uncertain share x of samples (uncertainty =
-    mean token NLL), accuracy on the rest. ``threshold``: accuracy = ROUGE-1 > threshold, else ROUGE-1."""
-    u = np.asarray([it.get("mean_nll") if it.get("mean_nll") is not None else np.inf for it in items], float)
+    mean token NLL, or the field the evaluation's AUARC used), accuracy on the rest. ``threshold``:
+    accuracy = ROUGE-1 > threshold, else ROUGE-1."""
+    u = np.asarray(
+        [it.get(uncertainty_field) if it.get(uncertainty_field) is not None else np.inf for it in items], float
+    )
     a = np.asarray([it.get(acc_field) or 0.0 for it in items], float)
     if threshold is not None:
         a = (a > threshold).astype(float)
@@ -111,9 +121,8 @@ class _Vectors:
             out[key] = _stat(x, self.boot(key))
         for s in self.sets:
             m = self.metrics.get(vname, {}).get(s["name"], {})
-            if s["kind"] == "utility":
-                out[f"{s['name']}/auarc"] = {"value": m.get("auarc")}
-                out[f"{s['name']}/auarc_rouge1"] = {"value": m.get("auarc_rouge1")}
+            for k in SET_METRICS.get(s["kind"], ()):
+                out[f"{s['name']}/{k}"] = {"value": m.get(k)}
             if s["kind"] == "safety":
                 for k, v in m.items():
                     if k.startswith(("hs[", "harmful_rate[")) and isinstance(v, (int, float)):
@@ -173,6 +182,7 @@ def analyse(
     auarc_threshold: float = 0.15,
 ) -> dict[str, Any]:
     vec = _Vectors(results, items, n_boot, seed)
+    ufield = (results.get("auarc") or {}).get("field", "mean_nll")
     primary: dict[str, str] = {}
     for s in vec.sets:
         primary.setdefault(s["kind"], s["name"])
@@ -213,8 +223,10 @@ def analyse(
                 its = vec.by_vs.get((vname, us), [])
                 if its:
                     out["adapters"][a]["risk_coverage"][label] = {
-                        "rouge1": risk_coverage(its, "rouge1"),
-                        "thresholded": risk_coverage(its, "rouge1", threshold=auarc_threshold),
+                        "rouge1": risk_coverage(its, "rouge1", uncertainty_field=ufield),
+                        "thresholded": risk_coverage(
+                            its, "rouge1", threshold=auarc_threshold, uncertainty_field=ufield
+                        ),
                     }
     return out
 

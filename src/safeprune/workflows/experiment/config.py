@@ -15,6 +15,7 @@
       safety: [{path: ../shared/data/advbench/harmful_behaviors.csv, sample: 150, seed: 20251122}]
       over_refusal: [{path: ../shared/data/xstest/xstest_prompts.csv, sample: 100, seed: 20251122}]
       utility: [{path: ../shared/data/dialogsum/test.jsonl, limit: 100}]
+      qa: [{path: ../shared/data/hotpotqa/hotpot_dev_v1_simplified.jsonl, sample: 100, seed: 0}]   # optional
 
 Relative paths are resolved against the directory of the experiment file.
 """
@@ -121,7 +122,7 @@ class RandomSpec(_Strict):
     taus: list[int] | None = None  # default: every integer τ the methods use (auto τ resolved)
     # which kinds of prompt sets the controls are evaluated on (default: all). The selection question
     # compares ASR with the controls; their utility can be skipped when generation time is short.
-    kinds: list[Literal["safety", "over_refusal", "utility"]] | None = None
+    kinds: list[Literal["safety", "over_refusal", "utility", "qa"]] | None = None
 
     @field_validator("seeds")
     @classmethod
@@ -152,8 +153,16 @@ class EvalSpec(_Strict):
     safety: list[PromptSetSpec] = Field(default_factory=list)
     over_refusal: list[PromptSetSpec] = Field(default_factory=list)
     utility: list[PromptSetSpec] = Field(default_factory=list)
+    qa: list[PromptSetSpec] = Field(default_factory=list)  # question/answer sets: exact match (SR) and F1
     safety_max_new_tokens: int = 64
     utility_max_new_tokens: int = 96
+    qa_max_new_tokens: int = Field(32, ge=1)
+    # AUARC's uncertainty: nll (default) or sampled (see safeprune.eval.uncertainty; costs uq.samples ×
+    # items × variants extra generations, announced in the log before they run)
+    uncertainty: Literal["nll", "sampled"] = "nll"
+    uq_samples: int = Field(5, ge=2)
+    uq_temperature: float = Field(1.0, gt=0)
+    uq_equivalence: str = "rougeL:0.5"
     batch_size: int = 50
     sort_by_length: bool = True  # batch prompts of similar length together (less padding)
     utility_batch_size: int = 16  # utility prompts (dialogues) are long: smaller batches pad less
@@ -172,8 +181,8 @@ class EvalSpec(_Strict):
 
     @model_validator(mode="after")
     def _some(self) -> EvalSpec:
-        if not (self.safety or self.over_refusal or self.utility):
-            raise ValueError("evaluation needs at least one prompt set (safety, over_refusal or utility)")
+        if not (self.safety or self.over_refusal or self.utility or self.qa):
+            raise ValueError("evaluation needs at least one prompt set (safety, over_refusal, utility or qa)")
         return self
 
 
@@ -278,7 +287,7 @@ class ExperimentConfig(_Strict):
             for key in ("mix", "exclude_ids"):
                 if isinstance(f.options.get(key), str):
                     f.options[key] = r(f.options[key])
-        for group in (d.evaluation.safety, d.evaluation.over_refusal, d.evaluation.utility):
+        for group in (d.evaluation.safety, d.evaluation.over_refusal, d.evaluation.utility, d.evaluation.qa):
             for s in group:
                 s.path = r(s.path)
                 s.rows_from = r(s.rows_from)

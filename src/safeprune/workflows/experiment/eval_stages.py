@@ -10,7 +10,7 @@ from typing import Any
 
 from ...errors import InputError, UsageError
 from ...eval.backends import GenSettings, make_backend
-from ...eval.evaluate import EvalConfig, EvalResult, evaluate
+from ...eval.evaluate import EvalConfig, EvalResult, evaluate, sampled_uncertainty_cost
 from ...eval.judges import HFClassifierJudge, KeywordJudge, OpenAIJudge
 from ...eval.results import write_results
 from ...io.files import write_text_atomic
@@ -28,6 +28,7 @@ def load_sets(cfg: ExperimentConfig):
         ("safety", cfg.evaluation.safety),
         ("over_refusal", cfg.evaluation.over_refusal),
         ("utility", cfg.evaluation.utility),
+        ("qa", cfg.evaluation.qa),
     ):
         for s in group:
             ps = load_prompts(
@@ -68,7 +69,19 @@ def stage_evaluate(cfg: ExperimentConfig, variants: list[Variant], out: Path, lo
         seed=cfg.seed,
         sort_by_length=e.sort_by_length,
         utility_batch_size=e.utility_batch_size,
+        qa_max_new_tokens=e.qa_max_new_tokens,
+        uncertainty=e.uncertainty,
+        uq_samples=e.uq_samples,
+        uq_temperature=e.uq_temperature,
+        uq_equivalence=e.uq_equivalence,
     )
+    n_variants = len(main) + int(e.include_base)
+    for line in (
+        sampled_uncertainty_cost(sets, n_variants, ecfg),
+        sampled_uncertainty_cost([s for s in sets if s.kind in kinds], len(controls), ecfg) if controls else None,
+    ):
+        if line:
+            log(line)
     opts: dict[str, Any] = {}
     if e.backend == "hf" and backend is None:
         opts = {"device": e.device, "dtype": e.dtype, "threads": e.threads}
@@ -101,7 +114,9 @@ def stage_evaluate(cfg: ExperimentConfig, variants: list[Variant], out: Path, lo
         merged["timing"] = {"seconds": res.results["timing"]["seconds"] + r2.results["timing"]["seconds"]}
         res = EvalResult(merged, res.items + r2.items, out / "eval")
         write_results(res, out / "eval")
-    gen = sum(m.get("generated_now", 0) for v in res.metrics.values() for m in v.values())
+    gen = sum(
+        m.get("generated_now", 0) + m.get("samples_generated_now", 0) for v in res.metrics.values() for m in v.values()
+    )
     log(
         f"evaluate: {len(adapters) + int(e.include_base)} variants × {len(sets)} sets, {gen} generations "
         f"made now, {time.perf_counter() - t0:.0f} s"
@@ -148,7 +163,7 @@ def stage_latency(
     unknown = [n for n in names if n != "base" and n not in byname]
     if unknown:
         raise UsageError(f"latency.variants: unknown variant(s) {unknown}")
-    pool = [it.prompt for ps in sets if ps.kind != "utility" for it in ps.items] or [
+    pool = [it.prompt for ps in sets if ps.kind not in ("utility", "qa") for it in ps.items] or [
         it.prompt for ps in sets for it in ps.items
     ]
     prompts = pool[: lat.n_prompts]

@@ -143,7 +143,7 @@ def risk_coverage_section(c: Any) -> None:
             plots / f"{a}_risk_coverage.png",
             f"{a}: ROUGE-1 on the retained summaries as uncertain ones are referred",
         )
-        doc.img(p, f"{a}: risk–coverage (uncertainty = mean token NLL of the summary)")
+        doc.img(p, f"{a}: risk–coverage (uncertainty = {c.uncertainty}, of the summary)")
 
 
 def flips_section(c: Any) -> None:

@@ -37,6 +37,19 @@ def build_report(
     r1_k = f"{prim['utility']}/rouge1" if "utility" in prim else None
     met_k = f"{prim['utility']}/meteor" if "utility" in prim else None
     auarc_k = f"{prim['utility']}/auarc" if "utility" in prim else None
+    extra = []  # BLEU beside ROUGE/METEOR; the QA set's SR (EM), F1 and AUARC
+    if "utility" in prim:
+        extra += [("BLEU", f"{prim['utility']}/bleu_corpus"), ("sent-BLEU", f"{prim['utility']}/bleu")]
+    qa_f1_k = f"{prim['qa']}/f1" if "qa" in prim else None
+    if "qa" in prim:
+        q = prim["qa"]
+        extra += [(f"{q} SR (EM) %", f"{q}/em"), (f"{q} F1", f"{q}/f1"), (f"{q} AUARC", f"{q}/auarc")]
+    au = eval_results.get("auarc") or {}
+    uncertainty = au.get("uncertainty_text", "mean token NLL")
+    if au.get("sampling"):
+        sm = au["sampling"]
+        eq = sm["equivalence"]
+        uncertainty += f", {sm['samples']} samples, equivalence {eq['id'] if isinstance(eq, dict) else eq}"
     hs_keys = sorted(
         {
             k
@@ -53,7 +66,7 @@ def build_report(
     doc.h(2, "Summary")
     summary_lines = []
     for a, ad in analysis["adapters"].items():
-        summary_lines += _verdicts(cfg, a, ad, asr_k, r1_k, orr_k)
+        summary_lines += _verdicts(cfg, a, ad, asr_k, r1_k, orr_k, qa_f1_k)
     for line in summary_lines:
         doc.p(line, "verdict")
     if cfg.paper and asr_k and r1_k:
@@ -84,7 +97,7 @@ def build_report(
         " (seed s prunes the first τ modules of a seeded permutation of all modules)",
         "prompt sets: " + "; ".join(f"**{n}** ({s['kind']}, n = {s['n']})" for n, s in sets.items()),
         f"generation: greedy, {e.safety_max_new_tokens} new tokens for safety/over-refusal prompts, "
-        f"{e.utility_max_new_tokens} for utility, batch {e.batch_size}, backend {e.backend} "
+        f"{e.utility_max_new_tokens} for utility, {e.qa_max_new_tokens} for QA, batch {e.batch_size}, backend {e.backend} "
         f"({eval_results.get('backend', {}).get('dtype', e.dtype)}), chat template with its default system prompt"
         if e.system_prompt is None
         else f"system prompt {e.system_prompt!r}",
@@ -102,6 +115,7 @@ def build_report(
             ", ".join(eval_results.get("harm_judges", {}))
             or "not measured — no judge configured (evaluation.judges: hf_classifier or openai)"
         ),
+        f"AUARC uncertainty: {uncertainty}",
         "METEOR: "
         + (
             "available"
@@ -137,6 +151,9 @@ def build_report(
             met_k,
             auarc_k,
             hs_keys,
+            extra=extra,
+            qa_f1_k=qa_f1_k,
+            uncertainty=uncertainty,
         )
 
     md = doc.markdown(out)
@@ -144,7 +161,7 @@ def build_report(
     return paths
 
 
-def _verdicts(cfg, a, ad, asr_k, r1_k, orr_k) -> list[str]:
+def _verdicts(cfg, a, ad, asr_k, r1_k, orr_k, qa_f1_k=None) -> list[str]:
     out = []
     ref = next(r for r in ad["rows"] if r["variant"]["method"] is None)
     if asr_k and asr_k in ref["metrics"]:
@@ -153,6 +170,9 @@ def _verdicts(cfg, a, ad, asr_k, r1_k, orr_k) -> list[str]:
             head += f" (broad judge {ci(ref['metrics'][f'{asr_k}_broad'])})"
         if r1_k in ref["metrics"]:
             head += f", ROUGE-1 {ci(ref['metrics'][r1_k])}"
+        if qa_f1_k and qa_f1_k in ref["metrics"]:
+            q = qa_f1_k.rsplit("/", 1)[0]
+            head += f", {q} SR {ci(ref['metrics'].get(q + '/em'))} / F1 {ci(ref['metrics'][qa_f1_k])}"
         out.append(head + " before any edit.")
     for m in cfg.methods:
         rows = [r for r in ad["rows"] if r["variant"]["method"] == m.name]
@@ -172,6 +192,8 @@ def _verdicts(cfg, a, ad, asr_k, r1_k, orr_k) -> list[str]:
             s += f"; ROUGE-1 {dci(row['vs_ref'][r1_k])}"
         if orr_k and orr_k in row["vs_ref"]:
             s += f"; over-refusal {dci(row['vs_ref'][orr_k])}"
+        if qa_f1_k and qa_f1_k in row["vs_ref"]:
+            s += f"; QA F1 {dci(row['vs_ref'][qa_f1_k])}"
         out.append(s + ".")
     return out
 

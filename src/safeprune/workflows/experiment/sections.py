@@ -17,7 +17,9 @@ def _methods_table(c: _Section) -> None:
     doc.h(3, "Methods compared (Table 2 style)")
     broad = c.broad_keys
     heads = (
-        ["variant", "ROUGE-1", "METEOR", "AUARC", "ASR %"]
+        ["variant", "ROUGE-1", "METEOR", "AUARC"]
+        + [label for label, _ in c.extra]
+        + ["ASR %"]
         + ["ASR % (broad judge)"] * len(broad)
         + [k.split("/", 1)[1] for k in hs_keys]
         + ["over-refusal %", "modules kept", "% LoRA params"]
@@ -25,7 +27,9 @@ def _methods_table(c: _Section) -> None:
 
     def line(label, m, v=None):
         return (
-            [label, ci(m.get(r1_k)), ci(m.get(met_k)), ci(m.get(auarc_k)), ci(m.get(asr_k))]
+            [label, ci(m.get(r1_k)), ci(m.get(met_k)), ci(m.get(auarc_k))]
+            + [ci(m.get(k)) for _, k in c.extra]
+            + [ci(m.get(asr_k))]
             + [ci(m.get(k)) for k in broad]
             + [ci(m.get(k), 2) for k in hs_keys]
             + [ci(m.get(orr_k)), str(v["modules_kept"]) if v else "—", f1(100 * v["params_kept"]) if v else "—"]
@@ -53,7 +57,8 @@ def _methods_table(c: _Section) -> None:
             else ""
         )
         + ". AUARC: point value (area under the accuracy–rejection curve, "
-        "uncertainty = mean token NLL, accuracy = ROUGE-1 > 0.15). Random rows: the mean over "
+        f"uncertainty = {c.uncertainty}, accuracy = ROUGE-1 > 0.15; on QA sets exact match). BLEU (corpus): "
+        "point value; sentence BLEU, QA EM (= SR) and F1: mean with CI. Random rows: the mean over "
         "seeds with a paired CI over prompts.",
     )
 
@@ -72,7 +77,7 @@ def _chance_section(c: _Section) -> None:
         "ΔROUGE-1 vs adapter",
         "ΔROUGE-1 vs random",
         "Δover-refusal vs adapter",
-    ]
+    ] + (["ΔQA F1 vs adapter"] if c.qa_f1_k else [])
     body, classes = [], []
     for r in rows:
         v = r["variant"]
@@ -92,6 +97,7 @@ def _chance_section(c: _Section) -> None:
                 dci(r["vs_random"].get(r1_k)),
                 dci(r["vs_ref"].get(orr_k)),
             ]
+            + ([dci(r["vs_ref"].get(c.qa_f1_k))] if c.qa_f1_k else [])
         )
         classes.append(
             [
@@ -104,6 +110,7 @@ def _chance_section(c: _Section) -> None:
                 "",
                 "",
             ]
+            + ([""] if c.qa_f1_k else [])
         )
     for t, rs in ad["random"].items():
         m = rs["metrics"]
@@ -118,8 +125,9 @@ def _chance_section(c: _Section) -> None:
                 "—",
                 dci((m.get(orr_k) or {}).get("vs_ref")),
             ]
+            + ([dci((m.get(c.qa_f1_k) or {}).get("vs_ref"))] if c.qa_f1_k else [])
         )
-        classes.append([""] * 8)
+        classes.append([""] * len(heads))
         if asr_k in m:
             body[-1][3] = "seeds: " + ", ".join(f1(x) for x in m[asr_k]["seeds"])
     doc.table(
@@ -170,7 +178,8 @@ def _variants_table(c: _Section) -> None:
     doc.h(3, "Every variant")
     broad = c.broad_keys
     heads = ["variant", "ASR %"] + ["ASR % (broad judge)"] * len(broad)
-    heads += ["over-refusal %", "ROUGE-1", "METEOR", "AUARC", "% params", "name in the results files"]
+    heads += ["over-refusal %", "ROUGE-1", "METEOR", "AUARC"] + [h for h, _ in c.extra]
+    heads += ["% params", "name in the results files"]
     body = []
     for r in rows:
         mm, v = r["metrics"], r["variant"]
@@ -182,9 +191,9 @@ def _variants_table(c: _Section) -> None:
                 ci(mm.get(r1_k)),
                 ci(mm.get(met_k)),
                 ci(mm.get(auarc_k)),
-                f1(100 * v["params_kept"]),
-                f"`{v['name']}`",
             ]
+            + [ci(mm.get(k)) for _, k in c.extra]
+            + [f1(100 * v["params_kept"]), f"`{v['name']}`"]
         )
     doc.table(heads, body)
 
@@ -209,6 +218,9 @@ class _Section:
     met_k: Any
     auarc_k: Any
     hs_keys: Any
+    extra: Any = ()  # (column label, metric key): BLEU and the QA columns, when measured
+    qa_f1_k: Any = None
+    uncertainty: str = "mean token NLL"
 
     @property
     def rows(self) -> list[dict[str, Any]]:
@@ -242,11 +254,47 @@ SECTIONS = (
 
 
 def adapter_section(
-    doc, cfg, a, ad, analysis, variants, tables, autos, latency, plots, asr_k, orr_k, r1_k, met_k, auarc_k, hs_keys
+    doc,
+    cfg,
+    a,
+    ad,
+    analysis,
+    variants,
+    tables,
+    autos,
+    latency,
+    plots,
+    asr_k,
+    orr_k,
+    r1_k,
+    met_k,
+    auarc_k,
+    hs_keys,
+    extra=(),
+    qa_f1_k=None,
+    uncertainty="mean token NLL",
 ):
     doc.h(2, f"Adapter `{a}`")
     c = _Section(
-        doc, cfg, a, ad, analysis, variants, tables, autos, latency, plots, asr_k, orr_k, r1_k, met_k, auarc_k, hs_keys
+        doc,
+        cfg,
+        a,
+        ad,
+        analysis,
+        variants,
+        tables,
+        autos,
+        latency,
+        plots,
+        asr_k,
+        orr_k,
+        r1_k,
+        met_k,
+        auarc_k,
+        hs_keys,
+        extra,
+        qa_f1_k,
+        uncertainty,
     )
     for section in SECTIONS:
         section(c)
