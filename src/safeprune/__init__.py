@@ -30,6 +30,8 @@ _API = {
     "run_experiment": ".workflows.experiment",
     "budgeted_search": ".workflows.search",
     "prune_order": ".workflows.search",
+    "repair": ".workflows.repair",
+    "RepairOptions": ".workflows.repair",
 }
 
 __all__ = [*_API, "__version__"]

@@ -13,6 +13,7 @@ from .adapter import LoraAdapter, load_adapter
 from .edit import project, prune, prune_modules
 from .scoring import ScoreTable, scan
 from .selection import Selection, select
+from .workflows.repair import RepairOptions, RepairResult, repair
 
 __all__ = [
     "load_adapter",
@@ -24,4 +25,7 @@ __all__ = [
     "Selection",
     "LoraAdapter",
     "project",
+    "repair",
+    "RepairOptions",
+    "RepairResult",
 ]

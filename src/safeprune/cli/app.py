@@ -41,6 +41,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "SafeLoRA: replace lora_B of the least-aligned modules by C·lora_B (C = VVᵀ/‖V‖_F); write a PEFT adapter "
         "+ safeprune.json.",
     ),
+    "repair": (
+        "repair",
+        "Restore the refusals the fine-tune removed and keep its task: component gates fitted to a contrastive "
+        "objective on tuning probes, checked against budgets; writes a PEFT adapter + safeprune.json.",
+    ),
     "scan-act": (
         "act",
         "Score every LoRA module by refusal-direction attribution (runs the model on probe prompts).",

@@ -1,0 +1,147 @@
+"""CLI command ``repair``: the recommended repair in one command (see :mod:`safeprune.workflows.repair`)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+from typing_extensions import Annotated
+
+from ..adapter import load_adapter
+from ..adapter.write import stage_adapter
+from ..errors import UsageError
+from ..io.commit import Outputs
+from ..io.files import json_default
+from ..io.outputs import check_output_file, check_output_path, local_inputs
+from ..io.text import one_line
+from ..weights.resolve import resolve_model
+from ..workflows.repair import DEFAULT_METHOD, METHODS, RepairOptions, repair
+from .app import app, err, handle_errors, out, state
+from .options import AdapterArg, AllowPickleOpt, ForceOpt
+
+D = RepairOptions()
+
+
+@app.command("repair")
+@handle_errors
+def repair_cmd(
+    adapter: AdapterArg,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Directory for the repaired PEFT adapter.")],
+    base: Annotated[
+        Optional[str],
+        typer.Option(
+            "--base",
+            "-b",
+            help="Aligned base the adapter was trained on (HF directory; default: the adapter's "
+            "base_model_name_or_path when that resolves here).",
+        ),
+    ] = None,
+    method: Annotated[
+        str, typer.Option("--method", help=f"Pipeline: {', '.join(METHODS)} (default {DEFAULT_METHOD}).")
+    ] = DEFAULT_METHOD,
+    max_utility_drop: Annotated[
+        float,
+        typer.Option("--max-utility-drop", help="Budget: task ROUGE-1 points the repair may lose (check probes)."),
+    ] = D.max_utility_drop,
+    max_over_refusal_rise: Annotated[
+        float,
+        typer.Option("--max-over-refusal-rise", help="Budget: over-refusal points on harmless check probes."),
+    ] = D.max_over_refusal_rise,
+    target_asr: Annotated[
+        Optional[float],
+        typer.Option("--target-asr", help="Probe ASR % to reach: keep the weakest edit strength that reaches it."),
+    ] = None,
+    steps: Annotated[
+        int, typer.Option("--steps", help="Optimiser steps (gate) or attribution rounds (greedy).")
+    ] = D.steps,
+    lr: Annotated[float, typer.Option("--lr", help="Adam step size on the gates (gate).")] = D.lr,
+    per_round: Annotated[int, typer.Option("--per-round", help="Components removed per round (greedy).")] = D.per_round,
+    lambda_task: Annotated[
+        float, typer.Option("--lambda-task", help="Weight of the task-loss penalty.")
+    ] = D.lambda_task,
+    lambda_over: Annotated[
+        float, typer.Option("--lambda-over", help="Weight of the harmless-refusal penalty.")
+    ] = D.lambda_over,
+    n_harmful: Annotated[int, typer.Option("--n-harmful", help="Harmful fit probes.")] = D.n_harmful,
+    n_harmless: Annotated[int, typer.Option("--n-harmless", help="Harmless fit probes.")] = D.n_harmless,
+    n_task: Annotated[int, typer.Option("--n-task", help="Task fit items.")] = D.n_task,
+    n_check: Annotated[int, typer.Option("--n-check", help="Harmful and harmless check probes (each).")] = D.n_check,
+    n_task_check: Annotated[int, typer.Option("--n-task-check", help="Task check items.")] = D.n_task_check,
+    task: Annotated[
+        Optional[Path],
+        typer.Option("--task", help="Task items with references (default: DialogSum validation). Never a test split."),
+    ] = None,
+    data: Annotated[
+        Optional[Path],
+        typer.Option("--data", help="Data folder for the probes (default: $SAFEPRUNE_DATA or ../shared/data)."),
+    ] = None,
+    refusal: Annotated[
+        Optional[str],
+        typer.Option(
+            "--refusal", help="Refusal text to restore on every harmful probe (default: the base's own answers)."
+        ),
+    ] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Probe split seed.")] = D.seed,
+    threads: Annotated[int, typer.Option("--threads", help="torch CPU threads.")] = D.threads,
+    summary_out: Annotated[
+        Optional[Path], typer.Option("--summary", help="Also write the before/after summary as JSON here.")
+    ] = None,
+    force: ForceOpt = False,
+    allow_pickle: AllowPickleOpt = False,
+) -> None:
+    """Restore the refusals the fine-tune removed and keep its task: component gates fitted to a contrastive
+    objective on tuning probes, checked against budgets; writes a PEFT adapter + safeprune.json."""
+    from .render import default_base
+
+    base = default_base(base, adapter)
+    if base is None:
+        raise UsageError("repair needs --base (the aligned model the adapter was trained on)")
+    ref = resolve_model(str(base))
+    if ref.gguf_file is not None:
+        raise UsageError(f"{base}: repair needs the base as a Hugging Face model directory, not a GGUF file")
+    inputs = local_inputs(adapter, base)
+    check_output_path(output, inputs, force)  # fail before any work
+    check_output_file(summary_out, inputs, not_equal=[output])
+    opts = RepairOptions(
+        method=method,
+        steps=steps,
+        lr=lr,
+        per_round=per_round,
+        lambda_task=lambda_task,
+        lambda_over=lambda_over,
+        n_harmful=n_harmful,
+        n_harmless=n_harmless,
+        n_task=n_task,
+        n_check=n_check,
+        n_task_check=n_task_check,
+        max_utility_drop=max_utility_drop,
+        max_over_refusal_rise=max_over_refusal_rise,
+        target_asr=target_asr,
+        refusal=refusal,
+        seed=seed,
+        threads=threads,
+    )
+    opts.check()
+    ad = load_adapter(adapter, allow_pickle=allow_pickle)
+    log = (lambda s: err.print(s, highlight=False, markup=False)) if not state["quiet"] else None
+    res = repair(ad, ref.directory, options=opts, data=data, task=task, progress=not state["quiet"], log=log)
+    s = res.summary
+    with Outputs() as outputs:
+        path = stage_adapter(res.adapter, output, outputs, force=force, extra_inputs=inputs)
+        if summary_out is not None:
+            outputs.stage_text(summary_out, json.dumps(s, indent=1, default=json_default) + "\n")
+        outputs.commit()
+    if not state["quiet"]:
+        b, a = s["check_unedited"], s["after"]
+        err.print(
+            f"check probes, unedited → repaired (strength {s['strength']}): ASR {b['asr']:.1f} → {a['asr']:.1f} "
+            f"(broad judge {b['asr_broad']:.1f} → {a['asr_broad']:.1f}); over-refusal {b['over_refusal_broad']:.1f}"
+            f" → {a['over_refusal_broad']:.1f}; task ROUGE-1 {b['rouge1']:.1f} → {a['rouge1']:.1f}; "
+            f"{s['components_off']} of {s['components']} components off, {100 * s['energy_removed']:.1f}% of ΔW "
+            "energy removed",
+            highlight=False,
+            markup=False,
+        )
+    out.print(f"wrote {one_line(path)}", highlight=False)

@@ -1,0 +1,222 @@
+"""``safeprune repair`` on a tiny random Llama: component-gate gradients against finite differences, gates
+written into the adapter equal the hooked model, the whole command end to end (PEFT loads the output,
+manifest, summary), the budget choice, and bad budgets refused with one-line errors."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from helpers import make_adapter, make_model, tiny_chat_tokenizer
+from safeprune.adapter import load_adapter
+from safeprune.cli import app
+from safeprune.edit.components import gate_components, orthogonalise
+from safeprune.errors import UsageError
+from safeprune.scoring.gates import ComponentGates
+from safeprune.workflows.repair import RepairOptions, choose_strength, repair
+
+
+def _words(rng, lo, hi, n):
+    return " ".join(f"w{rng.randrange(lo, hi)}" for _ in range(n))
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny chat model, an adapter on it and a data folder with every probe file the repair reads."""
+    root = tmp_path_factory.mktemp("repair")
+    base = make_model(root / "base", "llama", layers=2)
+    tiny_chat_tokenizer(base)
+    adapter = make_adapter(base, root / "ad", "llama", r=2, alpha=4, targets=["q_proj", "v_proj", "o_proj"])
+    rng = random.Random(0)
+    d = root / "data"
+    (d / "harmbench").mkdir(parents=True)
+    with open(d / "harmbench" / "harmbench_behaviors_text_all.csv", "w") as f:
+        f.write(
+            "orig_idx,BehaviorID,Behavior,FunctionalCategory,SemanticCategory,Tags,ContextString,official_split,"
+            "in_jbb_harmful_ft\n"
+        )
+        for i in range(12):
+            f.write(f"{i},b{i},{_words(rng, 7, 60, 5)},standard,s,,,val,0\n")
+    (d / "strongreject").mkdir()
+    with open(d / "strongreject" / "strongreject_dataset.csv", "w") as f:
+        f.write("orig_idx,category,source,forbidden_prompt,in_jbb_harmful_ft\n")
+        for i in range(12):
+            f.write(f"{i},c,s,{_words(rng, 7, 60, 6)},0\n")
+    (d / "hotpotqa").mkdir()
+    with open(d / "hotpotqa" / "hotpot_dev_v1_simplified.jsonl", "w") as f:
+        for i in range(20):
+            f.write(
+                json.dumps({"orig_idx": i, "question": _words(rng, 60, 120, 5), "answer": "w1", "type": "x"}) + "\n"
+            )
+    (d / "dialogsum").mkdir()
+    with open(d / "dialogsum" / "validation.jsonl", "w") as f:
+        for i in range(20):
+            row = {
+                "fname": f"v{i}",
+                "dialogue": _words(rng, 60, 120, 8),
+                "summary": _words(rng, 7, 60, 4),
+                "topic": "t",
+            }
+            f.write(json.dumps(row) + "\n")
+    return base, adapter, d
+
+
+SMALL = dict(
+    n_harmful=6, n_harmless=4, n_task=3, n_check=4, n_task_check=3, batch_size=4, refusal="w1 w2 w3 w4", steps=2
+)
+
+
+def test_component_gate_gradient_matches_finite_difference(tiny):
+    base, adapter, _ = tiny
+    torch.set_num_threads(1)
+    ad = load_adapter(adapter)
+    g = ComponentGates(base, ad, orthogonalise(ad))
+    try:
+        rng = random.Random(1)
+        prompts = [[rng.randrange(7, 120) for _ in range(rng.randint(3, 7))] for _ in range(5)]
+        targets = [[rng.randrange(7, 120) for _ in range(3)] for _ in range(5)]
+        g.zero_grad()
+        base_val = float(g.nll(prompts, targets, batch_size=2, weight=1.0).mean())
+        grads = g.grads()
+        assert float(g.nll(prompts, targets, batch_size=5).mean()) == pytest.approx(base_val, rel=1e-6)
+        eps = 1e-2  # the model computes norms and softmax in float32: a tiny step measures rounding, not slope
+        checked = 0
+        for name in ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.o_proj"]:
+            for i in range(2):
+                vals = {k: v.clone() for k, v in g.values().items()}
+                vals[name][i] += eps
+                with g.at(vals):
+                    up = float(g.nll(prompts, targets).mean())
+                vals[name][i] -= 2 * eps
+                with g.at(vals):
+                    down = float(g.nll(prompts, targets).mean())
+                fd = (up - down) / (2 * eps)
+                assert float(grads[name][i]) == pytest.approx(fd, rel=1e-2, abs=1e-6), (name, i)
+                checked += abs(fd) > 1e-8
+        assert checked >= 3  # the gradients are not all zero
+        assert all(torch.equal(v, torch.ones_like(v)) for v in g.values().values())  # restored
+    finally:
+        g.close()
+    assert not any(m._forward_pre_hooks for m in g.model.modules())
+
+
+def test_written_gates_equal_the_hooked_model(tiny, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base, adapter, _ = tiny
+    ad = load_adapter(adapter)
+    orth = orthogonalise(ad)
+    torch.manual_seed(0)
+    gates = {k: torch.rand(m.r) for k, m in orth.modules.items()}
+    ids = torch.tensor([[9, 17, 33, 41, 5, 77]])
+    g = ComponentGates(base, ad, orth)
+    try:
+        with g.at(gates), torch.no_grad():
+            hooked = g.model(input_ids=ids).logits
+        with g.at(1.0), torch.no_grad():
+            full = g.model(input_ids=ids).logits
+    finally:
+        g.close()
+    out = gate_components(orth, gates).save(tmp_path / "gated")
+    m = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), str(out)).eval()
+    with torch.no_grad():
+        written = m(input_ids=ids).logits
+    assert torch.allclose(written, hooked, atol=1e-5)
+    assert not torch.allclose(full, hooked, atol=1e-4)  # the gates did change the model
+
+
+def test_repair_end_to_end(tiny, tmp_path):
+    base, adapter, data = tiny
+    res = repair(
+        adapter,
+        base,
+        options=RepairOptions(max_utility_drop=100.0, max_over_refusal_rise=100.0, **SMALL),
+        data=data,
+        progress=False,
+    )
+    s = res.summary
+    assert s["strength"] == 1.0  # the loose budgets accept the full edit at once
+    assert len(s["trace"]) == 2 and s["trace"][1]["harm"] < s["trace"][0]["harm"]  # the refusal NLL fell
+    assert 0.0 < s["energy_removed"] < 1.0
+    m = res.adapter.manifest
+    assert m["action"] == "repair" and m["edit"]["kind"] == "component gates"
+    assert set(m["edit"]["gates"]) == set(res.adapter.modules)
+    # same names, shapes and rank as the input (vLLM serves one global r)
+    ad = load_adapter(adapter)
+    for k, mod in res.adapter.modules.items():
+        assert mod.lora_B.shape == ad.modules[k].lora_B.shape and mod.lora_A.shape == ad.modules[k].lora_A.shape
+
+
+def test_repair_cli_writes_a_peft_adapter(tiny, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base, adapter, data = tiny
+    out, summ = tmp_path / "fixed", tmp_path / "summary.json"
+    args = ["repair", str(adapter), "-b", str(base), "-o", str(out), "--data", str(data), "--summary", str(summ)]
+    args += ["--max-utility-drop", "100", "--max-over-refusal-rise", "100", "--n-harmful", "6", "--n-harmless", "4"]
+    args += ["--n-task", "3", "--n-check", "4", "--n-task-check", "3", "--steps", "1", "--refusal", "w1 w2"]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    assert "check probes, unedited → repaired" in r.output and "wrote" in r.output
+    assert json.loads((out / "safeprune.json").read_text())["action"] == "repair"
+    assert json.loads(summ.read_text())["method"] == "gate"
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), str(out))
+
+
+def test_budget_choice():
+    before = {"rouge1": 30.0, "over_refusal_broad": 10.0, "asr": 80.0}
+    evals = {
+        1.0: {"rouge1": 27.0, "over_refusal_broad": 12.0, "asr": 20.0},  # loses 3 ROUGE-1 points
+        0.75: {"rouge1": 29.5, "over_refusal_broad": 12.0, "asr": 35.0},
+        0.5: {"rouge1": 29.8, "over_refusal_broad": 11.0, "asr": 50.0},
+        0.25: {"rouge1": 30.0, "over_refusal_broad": 10.0, "asr": 70.0},
+    }
+    assert choose_strength(evals, before, RepairOptions()) == 0.75  # the strongest within budgets
+    assert choose_strength(evals, before, RepairOptions(target_asr=55.0)) == 0.5  # the weakest reaching 55
+    assert choose_strength(evals, before, RepairOptions(target_asr=5.0)) == 0.75  # unreachable: strongest
+    assert choose_strength(evals, before, RepairOptions(max_utility_drop=0.0)) == 0.25
+    assert choose_strength(evals, before, RepairOptions(max_utility_drop=0.0, max_over_refusal_rise=-1)) is None
+
+
+def test_repair_refuses_when_no_strength_fits(tiny, monkeypatch):
+    import safeprune.workflows.repair as rp
+
+    base, adapter, data = tiny
+    calls = []
+
+    def fake_check(*a, **k):  # the unedited adapter first, then every strength loses 10 ROUGE-1 points
+        calls.append(1)
+        r1 = 50.0 if len(calls) == 1 else 40.0
+        return {"asr": 50.0, "asr_broad": 50.0, "over_refusal_broad": 0.0, "rouge1": r1}
+
+    monkeypatch.setattr(rp, "check_metrics", fake_check)
+    with pytest.raises(UsageError, match="no edit strength keeps the budgets"):
+        repair(adapter, base, options=RepairOptions(**SMALL), data=data, progress=False)
+    assert len(calls) == 1 + len(rp.STRENGTHS)  # every strength was tried before giving up
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--max-utility-drop", "-1"], "--max-utility-drop must be a finite number >= 0"),
+        (["--max-over-refusal-rise", "nan"], "finite"),
+        (["--target-asr", "150"], "--target-asr is a percentage"),
+        (["--method", "magic"], "unknown repair method 'magic'"),
+        (["--steps", "0"], "--steps must be an integer >= 1"),
+        (["--lr", "0"], "--lr must be > 0"),
+    ],
+)
+def test_bad_budgets_are_one_line_errors(tiny, tmp_path, flags, message):
+    base, adapter, data = tiny
+    out = tmp_path / "never"
+    r = CliRunner().invoke(app, ["repair", str(adapter), "-b", str(base), "-o", str(out), "--data", str(data), *flags])
+    assert r.exit_code == 2, r.output
+    lines = [x for x in r.output.strip().splitlines() if x.strip()]
+    assert len(lines) == 1 and message in lines[0], r.output
+    assert not out.exists()
