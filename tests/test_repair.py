@@ -220,3 +220,35 @@ def test_bad_budgets_are_one_line_errors(tiny, tmp_path, flags, message):
     lines = [x for x in r.output.strip().splitlines() if x.strip()]
     assert len(lines) == 1 and message in lines[0], r.output
     assert not out.exists()
+
+
+def test_random_control_matches_the_energy_budget(tiny, tmp_path):
+    from safeprune.workflows.repair import random_control_gates
+
+    base, adapter, data = tiny
+    orth = orthogonalise(load_adapter(adapter))
+    total = sum(float(m.delta_weight().pow(2).sum()) for m in orth.modules.values())
+    for energy in (0.0, 0.1, 0.37, 1.0):
+        g = random_control_gates(orth, energy, seed=3)
+        kept = sum(float(m.delta_weight().pow(2).sum()) for m in gate_components(orth, g).modules.values())
+        assert 1 - kept / total == pytest.approx(energy, abs=1e-6)  # dense reference
+    a, b = random_control_gates(orth, 0.37, 1), random_control_gates(orth, 0.37, 1)
+    assert all(torch.equal(a[k], b[k]) for k in a)  # seeded
+    # the CLI writes it next to a repaired adapter, with the repair's budget
+    rep = tmp_path / "rep"
+    r = CliRunner().invoke(
+        app,
+        ["repair", str(adapter), "-b", str(base), "-o", str(rep), "--data", str(data), "--steps", "1"]
+        + ["--max-utility-drop", "100", "--max-over-refusal-rise", "100", "--n-harmful", "6", "--n-harmless", "4"]
+        + ["--n-task", "3", "--n-check", "4", "--n-task-check", "3", "--refusal", "w1 w2"],
+    )
+    assert r.exit_code == 0, r.output
+    ctl = tmp_path / "ctl"
+    r = CliRunner().invoke(app, ["repair", str(adapter), "--random-control", str(rep), "--seed", "4", "-o", str(ctl)])
+    assert r.exit_code == 0, r.output
+    mr = json.loads((rep / "safeprune.json").read_text())["edit"]["summary"]["energy_removed"]
+    mc = json.loads((ctl / "safeprune.json").read_text())["edit"]
+    assert mc["energy_removed"] == pytest.approx(mr, abs=1e-6) and mc["seed"] == 4
+    # not a repaired adapter: one line, exit 2
+    r = CliRunner().invoke(app, ["repair", str(adapter), "--random-control", str(adapter), "-o", str(tmp_path / "x")])
+    assert r.exit_code == 2 and "not an adapter written by safeprune repair" in r.output

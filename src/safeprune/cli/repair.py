@@ -17,7 +17,7 @@ from ..io.files import json_default
 from ..io.outputs import check_output_file, check_output_path, local_inputs
 from ..io.text import one_line
 from ..weights.resolve import resolve_model
-from ..workflows.repair import DEFAULT_METHOD, METHODS, RepairOptions, repair
+from ..workflows.repair import DEFAULT_METHOD, METHODS, RepairOptions, random_control, repair
 from .app import app, err, handle_errors, out, state
 from .options import AdapterArg, AllowPickleOpt, ForceOpt
 
@@ -88,6 +88,14 @@ def repair_cmd(
     summary_out: Annotated[
         Optional[Path], typer.Option("--summary", help="Also write the before/after summary as JSON here.")
     ] = None,
+    random_control_of: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--random-control",
+            help="Instead of repairing: write the random control of this repaired adapter (the same share of ΔW "
+            "energy removed from seeded random components; --seed picks them). No base model is needed.",
+        ),
+    ] = None,
     force: ForceOpt = False,
     allow_pickle: AllowPickleOpt = False,
 ) -> None:
@@ -95,6 +103,23 @@ def repair_cmd(
     objective on tuning probes, checked against budgets; writes a PEFT adapter + safeprune.json."""
     from .render import default_base
 
+    if random_control_of is not None:
+        inputs = local_inputs(adapter, random_control_of)
+        check_output_path(output, inputs, force)
+        ctl = random_control(load_adapter(adapter, allow_pickle=allow_pickle), random_control_of, seed)
+        with Outputs() as outputs:
+            path = stage_adapter(ctl, output, outputs, force=force, extra_inputs=inputs)
+            outputs.commit()
+        if not state["quiet"]:
+            e = ctl.manifest["edit"]
+            err.print(
+                f"random control (seed {seed}): {100 * e['energy_removed']:.2f}% of ΔW energy removed "
+                f"(the repair removed {100 * e['target_energy']:.2f}%)",
+                highlight=False,
+                markup=False,
+            )
+        out.print(f"wrote {one_line(path)}", highlight=False)
+        return
     base = default_base(base, adapter)
     if base is None:
         raise UsageError("repair needs --base (the aligned model the adapter was trained on)")

@@ -42,12 +42,14 @@ import torch
 from transformers import AutoTokenizer
 
 from ..adapter import LoraAdapter, adapter_fingerprint, load_adapter
+from ..adapter.names import MANIFEST_NAME
 from ..edit.components import gate_components, orthogonalise
 from ..edit.manifest import build_manifest
 from ..errors import InputError, UsageError
 from ..eval.judges import KeywordJudge, PatternJudge
 from ..eval.utility import rouge_scores
 from ..io.datapaths import data_root
+from ..io.jsonio import loads_bounded, read_text_bounded
 from ..io.progress import make_progress
 from ..prompts.probes import (
     DIALOGSUM_VAL_FILE,
@@ -487,3 +489,71 @@ def repair(
         sources={"base": str(base)},
     )
     return RepairResult(edited, summary)
+
+
+# -- the random control at the same edit budget ------------------------------------------------------------
+
+
+def random_control_gates(orth: LoraAdapter, energy: float, seed: int) -> dict[str, torch.Tensor]:
+    """Gates that remove a seeded random set of components carrying ``energy`` (a fraction of Σ‖ΔW‖²_F) of
+    the orthogonalised adapter ``orth``: components are drawn uniformly without replacement and removed
+    until the budget is met; the last one is gated partially so the removed energy equals ``energy``."""
+    if not (0.0 <= energy <= 1.0):
+        raise UsageError(f"the energy budget is a fraction in [0, 1], got {energy!r}")
+    comps, total = [], 0.0
+    gates = {}
+    for name, m in orth.modules.items():
+        e = (m.lora_B.double().pow(2).sum(0) * m.lora_A.double().pow(2).sum(1)) * (m.scaling**2)
+        gates[name] = torch.ones(m.r)
+        comps += [(name, i, float(e[i])) for i in range(m.r)]
+        total += float(e.sum())
+    random.Random(seed).shuffle(comps)
+    left = energy * total
+    for name, i, e in comps:
+        if left <= 0:
+            break
+        if e <= left:
+            gates[name][i] = 0.0
+            left -= e
+        else:  # keep g² = 1 − left/e of this component's energy
+            gates[name][i] = float((1.0 - left / e) ** 0.5)
+            left = 0.0
+    return gates
+
+
+def random_control(adapter: LoraAdapter | str | Path, repaired: str | Path, seed: int) -> LoraAdapter:
+    """The random control of a repaired adapter directory: the same share of ΔW energy removed from random
+    components of the same (orthogonalised) adapter (see :func:`random_control_gates`), with a manifest."""
+    ad = adapter if isinstance(adapter, LoraAdapter) else load_adapter(adapter)
+    mpath = Path(repaired) / MANIFEST_NAME
+    if not mpath.is_file():
+        raise InputError(f"no {MANIFEST_NAME}: not an adapter written by safeprune repair", repaired)
+    try:
+        manifest = loads_bounded(read_text_bounded(mpath, "a manifest"), mpath, "the manifest")
+    except (ValueError, UnicodeDecodeError) as e:
+        raise InputError(f"not valid JSON ({e})", mpath) from None
+    edit = manifest.get("edit", {}) if isinstance(manifest, dict) else {}
+    if not isinstance(edit, dict) or manifest.get("action") != "repair" or "summary" not in edit:
+        raise InputError("not a repaired adapter (its manifest has no repair record)", mpath)
+    if ad.path is not None and edit.get("adapter_sha256") not in (None, adapter_fingerprint(ad.path)):
+        raise InputError("the repaired adapter was made from another adapter (sha256 differs)", mpath)
+    energy = float(edit["summary"]["energy_removed"])
+    orth = orthogonalise(ad)
+    gates = random_control_gates(orth, energy, seed)
+    out = gate_components(orth, gates)
+    out.manifest = build_manifest(
+        action="random-control",
+        original=ad,
+        edited=out,
+        table=None,
+        selection=None,
+        edit={
+            "kind": "component gates",
+            "control_of": str(repaired),
+            "seed": seed,
+            "energy_removed": _energy_removed(orth, gates),
+            "target_energy": energy,
+            "gates": {k: [round(float(x), 6) for x in v] for k, v in gates.items()},
+        },
+    )
+    return out
