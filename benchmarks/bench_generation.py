@@ -1,11 +1,25 @@
 #!/usr/bin/env python
-"""Batched vs batch-1 generation throughput of safeprune's HF backend on SmolLM2 (CPU).
+"""Generation throughput of safeprune's HF backend on SmolLM2 (CPU).
 
-Same prompts, same greedy settings; tokens/s = generated tokens (up to and including EOS) over wall time,
-and tokens per CPU-second of this process (less sensitive to other processes on a shared machine).
-Writes a JSON record to benchmarks/results/bench_generation.json.
+Default mode: batched vs batch-1, same prompts, same greedy settings; tokens/s = generated tokens (up to
+and including EOS) over wall time, and tokens per CPU-second of this process. Writes
+benchmarks/results/bench_generation.json.
 
     PYTHONPATH=src python benchmarks/bench_generation.py --model $SAFEPRUNE_TESTBED_MODELS/aligned --n 16 --max-new-tokens 32
+
+``--mix``: the testbed reproduction's prompt mix (150 AdvBench + 100 XSTest + 100 DialogSum, selected as
+benchmarks/reproduction/testbed.yaml does) on the base, an adapter and an edited adapter, old path vs new
+path, both fp32 through ``safeprune.evaluate`` with no cache: old = HF ``generate`` on fixed batches (50;
+16 for dialogues; sorted by length), no early stop — the reproduction's settings before issue 18; new =
+continuous batching with verdict-aware early stopping (the defaults now), at most 50 rows in flight for
+every set (the old path's smaller dialogue batches were there to limit padding, which continuous batching
+does not have). Each
+(variant, set) runs old then new back to back, so both see the same machine load. Reports wall-time
+ratios for safety + over-refusal and for utility, verdict identity, and utility-output identity (every
+difference listed with its batch-1 outputs of both paths, to trace it to batch composition).
+
+    PYTHONPATH=src python benchmarks/bench_generation.py --mix --threads 1 \
+        --adapter mix_s0=$SAFEPRUNE_SHARED/testbed/adapters/mix_s0 --adapter edited=EDITED_ADAPTER_DIR
 """
 
 from __future__ import annotations
@@ -37,6 +51,155 @@ FALLBACK = [
 ]
 
 
+def mix_sets(shared: Path, scale: float):
+    from safeprune.prompts import ids_from_subsets, load_prompts, subset
+
+    data, subsets = shared / "data", shared / "testbed" / "eval_subsets.json"
+    adv = data / "advbench" / "harmful_behaviors.csv"
+    xs = data / "xstest" / "xstest_prompts.csv"
+    ds = data / "dialogsum" / "test.jsonl"
+    sets = [
+        subset(load_prompts(adv, "safety"), sample=150, seed=20251122),
+        subset(load_prompts(xs, "over_refusal"), ids=ids_from_subsets(subsets, xs)[1]),
+        subset(load_prompts(ds, "utility"), ids=ids_from_subsets(subsets, ds)[1]),
+    ]
+    if scale < 1:
+        sets = [subset(ps, limit=max(1, round(len(ps) * scale))) for ps in sets]
+    return sets
+
+
+def run_mix(a) -> None:
+    import torch
+
+    from safeprune.eval import EvalConfig, evaluate
+    from safeprune.eval.backends import GenSettings, HFBackend
+
+    shared = Path(os.environ.get("SAFEPRUNE_SHARED") or Path(__file__).resolve().parents[2] / "shared")
+    sets = mix_sets(shared, a.scale)
+    adapters = dict(x.split("=", 1) for x in a.adapter)
+    load0 = os.getloadavg()
+    be = HFBackend(a.model, adapters, threads=a.threads)
+    be.generate(["warm up"], None, GenSettings(max_new_tokens=4, batch_size=1))
+    paths = {
+        "old": (
+            "generate",
+            EvalConfig(batch_size=50, utility_batch_size=16, sort_by_length=True, early_stop=False),
+        ),
+        # continuous batching pads no finished rows, so the dialogues need no smaller cap: 50 for every set
+        "new": ("continuous", EvalConfig(batch_size=50, sort_by_length=True)),
+    }
+    runs: dict = {}
+    items: dict = {}
+    t_all = time.perf_counter()
+    for v in ["base", *adapters]:
+        for ps in sets:
+            for path, (loop, cfg) in paths.items():
+                be.loop = loop
+                t0, c0 = time.perf_counter(), time.process_time()
+                r = evaluate(
+                    a.model,
+                    {} if v == "base" else {v: adapters[v]},
+                    prompt_sets=[ps],
+                    include_base=v == "base",
+                    backend=be,
+                    config=cfg,
+                    meteor=False,
+                )
+                dt, cpu = time.perf_counter() - t0, time.process_time() - c0
+                m = r.metrics[v][ps.name]
+                runs[f"{v}|{ps.name}|{path}"] = {
+                    "variant": v,
+                    "set": ps.name,
+                    "kind": ps.kind,
+                    "path": path,
+                    "n": len(ps),
+                    "seconds": dt,
+                    "cpu_seconds": cpu,
+                    "new_tokens": sum(it["new_tokens"] for it in r.items),
+                    "stopped_early": sum(bool(it["stopped_early"]) for it in r.items),
+                    "metrics": {k: m.get(k) for k in ("asr", "refusal_rate", "over_refusal", "rouge1", "auarc")},
+                    "loadavg": os.getloadavg(),
+                }
+                items[(v, ps.name, path)] = r.items
+                print(
+                    f"{v:>8} {ps.name:>15} {path}: {dt:7.1f} s, {runs[f'{v}|{ps.name}|{path}']['new_tokens']} tokens",
+                    flush=True,
+                )
+
+    def total(path, kinds):
+        return sum(x["seconds"] for x in runs.values() if x["path"] == path and x["kind"] in kinds)
+
+    verdicts = {"same": 0, "different": []}
+    util = {"same": 0, "different": []}
+    for v in ["base", *adapters]:
+        for ps in sets:
+            old, new = items[(v, ps.name, "old")], items[(v, ps.name, "new")]
+            for o, n in zip(old, new):
+                if ps.kind == "utility":
+                    if o["output"] == n["output"]:
+                        util["same"] += 1
+                    else:
+                        util["different"].append(
+                            {"variant": v, "id": o["id"], "prompt": o["prompt"], "old": o["output"], "new": n["output"]}
+                        )
+                elif o["refused"] == n["refused"]:
+                    verdicts["same"] += 1
+                else:
+                    verdicts["different"].append(
+                        {"variant": v, "set": ps.name, "id": o["id"], "old": o["output"], "new": n["output"]}
+                    )
+    # trace each utility difference: the same prompt alone (batch 1) on both paths
+    us = EvalConfig(batch_size=1).settings("utility")
+    for d in util["different"]:
+        ad = None if d["variant"] == "base" else d["variant"]
+        for loop in ("generate", "continuous"):
+            be.loop = loop
+            d[f"alone_{loop}"] = be.generate([d["prompt"]], ad, us)[0].text
+        d["old_equals_alone"] = d["old"] == d["alone_generate"]
+        d["new_equals_alone"] = d["new"] == d["alone_continuous"]
+        d["alone_paths_agree"] = d["alone_generate"] == d["alone_continuous"]
+    safety_kinds = ("safety", "over_refusal")
+    rec = {
+        "model": "$SAFEPRUNE_TESTBED_MODELS/aligned",
+        "variants": ["base", *adapters],
+        "sets": {ps.name: len(ps) for ps in sets},
+        "scale": a.scale,
+        "old_path": "HF generate, fixed batches (50; utility 16), sorted by length, no early stop",
+        "new_path": "continuous batching (at most 50 rows in flight, every set), verdict-aware early stop on "
+        "safety + over-refusal",
+        "dtype": "float32",
+        "torch_threads": torch.get_num_threads(),
+        "seconds": {
+            "safety_over_refusal": {"old": total("old", safety_kinds), "new": total("new", safety_kinds)},
+            "utility": {"old": total("old", ("utility",)), "new": total("new", ("utility",))},
+        },
+        "runs": runs,
+        "verdicts": {
+            "same": verdicts["same"],
+            "n_different": len(verdicts["different"]),
+            "different": verdicts["different"],
+        },
+        "utility_outputs": {
+            "same": util["same"],
+            "n_different": len(util["different"]),
+            "different": util["different"],
+        },
+        "wall_s": time.perf_counter() - t_all,
+        "loadavg_at_start": load0,
+        "loadavg_at_end": os.getloadavg(),
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+    }
+    for k in ("safety_over_refusal", "utility"):
+        sec = rec["seconds"][k]
+        sec["ratio_old_over_new"] = sec["old"] / sec["new"] if sec["new"] else None
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(rec, indent=1, ensure_ascii=False) + "\n")
+    print(json.dumps({k: rec[k] for k in ("seconds", "wall_s")}, indent=1))
+    print("verdicts same", verdicts["same"], "different", len(verdicts["different"]))
+    print("utility outputs same", util["same"], "different", len(util["different"]))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument(
@@ -48,8 +211,17 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "bench_generation.json"))
+    ap.add_argument("--out", default=None, help="JSON record (default: results/bench_generation[_mix].json)")
+    ap.add_argument("--mix", action="store_true", help="the testbed prompt mix, old path vs new (see above)")
+    ap.add_argument("--adapter", action="append", default=[], help="NAME=DIR (--mix; repeatable)")
+    ap.add_argument("--scale", type=float, default=1.0, help="--mix: use this share of each set (first rows)")
     a = ap.parse_args()
+    if a.out is None:
+        a.out = str(
+            Path(__file__).parent / "results" / ("bench_generation_mix.json" if a.mix else "bench_generation.json")
+        )
+    if a.mix:
+        return run_mix(a)
 
     from safeprune.eval.backends import GenSettings, HFBackend
 

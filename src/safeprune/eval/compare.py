@@ -23,7 +23,7 @@ from scipy.stats import binomtest
 from ..errors import UsageError
 from ..io.files import write_text_atomic
 from .bleu import corpus_from_stats
-from .results import dumps, fmt, load_results
+from .results import STOPPED_MARK, dumps, fmt, load_results
 from .utility import auarc, auarc_accuracies, uncertainty_vector
 
 
@@ -179,6 +179,8 @@ def compare(
                     f"{verdict}_b": bool(pb[verdict]),
                     "output_a": pa["output"],
                     "output_b": pb["output"],
+                    "stopped_early_a": bool(pa.get("stopped_early")),
+                    "stopped_early_b": bool(pb.get("stopped_early")),
                 }
                 for pa, pb in pairs
                 if bool(pa[verdict]) != bool(pb[verdict])
@@ -278,8 +280,9 @@ def compare_markdown(c: dict[str, Any], max_flips: int = 20) -> str:
                 v = m["verdict"]
                 for f in e["flips"][:max_flips]:
                     lines.append(
-                        f"| {f['id']} | {_cell(f['prompt'], 70)} | {v}={f[v + '_a']}: {_cell(f['output_a'], 60)} "
-                        f"| {v}={f[v + '_b']}: {_cell(f['output_b'], 60)} |"
+                        f"| {f['id']} | {_cell(f['prompt'], 70)} | {v}={f[v + '_a']}: {_cell(f['output_a'], 60)}"
+                        f"{STOPPED_MARK if f.get('stopped_early_a') else ''} "
+                        f"| {v}={f[v + '_b']}: {_cell(f['output_b'], 60)}{STOPPED_MARK if f.get('stopped_early_b') else ''} |"
                     )
         lines.append("")
     return "\n".join(lines)

@@ -53,6 +53,9 @@ class EvalConfig:
     auarc_threshold: float = 0.15
     sort_by_length: bool = False
     utility_batch_size: int | None = None  # long prompts (dialogues): smaller batches pad less
+    # verdict-aware early stopping of safety / over-refusal generations once every refusal judge's verdict
+    # is decided: None = on iff no model-based judge is set; True = on (an error with one); False = off
+    early_stop: bool | None = None
     qa_max_new_tokens: int = 32
     # AUARC's uncertainty: "nll" (mean token NLL of the greedy generation) or "sampled" (entropy over
     # clusters of equivalent answers among uq_samples sampled generations, seeds seed + k)
@@ -101,6 +104,39 @@ class EvalConfig:
         )
 
 
+def early_stop_plan(cfg: EvalConfig, judge: KeywordJudge, harm_judges: Sequence[HarmJudge]) -> dict[str, Any]:
+    """Whether safety / over-refusal generations stop at the first refusal keyword, and why. The keyword
+    judge's verdict cannot change once a keyword is in the text; a model-based judge reads the whole
+    output, so any such judge turns early stopping off."""
+    model_judges = [j.id for j in harm_judges]
+    if cfg.early_stop is False:
+        on, why = False, "off (asked)"
+    elif model_judges:
+        if cfg.early_stop:
+            raise UsageError(
+                "early stopping needs keyword-only judging: a model-based judge reads the whole output "
+                f"({', '.join(model_judges)}); drop the judge or the early stop"
+            )
+        on, why = False, "off: a model-based judge reads the whole output"
+    else:
+        on, why = True, "on: every judge is the keyword judge" + (" (asked)" if cfg.early_stop else " (default)")
+    return {
+        "enabled": on,
+        "why": why,
+        "kinds": ["safety", "over_refusal"] if on else [],
+        "judge": judge.id,
+        "rule": "a generation ends once a keyword is a substring of its decoded text (the verdict is decided); "
+        "outputs cut this way have stopped_early = true",
+    }
+
+
+def gen_settings(cfg: EvalConfig, kind: str, judge: KeywordJudge, early_stop: bool) -> GenSettings:
+    s = cfg.settings(kind)
+    if early_stop and kind != "utility":
+        s = replace(s, stop_strings=tuple(judge.keywords), stop_case_sensitive=judge.case_sensitive)
+    return s
+
+
 @dataclass
 class EvalResult:
     results: dict[str, Any]
@@ -128,6 +164,7 @@ def _records(vname: str, ps: PromptSet, gens, judge: KeywordJudge, broad: Keywor
             "output": g.text,
             "new_tokens": g.new_tokens,
             "finished": g.finished,
+            "stopped_early": g.stopped_early,
             "latency_s": g.batch_seconds,
             "batch_size": g.batch_size,
             "mean_nll": g.mean_nll,
@@ -204,6 +241,7 @@ def _generation_stats(gens) -> dict[str, Any]:
         "mean_latency_s": sum(g.batch_seconds for g in gens) / max(1, len(gens)),
         "mean_new_tokens": sum(g.new_tokens for g in gens) / max(1, len(gens)),
         "generated_now": sum(not g.cached for g in gens),
+        "stopped_early": sum(bool(g.stopped_early) for g in gens),
     }
 
 
@@ -254,6 +292,7 @@ def evaluate(
     variants: list[tuple[str, str | None]] = ([(BASE_VARIANT, None)] if include_base else []) + [
         (n, n) for n in adapters
     ]
+    stop = early_stop_plan(cfg, judge, harm_judges)
     met = Meteor() if meteor and any(s.kind == "utility" for s in prompt_sets) else None
     hjudges = {j.id: j for j in harm_judges}
     sampled = cfg.uncertainty == "sampled" and any(s.kind in SCORED_KINDS for s in prompt_sets)
@@ -268,7 +307,13 @@ def evaluate(
         for ps in prompt_sets:
             cb = (lambda d, n, _v=vname, _s=ps.name: progress(f"{_v} · {_s}", d, n)) if progress else None
             gens = generate_cached(
-                be, gcache, [it.prompt for it in ps.items], adapter, cfg.settings(ps.kind), label=vname, progress=cb
+                be,
+                gcache,
+                [it.prompt for it in ps.items],
+                adapter,
+                gen_settings(cfg, ps.kind, judge, stop["enabled"]),
+                label=vname,
+                progress=cb,
             )
             recs = _records(vname, ps, gens, judge, broad)
             if ps.kind == "safety" and hjudges:
@@ -302,7 +347,14 @@ def evaluate(
             for v, a in variants
         },
         "sets": [s.describe() for s in prompt_sets],
-        "settings": {**asdict(cfg), "per_kind": {k: cfg.settings(k).key() for k in ("safety", "utility", "qa")}},
+        "settings": {
+            **asdict(cfg),
+            "per_kind": {
+                k: gen_settings(cfg, k, judge, stop["enabled"]).key()
+                for k in ("safety", "over_refusal", "utility", "qa")
+            },
+        },
+        "early_stop": stop,
         "refusal_judge": judge.describe(),
         "refusal_judge_broad": broad.describe(),
         "harm_judges": {jid: j.describe() for jid, j in hjudges.items()},

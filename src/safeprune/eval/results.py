@@ -14,6 +14,13 @@ from ..io.files import write_text_atomic
 
 RESULTS = "results.json"
 ITEMS = "items.jsonl"
+STOPPED_MARK = " [stopped early: refusal keyword found]"
+
+
+def shown_output(item: dict[str, Any]) -> str:
+    """An item's output as a report shows it: marked when generation stopped early at a refusal keyword
+    (the text is truncated there; the verdict is the one the full generation gets)."""
+    return item["output"] + (STOPPED_MARK if item.get("stopped_early") else "")
 
 
 def _clean(o: Any) -> Any:
@@ -78,6 +85,17 @@ def summary_markdown(results: dict[str, Any]) -> str:
         f"{st['utility_max_new_tokens']}, qa {st.get('qa_max_new_tokens', '—')}; batch {st['batch_size']}; system prompt: "
         f"{'template default' if st['system_prompt'] is None else repr(st['system_prompt'])}."
     )
+    es = results.get("early_stop")
+    if es:
+        n_cut = sum(m.get("stopped_early", 0) for sm in results["metrics"].values() for m in sm.values())
+        out.append(
+            f"Early stopping at a refusal keyword: {es['why']}"
+            + (
+                f"; {n_cut} outputs truncated once their verdict was decided (`stopped_early` in items.jsonl)."
+                if es["enabled"]
+                else "."
+            )
+        )
     out.append("")
     hj = list(results.get("harm_judges", {}))
     for kind, title, cols in (

@@ -34,34 +34,43 @@ def generate_cached(
     done = len(prompts) - len(todo)
     if progress:
         progress(done, len(prompts))
-    if todo:
+
+    def store(chunk: list[int], gens: list[Generation]) -> None:
+        nonlocal done
+        cache.add(
+            {
+                "key": keys[i],
+                "variant": label,
+                "adapter": adapter,
+                "adapter_hash": ah,
+                "model_hash": mh,
+                "backend": backend.name,
+                "settings": settings.key(),
+                "prompt": prompts[i],
+                **g.to_dict(),
+            }
+            for i, g in zip(chunk, gens)
+        )
+        done += len(chunk)
+        if progress:
+            progress(done, len(prompts))
+
+    if todo and backend.schedules_itself(settings):
+        # one call; the backend reports generations as they finish, and each is cached then
+        backend.generate(
+            [prompts[i] for i in todo], adapter, settings, on_batch=lambda js, gs: store([todo[j] for j in js], gs)
+        )
+    elif todo:
         bs = max(1, settings.batch_size)
         for s in range(0, len(todo), bs):  # one backend call per batch so each batch is cached at once
             chunk = todo[s : s + bs]
-            gens = backend.generate([prompts[i] for i in chunk], adapter, settings)
-            cache.add(
-                {
-                    "key": keys[i],
-                    "variant": label,
-                    "adapter": adapter,
-                    "adapter_hash": ah,
-                    "model_hash": mh,
-                    "backend": backend.name,
-                    "settings": settings.key(),
-                    "prompt": prompts[i],
-                    **g.to_dict(),
-                }
-                for i, g in zip(chunk, gens)
-            )
-            done += len(chunk)
-            if progress:
-                progress(done, len(prompts))
+            store(chunk, backend.generate([prompts[i] for i in chunk], adapter, settings))
     fresh = set(todo)
     out = []
     fields = ("text", "new_tokens", "batch_seconds", "batch_size", "mean_nll", "mean_entropy", "finished")
     for i, k in enumerate(keys):
         rec = cache.get(k)
-        g = Generation(**{f: rec.get(f) for f in fields})
+        g = Generation(**{f: rec.get(f) for f in fields}, stopped_early=bool(rec.get("stopped_early")))
         g.cached = i not in fresh
         out.append(g)
     return out

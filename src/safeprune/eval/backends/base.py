@@ -23,13 +23,21 @@ class GenSettings:
     chat_template: bool = True
     batch_size: int = 16
     sort_by_length: bool = False  # batch prompts of similar length together (less padding, faster)
+    # verdict-aware early stopping: end a generation once one of these strings is in its decoded text
+    # (the keyword judge's list; empty: off). See ``stopping.py``.
+    stop_strings: tuple[str, ...] = ()
+    stop_case_sensitive: bool = True
 
     def key(self) -> dict[str, Any]:
-        """The settings that change a generation (batch size and batch composition do not, up to float
-        rounding)."""
+        """The settings that change a generation (batch size, batch composition and the generation loop do
+        not, up to float rounding). Early stopping is part of the key when on (the text is truncated);
+        when off the key is what it was before early stopping existed, so older caches stay valid."""
         d = asdict(self)
         d.pop("batch_size")
         d.pop("sort_by_length")
+        strings, cs = d.pop("stop_strings"), d.pop("stop_case_sensitive")
+        if strings:
+            d["early_stop"] = {"strings": list(strings), "case_sensitive": cs}
         if not self.do_sample:
             d.pop("temperature"), d.pop("top_p"), d.pop("seed")
         return d
@@ -37,13 +45,19 @@ class GenSettings:
 
 @dataclass
 class Generation:
+    """One prompt's generation. ``batch_seconds`` / ``batch_size``: the wall time of the batch it was made
+    in and that batch's size; with continuous batching (no fixed batches) ``batch_seconds`` is the time
+    attributed to this generation (each step's time shared among the rows in it) and ``batch_size`` is 1,
+    so summed ``batch_seconds / batch_size`` is the generation time either way."""
+
     text: str
     new_tokens: int
     batch_seconds: float  # wall time of the batch this sample was generated in
     batch_size: int
     mean_nll: float | None = None
     mean_entropy: float | None = None
-    finished: bool = True  # ended with EOS (False: cut at max_new_tokens)
+    finished: bool = True  # ended with EOS (False: cut at max_new_tokens, or stopped early)
+    stopped_early: bool = False  # cut once a refusal keyword was in the text (the verdict was decided)
     cached: bool = False
 
     def to_dict(self) -> dict[str, Any]:
@@ -80,6 +94,11 @@ class Backend:
     def render(self, prompt: str, settings: GenSettings) -> str:
         return prompt
 
+    def schedules_itself(self, settings: GenSettings) -> bool:
+        """True when the backend wants every prompt in one ``generate`` call (it schedules them, e.g. by
+        continuous batching) and reports finished generations through ``on_batch`` as they end."""
+        return False
+
     def add_adapter(self, name: str, path: str | Path) -> None:
         """Attach one more adapter to the loaded base (e.g. a pruned variant written during a search)."""
         if name in self.adapters:
@@ -93,8 +112,11 @@ class Backend:
         prompts: Sequence[str],
         adapter: str | None,
         settings: GenSettings,
-        on_batch: Callable[[int, list[Generation]], None] | None = None,
+        on_batch: Callable[[list[int], list[Generation]], None] | None = None,
     ) -> list[Generation]:
+        """One Generation per prompt, in order. ``on_batch(indices, generations)`` is called as
+        generations finish (indices into ``prompts``). Honour ``settings.stop_strings`` or generate in
+        full (the verdict is the same; only the time differs)."""
         raise NotImplementedError
 
     def describe(self) -> dict[str, Any]:

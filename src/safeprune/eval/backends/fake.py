@@ -61,6 +61,13 @@ class FakeBackend(Backend):
                 else:
                     reply = self._respond(adapter, p)
                 words = reply.split()[: settings.max_new_tokens]
+                early = False
+                for k in range(1, len(words) if settings.stop_strings else 0):  # a "token" is a word
+                    head = " ".join(words[:k])
+                    head = head if settings.stop_case_sensitive else head.lower()
+                    if any((x if settings.stop_case_sensitive else x.lower()) in head for x in settings.stop_strings):
+                        words, early = words[:k], True
+                        break
                 text = " ".join(words)
                 nll = 0.5 + (int(hashlib.md5(text.encode()).hexdigest()[:6], 16) % 1000) / 1000.0
                 gens.append(
@@ -71,10 +78,11 @@ class FakeBackend(Backend):
                         len(chunk),
                         nll,
                         nll / 2,
-                        len(words) < settings.max_new_tokens,
+                        len(words) < settings.max_new_tokens and not early,
+                        early,
                     )
                 )
             if on_batch:
-                on_batch(s, gens)
+                on_batch(list(range(s, s + len(chunk))), gens)
             out.extend(gens)
         return out

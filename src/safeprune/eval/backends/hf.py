@@ -1,4 +1,5 @@
-"""The transformers backend (the default): HF ``generate`` with PEFT adapters on one loaded base.
+"""The transformers backend (the default): greedy continuous batching (or HF ``generate``) with PEFT
+adapters on one loaded base.
 
 A backend loads the base model once and generates for several *variants* of it: ``None`` is the base
 itself (PEFT adapters disabled) and every other name is a LoRA adapter attached to the same loaded base
@@ -6,7 +7,7 @@ itself (PEFT adapters disabled) and every other name is a LoRA adapter attached 
 users get with a served LoRA).
 
 Each :class:`Generation` carries the text, the number of new tokens, the wall time of the batch it was
-in, and two uncertainty scores of the generated tokens under the model's own next-token distribution:
+in (continuous batching: the time attributed to it), and two uncertainty scores of the generated tokens under the model's own next-token distribution:
 the mean negative log-likelihood (``mean_nll``) and the mean entropy (``mean_entropy``), both over the
 tokens up to and including the first end-of-sequence token. AUARC uses ``mean_nll`` by default.
 """
@@ -20,11 +21,17 @@ from typing import Any
 
 import torch
 from peft import PeftModel
-from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessorList
+from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessorList, StoppingCriteriaList
 
 from ...errors import InputError, UsageError
 from ...weights.resolve import resolve_model
 from .base import Backend, Generation, GenSettings
+from .continuous import cache_kwarg, continuous_generate
+from .stopping import KeywordStoppingCriteria, SubstringStop
+
+# "continuous": safeprune's own greedy loop (continuous batching over the KV cache, see continuous.py);
+# "generate": HF generate on fixed batches (sampling always uses it)
+LOOPS = ("continuous", "generate")
 
 
 class _TokenStats:
@@ -56,9 +63,10 @@ class _TokenStats:
 
 
 class HFBackend(Backend):
-    """transformers ``generate`` with left padding, batched, chat template applied; PEFT adapters
-    attached to one loaded base and switched with ``set_adapter``; the base alone through
-    ``disable_adapter()``."""
+    """Greedy generation by continuous batching (``loop="continuous"``, the default) or transformers
+    ``generate`` on fixed left-padded batches (``loop="generate"``, and every sampled generation); chat
+    template applied; PEFT adapters attached to one loaded base and switched with ``set_adapter``; the base
+    alone through ``disable_adapter()``."""
 
     name = "hf"
 
@@ -70,8 +78,12 @@ class HFBackend(Backend):
         device: str = "cpu",
         dtype: str = "float32",
         threads: int | None = None,
+        loop: str = "continuous",
     ):
         super().__init__(base, adapters)
+        if loop not in LOOPS:
+            raise UsageError(f"unknown generation loop {loop!r}; known: {', '.join(LOOPS)}")
+        self.loop = loop
         if threads:
             torch.set_num_threads(threads)
         ref = resolve_model(base)  # HF directory, sharded, .safetensors in one, .gguf, hub id from the cache
@@ -147,65 +159,93 @@ class HFBackend(Backend):
         self.model.set_adapter(adapter)
         return contextlib.nullcontext()
 
+    @property
+    def cache_kwarg(self) -> str | None:
+        """How the model takes its KV cache in ``forward`` (None: continuous batching cannot run here)."""
+        if not hasattr(self, "_cache_kwarg"):
+            self._cache_kwarg = cache_kwarg(self.model)
+        return self._cache_kwarg
+
+    def schedules_itself(self, settings: GenSettings) -> bool:
+        return self.loop == "continuous" and not settings.do_sample and self.cache_kwarg is not None
+
     def generate(self, prompts, adapter, settings, on_batch=None):
         texts = [self.render(p, settings) for p in prompts]
-        eos_ids = self._eos_ids()
-        out: list[Generation] = []
+        with self._select(adapter), torch.inference_mode():
+            if self.schedules_itself(settings):
+                return continuous_generate(self, texts, settings, on_batch)
+            return self._generate_batches(texts, settings, on_batch)
+
+    def encode_kwargs(self, settings: GenSettings) -> dict[str, Any]:
+        return {"add_special_tokens": not settings.chat_template or not getattr(self.tokenizer, "chat_template", None)}
+
+    def stopper(self, settings: GenSettings) -> SubstringStop | None:
+        if not settings.stop_strings:
+            return None
+        return SubstringStop(self.tokenizer, settings.stop_strings, settings.stop_case_sensitive, self.eos_ids())
+
+    def _generate_batches(self, texts, settings, on_batch):
+        """HF ``generate`` on fixed batches (the path before continuous batching; also every sampled
+        generation): a batch runs until its longest row ends."""
+        eos_ids = self.eos_ids()
+        stop = self.stopper(settings)
         bs = max(1, settings.batch_size)
         # longest first within the call: less padding per batch; results put back in order
         order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
         results: dict[int, Generation] = {}
-        with self._select(adapter), torch.inference_mode():
-            for s in range(0, len(order), bs):
-                idx = order[s : s + bs]
-                enc = self.tokenizer(
-                    [texts[i] for i in idx],
-                    return_tensors="pt",
-                    padding=True,
-                    add_special_tokens=not settings.chat_template or not getattr(self.tokenizer, "chat_template", None),
-                ).to(self.device)
-                plen = enc["input_ids"].shape[1]
-                stats = _TokenStats(plen)
-                kw: dict[str, Any] = dict(
-                    max_new_tokens=settings.max_new_tokens,
-                    do_sample=settings.do_sample,
-                    pad_token_id=self.tokenizer.pad_token_id,
-                    logits_processor=LogitsProcessorList([stats]),
-                )
-                if settings.do_sample:
-                    torch.manual_seed(settings.seed + s)
-                    kw.update(temperature=settings.temperature, top_p=settings.top_p)
+        for s in range(0, len(order), bs):
+            idx = order[s : s + bs]
+            enc = self.tokenizer(
+                [texts[i] for i in idx], return_tensors="pt", padding=True, **self.encode_kwargs(settings)
+            ).to(self.device)
+            plen = enc["input_ids"].shape[1]
+            stats = _TokenStats(plen)
+            kw: dict[str, Any] = dict(
+                max_new_tokens=settings.max_new_tokens,
+                do_sample=settings.do_sample,
+                pad_token_id=self.tokenizer.pad_token_id,
+                logits_processor=LogitsProcessorList([stats]),
+            )
+            crit = KeywordStoppingCriteria(stop, plen, len(idx)) if stop else None
+            if crit:
+                kw["stopping_criteria"] = StoppingCriteriaList([crit])
+            if settings.do_sample:
+                torch.manual_seed(settings.seed + s)
+                kw.update(temperature=settings.temperature, top_p=settings.top_p)
+            else:
+                kw.update(temperature=None, top_p=None, top_k=None)
+            t0 = time.perf_counter()
+            seq = self.model.generate(**enc, **kw)
+            dt = time.perf_counter() - t0
+            stats.finish(seq)
+            new = seq[:, plen:]
+            lp = torch.stack(stats.chosen_logp, 1) if stats.chosen_logp else torch.zeros(len(idx), 0)
+            ent = torch.stack(stats.entropy, 1) if stats.entropy else torch.zeros(len(idx), 0)
+            gens = []
+            for j in range(len(idx)):
+                toks = new[j].tolist()
+                n = len(toks)
+                finished = early = False
+                cut = crit.stopped_at[j] if crit else None
+                for k, t in enumerate(toks[: cut or n]):
+                    if t in eos_ids:
+                        n, finished = k + 1, True
+                        break
                 else:
-                    kw.update(temperature=None, top_p=None, top_k=None)
-                t0 = time.perf_counter()
-                seq = self.model.generate(**enc, **kw)
-                dt = time.perf_counter() - t0
-                stats.finish(seq)
-                new = seq[:, plen:]
-                lp = torch.stack(stats.chosen_logp, 1) if stats.chosen_logp else torch.zeros(len(idx), 0)
-                ent = torch.stack(stats.entropy, 1) if stats.entropy else torch.zeros(len(idx), 0)
-                gens = []
-                for j in range(len(idx)):
-                    toks = new[j].tolist()
-                    n = len(toks)
-                    finished = False
-                    for k, t in enumerate(toks):
-                        if t in eos_ids:
-                            n, finished = k + 1, True
-                            break
-                    text = self.tokenizer.decode(toks[:n], skip_special_tokens=True)
-                    m = min(n, lp.shape[1])
-                    nll = float(-lp[j, :m].mean()) if m else None
-                    me = float(ent[j, : min(n, ent.shape[1])].mean()) if n else None
-                    gens.append(Generation(text.strip(), n, dt, len(idx), nll, me, finished))
-                for i, g in zip(idx, gens):
-                    results[i] = g
-                if on_batch:
-                    on_batch(s, gens)
-        out = [results[i] for i in range(len(texts))]
-        return out
+                    if cut is not None:
+                        n, early = cut, True
+                text = self.tokenizer.decode(toks[:n], skip_special_tokens=True)
+                m = min(n, lp.shape[1])
+                nll = float(-lp[j, :m].mean()) if m else None
+                me = float(ent[j, : min(n, ent.shape[1])].mean()) if n else None
+                gens.append(Generation(text.strip(), n, dt, len(idx), nll, me, finished, early))
+            for i, g in zip(idx, gens):
+                results[i] = g
+            if on_batch:
+                on_batch(list(idx), gens)
+        return [results[i] for i in range(len(texts))]
 
-    def _eos_ids(self) -> set[int]:
+    def eos_ids(self) -> set[int]:
         ids: set[int] = set()
         gc = getattr(self.model, "generation_config", None)
         e = getattr(gc, "eos_token_id", None) if gc is not None else None
@@ -219,5 +259,11 @@ class HFBackend(Backend):
 
     def describe(self) -> dict[str, Any]:
         d = super().describe()
-        d.update(device=self.device, dtype=self.dtype, padding_side="left", adapters_merged=False)
+        d.update(
+            device=self.device,
+            dtype=self.dtype,
+            padding_side="left",
+            adapters_merged=False,
+            loop=self.loop if self.cache_kwarg is not None else "generate",
+        )
         return d

@@ -100,5 +100,5 @@ class VLLMBackend(Backend):
                 Generation(o.text.strip(), len(o.token_ids), dt, len(texts), nll, None, o.finish_reason == "stop")
             )
         if on_batch:
-            on_batch(0, out)
+            on_batch(list(range(len(out))), out)
         return out

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from ...eval.compare import mcnemar_exact
+from ...eval.results import shown_output
 from .variants import Variant
 
 # per set kind: the per-item field and the metric name it becomes (share × 100 or mean × 100)
@@ -254,12 +255,14 @@ def _flips(by_vs, safety_set: str | None, ref: str, others: list[str]) -> dict[s
                     {
                         "id": it["id"],
                         "prompt": it["prompt"],
-                        "before": r["output"],
-                        "after": it["output"],
+                        "before": shown_output(r),
+                        "after": shown_output(it),
                         "keyword": it.get("refusal_keyword"),
                     }
                 )
             elif not r["jailbroken"] and it["jailbroken"]:
-                to_jail.append({"id": it["id"], "prompt": it["prompt"], "before": r["output"], "after": it["output"]})
+                to_jail.append(
+                    {"id": it["id"], "prompt": it["prompt"], "before": shown_output(r), "after": shown_output(it)}
+                )
         res[o] = {"now_refused": to_refused, "now_jailbroken": to_jail}
     return res

@@ -1,0 +1,265 @@
+"""Greedy generation by continuous batching over the KV cache (the HF backend's default loop).
+
+HF ``generate`` on a fixed batch keeps every row until the longest one ends, padding the finished ones.
+Here a batch slot is freed as soon as its sequence ends (end-of-sequence token, verdict-aware early stop,
+or ``max_new_tokens``) and refilled with the next prompt:
+
+* prompts are taken longest first (fewer padding columns while the long ones run);
+* the token prefix all prompts share (the chat template's system turn: about half of a short safety
+  prompt) is encoded once per call and its keys/values copied into each new row;
+* new prompts are prefilled together, left-padded, in a cache of their own, then joined to the running
+  cache along the batch dimension (the shorter of the two left-padded with zero keys/values, masked out);
+* finished rows are dropped from the cache, and leading columns that are padding in every row are cut;
+* each step feeds one token per row with the position ``number of real tokens so far`` and the attention
+  mask of real tokens, as ``generate`` does; the token is the argmax of the float32 logits, as in
+  ``generate``, and ``mean_nll`` / ``mean_entropy`` are computed as the ``generate`` path computes them.
+
+Greedy tokens equal ``generate``'s for the same prompt up to floating-point rounding: the rows a prompt
+shares a batch with and the number of padding columns change the order of floating-point sums, which can
+flip an argmax between two nearly tied tokens (never seen in float64; counted in float32 by the benchmark).
+Sampling is not done here (``generate`` keeps its random streams).
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from .base import Generation, GenSettings
+
+try:  # transformers >= 4.56: a cache is a list of layers holding .keys / .values
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+except ImportError:  # pragma: no cover - older transformers: the generate loop is used instead
+    DynamicCache = DynamicLayer = None  # type: ignore[assignment,misc]
+
+
+def cache_kwarg(model: Any) -> str | None:
+    """The name under which the causal LM's ``forward`` takes its KV cache, or None when continuous
+    batching cannot run on this model (older transformers, or a cache that is not a plain dynamic one,
+    e.g. sliding-window layers)."""
+    if DynamicCache is None:
+        return None
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    params = inspect.signature(base.forward).parameters
+    name = "cache" if "cache" in params else ("past_key_values" if "past_key_values" in params else None)
+    try:
+        layers = DynamicCache(config=base.config).layers
+    except Exception:  # noqa: BLE001 - any failure means: not a plain dynamic cache
+        return None
+    if name is None or not layers or any(type(la) is not DynamicLayer for la in layers):
+        return None
+    return name
+
+
+@dataclass
+class _Row:
+    index: int
+    tokens: list[int] = field(default_factory=list)
+    logp: list[float] = field(default_factory=list)
+    entropy: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+    finished: bool = False  # ended with EOS
+    early: bool = False  # stopped once the verdict was decided
+    done: bool = False
+
+
+def _choose(logits: torch.Tensor) -> tuple[list[int], list[float], list[float]]:
+    """Greedy token, its log-probability and the entropy of the distribution, per row (float32, like
+    ``generate`` and the ``_TokenStats`` processor of the generate path)."""
+    scores = logits.to(dtype=torch.float32)
+    logp = torch.log_softmax(scores, dim=-1)
+    p = logp.exp()
+    ent = -(torch.where(p > 0, p * logp, torch.zeros_like(p))).sum(-1)
+    tok = torch.argmax(scores, dim=-1)
+    chosen = logp.gather(1, tok[:, None]).squeeze(1)
+    return tok.tolist(), chosen.tolist(), ent.tolist()
+
+
+def _left_pad(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
+    extra = width - t.shape[dim]
+    if not extra:
+        return t
+    pad = [0, 0] * (t.dim() - 1 - dim) + [extra, 0]
+    return F.pad(t, pad)
+
+
+class _Batch:
+    """The running rows, their attention mask (rows × columns, left-padded) and their KV cache."""
+
+    def __init__(self, kwarg: str):
+        self.kwarg = kwarg
+        self.rows: list[_Row] = []
+        self.mask: torch.Tensor | None = None
+        self.cache: Any = None
+
+    def join(self, rows: list[_Row], cache: Any, mask: torch.Tensor) -> None:
+        if not rows:
+            return
+        if self.cache is None:
+            self.rows, self.cache, self.mask = list(rows), cache, mask
+            return
+        width = max(self.mask.shape[1], mask.shape[1])
+        for a, b in zip(self.cache.layers, cache.layers):
+            a.keys = torch.cat([_left_pad(a.keys, width, 2), _left_pad(b.keys, width, 2)], 0)
+            a.values = torch.cat([_left_pad(a.values, width, 2), _left_pad(b.values, width, 2)], 0)
+        self.mask = torch.cat([_left_pad(self.mask, width, 1), _left_pad(mask, width, 1)], 0)
+        self.rows += rows
+
+    def keep(self, which: list[int]) -> None:
+        """Keep these rows (positions in ``self.rows``); cut columns that are padding in every kept row."""
+        if len(which) == len(self.rows):
+            return
+        if not which:
+            self.rows, self.cache, self.mask = [], None, None
+            return
+        idx = torch.tensor(which, device=self.mask.device)
+        mask = self.mask.index_select(0, idx)
+        first = int(mask.any(0).to(torch.int8).argmax())
+        for la in self.cache.layers:
+            la.keys = la.keys.index_select(0, idx)[:, :, first:]
+            la.values = la.values.index_select(0, idx)[:, :, first:]
+        self.mask = mask[:, first:]
+        self.rows = [self.rows[i] for i in which]
+
+
+def _new_cache(model: Any) -> Any:
+    return DynamicCache(config=(model.get_base_model() if hasattr(model, "get_base_model") else model).config)
+
+
+def _common_prefix(ids: list[list[int]]) -> int:
+    """Length of the token prefix every prompt shares (the chat template's system turn), leaving each
+    prompt at least one token of its own."""
+    if len(ids) < 2:
+        return 0
+    n = min(len(x) for x in ids) - 1
+    first = ids[0]
+    for x in ids[1:]:
+        k = 0
+        while k < n and x[k] == first[k]:
+            k += 1
+        n = k
+    return max(0, n)
+
+
+class _Prefix:
+    """The shared prefix's keys and values, computed once per call (batch 1) and copied into each
+    admitted group's cache: the prefix is not re-encoded for every prompt."""
+
+    def __init__(self, model: Any, kwarg: str, tokens: list[int], device: str):
+        self.tokens = tokens
+        self.cache = _new_cache(model)
+        if tokens:
+            inp = torch.tensor([tokens], device=device)
+            mask = torch.ones_like(inp)
+            pos = torch.arange(len(tokens), device=device)[None]
+            model(
+                input_ids=inp,
+                attention_mask=mask,
+                position_ids=pos,
+                use_cache=True,
+                logits_to_keep=1,
+                **{kwarg: self.cache},
+            )
+
+    def cache_for(self, model: Any, rows: int) -> Any:
+        cache = _new_cache(model)
+        if self.tokens:
+            for layer, (k, v) in zip(cache.layers, ((la.keys, la.values) for la in self.cache.layers)):
+                layer.update(k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1))
+        return cache
+
+
+def _prefill(model: Any, kwarg: str, prefix: _Prefix, seqs: list[list[int]], pad: int, device: str):
+    """Prefill the prompts' own tokens (after the shared prefix), left-padded among themselves: the
+    columns are [prefix][padding][prompt]; positions count real tokens only."""
+    p = len(prefix.tokens)
+    rest = [s[p:] for s in seqs]
+    width = max(len(s) for s in rest)
+    inp = torch.tensor([[pad] * (width - len(s)) + s for s in rest], device=device)
+    own = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in rest], device=device)
+    mask = torch.cat([torch.ones(len(seqs), p, dtype=own.dtype, device=device), own], 1)
+    pos = (mask.cumsum(-1) - 1)[:, p:].masked_fill(own == 0, 0)
+    cache = prefix.cache_for(model, len(seqs))
+    out = model(
+        input_ids=inp, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1, **{kwarg: cache}
+    )
+    return cache, mask, out.logits[:, -1]
+
+
+def continuous_generate(
+    backend: Any,
+    texts: list[str],
+    settings: GenSettings,
+    on_batch: Callable[[list[int], list[Generation]], None] | None = None,
+) -> list[Generation]:
+    """Greedy generations of the rendered ``texts`` with at most ``settings.batch_size`` rows in flight.
+    ``backend`` is an :class:`~.hf.HFBackend` (model, tokenizer, device, eos_ids, stopper,
+    encode_kwargs); the adapter is already selected and inference mode on."""
+    model, tok = backend.model, backend.tokenizer
+    kwarg = backend.cache_kwarg
+    ids = [tok(t, **backend.encode_kwargs(settings))["input_ids"] for t in texts]
+    queue = deque(sorted(range(len(texts)), key=lambda i: (-len(ids[i]), i)))
+    eos, stop = backend.eos_ids(), backend.stopper(settings)
+    cap, max_new = max(1, settings.batch_size), max(1, settings.max_new_tokens)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else next(iter(eos), 0)
+    batch = _Batch(kwarg)
+    prefix = _Prefix(model, kwarg, ids[0][: _common_prefix(ids)] if ids else [], backend.device)
+    results: dict[int, Generation] = {}
+
+    def advance(rows: list[_Row], logits: torch.Tensor, seconds: float) -> None:
+        toks, chosen, ent = _choose(logits)
+        for r, t, c, e in zip(rows, toks, chosen, ent):
+            r.tokens.append(t)
+            r.logp.append(c)
+            r.entropy.append(e)
+            r.seconds += seconds / len(rows)
+            if t in eos:
+                r.finished = r.done = True
+            elif len(r.tokens) >= max_new:
+                r.done = True
+            elif stop is not None and stop.decided(r.tokens):
+                r.early = r.done = True
+
+    def emit(rows: list[_Row]) -> None:
+        gens = []
+        for r in rows:
+            text = tok.decode(r.tokens, skip_special_tokens=True)
+            n = len(r.tokens)
+            g = Generation(text.strip(), n, r.seconds, 1, -sum(r.logp) / n, sum(r.entropy) / n, r.finished, r.early)
+            results[r.index] = g
+            gens.append(g)
+        if on_batch and gens:
+            on_batch([r.index for r in rows], gens)
+
+    while queue or batch.rows:
+        if queue and len(batch.rows) < cap:
+            new = [_Row(queue.popleft()) for _ in range(min(cap - len(batch.rows), len(queue)))]
+            t0 = time.perf_counter()
+            cache, mask, logits = _prefill(model, kwarg, prefix, [ids[r.index] for r in new], pad, backend.device)
+            advance(new, logits, time.perf_counter() - t0)
+            emit([r for r in new if r.done])
+            live = [j for j, r in enumerate(new) if not r.done]
+            if len(live) < len(new):
+                sub = _Batch(kwarg)
+                sub.rows, sub.cache, sub.mask = new, cache, mask
+                sub.keep(live)
+                new, cache, mask = sub.rows, sub.cache, sub.mask
+            batch.join(new, cache, mask)
+        if not batch.rows:
+            continue
+        t0 = time.perf_counter()
+        inp = torch.tensor([[r.tokens[-1]] for r in batch.rows], device=backend.device)
+        pos = batch.mask.sum(-1, keepdim=True)
+        batch.mask = torch.cat([batch.mask, torch.ones_like(batch.mask[:, :1])], 1)
+        out = model(input_ids=inp, attention_mask=batch.mask, position_ids=pos, use_cache=True, **{kwarg: batch.cache})
+        advance(batch.rows, out.logits[:, -1], time.perf_counter() - t0)
+        emit([r for r in batch.rows if r.done])
+        batch.keep([j for j, r in enumerate(batch.rows) if not r.done])
+    return [results[i] for i in range(len(texts))]

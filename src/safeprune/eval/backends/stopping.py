@@ -1,0 +1,76 @@
+"""Verdict-aware early stopping: end a generation once a refusal keyword is in its decoded text.
+
+The keyword judge calls an output refused iff one of its strings is a substring of the output
+(``tokenizer.decode(tokens, skip_special_tokens=True).strip()``, cut at the first end-of-sequence token).
+Once a keyword is in the text of the first n generated tokens, it is in the text of every longer
+continuation, so the verdict is decided and the remaining tokens cannot change it. That holds when the
+decoded text of n tokens is a prefix of the decoded text of n + k tokens, which is true of the decoders in
+use except at the very end of the text:
+
+* a byte-level token may end inside a multi-byte UTF-8 character, decoded as U+FFFD until the next token
+  completes it: trailing U+FFFD are held back;
+* ``clean_up_tokenization_spaces`` rewrites " ." → "." and " n't" → "n't" (patterns of at most 4
+  characters), so a pattern completed by a later token can delete a space inside the last 3 characters:
+  with clean-up on, the last 4 characters are held back.
+
+Only the text before the held-back tail is searched (stripped, as the judge strips the output), so a match
+there is in the judge's text of the full generation as well.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Sequence
+
+import torch
+from transformers import StoppingCriteria
+
+CLEANUP_HOLD_BACK = 4  # longest clean_up_tokenization_spaces pattern (" n't", " 're", " 've")
+
+
+class SubstringStop:
+    """Decides, from a generation's token ids, whether one of ``strings`` is already in its stable text."""
+
+    def __init__(self, tokenizer: Any, strings: Sequence[str], case_sensitive: bool, eos_ids: Iterable[int]):
+        self.tokenizer = tokenizer
+        self.case_sensitive = case_sensitive
+        self.strings = [s if case_sensitive else s.lower() for s in strings if s]
+        self.eos_ids = set(eos_ids)
+        self.hold_back = CLEANUP_HOLD_BACK if getattr(tokenizer, "clean_up_tokenization_spaces", False) else 0
+
+    def stable_text(self, token_ids: Sequence[int]) -> str:
+        text = self.tokenizer.decode(list(token_ids), skip_special_tokens=True)
+        if self.hold_back:
+            text = text[: max(0, len(text) - self.hold_back)]
+        return text.rstrip("\ufffd").strip()
+
+    def decided(self, token_ids: Sequence[int]) -> bool:
+        if not self.strings:
+            return False
+        text = self.stable_text(token_ids)
+        if not self.case_sensitive:
+            text = text.lower()
+        return any(s in text for s in self.strings)
+
+
+class KeywordStoppingCriteria(StoppingCriteria):
+    """For ``model.generate``: a row is done once its generated text holds a keyword. Records, per row, how
+    many tokens had been generated when it stopped (``stopped_at``; the pad token that generate appends
+    afterwards may equal the EOS token, so the caller needs this to cut the row)."""
+
+    def __init__(self, stop: SubstringStop, prompt_len: int, batch: int):
+        self.stop = stop
+        self.prompt_len = prompt_len
+        self.stopped_at: list[int | None] = [None] * batch
+        self.ended = [False] * batch
+
+    def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
+        new = input_ids[:, self.prompt_len :].tolist()
+        done = []
+        for r, toks in enumerate(new):
+            if self.stopped_at[r] is None and not self.ended[r]:
+                if toks and toks[-1] in self.stop.eos_ids:
+                    self.ended[r] = True
+                elif self.stop.decided(toks):
+                    self.stopped_at[r] = len(toks)
+            done.append(self.stopped_at[r] is not None)
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
