@@ -1,0 +1,235 @@
+"""Continuous batching and verdict-aware early stopping (issue 18): the tokens equal HF generate's, and early
+stopping never changes a keyword verdict."""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+
+import pytest
+
+from helpers import SHARED, TESTBED_MODELS, make_adapter, make_model, tiny_chat_tokenizer
+from safeprune.errors import UsageError
+from safeprune.eval import EvalConfig, KeywordJudge, evaluate
+from safeprune.eval.backends import FakeBackend, GenSettings, HFBackend
+from safeprune.eval.backends.stopping import SubstringStop
+from safeprune.eval.cache import GenerationCache
+from safeprune.eval.evaluate import early_stop_plan
+from safeprune.eval.judges import HarmJudge
+from safeprune.prompts import PromptItem, PromptSet
+
+PROMPTS = [" ".join(f"w{(i * 7 + j * 3) % 120}" for j in range(1 + (i * 5) % 17)) for i in range(24)]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    d = tmp_path_factory.mktemp("loop")
+    m = make_model(d / "base", "llama", layers=2)
+    tiny_chat_tokenizer(m)
+    return m, make_adapter(m, d / "ad", "llama", seed=3)
+
+
+def _frequent_eos(b: HFBackend, token: int) -> None:
+    """Make a common token an end-of-sequence token too, so rows end at different steps mid-batch."""
+    b.model.generation_config.eos_token_id = [b.tokenizer.eos_token_id, token]
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_continuous_equals_generate(tiny, dtype):
+    m, ad = tiny
+    cont = HFBackend(str(m), {"ad": str(ad)}, dtype=dtype)
+    gen = HFBackend(str(m), {"ad": str(ad)}, dtype=dtype, loop="generate")
+    assert cont.describe()["loop"] == "continuous" and gen.describe()["loop"] == "generate"
+    s = GenSettings(max_new_tokens=10, batch_size=5)  # 24 prompts through 5 slots: slots are refilled
+    for adapter in (None, "ad"):
+        ref = gen.generate(PROMPTS, adapter, s)
+        # a token the tiny model often emits becomes an EOS: rows end at different steps
+        common = cont.tokenizer.convert_tokens_to_ids(ref[0].text.split()[1])
+        for b in (cont, gen):
+            _frequent_eos(b, common)
+        ref = gen.generate(PROMPTS, adapter, s)
+        alone = gen.generate(PROMPTS, adapter, GenSettings(max_new_tokens=10, batch_size=1))
+        got = cont.generate(PROMPTS, adapter, s)
+        assert 0 < sum(g.finished for g in got) < len(PROMPTS)  # some end by EOS, some at max tokens
+        assert len({g.new_tokens for g in got}) > 2
+        if dtype == "float64":  # identical tokens; the float32 case is counted by the benchmark
+            assert [g.text for g in got] == [g.text for g in ref] == [g.text for g in alone]
+        else:
+            assert sum(g.text == r.text for g, r in zip(got, alone)) >= len(PROMPTS) - 1
+        same = [(g, r) for g, r in zip(got, alone) if g.text == r.text]
+        assert [g.new_tokens for g, _ in same] == [r.new_tokens for _, r in same]
+        assert [g.finished for g, _ in same] == [r.finished for _, r in same]
+        assert [g.mean_nll for g, _ in same] == pytest.approx([r.mean_nll for _, r in same], abs=1e-4)
+        assert [g.mean_entropy for g, _ in same] == pytest.approx([r.mean_entropy for _, r in same], abs=1e-4)
+        # continuous batching reports per-generation seconds that add up to the generation time
+        assert all(g.batch_size == 1 and g.batch_seconds > 0 for g in got)
+
+
+def test_continuous_reports_each_generation_once(tiny):
+    m, _ = tiny
+    b = HFBackend(str(m))
+    seen: list[int] = []
+    gens = b.generate(PROMPTS, None, GenSettings(max_new_tokens=4, batch_size=3), on_batch=lambda i, g: seen.extend(i))
+    assert sorted(seen) == list(range(len(PROMPTS))) and len(gens) == len(PROMPTS)
+
+
+@pytest.mark.parametrize("loop", ["continuous", "generate"])
+def test_early_stop_keeps_every_verdict(tiny, loop):
+    """Stopping at the first keyword cuts the text to a prefix of the full generation that still holds a
+    keyword: the judge's verdict is the full generation's, prompt by prompt."""
+    m, ad = tiny
+    b = HFBackend(str(m), {"ad": str(ad)}, loop=loop)
+    full_s = GenSettings(max_new_tokens=12, batch_size=4)
+    for adapter in (None, "ad"):
+        full = b.generate(PROMPTS, adapter, full_s)
+        words = [w for g in full for w in g.text.split()]
+
+        def hits(ks):
+            return sum(any(k in g.text for k in ks) for g in full)
+
+        # keywords that some outputs contain and others do not, one a substring of a token ("w3" of "w35")
+        kws = next(
+            [w, w[:2]]
+            for w in sorted(set(words), key=lambda w: (-words.count(w), w))
+            if 0 < hits([w, w[:2]]) < len(full)
+        )
+        judge = KeywordJudge(kws)
+        stop_s = GenSettings(max_new_tokens=12, batch_size=4, stop_strings=tuple(kws))
+        cut = b.generate(PROMPTS, adapter, stop_s)
+        assert [judge.refused(c.text) for c in cut] == [judge.refused(f.text) for f in full]
+        assert 0 < sum(c.stopped_early for c in cut) < len(PROMPTS)
+        for c, f in zip(cut, full):
+            assert f.text.startswith(c.text)
+            if c.stopped_early:
+                assert judge.refused(c.text) and not c.finished and c.new_tokens <= f.new_tokens
+                # it stopped at the first token whose text holds a keyword
+                toks = b.tokenizer(c.text, add_special_tokens=False)["input_ids"]
+                assert not judge.refused(b.tokenizer.decode(toks[:-1]))
+            else:
+                assert c.text == f.text  # not cut (a keyword in the last allowed token ends it anyway)
+
+
+class _Tok:
+    """A stand-in tokenizer: token i decodes to the concatenation of pieces[:i]."""
+
+    def __init__(self, pieces, cleanup=False):
+        self.pieces = pieces
+        self.clean_up_tokenization_spaces = cleanup
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(self.pieces[i] for i in ids)
+
+
+def test_stable_text_holds_back_what_a_later_token_can_change():
+    # a multi-byte character split across tokens decodes as U+FFFD until it is complete
+    stop = SubstringStop(_Tok(["Sorr", "y", "\ufffd"]), ["Sorry\ufffd", "Sorry"], True, [])
+    assert stop.stable_text([0, 1, 2]) == "Sorry"
+    assert stop.decided([0, 1]) and not stop.decided([0])
+    # with clean_up_tokenization_spaces a later " n't" can delete a space in the last characters
+    stop = SubstringStop(_Tok(["I can", " not", " n't"], cleanup=True), ["can not"], True, [])
+    assert not stop.decided([0, 1])  # "I can not" -> its tail is held back
+    # leading/trailing spaces are stripped as the judge strips the output
+    stop = SubstringStop(_Tok(["  As an", " "]), [" As an", "As an "], True, [])
+    assert not stop.decided([0, 1])
+    stop = SubstringStop(_Tok(["SORRY"]), ["sorry"], False, [])
+    assert stop.decided([0])
+
+
+def _sets():
+    adv = PromptSet("adv", "safety", "adv.csv", "csv", [PromptItem(str(i), f"harm {i}") for i in range(6)])
+    xs = PromptSet("xs", "over_refusal", "xs.csv", "csv", [PromptItem(str(i), f"benign {i}") for i in range(4)])
+    util = PromptSet(
+        "util", "utility", "u.jsonl", "jsonl", [PromptItem(str(i), f"dialog {i}", reference="a b") for i in range(3)]
+    )
+    return [adv, xs, util]
+
+
+def _responses():
+    return {
+        None: lambda p: f"Sure. I cannot help with {p} at all, sorry" if p.endswith(("0", "2")) else f"Sure: {p} a b c"
+    }
+
+
+class _ModelJudge(HarmJudge):
+    id = "model:x"
+
+    def score_batch(self, prompts, responses):
+        return []
+
+
+def test_early_stop_default_on_for_keyword_judging_only():
+    j = KeywordJudge()
+    assert early_stop_plan(EvalConfig(), j, [])["enabled"]
+    assert not early_stop_plan(EvalConfig(early_stop=False), j, [])["enabled"]
+    off = early_stop_plan(EvalConfig(), j, [_ModelJudge()])
+    assert not off["enabled"] and "model-based" in off["why"]
+    with pytest.raises(UsageError, match="keyword-only"):
+        early_stop_plan(EvalConfig(early_stop=True), j, [_ModelJudge()])
+
+
+def test_early_stop_recorded_in_results_items_and_cache_key(tmp_path):
+    cache = tmp_path / "c.jsonl"
+    be = FakeBackend(responses=_responses())
+    r = evaluate("fake", prompt_sets=_sets(), backend=be, cache=cache, meteor=False, out_dir=tmp_path / "on")
+    res = r.results
+    assert res["early_stop"]["enabled"] and res["early_stop"]["kinds"] == ["safety", "over_refusal"]
+    assert "early_stop" in res["settings"]["per_kind"]["safety"]
+    assert "early_stop" not in res["settings"]["per_kind"]["utility"]
+    by = {(i["set"], i["id"]): i for i in r.items}
+    assert by[("adv", "0")]["stopped_early"] and by[("adv", "0")]["output"] == "Sure. I cannot"
+    assert not by[("adv", "1")]["stopped_early"] and not by[("util", "0")]["stopped_early"]
+    assert res["metrics"]["base"]["adv"]["stopped_early"] == 2  # "harm 0", "harm 2"
+    assert "truncated once their verdict was decided" in (tmp_path / "on" / "summary.md").read_text()
+    off = evaluate(
+        "fake",
+        prompt_sets=_sets(),
+        backend=FakeBackend(responses=_responses()),
+        cache=cache,
+        meteor=False,
+        config=EvalConfig(early_stop=False),
+    )
+    # early stopping is part of the cache key for safety/over-refusal only: utility came from the cache
+    assert [i["cached"] for i in off.items if i["set"] == "util"] == [True] * 3
+    assert not any(i["cached"] for i in off.items if i["set"] != "util")
+    assert [i["refused"] for i in off.items] == [i["refused"] for i in r.items]
+    assert len(GenerationCache(cache)) == 6 + 4 + 3 + 6 + 4
+    # with early stopping off the key is the one used before early stopping existed
+    assert "early_stop" not in GenSettings().key()
+
+
+def test_streaming_backend_caches_as_generations_finish(tmp_path, tiny):
+    m, _ = tiny
+    be = HFBackend(str(m))
+    ps = PromptSet("adv", "safety", "adv.csv", "csv", [PromptItem(str(i), p) for i, p in enumerate(PROMPTS[:7])])
+    calls = []
+    orig = be.generate
+
+    def spy(prompts, adapter, settings, on_batch=None):
+        calls.append(len(prompts))
+        return orig(prompts, adapter, settings, on_batch)
+
+    be.generate = spy
+    cfg = EvalConfig(safety_max_new_tokens=3, batch_size=2)
+    evaluate(str(m), prompt_sets=[ps], backend=be, cache=tmp_path / "c.jsonl", config=cfg, meteor=False)
+    assert calls == [7]  # one call: the backend schedules the prompts itself
+    lines = (tmp_path / "c.jsonl").read_text().splitlines()
+    assert len(lines) == 7 and all(json.loads(x)["batch_size"] == 1 for x in lines)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (TESTBED_MODELS / "aligned" / "config.json").is_file(), reason="testbed models not built")
+def test_testbed_early_stop_same_verdicts():
+    """On the testbed model (byte-level BPE), early stopping and continuous batching keep every verdict."""
+    rows = list(csv.DictReader(open(SHARED / "data" / "advbench" / "harmful_behaviors.csv", encoding="utf-8")))
+    prompts = [r["goal"] for r in random.Random(18).sample(rows, 12)]
+    b = HFBackend(str(TESTBED_MODELS / "aligned"), {"mix_s0": str(SHARED / "testbed" / "adapters" / "mix_s0")})
+    j = KeywordJudge()
+    for adapter in (None, "mix_s0"):
+        b.loop = "generate"
+        full = b.generate(prompts, adapter, GenSettings(max_new_tokens=64, batch_size=12))
+        b.loop = "continuous"
+        cut = b.generate(prompts, adapter, GenSettings(max_new_tokens=64, batch_size=4, stop_strings=tuple(j.keywords)))
+        assert [j.refused(c.text) for c in cut] == [j.refused(f.text) for f in full]
+        assert all(f.text.startswith(c.text) for c, f in zip(cut, full))
+        assert sum(c.stopped_early for c in cut) == sum(j.refused(f.text) for f in full)
