@@ -412,3 +412,29 @@ def test_qa_column_and_sampled_uncertainty_in_the_report(world, tmp_path):
     assert len(tables) >= 3
     for t in tables:
         assert len({ln.count("|") for ln in t}) == 1, t[0]
+
+
+def test_estimate_counts_generations_and_times_a_warm_up(world):
+    from typer.testing import CliRunner
+
+    from safeprune.cli import app
+    from safeprune.workflows.experiment import estimate_experiment
+
+    over = dict(
+        random={"seeds": [0, 1], "kinds": ["safety"]},
+        methods=[{"name": "ddi", "taus": [2]}],
+        latency={"enabled": False},
+    )
+    cfg = _config(world, **over)
+    be = FakeBackend("fake-base", {}, {None: lambda p: "I cannot help" if p.startswith("harmful") else "ok"})
+    res = estimate_experiment(load_config(cfg), backend=be)
+    # the same count the run itself logs (test above): 3 main variants × 40 prompts + 2 controls × 24
+    assert res["generations"] == 168
+    assert res["variants"] == {"base": 1, "adapters": 1, "edited": 1, "random_controls": 2}
+    assert {r["kind"]: r["generations"] for r in res["kinds"]} == {"safety": 120, "over_refusal": 30, "utility": 18}
+    assert res["early_stop"].startswith("on") and be.calls  # the warm-up generated on the base
+    # the command line: a fake backend in the experiment file, nothing else run
+    cfg2 = _config(world, **over, evaluation={**yaml.safe_load(cfg.read_text())["evaluation"], "backend": "fake"})
+    r = CliRunner().invoke(app, ["run", str(cfg2), "-o", str(world / "est"), "--estimate"])
+    assert r.exit_code == 0, r.output
+    assert "168 generations" in r.output and "min" in r.output and not (world / "est").exists()

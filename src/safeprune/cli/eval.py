@@ -139,7 +139,9 @@ def eval_cmd(
         Optional[str], typer.Option("--reference-column", help="Generic loader: reference column.")
     ] = None,
     backend: Annotated[str, typer.Option("--backend", help="hf (transformers), vllm (optional extra) or fake.")] = "hf",
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Prompts per generate call (left padding).")] = 16,
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", help="Rows in flight (continuous batching) or prompts per generate call.")
+    ] = 16,
     safety_tokens: Annotated[
         int, typer.Option("--max-new-tokens", help="Max new tokens for safety / over-refusal prompts.")
     ] = 64,
@@ -197,6 +199,18 @@ def eval_cmd(
         Optional[int],
         typer.Option("--threads", help="torch CPU threads (1 is much faster on an oversubscribed machine)."),
     ] = None,
+    early_stop: Annotated[
+        Optional[bool],
+        typer.Option(
+            "--early-stop/--no-early-stop",
+            help="Stop safety/over-refusal generations at the first refusal keyword (the verdict is decided). "
+            "Default: on unless a --judge is given.",
+        ),
+    ] = None,
+    loop: Annotated[
+        str,
+        typer.Option("--loop", help="hf backend: continuous (continuous batching, greedy) or generate (HF generate)."),
+    ] = "continuous",
 ) -> None:
     """Generate and score the base and/or adapters on the same prompts; write results for `compare`."""
     adapters = _parse_named(adapter or [])
@@ -234,11 +248,12 @@ def eval_cmd(
         uq_samples=uq_samples,
         uq_temperature=uq_temperature,
         uq_equivalence=uq_equivalence,
+        early_stop=early_stop,
     )
     cost = sampled_uncertainty_cost(sets, len(adapters) + int(no_adapter_baseline or not adapters), cfg)
     if cost:
         err.print(cost, highlight=False, markup=False, soft_wrap=True)
-    opts = {"device": device, "threads": threads} if backend == "hf" else {}
+    opts = {"device": device, "threads": threads, "loop": loop} if backend == "hf" else {}
     progress = None
     if not state["quiet"]:
 

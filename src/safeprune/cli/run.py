@@ -11,7 +11,7 @@ import typer
 from typing_extensions import Annotated
 
 from ..io.text import one_line
-from ..workflows.experiment import load_config, run_experiment
+from ..workflows.experiment import estimate_experiment, estimate_lines, load_config, run_experiment
 from .app import app, handle_errors, out, state
 
 
@@ -50,6 +50,14 @@ def run_cmd(
     cache: Annotated[
         Optional[Path], typer.Option("--cache", help="Generation cache file (overrides evaluation.cache).")
     ] = None,
+    estimate: Annotated[
+        bool,
+        typer.Option(
+            "--estimate",
+            help="Print the number of generations and the expected generation time (from a short warm-up on "
+            "the base model); run nothing else.",
+        ),
+    ] = False,
 ) -> None:
     """Finetune? → score (methods + the random control) → edit → evaluate before/after → report.md + report.html."""
     cfg = load_config(config)
@@ -59,6 +67,10 @@ def run_cmd(
         cfg.evaluation.cache = str(cache.resolve())
     if check:
         out.print_json(cfg.model_dump_json())
+        return
+    if estimate:
+        for line in estimate_lines(estimate_experiment(cfg)):
+            out.print(line, highlight=False, markup=False)
         return
     res = run_experiment(
         cfg,

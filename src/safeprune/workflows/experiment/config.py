@@ -170,6 +170,9 @@ class EvalSpec(_Strict):
     device: str = "cpu"
     dtype: str = "float32"
     threads: int | None = None
+    loop: Literal["continuous", "generate"] = "continuous"  # hf: continuous batching, or HF generate
+    # stop safety/over-refusal generations at the first refusal keyword (None: when no model judge is set)
+    early_stop: bool | None = None
     system_prompt: str | None = None
     judges: list[JudgeSpec] = Field(default_factory=list)
     refusal_keywords: str | None = None  # a keywords JSON (default: the 29-string list)

@@ -74,6 +74,7 @@ def stage_evaluate(cfg: ExperimentConfig, variants: list[Variant], out: Path, lo
         uq_samples=e.uq_samples,
         uq_temperature=e.uq_temperature,
         uq_equivalence=e.uq_equivalence,
+        early_stop=e.early_stop,
     )
     n_variants = len(main) + int(e.include_base)
     for line in (
@@ -84,7 +85,7 @@ def stage_evaluate(cfg: ExperimentConfig, variants: list[Variant], out: Path, lo
             log(line)
     opts: dict[str, Any] = {}
     if e.backend == "hf" and backend is None:
-        opts = {"device": e.device, "dtype": e.dtype, "threads": e.threads}
+        opts = {"device": e.device, "dtype": e.dtype, "threads": e.threads, "loop": e.loop}
     elif e.backend == "vllm" and backend is None:
         opts = {"dtype": e.dtype}
     cb = _progress_cb(log) if progress else None
