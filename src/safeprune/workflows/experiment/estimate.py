@@ -9,13 +9,13 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from ...eval.backends import Backend, make_backend
+from ...eval.backends import Backend, GenSettings, make_backend
 from ...eval.evaluate import EvalConfig, early_stop_plan, gen_settings
 from ...eval.judges import KeywordJudge
 from .config import ExperimentConfig, load_config
 from .eval_stages import load_sets
 
-WARMUP_PROMPTS = 8  # per kind of prompt set
+WARMUP_PROMPTS = 16  # per kind of prompt set (timed after one untimed call that loads the kernels)
 
 
 def count_variants(cfg: ExperimentConfig) -> dict[str, int]:
@@ -36,7 +36,7 @@ def count_variants(cfg: ExperimentConfig) -> dict[str, int]:
 
 def estimate_experiment(config: ExperimentConfig | str | Path, backend: Backend | None = None) -> dict[str, Any]:
     """Generation counts per kind of prompt set and the expected generation time, extrapolated from a
-    warm-up: up to 8 prompts of each kind generated on the base with the configured settings."""
+    warm-up: up to 16 prompts of each kind generated on the base with the configured settings."""
     cfg = config if isinstance(config, ExperimentConfig) else load_config(config)
     e = cfg.evaluation
     sets = load_sets(cfg)
@@ -62,6 +62,8 @@ def estimate_experiment(config: ExperimentConfig | str | Path, backend: Backend 
     t0 = time.perf_counter()
     be = backend or make_backend(e.backend, cfg.base, {}, **opts)
     load_s = time.perf_counter() - t0
+    first = next((it.prompt for s in sets for it in s.items), "warm up")
+    be.generate([first], None, GenSettings(max_new_tokens=2, batch_size=1))
     rows = []
     total = 0.0
     for kind in ("safety", "over_refusal", "utility"):
