@@ -180,8 +180,9 @@ def summary_markdown(results: dict[str, Any]) -> str:
             )
         out += [line + ".", ""]
     out.append(
-        "Latency: wall time of the batch a prompt was generated in (adapters unmerged); tok/s: generated "
-        "tokens over summed batch wall time."
+        "Latency: wall time of the batch a prompt was generated in, or with continuous batching the time "
+        "attributed to it (each step's time shared among the rows in it); adapters unmerged. tok/s: generated "
+        "tokens over the summed generation time."
     )
     return "\n".join(out) + "\n"
 
