@@ -75,7 +75,7 @@ def run_mix(a) -> None:
     from safeprune.eval.backends import GenSettings, HFBackend
 
     shared = Path(os.environ.get("SAFEPRUNE_SHARED") or Path(__file__).resolve().parents[2] / "shared")
-    sets = mix_sets(shared, a.scale)
+    sets = [ps for ps in mix_sets(shared, a.scale) if ps.kind in a.kinds.split(",")]
     adapters = dict(x.split("=", 1) for x in a.adapter)
     load0 = os.getloadavg()
     be = HFBackend(a.model, adapters, threads=a.threads)
@@ -164,6 +164,7 @@ def run_mix(a) -> None:
         "variants": ["base", *adapters],
         "sets": {ps.name: len(ps) for ps in sets},
         "scale": a.scale,
+        "kinds": a.kinds,
         "old_path": "HF generate, fixed batches (50; utility 16), sorted by length, no early stop",
         "new_path": "continuous batching (at most 50 rows in flight, every set), verdict-aware early stop on "
         "safety + over-refusal",
@@ -215,6 +216,7 @@ def main() -> None:
     ap.add_argument("--mix", action="store_true", help="the testbed prompt mix, old path vs new (see above)")
     ap.add_argument("--adapter", action="append", default=[], help="NAME=DIR (--mix; repeatable)")
     ap.add_argument("--scale", type=float, default=1.0, help="--mix: use this share of each set (first rows)")
+    ap.add_argument("--kinds", default="safety,over_refusal,utility", help="--mix: only these kinds of sets")
     a = ap.parse_args()
     if a.out is None:
         a.out = str(

@@ -7,8 +7,9 @@ or ``max_new_tokens``) and refilled with the next prompt:
 * prompts are taken longest first (fewer padding columns while the long ones run);
 * the token prefix all prompts share (the chat template's system turn: about half of a short safety
   prompt) is encoded once per call and its keys/values copied into each new row;
-* new prompts are prefilled together, left-padded, in a cache of their own, then joined to the running
-  cache along the batch dimension (the shorter of the two left-padded with zero keys/values, masked out);
+* new prompts are prefilled in groups of similar length (little left padding), each in a cache of its own,
+  then joined to the running cache along the batch dimension (shorter ones left-padded with zero
+  keys/values, masked out);
 * finished rows are dropped from the cache, and leading columns that are padding in every row are cut;
 * each step feeds one token per row with the position ``number of real tokens so far`` and the attention
   mask of real tokens, as ``generate`` does; the token is the argmax of the float32 logits, as in
@@ -99,18 +100,20 @@ class _Batch:
         self.mask: torch.Tensor | None = None
         self.cache: Any = None
 
-    def join(self, rows: list[_Row], cache: Any, mask: torch.Tensor) -> None:
-        if not rows:
+    def join(self, parts: list[_Batch]) -> None:
+        """Add the rows of other batches (freshly prefilled groups): one concatenation per layer."""
+        parts = [b for b in ([self] if self.rows else []) + parts if b.rows]
+        if not parts:
             return
-        if self.cache is None:
-            self.rows, self.cache, self.mask = list(rows), cache, mask
-            return
-        width = max(self.mask.shape[1], mask.shape[1])
-        for a, b in zip(self.cache.layers, cache.layers):
-            a.keys = torch.cat([_left_pad(a.keys, width, 2), _left_pad(b.keys, width, 2)], 0)
-            a.values = torch.cat([_left_pad(a.values, width, 2), _left_pad(b.values, width, 2)], 0)
-        self.mask = torch.cat([_left_pad(self.mask, width, 1), _left_pad(mask, width, 1)], 0)
-        self.rows += rows
+        width = max(b.mask.shape[1] for b in parts)
+        layers = parts[0].cache.layers
+        for i, layer in enumerate(layers):
+            keys = [_left_pad(b.cache.layers[i].keys, width, 2) for b in parts]
+            values = [_left_pad(b.cache.layers[i].values, width, 2) for b in parts]
+            layer.keys, layer.values = torch.cat(keys, 0), torch.cat(values, 0)
+        self.mask = torch.cat([_left_pad(b.mask, width, 1) for b in parts], 0)
+        self.cache = parts[0].cache
+        self.rows = [r for b in parts for r in b.rows]
 
     def keep(self, which: list[int]) -> None:
         """Keep these rows (positions in ``self.rows``); cut columns that are padding in every kept row."""
@@ -174,6 +177,22 @@ class _Prefix:
             for layer, (k, v) in zip(cache.layers, ((la.keys, la.values) for la in self.cache.layers)):
                 layer.update(k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1))
         return cache
+
+
+def _prefill_groups(lengths: list[int], max_rows: int = 16, max_waste: float = 0.15) -> list[list[int]]:
+    """Split prompts (longest first) into prefill groups whose left padding stays under ``max_waste`` of
+    their tokens: one padded group of prompts from 470 down to 100 tokens would encode twice the tokens."""
+    groups: list[list[int]] = []
+    for j, n in enumerate(lengths):
+        g = groups[-1] if groups else None
+        if g is not None and len(g) < max_rows:
+            width = max(lengths[k] for k in g + [j])
+            real = sum(lengths[k] for k in g) + n
+            if width * (len(g) + 1) <= (1 + max_waste) * real:
+                g.append(j)
+                continue
+        groups.append([j])
+    return groups
 
 
 def _prefill(model: Any, kwarg: str, prefix: _Prefix, seqs: list[list[int]], pad: int, device: str):
@@ -241,17 +260,20 @@ def continuous_generate(
     while queue or batch.rows:
         if queue and len(batch.rows) < cap:
             new = [_Row(queue.popleft()) for _ in range(min(cap - len(batch.rows), len(queue)))]
-            t0 = time.perf_counter()
-            cache, mask, logits = _prefill(model, kwarg, prefix, [ids[r.index] for r in new], pad, backend.device)
-            advance(new, logits, time.perf_counter() - t0)
-            emit([r for r in new if r.done])
-            live = [j for j, r in enumerate(new) if not r.done]
-            if len(live) < len(new):
-                sub = _Batch(kwarg)
-                sub.rows, sub.cache, sub.mask = new, cache, mask
-                sub.keep(live)
-                new, cache, mask = sub.rows, sub.cache, sub.mask
-            batch.join(new, cache, mask)
+            groups = []
+            for chunk in _prefill_groups([len(ids[r.index]) - len(prefix.tokens) for r in new]):
+                rows = [new[j] for j in chunk]
+                t0 = time.perf_counter()
+                g = _Batch(kwarg)
+                g.cache, g.mask, logits = _prefill(
+                    model, kwarg, prefix, [ids[r.index] for r in rows], pad, backend.device
+                )
+                g.rows = rows
+                advance(rows, logits, time.perf_counter() - t0)
+                emit([r for r in rows if r.done])
+                g.keep([j for j, r in enumerate(rows) if not r.done])
+                groups.append(g)
+            batch.join(groups)
         if not batch.rows:
             continue
         t0 = time.perf_counter()
