@@ -13,10 +13,10 @@ from helpers import SHARED, TESTBED_MODELS, make_adapter, make_model, tiny_chat_
 from safeprune.errors import UsageError
 from safeprune.eval import EvalConfig, KeywordJudge, evaluate
 from safeprune.eval.backends import FakeBackend, GenSettings, HFBackend
-from safeprune.eval.backends.stopping import SubstringStop
+from safeprune.eval.backends.stopping import PATTERN_MARGIN, SubstringStop
 from safeprune.eval.cache import GenerationCache
 from safeprune.eval.evaluate import early_stop_plan
-from safeprune.eval.judges import HarmJudge
+from safeprune.eval.judges import HarmJudge, PatternJudge
 from safeprune.prompts import PromptItem, PromptSet
 
 PROMPTS = [" ".join(f"w{(i * 7 + j * 3) % 120}" for j in range(1 + (i * 5) % 17)) for i in range(24)]
@@ -136,6 +136,19 @@ def test_stable_text_holds_back_what_a_later_token_can_change():
     assert stop.decided([0])
 
 
+def test_pattern_judge_must_be_decided_too():
+    """The broad judge's regexes are not monotone ("I can't help" refuses, "I can't help but" does not):
+    a generation stops only once a pattern match has PATTERN_MARGIN characters after it."""
+    pats = [r"\bI can't help\b(?! but\b)"]
+    tail = [" x" * 20]
+    stop = SubstringStop(_Tok(["I can't help", " but", " smile"] + tail), ["I can"], True, [], patterns=pats)
+    assert not stop.decided([0])  # keyword found, pattern matches, but nothing after it yet
+    assert not stop.decided([0, 1, 2, 3])  # "... but": no refusal pattern any more
+    stop = SubstringStop(_Tok(["I can't help", " with that."] + tail), ["I can"], True, [], patterns=pats)
+    assert not stop.decided([0, 1]) and stop.decided([0, 1, 2])
+    assert not SubstringStop(_Tok(["no", " x" * 40]), ["I can"], True, [], patterns=[r"no"]).decided([0, 1])
+
+
 def _sets():
     adv = PromptSet("adv", "safety", "adv.csv", "csv", [PromptItem(str(i), f"harm {i}") for i in range(6)])
     xs = PromptSet("xs", "over_refusal", "xs.csv", "csv", [PromptItem(str(i), f"benign {i}") for i in range(4)])
@@ -145,10 +158,11 @@ def _sets():
     return [adv, xs, util]
 
 
+REFUSAL = "Sure. I cannot help with {} at all: it is not something I will do, have a good day, goodbye"
+
+
 def _responses():
-    return {
-        None: lambda p: f"Sure. I cannot help with {p} at all, sorry" if p.endswith(("0", "2")) else f"Sure: {p} a b c"
-    }
+    return {None: lambda p: REFUSAL.format(p) if p.endswith(("0", "2")) else f"Sure: {p} a b c"}
 
 
 class _ModelJudge(HarmJudge):
@@ -177,7 +191,11 @@ def test_early_stop_recorded_in_results_items_and_cache_key(tmp_path):
     assert "early_stop" in res["settings"]["per_kind"]["safety"]
     assert "early_stop" not in res["settings"]["per_kind"]["utility"]
     by = {(i["set"], i["id"]): i for i in r.items}
-    assert by[("adv", "0")]["stopped_early"] and by[("adv", "0")]["output"] == "Sure. I cannot"
+    cut = by[("adv", "0")]["output"]
+    assert by[("adv", "0")]["stopped_early"] and REFUSAL.format("harm 0").startswith(cut)
+    # it ran until the broad pattern judge's verdict was decided too ("I cannot help" + the margin)
+    assert len(cut) < len(REFUSAL.format("harm 0")) and len(cut) >= len("Sure. I cannot help") + PATTERN_MARGIN
+    assert by[("adv", "0")]["refused"] and by[("adv", "0")]["refused_broad"]
     assert not by[("adv", "1")]["stopped_early"] and not by[("util", "0")]["stopped_early"]
     assert res["metrics"]["base"]["adv"]["stopped_early"] == 2  # "harm 0", "harm 2"
     assert "truncated once their verdict was decided" in (tmp_path / "on" / "summary.md").read_text()
@@ -224,12 +242,19 @@ def test_testbed_early_stop_same_verdicts():
     rows = list(csv.DictReader(open(SHARED / "data" / "advbench" / "harmful_behaviors.csv", encoding="utf-8")))
     prompts = [r["goal"] for r in random.Random(18).sample(rows, 12)]
     b = HFBackend(str(TESTBED_MODELS / "aligned"), {"mix_s0": str(SHARED / "testbed" / "adapters" / "mix_s0")})
-    j = KeywordJudge()
+    j, broad = KeywordJudge(), PatternJudge()
+    stop = GenSettings(
+        max_new_tokens=64, batch_size=4, stop_strings=tuple(j.keywords), stop_patterns=tuple(broad.keywords)
+    )
+    n_cut = 0
     for adapter in (None, "mix_s0"):
         b.loop = "generate"
         full = b.generate(prompts, adapter, GenSettings(max_new_tokens=64, batch_size=12))
         b.loop = "continuous"
-        cut = b.generate(prompts, adapter, GenSettings(max_new_tokens=64, batch_size=4, stop_strings=tuple(j.keywords)))
+        cut = b.generate(prompts, adapter, stop)
         assert [j.refused(c.text) for c in cut] == [j.refused(f.text) for f in full]
+        assert [broad.refused(c.text) for c in cut] == [broad.refused(f.text) for f in full]
         assert all(f.text.startswith(c.text) for c, f in zip(cut, full))
-        assert sum(c.stopped_early for c in cut) == sum(j.refused(f.text) for f in full)
+        assert sum(c.stopped_early for c in cut) <= sum(j.refused(f.text) for f in full)
+        n_cut += sum(c.stopped_early for c in cut)
+    assert n_cut > 0

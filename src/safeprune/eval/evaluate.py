@@ -104,36 +104,55 @@ class EvalConfig:
         )
 
 
-def early_stop_plan(cfg: EvalConfig, judge: KeywordJudge, harm_judges: Sequence[HarmJudge]) -> dict[str, Any]:
-    """Whether safety / over-refusal generations stop at the first refusal keyword, and why. The keyword
-    judge's verdict cannot change once a keyword is in the text; a model-based judge reads the whole
-    output, so any such judge turns early stopping off."""
+STOP_KINDS = ("safety", "over_refusal")
+
+
+def early_stop_plan(
+    cfg: EvalConfig, judge: KeywordJudge, harm_judges: Sequence[HarmJudge], broad: KeywordJudge | None = None
+) -> dict[str, Any]:
+    """Whether safety / over-refusal generations stop early, and why. A generation stops once the keyword
+    judge and the broad pattern judge have both decided it is a refusal (see ``backends/stopping.py``);
+    neither verdict can change after that. A model-based judge reads the whole output, so any such judge
+    turns early stopping off."""
     model_judges = [j.id for j in harm_judges]
     if cfg.early_stop is False:
         on, why = False, "off (asked)"
-    elif model_judges:
+    elif model_judges or type(judge) is not KeywordJudge or (broad is not None and not isinstance(broad, PatternJudge)):
+        reason = (
+            f"a model-based judge reads the whole output ({', '.join(model_judges)})"
+            if model_judges
+            else "the refusal judges are not one keyword list plus one pattern list"
+        )
         if cfg.early_stop:
-            raise UsageError(
-                "early stopping needs keyword-only judging: a model-based judge reads the whole output "
-                f"({', '.join(model_judges)}); drop the judge or the early stop"
-            )
-        on, why = False, "off: a model-based judge reads the whole output"
+            raise UsageError(f"early stopping needs keyword-only judging: {reason}; drop the judge or the early stop")
+        on, why = False, f"off: {reason}"
     else:
-        on, why = True, "on: every judge is the keyword judge" + (" (asked)" if cfg.early_stop else " (default)")
+        on, why = (
+            True,
+            "on: every judge is keyword- or pattern-based" + (" (asked)" if cfg.early_stop else " (default)"),
+        )
     return {
         "enabled": on,
         "why": why,
-        "kinds": ["safety", "over_refusal"] if on else [],
-        "judge": judge.id,
-        "rule": "a generation ends once a keyword is a substring of its decoded text (the verdict is decided); "
-        "outputs cut this way have stopped_early = true",
+        "kinds": list(STOP_KINDS) if on else [],
+        "judges": [judge.id] + ([broad.id] if broad is not None else []),
+        "rule": "a generation ends once a keyword is a substring of its decoded text and a broad pattern matches "
+        "it (12 characters before the end); both verdicts are then decided. Outputs cut this way have "
+        "stopped_early = true",
     }
 
 
-def gen_settings(cfg: EvalConfig, kind: str, judge: KeywordJudge, early_stop: bool) -> GenSettings:
+def gen_settings(
+    cfg: EvalConfig, kind: str, judge: KeywordJudge, early_stop: bool, broad: KeywordJudge | None = None
+) -> GenSettings:
     s = cfg.settings(kind)
-    if early_stop and kind != "utility":
-        s = replace(s, stop_strings=tuple(judge.keywords), stop_case_sensitive=judge.case_sensitive)
+    if early_stop and kind in STOP_KINDS:
+        s = replace(
+            s,
+            stop_strings=tuple(judge.keywords),
+            stop_case_sensitive=judge.case_sensitive,
+            stop_patterns=tuple(broad.keywords) if broad is not None else (),
+        )
     return s
 
 
@@ -292,7 +311,7 @@ def evaluate(
     variants: list[tuple[str, str | None]] = ([(BASE_VARIANT, None)] if include_base else []) + [
         (n, n) for n in adapters
     ]
-    stop = early_stop_plan(cfg, judge, harm_judges)
+    stop = early_stop_plan(cfg, judge, harm_judges, broad)
     met = Meteor() if meteor and any(s.kind == "utility" for s in prompt_sets) else None
     hjudges = {j.id: j for j in harm_judges}
     sampled = cfg.uncertainty == "sampled" and any(s.kind in SCORED_KINDS for s in prompt_sets)
@@ -311,7 +330,7 @@ def evaluate(
                 gcache,
                 [it.prompt for it in ps.items],
                 adapter,
-                gen_settings(cfg, ps.kind, judge, stop["enabled"]),
+                gen_settings(cfg, ps.kind, judge, stop["enabled"], broad),
                 label=vname,
                 progress=cb,
             )
@@ -350,7 +369,7 @@ def evaluate(
         "settings": {
             **asdict(cfg),
             "per_kind": {
-                k: gen_settings(cfg, k, judge, stop["enabled"]).key()
+                k: gen_settings(cfg, k, judge, stop["enabled"], broad).key()
                 for k in ("safety", "over_refusal", "utility", "qa")
             },
         },

@@ -27,6 +27,8 @@ class GenSettings:
     # (the keyword judge's list; empty: off). See ``stopping.py``.
     stop_strings: tuple[str, ...] = ()
     stop_case_sensitive: bool = True
+    # and, when given, one of these case-insensitive regular expressions (the broad pattern judge) must match
+    stop_patterns: tuple[str, ...] = ()
 
     def key(self) -> dict[str, Any]:
         """The settings that change a generation (batch size, batch composition and the generation loop do
@@ -35,9 +37,11 @@ class GenSettings:
         d = asdict(self)
         d.pop("batch_size")
         d.pop("sort_by_length")
-        strings, cs = d.pop("stop_strings"), d.pop("stop_case_sensitive")
-        if strings:
+        strings, cs, patterns = d.pop("stop_strings"), d.pop("stop_case_sensitive"), d.pop("stop_patterns")
+        if strings or patterns:
             d["early_stop"] = {"strings": list(strings), "case_sensitive": cs}
+            if patterns:
+                d["early_stop"]["patterns"] = list(patterns)
         if not self.do_sample:
             d.pop("temperature"), d.pop("top_p"), d.pop("seed")
         return d

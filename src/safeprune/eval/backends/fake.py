@@ -8,6 +8,19 @@ from typing import Any
 
 from ...errors import UsageError
 from .base import Backend, Generation, adapter_fingerprint
+from .stopping import SubstringStop
+
+
+class _Words:
+    """A tokenizer stand-in for early stopping: token i is the i-th word."""
+
+    clean_up_tokenization_spaces = False
+
+    def __init__(self, words: list[str]):
+        self.words = words
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return " ".join(self.words[i] for i in ids)
 
 
 class FakeBackend(Backend):
@@ -62,12 +75,14 @@ class FakeBackend(Backend):
                     reply = self._respond(adapter, p)
                 words = reply.split()[: settings.max_new_tokens]
                 early = False
-                for k in range(1, len(words) if settings.stop_strings else 0):  # a "token" is a word
-                    head = " ".join(words[:k])
-                    head = head if settings.stop_case_sensitive else head.lower()
-                    if any((x if settings.stop_case_sensitive else x.lower()) in head for x in settings.stop_strings):
-                        words, early = words[:k], True
-                        break
+                if settings.stop_strings or settings.stop_patterns:  # a "token" is a word
+                    stop = SubstringStop(
+                        _Words(words), settings.stop_strings, settings.stop_case_sensitive, (), settings.stop_patterns
+                    )
+                    for k in range(1, len(words)):
+                        if stop.decided(range(k)):
+                            words, early = words[:k], True
+                            break
                 text = " ".join(words)
                 nll = 0.5 + (int(hashlib.md5(text.encode()).hexdigest()[:6], 16) % 1000) / 1000.0
                 gens.append(

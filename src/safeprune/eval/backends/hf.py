@@ -180,9 +180,11 @@ class HFBackend(Backend):
         return {"add_special_tokens": not settings.chat_template or not getattr(self.tokenizer, "chat_template", None)}
 
     def stopper(self, settings: GenSettings) -> SubstringStop | None:
-        if not settings.stop_strings:
+        if not settings.stop_strings and not settings.stop_patterns:
             return None
-        return SubstringStop(self.tokenizer, settings.stop_strings, settings.stop_case_sensitive, self.eos_ids())
+        return SubstringStop(
+            self.tokenizer, settings.stop_strings, settings.stop_case_sensitive, self.eos_ids(), settings.stop_patterns
+        )
 
     def _generate_batches(self, texts, settings, on_batch):
         """HF ``generate`` on fixed batches (the path before continuous batching; also every sampled

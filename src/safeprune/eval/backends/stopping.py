@@ -15,25 +15,43 @@ use except at the very end of the text:
 
 Only the text before the held-back tail is searched (stripped, as the judge strips the output), so a match
 there is in the judge's text of the full generation as well.
+
+A second refusal judge made of regular expressions (the broad pattern judge) is not monotone: a match can
+depend on what follows it ("I can't help" is a refusal, "I can't help but" is not). Its verdict is decided
+once a pattern matches at least ``PATTERN_MARGIN`` characters before the end of the stable text (the
+patterns look at most a few characters past a match). A generation stops only when every refusal judge
+has decided, so each judge's verdict is the full generation's.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any, Iterable, Sequence
 
 import torch
 from transformers import StoppingCriteria
 
 CLEANUP_HOLD_BACK = 4  # longest clean_up_tokenization_spaces pattern (" n't", " 're", " 've")
+# characters after a pattern match that must already be there: the default patterns look at most 8 past a
+# match (" myself" + a word boundary); patterns with longer lookaheads need a larger margin
+PATTERN_MARGIN = 12
 
 
 class SubstringStop:
     """Decides, from a generation's token ids, whether one of ``strings`` is already in its stable text."""
 
-    def __init__(self, tokenizer: Any, strings: Sequence[str], case_sensitive: bool, eos_ids: Iterable[int]):
+    def __init__(
+        self,
+        tokenizer: Any,
+        strings: Sequence[str],
+        case_sensitive: bool,
+        eos_ids: Iterable[int],
+        patterns: Sequence[str] = (),
+    ):
         self.tokenizer = tokenizer
         self.case_sensitive = case_sensitive
         self.strings = [s if case_sensitive else s.lower() for s in strings if s]
+        self.patterns = [re.compile(p, re.IGNORECASE | re.MULTILINE) for p in patterns]
         self.eos_ids = set(eos_ids)
         self.hold_back = CLEANUP_HOLD_BACK if getattr(tokenizer, "clean_up_tokenization_spaces", False) else 0
 
@@ -44,12 +62,19 @@ class SubstringStop:
         return text.rstrip("\ufffd").strip()
 
     def decided(self, token_ids: Sequence[int]) -> bool:
-        if not self.strings:
+        if not self.strings and not self.patterns:
             return False
         text = self.stable_text(token_ids)
-        if not self.case_sensitive:
-            text = text.lower()
-        return any(s in text for s in self.strings)
+        if self.strings:
+            t = text if self.case_sensitive else text.lower()
+            if not any(s in t for s in self.strings):
+                return False
+        if self.patterns:
+            t = text.replace("\u2019", "'").replace("\u2018", "'")  # as the pattern judge reads it
+            end = len(t) - PATTERN_MARGIN
+            if not any(m.end() <= end for rx in self.patterns for m in rx.finditer(t)):
+                return False
+        return True
 
 
 class KeywordStoppingCriteria(StoppingCriteria):

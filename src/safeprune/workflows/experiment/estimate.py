@@ -11,7 +11,7 @@ from typing import Any
 
 from ...eval.backends import Backend, GenSettings, make_backend
 from ...eval.evaluate import EvalConfig, early_stop_plan, gen_settings
-from ...eval.judges import KeywordJudge
+from ...eval.judges import KeywordJudge, PatternJudge
 from .config import ExperimentConfig, load_config
 from .eval_stages import load_sets
 
@@ -55,7 +55,8 @@ def estimate_experiment(config: ExperimentConfig | str | Path, backend: Backend 
         early_stop=e.early_stop,
     )
     model_judges = [SimpleNamespace(id=j.kind) for j in e.judges]  # not loaded for an estimate
-    stop = early_stop_plan(ecfg, judge, model_judges)
+    broad = PatternJudge()
+    stop = early_stop_plan(ecfg, judge, model_judges, broad)
     opts: dict[str, Any] = {}
     if e.backend == "hf":
         opts = {"device": e.device, "dtype": e.dtype, "threads": e.threads, "loop": e.loop}
@@ -74,7 +75,7 @@ def estimate_experiment(config: ExperimentConfig | str | Path, backend: Backend 
         n_gen = n_prompts * (full + (nv["random_controls"] if kind in kinds_rc else 0))
         pool = [it.prompt for s in ks for it in s.items]
         sample = random.Random(cfg.seed).sample(pool, min(WARMUP_PROMPTS, len(pool)))
-        st = gen_settings(ecfg, kind, judge, stop["enabled"])
+        st = gen_settings(ecfg, kind, judge, stop["enabled"], broad)
         t0 = time.perf_counter()
         gens = be.generate(sample, None, st)
         per = (time.perf_counter() - t0) / len(sample)
