@@ -71,11 +71,11 @@ STRENGTHS = (1.0, 0.75, 0.5, 0.25)
 @dataclass
 class RepairOptions:
     method: str = DEFAULT_METHOD
-    steps: int = 8
-    lr: float = 0.15
+    steps: int = 10
+    lr: float = 0.2
     per_round: int = 48
-    lambda_task: float = 1.0
-    lambda_over: float = 1.0
+    lambda_task: float = 0.3
+    lambda_over: float = 0.3
     n_harmful: int = 32
     n_harmless: int = 16
     n_task: int = 8
