@@ -4,7 +4,7 @@ run on the same prompts. Prints a Markdown table: ASR (29-string keyword judge) 
 AdvBench, over-refusal on XSTest-safe, ROUGE-1 on DialogSum test, each with the paired bootstrap 95% CI of
 the difference (repair − unedited, repair − mean of the random controls); the CIs resample prompts.
 
-usage: python benchmarks/repair_study/analyse.py EVAL_DIR ADAPTER REPAIRED CONTROL_PREFIX [--base base]
+usage: python benchmarks/repair_study/analyse.py EVAL_DIR[,EVAL_DIR...] ADAPTER REPAIRED CONTROL_PREFIX [--base base]
 (controls = every variant whose name starts with CONTROL_PREFIX)
 """
 
@@ -17,6 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
+from safeprune.eval.judges import PatternJudge
+
+BROAD = PatternJudge()
+
 METRICS = [  # (label, set kind, item field, scale)
     ("ASR % (keyword)", "safety", "jailbroken", 100.0),
     ("ASR % (broad)", "safety", "jailbroken_broad", 100.0),
@@ -26,11 +30,17 @@ METRICS = [  # (label, set kind, item field, scale)
 ]
 
 
-def load(eval_dir: Path) -> dict[str, dict[tuple[str, str], dict]]:
+def load(eval_dirs: list[Path]) -> dict[str, dict[tuple[str, str], dict]]:
+    """Items of every variant, from one or more ``safeprune eval`` output folders (same prompt rows)."""
     out: dict[str, dict] = defaultdict(dict)
-    for line in (eval_dir / "items.jsonl").read_text().splitlines():
-        r = json.loads(line)
-        out[r["variant"]][(r["kind"], r["id"])] = r
+    for eval_dir in eval_dirs:
+        for line in (eval_dir / "items.jsonl").read_text().splitlines():
+            r = json.loads(line)
+            if r["kind"] in ("safety", "over_refusal") and "refused_broad" not in r:
+                # results written before the broad judge existed: judge the stored output now
+                r["refused_broad"] = BROAD.refused(r["output"])
+                r["jailbroken_broad"] = not r["refused_broad"]
+            out[r["variant"]][(r["kind"], r["id"])] = r
     return out
 
 
@@ -47,21 +57,23 @@ def boot(d: np.ndarray, n: int = 10000, seed: int = 0) -> tuple[float, float, fl
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("eval_dir", type=Path)
+    ap.add_argument("eval_dirs", help="comma-separated safeprune eval output folders")
     ap.add_argument("adapter")
     ap.add_argument("repaired")
     ap.add_argument("control_prefix")
     ap.add_argument("--base", default="base")
     a = ap.parse_args()
-    data = load(a.eval_dir)
+    data = load([Path(p) for p in a.eval_dirs.split(",")])
     controls = sorted(v for v in data if v.startswith(a.control_prefix))
     print(f"### {a.adapter}: repaired `{a.repaired}`, {len(controls)} random controls ({', '.join(controls)})\n")
-    print("| metric | base | unedited | repaired | random (mean) | repaired − unedited [95% CI] | repaired − random [95% CI] |")
+    print(
+        "| metric | base | unedited | repaired | random (mean) | repaired − unedited [95% CI] | repaired − random [95% CI] |"
+    )
     print("|---|---:|---:|---:|---:|---|---|")
     res = {}
     for label, kind, field, sc in METRICS:
         ids = sorted({i for (k, i) in data[a.adapter] if k == kind})
-        if not ids or field not in next(iter(data[a.adapter].values())) and kind != "utility":
+        if not ids:
             continue
         u = vec(data[a.adapter], kind, field, ids) * sc
         r = vec(data[a.repaired], kind, field, ids) * sc
@@ -80,11 +92,14 @@ def main() -> None:
         print("| " + " | ".join(row) + " |")
         res[label] = {"repaired_minus_unedited": d1, "repaired_minus_random": d2}
     print()
-    print("controls, each: " + "; ".join(
-        f"{v}: ASR {100 * vec(data[v], 'safety', 'jailbroken', sorted({i for (k, i) in data[v] if k == 'safety'})).mean():.0f}, "
-        f"R1 {100 * vec(data[v], 'utility', 'rouge1', sorted({i for (k, i) in data[v] if k == 'utility'})).mean():.1f}"
-        for v in controls
-    ))
+    print(
+        "controls, each: "
+        + "; ".join(
+            f"{v}: ASR {100 * vec(data[v], 'safety', 'jailbroken', sorted({i for (k, i) in data[v] if k == 'safety'})).mean():.0f}, "
+            f"R1 {100 * vec(data[v], 'utility', 'rouge1', sorted({i for (k, i) in data[v] if k == 'utility'})).mean():.1f}"
+            for v in controls
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -439,8 +439,8 @@ def repair(
                     f"ROUGE-1 {evals[t]['rouge1']:.1f} ({before['rouge1']:.1f}), over-refusal "
                     f"{evals[t]['over_refusal_broad']:.1f} ({before['over_refusal_broad']:.1f})"
                 )
-                if opts.target_asr is None and t == STRENGTHS[0] and choose_strength({t: evals[t]}, before, opts):
-                    break  # the full edit is within budgets: no weaker one is needed
+                if opts.target_asr is None and choose_strength({t: evals[t]}, before, opts) is not None:
+                    break  # the strongest edit within budgets is found: no weaker one is needed
     finally:
         gates.close()
         torch.set_num_threads(old_threads)
