@@ -104,7 +104,11 @@ class _LazyGroup(TyperGroup):
             module, line = COMMANDS[cmd_name]
             if self._listing:
                 return TyperCommand(name=cmd_name, help=line, short_help=line)
-            importlib.import_module(f"{__package__}.{module}")
+            try:  # the command's module loads torch/transformers (seconds): Ctrl-C here ends like anywhere else
+                importlib.import_module(f"{__package__}.{module}")
+            except KeyboardInterrupt:
+                sys.stderr.write("interrupted: no output was written\n")
+                sys.exit(130)
             for info in app.registered_commands:
                 name = info.name or typer.main.get_command_name(info.callback.__name__)
                 if name not in self.commands:
