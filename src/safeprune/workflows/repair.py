@@ -361,12 +361,17 @@ class RepairResult:
     summary: dict[str, Any]
 
 
+def _energies(m) -> torch.Tensor:
+    """Energy s²·‖b_i‖²·‖a_i‖² of each component of an orthogonalised module (= σ_i², exactly per column)."""
+    return (m.lora_B.double().pow(2).sum(0) * m.lora_A.double().pow(2).sum(1)) * (m.scaling**2)
+
+
 def _energy_removed(orig: LoraAdapter, gates: dict[str, torch.Tensor]) -> float:
     """Share of the adapter's energy Σ_m ‖ΔW_m‖²_F that the gates remove: the components of ``orig`` are
     orthogonal, so component i of a module carries σ_i² = s²·‖b_i‖²·‖a_i‖² and keeps g_i²·σ_i²."""
     tot = kept = 0.0
     for name, m in orig.modules.items():
-        e = (m.lora_B.double().pow(2).sum(0) * m.lora_A.double().pow(2).sum(1)) * (m.scaling**2)
+        e = _energies(m)
         g = gates[name].double()
         tot += float(e.sum())
         kept += float((e * g.pow(2)).sum())
@@ -503,7 +508,7 @@ def random_control_gates(orth: LoraAdapter, energy: float, seed: int) -> dict[st
     comps, total = [], 0.0
     gates = {}
     for name, m in orth.modules.items():
-        e = (m.lora_B.double().pow(2).sum(0) * m.lora_A.double().pow(2).sum(1)) * (m.scaling**2)
+        e = _energies(m)
         gates[name] = torch.ones(m.r)
         comps += [(name, i, float(e[i])) for i in range(m.r)]
         total += float(e.sum())
