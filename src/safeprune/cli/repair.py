@@ -20,6 +20,7 @@ from ..weights.resolve import resolve_model
 from ..workflows.repair import DEFAULT_METHOD, METHODS, RepairOptions, random_control, repair
 from .app import app, err, handle_errors, out, state
 from .options import AdapterArg, AllowPickleOpt, ForceOpt
+from .render import default_base
 
 D = RepairOptions()
 
@@ -101,8 +102,6 @@ def repair_cmd(
 ) -> None:
     """Restore the refusals the fine-tune removed and keep its task: component gates fitted to a contrastive
     objective on tuning probes, checked against budgets; writes a PEFT adapter + safeprune.json."""
-    from .render import default_base
-
     if random_control_of is not None:
         inputs = local_inputs(adapter, random_control_of)
         check_output_path(output, inputs, force)

@@ -361,6 +361,11 @@ class RepairResult:
     summary: dict[str, Any]
 
 
+def _gate_record(gates: dict[str, torch.Tensor]) -> dict[str, list[float]]:
+    """The gates as the manifest records them (per module, 6 decimals)."""
+    return {k: [round(float(x), 6) for x in v] for k, v in gates.items()}
+
+
 def _energies(m) -> torch.Tensor:
     """Energy s²·‖b_i‖²·‖a_i‖² of each component of an orthogonalised module (= σ_i², exactly per column)."""
     return (m.lora_B.double().pow(2).sum(0) * m.lora_A.double().pow(2).sum(1)) * (m.scaling**2)
@@ -487,7 +492,7 @@ def repair(
             "method": opts.method,
             "orthogonalised": True,
             "strength": chosen,
-            "gates": {k: [round(float(x), 6) for x in v] for k, v in final.items()},
+            "gates": _gate_record(final),
             "adapter_sha256": adapter_fingerprint(ad.path),
             "summary": {k: v for k, v in summary.items() if k != "trace"},
         },
@@ -558,7 +563,7 @@ def random_control(adapter: LoraAdapter | str | Path, repaired: str | Path, seed
             "seed": seed,
             "energy_removed": _energy_removed(orth, gates),
             "target_energy": energy,
-            "gates": {k: [round(float(x), 6) for x in v] for k, v in gates.items()},
+            "gates": _gate_record(gates),
         },
     )
     return out
