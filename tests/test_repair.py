@@ -252,3 +252,4 @@ def test_random_control_matches_the_energy_budget(tiny, tmp_path):
     # not a repaired adapter: one line, exit 2
     r = CliRunner().invoke(app, ["repair", str(adapter), "--random-control", str(adapter), "-o", str(tmp_path / "x")])
     assert r.exit_code == 2 and "not an adapter written by safeprune repair" in r.output
+    assert not (tmp_path / "x").exists()  # nothing written
