@@ -253,3 +253,68 @@ def test_random_control_matches_the_energy_budget(tiny, tmp_path):
     r = CliRunner().invoke(app, ["repair", str(adapter), "--random-control", str(adapter), "-o", str(tmp_path / "x")])
     assert r.exit_code == 2 and "not an adapter written by safeprune repair" in r.output
     assert not (tmp_path / "x").exists()  # nothing written
+
+
+def test_from_repair_rewrites_the_fit_at_another_strength(tiny, tmp_path):
+    """``--from-repair R --strength t`` recovers the fitted gates from R's manifest and writes ΔW at strength
+    t: at R's own strength it reproduces R; at t the gates are 1 − (t/t0)(1 − g_written) (dense reference)."""
+    base, adapter, data = tiny
+    rep = tmp_path / "rep"
+    r = CliRunner().invoke(
+        app,
+        ["repair", str(adapter), "-b", str(base), "-o", str(rep), "--data", str(data), "--steps", "2", "--lr", "0.5"]
+        + ["--max-utility-drop", "100", "--max-over-refusal-rise", "100", "--n-harmful", "6", "--n-harmless", "4"]
+        + ["--n-task", "3", "--n-check", "4", "--n-task-check", "3", "--refusal", "w1 w2"],
+    )
+    assert r.exit_code == 0, r.output
+    edit = json.loads((rep / "safeprune.json").read_text())["edit"]
+    t0, written = edit["strength"], edit["gates"]
+    assert any(x < 0.999 for v in written.values() for x in v)  # the fit moved some gate
+    orth = orthogonalise(load_adapter(adapter))
+    for t in (t0, 0.5, 0.2):
+        out = tmp_path / f"t{t}"
+        r = CliRunner().invoke(
+            app, ["repair", str(adapter), "--from-repair", str(rep), "--strength", str(t), "-o", str(out)]
+        )
+        assert r.exit_code == 0, r.output
+        got = load_adapter(out)
+        want = {k: 1.0 - (t / t0) * (1.0 - torch.tensor(v, dtype=torch.float64)) for k, v in written.items()}
+        for name, m in orth.modules.items():
+            # ΔW of the orthogonalised components, each scaled by its wanted gate
+            ref = (m.lora_B.double() * want[name]) @ m.lora_A.double() * m.scaling
+            assert torch.allclose(got.modules[name].delta_weight().double(), ref, atol=1e-5)
+        man = json.loads((out / "safeprune.json").read_text())
+        assert man["edit"]["strength"] == t and man["edit"]["budgets_checked"] is False
+        if t == t0:  # its own strength: the repaired adapter itself
+            a = load_adapter(rep)
+            assert all(torch.allclose(got.modules[k].lora_B, a.modules[k].lora_B, atol=1e-6) for k in a.modules)
+    # the rewritten adapter has its own energy, and its random control matches it
+    ctl = tmp_path / "ctl"
+    r = CliRunner().invoke(
+        app, ["repair", str(adapter), "--random-control", str(tmp_path / "t0.5"), "--seed", "1", "-o", str(ctl)]
+    )
+    assert r.exit_code == 0, r.output
+    e5 = json.loads((tmp_path / "t0.5" / "safeprune.json").read_text())["edit"]["summary"]["energy_removed"]
+    assert json.loads((ctl / "safeprune.json").read_text())["edit"]["energy_removed"] == pytest.approx(e5, abs=1e-6)
+    assert e5 < json.loads((rep / "safeprune.json").read_text())["edit"]["summary"]["energy_removed"]
+
+
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--strength", "0.5"], "go together"),
+        (["--from-repair", "REP", "--strength", "0"], "--strength must be in (0, 1]"),
+        (["--from-repair", "REP", "--strength", "1.5"], "--strength must be in (0, 1]"),
+        (["--from-repair", "AD", "--strength", "0.5"], "not an adapter written by safeprune repair"),
+    ],
+)
+def test_from_repair_bad_input_is_one_line(tiny, tmp_path, flags, message):
+    base, adapter, data = tiny
+    rep = tmp_path / "rep"
+    rep.mkdir()
+    (rep / "safeprune.json").write_text(json.dumps({"action": "repair", "edit": {"summary": {}}}))
+    flags = [str(rep) if f == "REP" else str(adapter) if f == "AD" else f for f in flags]
+    r = CliRunner().invoke(app, ["repair", str(adapter), "-o", str(tmp_path / "out")] + flags)
+    assert r.exit_code == 2 and message in r.output, r.output
+    assert len(r.output.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()

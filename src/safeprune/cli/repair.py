@@ -17,7 +17,7 @@ from ..io.files import json_default
 from ..io.outputs import check_output_file, check_output_path, local_inputs
 from ..io.text import one_line
 from ..weights.resolve import resolve_model
-from ..workflows.repair import DEFAULT_METHOD, METHODS, RepairOptions, random_control, repair
+from ..workflows.repair import DEFAULT_METHOD, METHODS, RepairOptions, random_control, repair, restrength
 from .app import app, err, handle_errors, out, state
 from .options import AdapterArg, AllowPickleOpt, ForceOpt
 from .render import default_base
@@ -97,11 +97,44 @@ def repair_cmd(
             "energy removed from seeded random components; --seed picks them). No base model is needed.",
         ),
     ] = None,
+    from_repair: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--from-repair",
+            help="Instead of repairing: rewrite this repaired adapter (made from ADAPTER) at --strength, "
+            "without refitting and without the budget check. No base model is needed.",
+        ),
+    ] = None,
+    strength: Annotated[
+        Optional[float],
+        typer.Option("--strength", help="Edit strength in (0, 1] for --from-repair (1 = the full fit)."),
+    ] = None,
     force: ForceOpt = False,
     allow_pickle: AllowPickleOpt = False,
 ) -> None:
     """Restore the refusals the fine-tune removed and keep its task: component gates fitted to a contrastive
     objective on tuning probes, checked against budgets; writes a PEFT adapter + safeprune.json."""
+    if (from_repair is None) != (strength is None):
+        raise UsageError("--from-repair and --strength go together")
+    if from_repair is not None and random_control_of is not None:
+        raise UsageError("--from-repair and --random-control cannot be combined")
+    if from_repair is not None:
+        inputs = local_inputs(adapter, from_repair)
+        check_output_path(output, inputs, force)
+        res = restrength(load_adapter(adapter, allow_pickle=allow_pickle), from_repair, strength)
+        with Outputs() as outputs:
+            path = stage_adapter(res, output, outputs, force=force, extra_inputs=inputs)
+            outputs.commit()
+        if not state["quiet"]:
+            s = res.manifest["edit"]["summary"]
+            err.print(
+                f"strength {strength} (the repair chose {res.manifest['edit']['restrength_of']['strength']}): "
+                f"{100 * s['energy_removed']:.1f}% of ΔW energy removed; budgets not checked",
+                highlight=False,
+                markup=False,
+            )
+        out.print(f"wrote {one_line(path)}", highlight=False)
+        return
     if random_control_of is not None:
         inputs = local_inputs(adapter, random_control_of)
         check_output_path(output, inputs, force)

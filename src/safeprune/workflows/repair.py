@@ -531,10 +531,9 @@ def random_control_gates(orth: LoraAdapter, energy: float, seed: int) -> dict[st
     return gates
 
 
-def random_control(adapter: LoraAdapter | str | Path, repaired: str | Path, seed: int) -> LoraAdapter:
-    """The random control of a repaired adapter directory: the same share of ΔW energy removed from random
-    components of the same (orthogonalised) adapter (see :func:`random_control_gates`), with a manifest."""
-    ad = adapter if isinstance(adapter, LoraAdapter) else load_adapter(adapter)
+def _repair_record(ad: LoraAdapter, repaired: str | Path) -> dict[str, Any]:
+    """The ``edit`` record of a repaired adapter directory's manifest, checked: written by ``repair`` from
+    ``ad`` (same sha256 when both are known)."""
     mpath = Path(repaired) / MANIFEST_NAME
     if not mpath.is_file():
         raise InputError(f"no {MANIFEST_NAME}: not an adapter written by safeprune repair", repaired)
@@ -547,6 +546,14 @@ def random_control(adapter: LoraAdapter | str | Path, repaired: str | Path, seed
         raise InputError("not a repaired adapter (its manifest has no repair record)", mpath)
     if ad.path is not None and edit.get("adapter_sha256") not in (None, adapter_fingerprint(ad.path)):
         raise InputError("the repaired adapter was made from another adapter (sha256 differs)", mpath)
+    return edit
+
+
+def random_control(adapter: LoraAdapter | str | Path, repaired: str | Path, seed: int) -> LoraAdapter:
+    """The random control of a repaired adapter directory: the same share of ΔW energy removed from random
+    components of the same (orthogonalised) adapter (see :func:`random_control_gates`), with a manifest."""
+    ad = adapter if isinstance(adapter, LoraAdapter) else load_adapter(adapter)
+    edit = _repair_record(ad, repaired)
     energy = float(edit["summary"]["energy_removed"])
     orth = orthogonalise(ad)
     gates = random_control_gates(orth, energy, seed)
@@ -564,6 +571,51 @@ def random_control(adapter: LoraAdapter | str | Path, repaired: str | Path, seed
             "energy_removed": _energy_removed(orth, gates),
             "target_energy": energy,
             "gates": _gate_record(gates),
+        },
+    )
+    return out
+
+
+def restrength(adapter: LoraAdapter | str | Path, repaired: str | Path, strength: float) -> LoraAdapter:
+    """The repair of ``repaired`` (a directory written by :func:`repair` from ``adapter``) rewritten at
+    another edit strength, without refitting: the fitted gates g* are recovered from the written ones
+    (g_t = 1 − t·(1 − g*)) and blended at ``strength`` (0 = the unedited adapter, 1 = the full fit).
+    The budgets are not checked (the manifest says so); the check-probe metrics are kept when the fit
+    measured that strength."""
+    if not (isinstance(strength, (int, float)) and 0.0 < strength <= 1.0):
+        raise UsageError(f"--strength must be in (0, 1], got {strength!r}")
+    ad = adapter if isinstance(adapter, LoraAdapter) else load_adapter(adapter)
+    edit = _repair_record(ad, repaired)
+    t0 = edit.get("strength")
+    written = edit.get("gates")
+    orth = orthogonalise(ad)
+    if not isinstance(t0, (int, float)) or not (0 < t0 <= 1) or not isinstance(written, dict):
+        raise InputError("the repair record has no strength or gates", Path(repaired) / MANIFEST_NAME)
+    if set(written) != set(orth.modules) or any(len(written[k]) != orth.modules[k].r for k in orth.modules):
+        raise InputError("the recorded gates do not match the adapter's modules", Path(repaired) / MANIFEST_NAME)
+    g_star = {k: (1.0 - (1.0 - torch.tensor(v, dtype=torch.float64)) / t0).clamp(0.0, 1.0) for k, v in written.items()}
+    final = {k: v.float() for k, v in _blend(g_star, float(strength)).items()}
+    out = gate_components(orth, final)
+    summary = {k: v for k, v in edit["summary"].items() if k not in ("after", "strength")}
+    summary["strength"] = float(strength)
+    summary["energy_removed"] = _energy_removed(orth, final)
+    summary["components_off"] = int(sum(int((v < 0.5).sum()) for v in final.values()))
+    checked = summary.get("check", {}).get(str(float(strength)))
+    if checked is not None:
+        summary["after"] = checked
+    out.manifest = build_manifest(
+        action="repair",
+        original=ad,
+        edited=out,
+        table=None,
+        selection=None,
+        edit={
+            **{k: v for k, v in edit.items() if k not in ("gates", "strength", "summary")},
+            "strength": float(strength),
+            "restrength_of": {"path": str(repaired), "strength": t0},
+            "budgets_checked": False,
+            "gates": _gate_record(final),
+            "summary": summary,
         },
     )
     return out
