@@ -318,3 +318,42 @@ def test_from_repair_bad_input_is_one_line(tiny, tmp_path, flags, message):
     assert r.exit_code == 2 and message in r.output, r.output
     assert len(r.output.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_repair_scale_benchmark_smoke(tmp_path):
+    """The functions benchmarks/bench_repair_scale.py runs, at hidden 64 and in-process: every component of
+    every module gets a gradient, and the Markdown renders with the linear fit."""
+    import sys
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parent.parent / "benchmarks"
+    sys.path.insert(0, str(bench))
+    try:
+        import bench_repair_scale
+        import synth
+    finally:
+        sys.path.remove(str(bench))
+    rows = []
+    for L in (1, 2):
+        spec = synth.TINY.with_layers(L)
+        base = synth.write_base(tmp_path / f"b{L}", spec)
+        ad = synth.write_adapter(tmp_path / f"a{L}", spec, synth.ATTN, r=4, alpha=8)
+        side = bench_repair_scale.worker_adapter({"adapter": str(ad)})
+        fit = bench_repair_scale.worker_fit(
+            {"adapter": str(ad), "base": str(base), "batch": 2, "prompt_tokens": 5, "steps": 1}
+        )
+        assert side["modules"] == fit["modules"] == 4 * L and 0 < side["energy_removed"] < 1
+        assert fit["components"] == fit["nonzero_gate_grads"] == 16 * L
+        rows.append({"layers": L, "adapter_side": side, "fit_step": fit})
+    md = bench_repair_scale.render(
+        {
+            "command": "x",
+            "date": "d",
+            "machine": "m",
+            "load_average_samples": [],
+            "spec": "tiny",
+            "rows": rows,
+            "seconds": 1,
+        }
+    )
+    assert "Fit step CPU seconds ≈" in md and md.count("\n| 2 |") == 2
