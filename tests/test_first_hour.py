@@ -68,6 +68,47 @@ def test_top_level_help_imports_no_model_library():
     assert "LOADED []" in r.stdout, r.stdout[-300:]
 
 
+HEAVY = ("torch", "transformers", "peft", "scipy", "matplotlib", "numpy", "safetensors")
+
+
+def test_every_commands_help_imports_no_model_library():
+    """`prune --help` took 3.5 s and `eval --help` 6 s: the command modules imported torch, transformers, peft
+    and scipy at import time (via the scoring registry). Every command's help must load none of them."""
+    import subprocess
+    import sys
+
+    from safeprune.cli.app import COMMANDS
+
+    code = (
+        "import sys\n"
+        "from typer.testing import CliRunner\n"
+        "from safeprune.cli import app\n"
+        f"for name in {sorted(COMMANDS)!r}:\n"
+        "    r = CliRunner().invoke(app, [name, '--help'], env={'COLUMNS': '200'})\n"
+        "    assert r.exit_code == 0 and 'Usage' in r.output and '--help' in r.output, (name, r.output)\n"
+        f"    print(name, 'LOADED', sorted(m for m in {HEAVY!r} if m in sys.modules))\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = r.stdout.splitlines()
+    assert len(lines) == len(COMMANDS), r.stdout
+    for line in lines:
+        assert line.endswith("LOADED []"), line
+
+
+def test_the_scorers_take_their_options_from_the_light_declarations():
+    """The CLI builds the method flags from scoring.params (no torch); the registered scorers must use exactly
+    those declarations, and the pair block size must match the one weights.pair uses."""
+    from safeprune.scoring import PARAMETERS, REGISTRY
+    from safeprune.scoring.params import BLOCK_ELEMS
+    from safeprune.weights.pair import BLOCK_ELEMS as PAIR_BLOCK_ELEMS
+
+    assert set(PARAMETERS) == set(REGISTRY)
+    for name, cls in REGISTRY.items():
+        assert cls.parameters is PARAMETERS[name], name
+    assert BLOCK_ELEMS == PAIR_BLOCK_ELEMS
+
+
 def test_the_command_table_matches_the_command_modules():
     """app.COMMANDS (what `--help` lists without importing) names every command's module and its docstring."""
     import importlib

