@@ -10,6 +10,7 @@ import typer
 from typing_extensions import Annotated
 
 from ..errors import UsageError
+from ..io.progress import BOOTSTRAP_BAR_AFTER, make_progress, task_callback
 from ..io.text import one_line
 from .app import app, err, handle_errors, out, state
 from .render import default_base
@@ -254,27 +255,22 @@ def eval_cmd(
     if cost:
         err.print(cost, highlight=False, markup=False, soft_wrap=True)
     opts = {"device": device, "threads": threads, "loop": loop} if backend == "hf" else {}
-    progress = None
-    if not state["quiet"]:
-
-        def progress(label: str, done: int, n: int) -> None:
-            err.print(f"  {label}: {done}/{n}", highlight=False)
-
-    res = evaluate(
-        base,
-        adapters,
-        prompt_sets=sets,
-        include_base=no_adapter_baseline,
-        out_dir=output,
-        backend=backend,
-        refusal_judge=kj,
-        harm_judges=hjs,
-        config=cfg,
-        cache=cache,
-        meteor=not no_meteor,
-        backend_options=opts,
-        progress=progress,
-    )
+    with make_progress(not state["quiet"]) as prog:  # a bar per variant and set: counts, ETA
+        res = evaluate(
+            base,
+            adapters,
+            prompt_sets=sets,
+            include_base=no_adapter_baseline,
+            out_dir=output,
+            backend=backend,
+            refusal_judge=kj,
+            harm_judges=hjs,
+            config=cfg,
+            cache=cache,
+            meteor=not no_meteor,
+            backend_options=opts,
+            progress=task_callback(prog, "generating: "),
+        )
     if not state["quiet"]:
         out.print(summary_markdown(res.results), highlight=False, markup=False)
     out.print(f"wrote {one_line(output)}", highlight=False)
@@ -296,7 +292,8 @@ def compare_cmd(
     """Paired deltas with bootstrap CIs, exact McNemar for ASR / refusal, and the prompts that flipped."""
     from ..eval.compare import compare, compare_markdown
 
-    c = compare(results, a, b, n_boot=n_boot, seed=seed, out_dir=output or results)
+    with make_progress(not state["quiet"], show_after=BOOTSTRAP_BAR_AFTER) as prog:
+        c = compare(results, a, b, n_boot=n_boot, seed=seed, out_dir=output or results, progress=task_callback(prog))
     if not state["quiet"]:
         out.print(compare_markdown(c, max_flips=10), highlight=False, markup=False)
     out.print(f"wrote {output or results}/compare_{a}_vs_{b}.{{json,csv,md}}", highlight=False)
