@@ -451,3 +451,75 @@ def test_the_demo_before_after_table(tmp_path):
     cmds = own_model_commands(10)
     assert len(cmds) == 3 and cmds[0].startswith("safeprune scan-act") and "--top 10" in cmds[1]
     assert cmds[2].startswith("safeprune eval")
+
+
+def _tiny_testbed(tmp_path):
+    """A testbed layout (shared/data, shared/testbed, models/aligned) made of tiny random models."""
+    import shutil
+
+    from helpers import make_adapter, make_model, make_probe_data, tiny_chat_tokenizer
+
+    shared = tmp_path / "shared"
+    base = make_model(tmp_path / "models" / "aligned", "llama", layers=2)
+    tiny_chat_tokenizer(base)
+    tb = shared / "testbed"
+    (tb / "align_adapter").mkdir(parents=True)
+    ad = make_adapter(base, tmp_path / "ad", "llama", r=2, alpha=4, targets=["q_proj", "v_proj", "o_proj"])
+    shutil.copytree(ad, tb / "adapters" / "mix_s0")
+    make_probe_data(shared / "data")
+    return shared, base
+
+
+def test_the_demo_finds_the_testbed(tmp_path, monkeypatch):
+    from safeprune.workflows import demo_models
+
+    shared, base = _tiny_testbed(tmp_path)
+    monkeypatch.setenv("SAFEPRUNE_DATA", str(shared / "data"))
+    monkeypatch.setenv("SAFEPRUNE_TESTBED_MODELS", str(tmp_path / "models"))
+    tb = demo_models.find_testbed()
+    assert tb == shared / "testbed"
+    assert demo_models.built_aligned(tb) == base
+    monkeypatch.setenv("SAFEPRUNE_TESTBED_MODELS", str(tmp_path / "nowhere"))
+    monkeypatch.setenv("SAFEPRUNE_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "models").rename(tmp_path / "elsewhere")  # not built anywhere: the demo builds it into the cache
+    assert demo_models.built_aligned(tb) is None
+    assert demo_models.aligned_cache_dir(tb).parent == tmp_path / "cache"
+    monkeypatch.setenv("SAFEPRUNE_DATA", str(tmp_path / "nodata" / "data"))
+    monkeypatch.chdir(tmp_path)
+    if demo_models.find_testbed() is not None:  # a real testbed beside this checkout
+        assert demo_models.find_testbed() != tb
+
+
+def test_the_demo_repairs_on_the_testbed_and_shows_the_table(tmp_path, monkeypatch):
+    """The main promise: on an aligned base, the demo repairs the fine-tune that broke it with `safeprune repair`
+    (a fast preset), evaluates base / adapter / repaired, prints the before/after table with CIs, writes it into
+    the report and the repaired adapter's card, times every phase, and ends with the repair's three commands.
+    (Tiny random models stand in for the testbed; tests/test_demo.py runs the real one.)"""
+    import dataclasses
+    import io
+
+    from rich.console import Console
+
+    from safeprune.workflows import demo
+
+    shared, base = _tiny_testbed(tmp_path)
+    monkeypatch.setenv("SAFEPRUNE_DATA", str(shared / "data"))
+    monkeypatch.setenv("SAFEPRUNE_TESTBED_MODELS", str(tmp_path / "models"))
+    preset = dataclasses.replace(
+        demo.DEMO_REPAIR, refusal="w1 w2 w3", max_utility_drop=100.0, max_over_refusal_rise=100.0, batch_size=4
+    )
+    monkeypatch.setattr(demo, "DEMO_REPAIR", preset)
+    buf = io.StringIO()
+    out = tmp_path / "out"
+    res = demo.run_demo(out, console=Console(file=buf, width=200), threads=1, max_new_tokens=6, testbed=True)
+    text = buf.getvalue()
+    assert res["setting"] == "testbed" and res["method"] == "repair", text
+    assert "before / after" in text and "repaired − adapter" in text and "safeprune repair, demo preset" in text
+    assert "safeprune repair ADAPTER --base BASE" in text and "safeprune compare results/" in text
+    assert "--max-utility-drop 100 ROUGE-1 points" in text  # the loosened budget is said
+    assert set(res["times"]) == {"base", "repair", "evaluation", "compare and report"}
+    assert "times" in text and "total" in text
+    card = (out / "repaired-adapter" / "README.md").read_text()
+    assert "Measured on the prompt sample shipped with safeprune" in card and "held-out check probes" in card
+    assert "repaired − adapter" in (out / "report.md").read_text()
+    assert {r["metric"] for r in res["before_after"]} >= {"ASR % (29-string keyword judge)"}
