@@ -523,3 +523,61 @@ def test_the_demo_repairs_on_the_testbed_and_shows_the_table(tmp_path, monkeypat
     assert "Measured on the prompt sample shipped with safeprune" in card and "held-out check probes" in card
     assert "repaired − adapter" in (out / "report.md").read_text()
     assert {r["metric"] for r in res["before_after"]} >= {"ASR % (29-string keyword judge)"}
+
+
+# -- the scripted newcomer pass ------------------------------------------------------------------------------
+
+
+def _newcomer():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / ".ci" / "check_newcomer.py"
+    spec = importlib.util.spec_from_file_location("check_newcomer", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_the_newcomer_pass_runs_the_readmes_quickstart():
+    """`make check-newcomer` runs the README's Quickstart commands, parsed from the README itself (they cannot
+    drift); each is a make target the Makefile defines, and the pass is a target too."""
+    import re
+
+    mod = _newcomer()
+    readme = (mod.ROOT / "README.md").read_text()
+    cmds = mod.quickstart_commands(readme)
+    assert cmds == ["make demo", "make test"]
+    makefile = (mod.ROOT / "Makefile").read_text()
+    targets = set(re.findall(r"^([a-z][a-z-]*):", makefile, re.M))
+    assert {c.split()[1] for c in cmds} | {"check-newcomer"} <= targets
+    assert mod.quickstart_commands(
+        "## Quickstart\n\n```\nmake a   # say\n# only a comment\nb --x\n```\n\n## Next\n"
+    ) == [
+        "make a",
+        "b --x",
+    ]
+    with pytest.raises(ValueError):
+        mod.quickstart_commands("# safeprune\n\nno quickstart here\n")
+
+
+@pytest.mark.slow
+def test_the_newcomer_pass(tmp_path):
+    """The README's Quickstart on a fresh clone of the committed HEAD (`make demo`, `make test`), borrowing this
+    environment's packages (nothing is installed into it); fails on an error or a traceback. ~10 min on 2 cores."""
+    import os
+    import subprocess
+    import sys
+
+    mod = _newcomer()
+    if sys.prefix == sys.base_prefix:
+        pytest.skip("not running in a virtual environment to borrow packages from")
+    env = {**os.environ, "SAFEPRUNE_NEWCOMER_VENV": sys.prefix, "SAFEPRUNE_CACHE": str(tmp_path / "cache")}
+    r = subprocess.run(
+        [sys.executable, str(mod.ROOT / ".ci" / "check_newcomer.py"), "--workdir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=3600,
+    )
+    assert r.returncode == 0 and "PASSED" in r.stdout, r.stdout[-4000:] + r.stderr[-2000:]

@@ -23,7 +23,9 @@ def demo_cmd(
     ] = 24,
     top: Annotated[int, typer.Option("--top", help="Modules actdir prunes (the setting without the testbed).")] = 10,
     retrain: Annotated[bool, typer.Option("--retrain", help="Ignore the cached demo adapter.")] = False,
-    threads: Annotated[Optional[int], typer.Option("--threads", help="torch CPU threads (default: all cores).")] = None,
+    threads: Annotated[
+        Optional[int], typer.Option("--threads", help="torch CPU threads (default: $OMP_NUM_THREADS, else all cores).")
+    ] = None,
     testbed: Annotated[
         Optional[bool],
         typer.Option(

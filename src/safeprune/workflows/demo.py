@@ -64,10 +64,20 @@ from .repair import repair, repair_probes
 from .repair_options import RepairOptions
 
 # ``safeprune repair`` in a preset fast enough for the demo (its defaults take 10-15 min on one CPU thread for
-# the 135M testbed): fewer optimiser steps, fit and check probes. The check sets are tiny (4 dialogues), so the
-# ROUGE-1 budget is loosened to 5 points, as in the repair study (benchmarks/repair_study); the demo says so.
+# the 135M testbed; one optimiser step costs ~20 s there): 4 steps at a larger step size, 8 harmful / 4
+# harmless / 2 task fit probes, 8 + 8 check probes and 4 check dialogues. On check sets this small one
+# answer moves a rate by 12.5 points and ROUGE-1 by several, so the budgets are loosened (ROUGE-1 drop 10
+# instead of 1, over-refusal rise 15 instead of 5); the demo says so.
 DEMO_REPAIR = RepairOptions(
-    steps=5, n_harmful=16, n_harmless=8, n_task=4, n_check=8, n_task_check=4, max_utility_drop=5.0
+    steps=4,
+    lr=0.3,
+    n_harmful=8,
+    n_harmless=4,
+    n_task=2,
+    n_check=8,
+    n_task_check=4,
+    max_utility_drop=10.0,
+    max_over_refusal_rise=15.0,
 )
 
 
@@ -254,6 +264,15 @@ def measured_record(rows: list[dict[str, Any]], sample: str) -> dict[str, Any]:
 # -- the demo --------------------------------------------------------------------------------------------
 
 
+def default_threads() -> int:
+    """torch CPU threads when ``--threads`` is not given: ``$OMP_NUM_THREADS`` when set, else every core."""
+    try:
+        n = int(os.environ.get("OMP_NUM_THREADS", ""))
+    except ValueError:
+        n = 0
+    return n if n >= 1 else max(1, os.cpu_count() or 1)
+
+
 def _testbed_setting(use_testbed: bool | None, say: Callable[[str], None]) -> Path | None:
     """The testbed folder when the demo runs there, else None (with the reason, when it was asked for)."""
     if use_testbed is False:
@@ -321,7 +340,7 @@ def run_demo(
     renderer). Writes ``report.md``, ``report.html``, ``eval/`` and ``repaired-adapter/`` under ``output``."""
     console = console or Console()
     t0 = time.perf_counter()
-    threads = threads or max(1, os.cpu_count() or 1)
+    threads = threads or default_threads()
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     times: dict[str, float] = {}
@@ -419,10 +438,13 @@ def run_demo(
         "this small shows the workflow, not a measurement: run the commands below on real prompt sets."
     )
     if summary is not None:
+        o, d = summary["options"], RepairOptions()
         note += (
-            f" The repair ran in a demo preset (--max-utility-drop {DEMO_REPAIR.max_utility_drop:g} ROUGE-1 points "
-            f"on {DEMO_REPAIR.n_task_check} check dialogues instead of the default "
-            f"{RepairOptions().max_utility_drop:g} on {RepairOptions().n_task_check}); its defaults fit longer."
+            f" The repair ran in a demo preset: {o['steps']} steps on {o['n_harmful']} harmful probes, budgets "
+            f"loosened for its tiny check sets (--max-utility-drop {o['max_utility_drop']:g} ROUGE-1 points on "
+            f"{o['n_task_check']} check dialogues, --max-over-refusal-rise {o['max_over_refusal_rise']:g} on "
+            f"{o['n_check']} harmless probes, instead of {d.max_utility_drop:g} on {d.n_task_check} and "
+            f"{d.max_over_refusal_rise:g} on {d.n_check}); its defaults fit longer and check more."
         )
     base_asr = (rows[1].get("base") or (0.0,))[0]
     if base_asr >= 90.0:
