@@ -525,6 +525,36 @@ def test_the_demo_repairs_on_the_testbed_and_shows_the_table(tmp_path, monkeypat
     assert {r["metric"] for r in res["before_after"]} >= {"ASR % (29-string keyword judge)"}
 
 
+def test_the_demo_falls_back_when_the_repair_probes_are_missing(tmp_path, monkeypatch):
+    """On a testbed whose data folder lacks the repair's probes, the demo says so in one line and repairs by
+    actdir pruning on the shipped probes instead of failing."""
+    import io
+    import shutil
+
+    from rich.console import Console
+
+    from safeprune.workflows import demo
+
+    shared, base = _tiny_testbed(tmp_path)
+    shutil.rmtree(shared / "data" / "harmbench")
+    monkeypatch.setenv("SAFEPRUNE_DATA", str(shared / "data"))
+    monkeypatch.setenv("SAFEPRUNE_TESTBED_MODELS", str(tmp_path / "models"))
+    buf = io.StringIO()
+    res = demo.run_demo(
+        tmp_path / "out", console=Console(file=buf, width=300), threads=1, max_new_tokens=4, top=2, testbed=True
+    )
+    text = buf.getvalue()
+    assert res["method"] == "actdir" and "the repair's probes" in text and "actdir pruning" in text
+    assert "pruned by actdir" in text and "safeprune scan-act ADAPTER" in text
+    assert (tmp_path / "out" / "repaired-adapter" / "safeprune.json").is_file()
+    from safeprune.workflows import demo_models
+
+    monkeypatch.setattr(demo_models, "data_candidates", lambda: [])  # no testbed beside this checkout either
+    monkeypatch.setenv("SAFEPRUNE_DATA", str(tmp_path / "x" / "data"))
+    r = CliRunner().invoke(app, ["demo", "--testbed", "-o", str(tmp_path / "o2")])
+    assert r.exit_code == 2 and "no testbed found" in r.output
+
+
 # -- the scripted newcomer pass ------------------------------------------------------------------------------
 
 

@@ -273,8 +273,8 @@ def default_threads() -> int:
     return n if n >= 1 else max(1, os.cpu_count() or 1)
 
 
-def _testbed_setting(use_testbed: bool | None, say: Callable[[str], None]) -> Path | None:
-    """The testbed folder when the demo runs there, else None (with the reason, when it was asked for)."""
+def _testbed_setting(use_testbed: bool | None) -> Path | None:
+    """The testbed folder when the demo runs there, else None (an error when it was asked for and is not here)."""
     if use_testbed is False:
         return None
     tb = find_testbed()
@@ -349,7 +349,7 @@ def run_demo(
         if not quiet:
             console.print(msg, highlight=False, soft_wrap=True)
 
-    tb = _testbed_setting(testbed, say)
+    tb = _testbed_setting(testbed)
     table = sel = summary = edited = None
     repaired_dir = output / "repaired-adapter"
     t = time.perf_counter()
