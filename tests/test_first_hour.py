@@ -545,7 +545,7 @@ def test_the_demo_falls_back_when_the_repair_probes_are_missing(tmp_path, monkey
     )
     text = buf.getvalue()
     assert res["method"] == "actdir" and "the repair's probes" in text and "actdir pruning" in text
-    assert "pruned by actdir" in text and "safeprune scan-act ADAPTER" in text
+    assert "modules by actdir" in text and "safeprune scan-act ADAPTER" in text
     assert (tmp_path / "out" / "repaired-adapter" / "safeprune.json").is_file()
     from safeprune.workflows import demo_models
 

@@ -386,7 +386,7 @@ def run_demo(
         edited = repair_adapter(adapter_dir, base, repaired_dir, top=top, threads=threads, progress=not quiet)
     if edited is not None:  # actdir pruning: its scores, heatmap and table
         table, sel = edited.scores, edited.selection
-        repair_desc = f"{len(sel)} of {len(table)} modules pruned by actdir ({sel.rule.describe()})"
+        repair_desc = f"pruned {len(sel)} of {len(table)} modules by actdir ({sel.rule.describe()})"
         write_text_atomic(output / "scores.json", table.to_json())
         write_text_atomic(output / "scores.csv", table.to_csv())
         heatmap(
