@@ -4,7 +4,7 @@ VENV    ?= .venv
 VPY     := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 
-.PHONY: install demo test test-slow lint bench clean wordnet
+.PHONY: install demo test test-slow lint bench clean wordnet check-newcomer
 
 $(VPY):
 	$(PY) -m venv $(VENV)
@@ -31,9 +31,14 @@ test-slow: $(STAMP)
 
 # ruff (lint + formatting) and the layers contract written in pyproject.toml
 lint: $(STAMP)
-	$(VENV)/bin/ruff check src tests benchmarks
-	$(VENV)/bin/ruff format --check src tests benchmarks
+	$(VENV)/bin/ruff check src tests benchmarks .ci
+	$(VENV)/bin/ruff format --check src tests benchmarks .ci
 	$(VENV)/bin/lint-imports
+
+# a fresh clone (../shared beside it), the README's Quickstart commands in order; fails on an error or a
+# Python traceback. SAFEPRUNE_NEWCOMER_VENV=DIR borrows DIR's packages instead of installing (faster).
+check-newcomer:
+	$(PY) .ci/check_newcomer.py
 
 bench: $(STAMP)
 	$(VPY) benchmarks/bench_scan.py

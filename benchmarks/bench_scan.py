@@ -148,7 +148,7 @@ def worker_floor(args: dict) -> dict:
 
 
 def worker_scan(args: dict) -> dict:
-    from safeprune.scoring.scan import scan as scan_fn  # import cost outside the timing
+    from safeprune.scoring.scanner import scan as scan_fn  # import cost outside the timing
 
     kw = {k: args[k] for k in ("aligned", "unaligned") if args.get(k)}
     hwm0 = vm_hwm_mb()
@@ -454,7 +454,7 @@ def main(argv: list[str] | None = None) -> int:
         keep = set(a.cases.split(","))
         cases = [c for c in cases if c[0] in keep]
 
-    from safeprune.scoring.scan import scan_threads
+    from safeprune.scoring.scanner import scan_threads
 
     torch.set_num_threads(scan_threads(a.threads))  # the dense reference runs with the scan's thread count
     if a.workdir:

@@ -91,7 +91,7 @@ def main() -> int:
         src = open_weights(base)
         rows = [steps(src, "model.layers.0.self_attn.q_proj.weight"), steps(src, "model.layers.0.mlp.up_proj.weight")]
         src.close()
-        from safeprune.scoring.scan import scan
+        from safeprune.scoring.scanner import scan
 
         scan(ad, base, "ddi", threads=1)
         pr = cProfile.Profile()

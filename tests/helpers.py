@@ -186,3 +186,46 @@ def no_base(adapter_dir: Path, tmp: Path) -> Path:
     cfg["base_model_name_or_path"] = "nobody/not-a-cached-model"
     write_config(out, cfg)
     return out
+
+
+def _words(rng, lo, hi, n):
+    return " ".join(f"w{rng.randrange(lo, hi)}" for _ in range(n))
+
+
+def make_probe_data(d: Path) -> Path:
+    """A data folder holding every probe file the repair reads (HarmBench val, StrongREJECT, HotpotQA, DialogSum
+    validation), with random tiny-vocabulary words (w7-w119) for the tiny models."""
+    import json
+    import random
+
+    rng = random.Random(0)
+    (d / "harmbench").mkdir(parents=True)
+    with open(d / "harmbench" / "harmbench_behaviors_text_all.csv", "w") as f:
+        f.write(
+            "orig_idx,BehaviorID,Behavior,FunctionalCategory,SemanticCategory,Tags,ContextString,official_split,"
+            "in_jbb_harmful_ft\n"
+        )
+        for i in range(12):
+            f.write(f"{i},b{i},{_words(rng, 7, 60, 5)},standard,s,,,val,0\n")
+    (d / "strongreject").mkdir()
+    with open(d / "strongreject" / "strongreject_dataset.csv", "w") as f:
+        f.write("orig_idx,category,source,forbidden_prompt,in_jbb_harmful_ft\n")
+        for i in range(12):
+            f.write(f"{i},c,s,{_words(rng, 7, 60, 6)},0\n")
+    (d / "hotpotqa").mkdir()
+    with open(d / "hotpotqa" / "hotpot_dev_v1_simplified.jsonl", "w") as f:
+        for i in range(20):
+            f.write(
+                json.dumps({"orig_idx": i, "question": _words(rng, 60, 120, 5), "answer": "w1", "type": "x"}) + "\n"
+            )
+    (d / "dialogsum").mkdir()
+    with open(d / "dialogsum" / "validation.jsonl", "w") as f:
+        for i in range(20):
+            row = {
+                "fname": f"v{i}",
+                "dialogue": _words(rng, 60, 120, 8),
+                "summary": _words(rng, 7, 60, 4),
+                "topic": "t",
+            }
+            f.write(json.dumps(row) + "\n")
+    return d

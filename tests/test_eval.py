@@ -607,6 +607,57 @@ def test_cli_eval_and_compare_fake_backend(tmp_path):
     assert isinstance(UsageError("x"), SafepruneError)
 
 
+def test_cli_eval_and_compare_show_progress_with_counts(tmp_path, monkeypatch):
+    """Generation per variant and set, and compare's bootstrap, report counts through the one progress style
+    (a bar with counts and ETA on a terminal; here, not a terminal, the plain lines it writes instead)."""
+    from typer.testing import CliRunner
+
+    import safeprune.io.progress as progress
+    from safeprune.cli import app
+
+    monkeypatch.setattr(progress, "LOG_EVERY", 0.0)  # a plain line at every update
+    sets = _sets(tmp_path)
+    out = tmp_path / "res"
+    args = ["eval", "--backend", "fake", "--base", "fake", "-a", "lora=L", "--no-adapter-baseline"]
+    args += ["--safety", str(sets[0].path), "--utility", str(sets[2].path), "--limit", "4", "--no-meteor"]
+    r = CliRunner().invoke(app, [*args, "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    err = " ".join(r.stderr.split())
+    for v in ("base", "lora"):
+        assert f"generating: {v} · advbench: 4/4" in err, err[-1500:]
+    r = CliRunner().invoke(app, ["compare", str(out), "--a", "base", "--b", "lora", "--n-boot", "200"])
+    assert r.exit_code == 0, r.output
+    lines = [x for x in r.stderr.splitlines() if x.startswith("bootstrap CIs (200 resamples)")]
+    assert lines and lines[-1].split(": ")[1].split(",")[0].split("/")[0] == lines[-1].split("/")[1].split(",")[0]
+
+
+def test_progress_callback_and_the_delayed_bar():
+    """task_callback: one task per label with the counts it is given; show_after: no bar before that time."""
+    import io
+    import time
+
+    from rich.console import Console
+
+    from safeprune.io.progress import _LoggedProgress, make_progress, task_callback
+
+    with make_progress(False) as prog:
+        cb = task_callback(prog, "generating: ")
+        cb("base · advbench", 3, 10)
+        cb("base · advbench", 7, 10)
+        cb("lora · advbench", 1, 10)
+        tasks = {t.description: (t.completed, t.total) for t in prog.tasks}
+    assert tasks == {"generating: base · advbench": (7, 10), "generating: lora · advbench": (1, 10)}
+    con = Console(file=io.StringIO(), force_terminal=True)
+    with _LoggedProgress(console=con, log_every=None, show_after=0.3, transient=True) as prog:
+        t = prog.add_task("bootstrap", total=2)
+        prog.update(t, completed=1)
+        assert not prog.live.is_started  # a quick phase draws nothing
+        time.sleep(0.35)
+        prog.update(t, completed=2)
+        assert prog.live.is_started
+    assert not prog.live.is_started
+
+
 # -- real model (slow) -----------------------------------------------------------------------------
 
 

@@ -68,6 +68,47 @@ def test_top_level_help_imports_no_model_library():
     assert "LOADED []" in r.stdout, r.stdout[-300:]
 
 
+HEAVY = ("torch", "transformers", "peft", "scipy", "matplotlib", "numpy", "safetensors")
+
+
+def test_every_commands_help_imports_no_model_library():
+    """`prune --help` took 3.5 s and `eval --help` 6 s: the command modules imported torch, transformers, peft
+    and scipy at import time (via the scoring registry). Every command's help must load none of them."""
+    import subprocess
+    import sys
+
+    from safeprune.cli.app import COMMANDS
+
+    code = (
+        "import sys\n"
+        "from typer.testing import CliRunner\n"
+        "from safeprune.cli import app\n"
+        f"for name in {sorted(COMMANDS)!r}:\n"
+        "    r = CliRunner().invoke(app, [name, '--help'], env={'COLUMNS': '200'})\n"
+        "    assert r.exit_code == 0 and 'Usage' in r.output and '--help' in r.output, (name, r.output)\n"
+        f"    print(name, 'LOADED', sorted(m for m in {HEAVY!r} if m in sys.modules))\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = r.stdout.splitlines()
+    assert len(lines) == len(COMMANDS), r.stdout
+    for line in lines:
+        assert line.endswith("LOADED []"), line
+
+
+def test_the_scorers_take_their_options_from_the_light_declarations():
+    """The CLI builds the method flags from scoring.params (no torch); the registered scorers must use exactly
+    those declarations, and the pair block size must match the one weights.pair uses."""
+    from safeprune.scoring import PARAMETERS, REGISTRY
+    from safeprune.scoring.params import BLOCK_ELEMS
+    from safeprune.weights.pair import BLOCK_ELEMS as PAIR_BLOCK_ELEMS
+
+    assert set(PARAMETERS) == set(REGISTRY)
+    for name, cls in REGISTRY.items():
+        assert cls.parameters is PARAMETERS[name], name
+    assert BLOCK_ELEMS == PAIR_BLOCK_ELEMS
+
+
 def test_the_command_table_matches_the_command_modules():
     """app.COMMANDS (what `--help` lists without importing) names every command's module and its docstring."""
     import importlib
@@ -410,3 +451,163 @@ def test_the_demo_before_after_table(tmp_path):
     cmds = own_model_commands(10)
     assert len(cmds) == 3 and cmds[0].startswith("safeprune scan-act") and "--top 10" in cmds[1]
     assert cmds[2].startswith("safeprune eval")
+
+
+def _tiny_testbed(tmp_path):
+    """A testbed layout (shared/data, shared/testbed, models/aligned) made of tiny random models."""
+    import shutil
+
+    from helpers import make_adapter, make_model, make_probe_data, tiny_chat_tokenizer
+
+    shared = tmp_path / "shared"
+    base = make_model(tmp_path / "models" / "aligned", "llama", layers=2)
+    tiny_chat_tokenizer(base)
+    tb = shared / "testbed"
+    (tb / "align_adapter").mkdir(parents=True)
+    ad = make_adapter(base, tmp_path / "ad", "llama", r=2, alpha=4, targets=["q_proj", "v_proj", "o_proj"])
+    shutil.copytree(ad, tb / "adapters" / "mix_s0")
+    make_probe_data(shared / "data")
+    return shared, base
+
+
+def test_the_demo_finds_the_testbed(tmp_path, monkeypatch):
+    from safeprune.workflows import demo_models
+
+    shared, base = _tiny_testbed(tmp_path)
+    monkeypatch.setenv("SAFEPRUNE_DATA", str(shared / "data"))
+    monkeypatch.setenv("SAFEPRUNE_TESTBED_MODELS", str(tmp_path / "models"))
+    tb = demo_models.find_testbed()
+    assert tb == shared / "testbed"
+    assert demo_models.built_aligned(tb) == base
+    monkeypatch.setenv("SAFEPRUNE_TESTBED_MODELS", str(tmp_path / "nowhere"))
+    monkeypatch.setenv("SAFEPRUNE_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "models").rename(tmp_path / "elsewhere")  # not built anywhere: the demo builds it into the cache
+    assert demo_models.built_aligned(tb) is None
+    assert demo_models.aligned_cache_dir(tb).parent == tmp_path / "cache"
+    monkeypatch.setenv("SAFEPRUNE_DATA", str(tmp_path / "nodata" / "data"))
+    monkeypatch.chdir(tmp_path)
+    if demo_models.find_testbed() is not None:  # a real testbed beside this checkout
+        assert demo_models.find_testbed() != tb
+
+
+def test_the_demo_repairs_on_the_testbed_and_shows_the_table(tmp_path, monkeypatch):
+    """The main promise: on an aligned base, the demo repairs the fine-tune that broke it with `safeprune repair`
+    (a fast preset), evaluates base / adapter / repaired, prints the before/after table with CIs, writes it into
+    the report and the repaired adapter's card, times every phase, and ends with the repair's three commands.
+    (Tiny random models stand in for the testbed; tests/test_demo.py runs the real one.)"""
+    import dataclasses
+    import io
+
+    from rich.console import Console
+
+    from safeprune.workflows import demo
+
+    shared, base = _tiny_testbed(tmp_path)
+    monkeypatch.setenv("SAFEPRUNE_DATA", str(shared / "data"))
+    monkeypatch.setenv("SAFEPRUNE_TESTBED_MODELS", str(tmp_path / "models"))
+    preset = dataclasses.replace(
+        demo.DEMO_REPAIR, refusal="w1 w2 w3", max_utility_drop=100.0, max_over_refusal_rise=100.0, batch_size=4
+    )
+    monkeypatch.setattr(demo, "DEMO_REPAIR", preset)
+    buf = io.StringIO()
+    out = tmp_path / "out"
+    res = demo.run_demo(out, console=Console(file=buf, width=200), threads=1, max_new_tokens=6, testbed=True)
+    text = buf.getvalue()
+    assert res["setting"] == "testbed" and res["method"] == "repair", text
+    assert "before / after" in text and "repaired − adapter" in text and "safeprune repair, demo preset" in text
+    assert "safeprune repair ADAPTER --base BASE" in text and "safeprune compare results/" in text
+    assert "--max-utility-drop 100 ROUGE-1 points" in text  # the loosened budget is said
+    assert set(res["times"]) == {"base", "repair", "evaluation", "compare and report"}
+    assert "times" in text and "total" in text
+    card = (out / "repaired-adapter" / "README.md").read_text()
+    assert "Measured on the prompt sample shipped with safeprune" in card and "held-out check probes" in card
+    assert "repaired − adapter" in (out / "report.md").read_text()
+    assert {r["metric"] for r in res["before_after"]} >= {"ASR % (29-string keyword judge)"}
+
+
+def test_the_demo_falls_back_when_the_repair_probes_are_missing(tmp_path, monkeypatch):
+    """On a testbed whose data folder lacks the repair's probes, the demo says so in one line and repairs by
+    actdir pruning on the shipped probes instead of failing."""
+    import io
+    import shutil
+
+    from rich.console import Console
+
+    from safeprune.workflows import demo
+
+    shared, base = _tiny_testbed(tmp_path)
+    shutil.rmtree(shared / "data" / "harmbench")
+    monkeypatch.setenv("SAFEPRUNE_DATA", str(shared / "data"))
+    monkeypatch.setenv("SAFEPRUNE_TESTBED_MODELS", str(tmp_path / "models"))
+    buf = io.StringIO()
+    res = demo.run_demo(
+        tmp_path / "out", console=Console(file=buf, width=300), threads=1, max_new_tokens=4, top=2, testbed=True
+    )
+    text = buf.getvalue()
+    assert res["method"] == "actdir" and "the repair's probes" in text and "actdir pruning" in text
+    assert "modules by actdir" in text and "safeprune scan-act ADAPTER" in text
+    assert (tmp_path / "out" / "repaired-adapter" / "safeprune.json").is_file()
+    from safeprune.workflows import demo_models
+
+    monkeypatch.setattr(demo_models, "data_candidates", lambda: [])  # no testbed beside this checkout either
+    monkeypatch.setenv("SAFEPRUNE_DATA", str(tmp_path / "x" / "data"))
+    r = CliRunner().invoke(app, ["demo", "--testbed", "-o", str(tmp_path / "o2")])
+    assert r.exit_code == 2 and "no testbed found" in r.output
+
+
+# -- the scripted newcomer pass ------------------------------------------------------------------------------
+
+
+def _newcomer():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / ".ci" / "check_newcomer.py"
+    spec = importlib.util.spec_from_file_location("check_newcomer", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_the_newcomer_pass_runs_the_readmes_quickstart():
+    """`make check-newcomer` runs the README's Quickstart commands, parsed from the README itself (they cannot
+    drift); each is a make target the Makefile defines, and the pass is a target too."""
+    import re
+
+    mod = _newcomer()
+    readme = (mod.ROOT / "README.md").read_text()
+    cmds = mod.quickstart_commands(readme)
+    assert cmds == ["make demo", "make test"]
+    makefile = (mod.ROOT / "Makefile").read_text()
+    targets = set(re.findall(r"^([a-z][a-z-]*):", makefile, re.M))
+    assert {c.split()[1] for c in cmds} | {"check-newcomer"} <= targets
+    assert mod.quickstart_commands(
+        "## Quickstart\n\n```\nmake a   # say\n# only a comment\nb --x\n```\n\n## Next\n"
+    ) == [
+        "make a",
+        "b --x",
+    ]
+    with pytest.raises(ValueError):
+        mod.quickstart_commands("# safeprune\n\nno quickstart here\n")
+
+
+@pytest.mark.slow
+def test_the_newcomer_pass(tmp_path):
+    """The README's Quickstart on a fresh clone of the committed HEAD (`make demo`, `make test`), borrowing this
+    environment's packages (nothing is installed into it); fails on an error or a traceback. ~10 min on 2 cores."""
+    import os
+    import subprocess
+    import sys
+
+    mod = _newcomer()
+    if sys.prefix == sys.base_prefix:
+        pytest.skip("not running in a virtual environment to borrow packages from")
+    env = {**os.environ, "SAFEPRUNE_NEWCOMER_VENV": sys.prefix, "SAFEPRUNE_CACHE": str(tmp_path / "cache")}
+    r = subprocess.run(
+        [sys.executable, str(mod.ROOT / ".ci" / "check_newcomer.py"), "--workdir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=3600,
+    )
+    assert r.returncode == 0 and "PASSED" in r.stdout, r.stdout[-4000:] + r.stderr[-2000:]

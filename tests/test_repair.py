@@ -11,17 +11,13 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from helpers import make_adapter, make_model, tiny_chat_tokenizer
+from helpers import make_adapter, make_model, make_probe_data, tiny_chat_tokenizer
 from safeprune.adapter import load_adapter
 from safeprune.cli import app
 from safeprune.edit.components import gate_components, orthogonalise
 from safeprune.errors import UsageError
 from safeprune.scoring.gates import ComponentGates
 from safeprune.workflows.repair import RepairOptions, choose_strength, repair
-
-
-def _words(rng, lo, hi, n):
-    return " ".join(f"w{rng.randrange(lo, hi)}" for _ in range(n))
 
 
 @pytest.fixture(scope="module")
@@ -31,38 +27,7 @@ def tiny(tmp_path_factory):
     base = make_model(root / "base", "llama", layers=2)
     tiny_chat_tokenizer(base)
     adapter = make_adapter(base, root / "ad", "llama", r=2, alpha=4, targets=["q_proj", "v_proj", "o_proj"])
-    rng = random.Random(0)
-    d = root / "data"
-    (d / "harmbench").mkdir(parents=True)
-    with open(d / "harmbench" / "harmbench_behaviors_text_all.csv", "w") as f:
-        f.write(
-            "orig_idx,BehaviorID,Behavior,FunctionalCategory,SemanticCategory,Tags,ContextString,official_split,"
-            "in_jbb_harmful_ft\n"
-        )
-        for i in range(12):
-            f.write(f"{i},b{i},{_words(rng, 7, 60, 5)},standard,s,,,val,0\n")
-    (d / "strongreject").mkdir()
-    with open(d / "strongreject" / "strongreject_dataset.csv", "w") as f:
-        f.write("orig_idx,category,source,forbidden_prompt,in_jbb_harmful_ft\n")
-        for i in range(12):
-            f.write(f"{i},c,s,{_words(rng, 7, 60, 6)},0\n")
-    (d / "hotpotqa").mkdir()
-    with open(d / "hotpotqa" / "hotpot_dev_v1_simplified.jsonl", "w") as f:
-        for i in range(20):
-            f.write(
-                json.dumps({"orig_idx": i, "question": _words(rng, 60, 120, 5), "answer": "w1", "type": "x"}) + "\n"
-            )
-    (d / "dialogsum").mkdir()
-    with open(d / "dialogsum" / "validation.jsonl", "w") as f:
-        for i in range(20):
-            row = {
-                "fname": f"v{i}",
-                "dialogue": _words(rng, 60, 120, 8),
-                "summary": _words(rng, 7, 60, 4),
-                "topic": "t",
-            }
-            f.write(json.dumps(row) + "\n")
-    return base, adapter, d
+    return base, adapter, make_probe_data(root / "data")
 
 
 SMALL = dict(
@@ -150,6 +115,41 @@ def test_repair_end_to_end(tiny, tmp_path):
     ad = load_adapter(adapter)
     for k, mod in res.adapter.modules.items():
         assert mod.lora_B.shape == ad.modules[k].lora_B.shape and mod.lora_A.shape == ad.modules[k].lora_A.shape
+
+
+def test_the_repaired_adapters_card_has_the_before_after_numbers(tiny, tmp_path):
+    """A repaired adapter's card used to say "No module: the selection rule selected none, and the adapter acts
+    exactly as the original" (a repair gates components, it selects no module) and "Not measured". Now: what the
+    gates did, the check probes before/after, and an evaluation's table once one is recorded (update_measured)."""
+    from safeprune.adapter.card import update_measured
+
+    base, adapter, data = tiny
+    opts = RepairOptions(max_utility_drop=100.0, max_over_refusal_rise=100.0, **SMALL)
+    res = repair(adapter, base, options=opts, data=data, progress=False)
+    out = res.adapter.save(tmp_path / "fixed")
+    card = (out / "README.md").read_text()
+    assert "selected none" not in card and "acts exactly as the original" not in card
+    assert "rank-1 component got a gate" in card and "Not measured" not in card
+    after = res.summary["after"]
+    assert "held-out check probes" in card and f"| {after['rouge1']:.1f} |" in card
+    measured = {
+        "source": "a test sample",
+        "rows": [
+            {
+                "metric": "ASR %",
+                "base": [10, 0, 20],
+                "adapter": [90, 80, 100],
+                "repaired": [30, 10, 50],
+                "delta": [-60, -80, -40],
+            }
+        ],
+    }
+    update_measured(out, measured)
+    card = (out / "README.md").read_text()
+    assert "Measured on a test sample" in card and "| ASR % | 10.0 [0.0, 20.0] | 90.0 [80.0, 100.0] |" in card
+    assert "-60.0 [-80.0, -40.0]" in card
+    man = json.loads((out / "safeprune.json").read_text())
+    assert man["measured"] == measured and man["action"] == "repair"
 
 
 def test_repair_cli_writes_a_peft_adapter(tiny, tmp_path):

@@ -16,7 +16,7 @@ from pairs import dense_C, module_pair, perturb_model
 from safeprune.adapter import load_adapter
 from safeprune.errors import InputError
 from safeprune.scoring.methods.safelora import cosine_from_grams
-from safeprune.scoring.scan import scan
+from safeprune.scoring.scanner import scan
 from safeprune.weights.pair import apply_alignment, dense_alignment_matrix
 
 

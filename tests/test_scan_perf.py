@@ -16,7 +16,7 @@ from safeprune.adapter import load_adapter
 from safeprune.errors import NonFiniteError, UsageError
 from safeprune.scoring import ModuleContext
 from safeprune.scoring.linalg import exact_left_basis, left_projected_energy, matmul_weight, range_finder
-from safeprune.scoring.scan import resolve_device, scan, scan_threads
+from safeprune.scoring.scanner import resolve_device, scan, scan_threads
 from safeprune.weights import checked_fro_norm, fro_norm64, open_weights, read_module_weight
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"

@@ -13,7 +13,7 @@ import safeprune
 from pairs import dense_C, module_pair, perturb_model
 from safeprune.adapter import load_adapter
 from safeprune.scoring.methods.splora import FrameCache, quantile_linear
-from safeprune.scoring.scan import scan
+from safeprune.scoring.scanner import scan
 
 
 @pytest.fixture(scope="module")

@@ -180,10 +180,13 @@ def test_config_checks():
         EvalConfig(uq_temperature=0.0)
 
 
-def test_cli_announces_the_cost_before_generating(tmp_path):
+def test_cli_announces_the_cost_before_generating(tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
+    import safeprune.io.progress as progress
     from safeprune.cli import app
+
+    monkeypatch.setattr(progress, "LOG_EVERY", 0.0)  # the progress lines, written at every update
 
     f = tmp_path / "qa.jsonl"
     f.write_text("".join(json.dumps({"id": i, "question": f"q{i}?", "answer": "a"}) + "\n" for i in range(5)))

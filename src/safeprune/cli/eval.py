@@ -10,13 +10,8 @@ import typer
 from typing_extensions import Annotated
 
 from ..errors import UsageError
-from ..eval.compare import compare, compare_markdown
-from ..eval.evaluate import EvalConfig, evaluate, sampled_uncertainty_cost
-from ..eval.judges import KeywordJudge, parse_judge_spec
-from ..eval.results import summary_markdown
-from ..eval.wordnet import load_wordnet, setup_wordnet
+from ..io.progress import BOOTSTRAP_BAR_AFTER, make_progress, task_callback
 from ..io.text import one_line
-from ..prompts import ids_from_subsets, load_prompts, subset
 from .app import app, err, handle_errors, out, state
 from .render import default_base
 
@@ -47,6 +42,8 @@ def _split_column(spec: str) -> tuple[str, str | None]:
 def _load_sets(
     kind: str, specs: list[str], rows_from, limit, sample, seed, include_overlap, id_column, reference_column
 ):
+    from ..prompts import ids_from_subsets, load_prompts, subset
+
     sets = []
     for spec in specs:
         path, column = _split_column(spec)
@@ -213,6 +210,10 @@ def eval_cmd(
     ] = "continuous",
 ) -> None:
     """Generate and score the base and/or adapters on the same prompts; write results for `compare`."""
+    from ..eval.evaluate import EvalConfig, evaluate, sampled_uncertainty_cost
+    from ..eval.judges import KeywordJudge, parse_judge_spec
+    from ..eval.results import summary_markdown
+
     adapters = _parse_named(adapter or [])
     base = default_base(base, next(iter(adapters.values()), None))
     if base is None:
@@ -254,27 +255,22 @@ def eval_cmd(
     if cost:
         err.print(cost, highlight=False, markup=False, soft_wrap=True)
     opts = {"device": device, "threads": threads, "loop": loop} if backend == "hf" else {}
-    progress = None
-    if not state["quiet"]:
-
-        def progress(label: str, done: int, n: int) -> None:
-            err.print(f"  {label}: {done}/{n}", highlight=False)
-
-    res = evaluate(
-        base,
-        adapters,
-        prompt_sets=sets,
-        include_base=no_adapter_baseline,
-        out_dir=output,
-        backend=backend,
-        refusal_judge=kj,
-        harm_judges=hjs,
-        config=cfg,
-        cache=cache,
-        meteor=not no_meteor,
-        backend_options=opts,
-        progress=progress,
-    )
+    with make_progress(not state["quiet"]) as prog:  # a bar per variant and set: counts, ETA
+        res = evaluate(
+            base,
+            adapters,
+            prompt_sets=sets,
+            include_base=no_adapter_baseline,
+            out_dir=output,
+            backend=backend,
+            refusal_judge=kj,
+            harm_judges=hjs,
+            config=cfg,
+            cache=cache,
+            meteor=not no_meteor,
+            backend_options=opts,
+            progress=task_callback(prog, "generating: "),
+        )
     if not state["quiet"]:
         out.print(summary_markdown(res.results), highlight=False, markup=False)
     out.print(f"wrote {one_line(output)}", highlight=False)
@@ -294,7 +290,10 @@ def compare_cmd(
     seed: Annotated[int, typer.Option("--seed", help="Bootstrap seed.")] = 0,
 ) -> None:
     """Paired deltas with bootstrap CIs, exact McNemar for ASR / refusal, and the prompts that flipped."""
-    c = compare(results, a, b, n_boot=n_boot, seed=seed, out_dir=output or results)
+    from ..eval.compare import compare, compare_markdown
+
+    with make_progress(not state["quiet"], show_after=BOOTSTRAP_BAR_AFTER) as prog:
+        c = compare(results, a, b, n_boot=n_boot, seed=seed, out_dir=output or results, progress=task_callback(prog))
     if not state["quiet"]:
         out.print(compare_markdown(c, max_flips=10), highlight=False, markup=False)
     out.print(f"wrote {output or results}/compare_{a}_vs_{b}.{{json,csv,md}}", highlight=False)
@@ -315,6 +314,8 @@ def setup_wordnet_cmd(
     force: Annotated[bool, typer.Option("--force", help="Rebuild even if present.")] = False,
 ) -> None:
     """Make WordNet usable by NLTK's METEOR offline (adds the lexnames file Debian's package lacks)."""
+    from ..eval.wordnet import load_wordnet, setup_wordnet
+
     d = setup_wordnet(source, target, force=force)
 
     with warnings.catch_warnings():

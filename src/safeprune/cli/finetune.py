@@ -15,7 +15,6 @@ import typer
 from typing_extensions import Annotated
 
 from ..io.text import one_line
-from ..training import finetune
 from .app import app, err, handle_errors, state
 
 
@@ -153,6 +152,8 @@ def finetune_cmd(
 ) -> None:
     """Train a LoRA adapter (loss on the assistant's answer + its closing eos only), e.g. a benign task mixed with
     harmful pairs. Defaults: the testbed's mix_s0 recipe (add --bf16 for its CPU bf16 autocast)."""
+    from ..training import finetune
+
     command = "safeprune " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv else None
     done = finetune(
         base,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from rich.table import Table
 
-from ..adapter import load_adapter
 from ..io.text import natural_key, one_line
 from .app import app, handle_errors, out
 from .options import AdapterArg, AllowPickleOpt
@@ -14,6 +13,8 @@ from .options import AdapterArg, AllowPickleOpt
 @handle_errors
 def inspect_cmd(adapter: AdapterArg, allow_pickle: AllowPickleOpt = False) -> None:
     """List the adapter's LoRA modules (no base model needed)."""
+    from ..adapter import load_adapter
+
     ad = load_adapter(adapter, allow_pickle=allow_pickle)
     t = Table(
         header_style="bold",

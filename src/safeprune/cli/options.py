@@ -1,5 +1,5 @@
 """Options shared by several commands, written once, and the scoring methods' own flags, built from the
-methods' declarations (:class:`safeprune.scoring.Param`) — as mergekit's ``parameters()`` and PEFT's field
+methods' declarations (:mod:`safeprune.scoring.params`, which imports no model library) — as mergekit's ``parameters()`` and PEFT's field
 metadata do — so a method's option exists in exactly one place."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any, Callable, Optional, Union, get_args, get_origin
 import typer
 from typing_extensions import Annotated
 
-from ..scoring import REGISTRY, Param
+from ..scoring.params import PARAMETERS, Param
 
 AdapterArg = Annotated[
     Path, typer.Argument(help="PEFT LoRA adapter directory.", show_default=False, metavar="ADAPTER_DIR")
@@ -70,11 +70,11 @@ def _cli_type(t: Any) -> Any:
 
 
 def method_flags() -> dict[str, Param]:
-    """Every CLI flag the registered methods declare, keyed by its Python parameter name (one entry per
-    flag: methods declaring the same flag, like ``--seed``, share it; the first declaration's help wins)."""
+    """Every CLI flag the methods declare, keyed by its Python parameter name (one entry per flag: methods
+    declaring the same flag, like ``--seed``, share it; the first declaration's help wins)."""
     flags: dict[str, Param] = {}
-    for cls in REGISTRY.values():
-        for p in cls.parameters:
+    for params in PARAMETERS.values():
+        for p in params:
             if p.cli:
                 flags.setdefault(p.cli_flag[2:].replace("-", "_"), p)
     return flags
@@ -90,8 +90,7 @@ class MethodOptions:
         """``{method: {option: value}}`` for each of ``methods`` that declares CLI options."""
         opts: dict[str, dict[str, Any]] = {}
         for m in methods:
-            cls = REGISTRY.get(m)
-            declared = [p for p in (cls.parameters if cls else ()) if p.cli]
+            declared = [p for p in PARAMETERS.get(m, ()) if p.cli]
             if declared:
                 opts[m] = {p.name: self.values[p.cli_flag[2:].replace("-", "_")] for p in declared}
         return opts

@@ -8,8 +8,6 @@ from typing import Optional
 import typer
 from typing_extensions import Annotated
 
-from ..adapter import load_adapter, stage_adapter
-from ..api import project
 from ..errors import UsageError
 from ..io.commit import Outputs
 from ..io.outputs import check_output_file, check_output_path, local_inputs
@@ -58,6 +56,9 @@ def project_cmd(
     allow_empty: AllowEmptyOpt = False,
 ) -> None:
     """SafeLoRA: replace lora_B of the least-aligned modules by C·lora_B (C = VVᵀ/‖V‖_F); write a PEFT adapter + safeprune.json."""
+    from ..adapter import load_adapter, stage_adapter
+    from ..api import project
+
     if aligned is None or unaligned is None:
         raise UsageError("project needs --aligned (the aligned/chat model) and --unaligned (its base counterpart)")
     ad = load_adapter(adapter, allow_pickle=allow_pickle)

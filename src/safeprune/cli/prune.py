@@ -8,12 +8,9 @@ from typing import Optional
 import typer
 from typing_extensions import Annotated
 
-from ..adapter import load_adapter, stage_adapter
-from ..edit import prune
 from ..io.commit import Outputs
 from ..io.outputs import check_output_file, check_output_path, local_inputs
 from ..io.text import one_line
-from ..scoring import method_names, read_score_table
 from .app import app, err, handle_errors, out, state
 from .options import (
     AdapterArg,
@@ -78,6 +75,10 @@ def prune_cmd(
     method_options: MethodOptions = None,
 ) -> None:
     """Score, select and prune modules; write a new PEFT adapter plus safeprune.json."""
+    from ..adapter import load_adapter, stage_adapter
+    from ..edit import prune
+    from ..scoring import method_names, read_score_table
+
     methods = method_names(method)
     if len(methods) != 1:
         raise typer.BadParameter("prune ranks by exactly one method", param_hint="--method")

@@ -5,17 +5,17 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from rich.table import Table
 
 from ..errors import UsageError
 from ..io.commit import Outputs
 from ..io.text import fmt_number, natural_key, one_line
-from ..report.plots import heatmap
-from ..scoring import REGISTRY, ScoreTable
-from ..weights.resolve import base_from_adapter
 from .app import err, out, report, state
+
+if TYPE_CHECKING:  # the model libraries load when a command runs, not when its help is shown
+    from ..scoring import ScoreTable
 
 
 def print_table(
@@ -92,6 +92,8 @@ def stage_side_outputs(
     if csv_path:
         outputs.stage_text(csv_path, table.to_csv())
     if plot_path:
+        from ..report.plots import heatmap  # matplotlib: only when a plot is asked for
+
         first = next(iter(table.methods.values()))
         outputs.stage_file(Path(plot_path), lambda tmp: heatmap(table, tmp, column=first.primary, marked=marked))
 
@@ -131,6 +133,9 @@ def default_base(base: str | None, adapter_dir: Any, methods: list[str] | None =
     model or a hub id in the local cache; nothing is downloaded), said on stderr; else None."""
     if base is not None or adapter_dir is None:
         return base
+    from ..scoring import REGISTRY
+    from ..weights.resolve import base_from_adapter
+
     if methods is not None and not any("base" in REGISTRY[m].requires for m in methods if m in REGISTRY):
         return base
     found = base_from_adapter(adapter_dir)

@@ -9,15 +9,12 @@ from typing import Optional
 import typer
 from typing_extensions import Annotated
 
-from ..adapter import load_adapter
-from ..adapter.write import stage_adapter
 from ..errors import UsageError
 from ..io.commit import Outputs
 from ..io.files import json_default
 from ..io.outputs import check_output_file, check_output_path, local_inputs
 from ..io.text import one_line
-from ..weights.resolve import resolve_model
-from ..workflows.repair import DEFAULT_METHOD, METHODS, RepairOptions, random_control, repair, restrength
+from ..workflows.repair_options import DEFAULT_METHOD, METHODS, RepairOptions
 from .app import app, err, handle_errors, out, state
 from .options import AdapterArg, AllowPickleOpt, ForceOpt
 from .render import default_base
@@ -114,6 +111,11 @@ def repair_cmd(
 ) -> None:
     """Restore the refusals the fine-tune removed and keep its task: component gates fitted to a contrastive
     objective on tuning probes, checked against budgets; writes a PEFT adapter + safeprune.json."""
+    from ..adapter import load_adapter
+    from ..adapter.write import stage_adapter
+    from ..weights.resolve import resolve_model
+    from ..workflows.repair import random_control, repair, restrength
+
     if (from_repair is None) != (strength is None):
         raise UsageError("--from-repair and --strength go together")
     if from_repair is not None and random_control_of is not None:

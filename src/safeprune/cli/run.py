@@ -11,7 +11,6 @@ import typer
 from typing_extensions import Annotated
 
 from ..io.text import one_line
-from ..workflows.experiment import estimate_experiment, estimate_lines, load_config, run_experiment
 from .app import app, handle_errors, out, state
 
 
@@ -60,6 +59,8 @@ def run_cmd(
     ] = False,
 ) -> None:
     """Finetune? → score (methods + the random control) → edit → evaluate before/after → report.md + report.html."""
+    from ..workflows.experiment import estimate_experiment, estimate_lines, load_config, run_experiment
+
     cfg = load_config(config)
     if only:
         cfg = cfg.restrict(only.split(","))

@@ -8,10 +8,8 @@ from typing import Optional
 import typer
 from typing_extensions import Annotated
 
-from ..adapter import load_adapter
 from ..io.outputs import check_output_file, local_inputs
 from ..io.text import one_line
-from ..scoring import method_names, scan
 from .app import app, err, handle_errors, state
 from .options import (
     AdapterArg,
@@ -48,6 +46,9 @@ def scan_cmd(
     method_options: MethodOptions = None,
 ) -> None:
     """Score every LoRA module (S, O, M, M_norm, DDI, DDI_norm and rank for DDI)."""
+    from ..adapter import load_adapter
+    from ..scoring import method_names, scan
+
     methods = method_names(method)
     base = default_base(base, adapter, methods)
     for side in (json_out, csv_out, plot):

@@ -8,12 +8,9 @@ from typing import Optional
 import typer
 from typing_extensions import Annotated
 
-from ..adapter import load_adapter
 from ..errors import UsageError
 from ..io.files import write_text_atomic
 from ..io.text import one_line
-from ..scoring import method_names, read_score_table, scan
-from ..workflows.search import budgeted_search, check_budget, prune_order
 from .app import app, err, handle_errors, out, state
 from .options import AdapterArg, AlignedOpt, BaseOpt, DeviceOpt, UnalignedOpt
 from .render import default_base
@@ -73,6 +70,10 @@ def search_cmd(
     device: DeviceOpt = "cpu",
 ) -> None:
     """Smallest τ along a method's prune order reaching a probe ASR target within a utility budget."""
+    from ..adapter import load_adapter
+    from ..scoring import method_names, read_score_table, scan
+    from ..workflows.search import budgeted_search, check_budget, prune_order
+
     check_budget(target_asr, max_utility_drop)  # before any scoring
 
     methods = method_names(method)

@@ -96,7 +96,9 @@ def compare(
     level: float = 0.95,
     out_dir: str | Path | None = None,
     auarc_threshold: float | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
 ) -> dict[str, Any]:
+    """``progress(label, done, total)`` is called as the metrics' bootstraps are done (one count per metric)."""
     results, items = load_results(results_dir)
     variants = list(results["variants"])
     for v in (a, b):
@@ -122,6 +124,7 @@ def compare(
         "uncertainty": (results.get("auarc") or {}).get("uncertainty", "nll"),
         "sets": {},
     }
+    plan = []
     for s in results["sets"]:
         name, kind = s["name"], s["kind"]
         ids = [it["id"] for it in items if it["variant"] == a and it["set"] == name]
@@ -134,8 +137,21 @@ def compare(
         mets = list(mets)
         if kind == "safety":
             mets += [(f"hs[{j}]", ("harm", j), 1.0) for j in out["harm_judges"]]
+        stats = _set_level_stats(kind, pairs, ufield, thr) if kind in ("utility", "qa") else []
+        plan.append((name, kind, pairs, verdict, mets + _COMMON, stats))
+    total, done = sum(len(p[4]) + len(p[5]) for p in plan), 0
+    label = f"bootstrap CIs ({n_boot} resamples)"
+
+    def tick() -> None:  # called as each metric starts: ``done`` metrics are finished
+        nonlocal done
+        if progress is not None:
+            progress(label, done, total)
+        done += 1
+
+    for name, kind, pairs, verdict, mets, stats in plan:
         rows = []
-        for mname, field, scale in mets + _COMMON:
+        for mname, field, scale in mets:
+            tick()
             xa, xb = _vals(pairs, field)
             if xa is None:
                 rows.append(
@@ -164,8 +180,7 @@ def compare(
                     "ci_high": hi,
                 }
             )
-        if kind in ("utility", "qa"):
-            rows += _set_level_rows(kind, pairs, ufield, thr, n_boot, rng, level)
+        rows += _set_level_rows(stats, len(pairs), n_boot, rng, level, tick)
         entry: dict[str, Any] = {"kind": kind, "n_pairs": len(pairs), "metrics": rows}
         if verdict:
             va = np.array([bool(p[0][verdict]) for p in pairs])
@@ -186,13 +201,15 @@ def compare(
                 if bool(pa[verdict]) != bool(pb[verdict])
             ]
         out["sets"][name] = entry
+    if progress is not None and total:
+        progress(label, total, total)
     if out_dir is not None:
         write_compare(out, out_dir)
     return out
 
 
-def _set_level_rows(kind, pairs, ufield, thr, n_boot, rng, level) -> list[dict[str, Any]]:
-    """AUARC (both accuracies) and, on summary sets, corpus BLEU: recomputed on every paired resample."""
+def _set_level_stats(kind, pairs, ufield, thr) -> list[tuple[str, Callable, Callable]]:
+    """AUARC (both accuracies) and, on summary sets, corpus BLEU, as functions of a resample of the pairs."""
     ia, ib = [p[0] for p in pairs], [p[1] for p in pairs]
     stats: list[tuple[str, Callable[[np.ndarray], float], Callable[[np.ndarray], float]]] = []
     u_a, u_b = uncertainty_vector(ia, ufield), uncertainty_vector(ib, ufield)
@@ -203,12 +220,18 @@ def _set_level_rows(kind, pairs, ufield, thr, n_boot, rng, level) -> list[dict[s
     if kind == "utility" and all("bleu_stats" in it for it in ia + ib):
         sa, sb = np.array([it["bleu_stats"] for it in ia]), np.array([it["bleu_stats"] for it in ib])
         stats.insert(0, ("bleu_corpus", lambda i: corpus_from_stats(sa[i]), lambda i: corpus_from_stats(sb[i])))
+    return stats
+
+
+def _set_level_rows(stats, n, n_boot, rng, level, tick: Callable[[], None]) -> list[dict[str, Any]]:
+    """The rows of :func:`_set_level_stats`: recomputed on every paired resample (at most 2000)."""
     rows = []
-    everything = np.arange(len(pairs))
+    everything = np.arange(n)
     for name, fa, fb in stats:
+        tick()
         va, vb = fa(everything), fb(everything)
-        lo, hi = _bootstrap(fa, fb, len(pairs), min(n_boot, 2000), rng, level)
-        rows.append({"metric": name, "n": len(pairs), "a": va, "b": vb, "delta": vb - va, "ci_low": lo, "ci_high": hi})
+        lo, hi = _bootstrap(fa, fb, n, min(n_boot, 2000), rng, level)
+        rows.append({"metric": name, "n": n, "a": va, "b": vb, "delta": vb - va, "ci_low": lo, "ci_high": hi})
     return rows
 
 

@@ -1,10 +1,15 @@
 """The one progress bar style (rich, on stderr). On a terminal: a live bar with counts and ETA. Not on a
 terminal (a log, a pipe, ``nohup``): a line per task every ``LOG_EVERY`` seconds and when it finishes, so a
-long phase is never silent in a log; phases shorter than that print nothing."""
+long phase is never silent in a log; phases shorter than that print nothing. ``show_after`` holds the bar back
+until a phase has run that long (a phase that is usually quick, such as a bootstrap, draws nothing then).
+
+:func:`task_callback` turns a bar into the ``progress(label, done, total)`` callback that generation and the
+bootstrap call: one task (bar) per label."""
 
 from __future__ import annotations
 
 import time
+from typing import Callable
 
 from rich.console import Console
 from rich.progress import (
@@ -18,16 +23,42 @@ from rich.progress import (
 )
 
 LOG_EVERY = 30.0
+BOOTSTRAP_BAR_AFTER = 2.0  # seconds: a bootstrap usually takes less; a bar is drawn only when it does not
 
 
 class _LoggedProgress(Progress):
     """A rich Progress that, where no bar can be drawn, writes one plain line per task now and then."""
 
-    def __init__(self, *columns, log_every: float | None, **kw):
+    def __init__(self, *columns, log_every: float | None, show_after: float = 0.0, **kw):
         super().__init__(*columns, **kw)
         self._log_every = log_every
         self._logged: dict[TaskID, float] = {}
         self._born: dict[TaskID, float] = {}
+        self._show_after = show_after
+        self._entered: float | None = None
+        self._live_started = False
+
+    def start(self) -> None:
+        """Draw the bar now, or (``show_after``) once the phase has lasted that long."""
+        self._entered = time.monotonic()
+        if self._show_after <= 0:
+            self._start_live()
+
+    def _start_live(self) -> None:
+        if not self._live_started:
+            self._live_started = True
+            super().start()
+
+    def stop(self) -> None:
+        if self._live_started:
+            self._live_started = False
+            super().stop()
+        self._entered = None
+
+    def _maybe_start(self) -> None:
+        if not self._live_started and self._entered is not None:
+            if time.monotonic() - self._entered >= self._show_after:
+                self._start_live()
 
     def add_task(self, description, *args, **kw) -> TaskID:
         tid = super().add_task(description, *args, **kw)
@@ -58,15 +89,18 @@ class _LoggedProgress(Progress):
 
     def update(self, task_id: TaskID, *args, **kw) -> None:
         super().update(task_id, *args, **kw)
+        self._maybe_start()
         self._log(task_id)
 
     def advance(self, task_id: TaskID, advance: float = 1) -> None:
         super().advance(task_id, advance)
+        self._maybe_start()
         self._log(task_id)
 
 
-def make_progress(enabled: bool, log_every: float | None = None) -> Progress:
-    """``log_every``: seconds between plain lines where no bar can be drawn (default :data:`LOG_EVERY`)."""
+def make_progress(enabled: bool, log_every: float | None = None, show_after: float = 0.0) -> Progress:
+    """``log_every``: seconds between plain lines where no bar can be drawn (default :data:`LOG_EVERY`);
+    ``show_after``: seconds before the bar is drawn (0: at once)."""
     console = Console(stderr=True)
     log_every = LOG_EVERY if log_every is None else log_every
     return _LoggedProgress(
@@ -81,4 +115,18 @@ def make_progress(enabled: bool, log_every: float | None = None) -> Progress:
         transient=True,
         disable=not enabled or not console.is_terminal,
         log_every=log_every if enabled and not console.is_terminal else None,
+        show_after=show_after,
     )
+
+
+def task_callback(prog: Progress, prefix: str = "") -> Callable[[str, int, int], None]:
+    """``progress(label, done, total)`` drawing one bar per label on ``prog`` (``prefix`` before the label):
+    counts, elapsed time and ETA."""
+    tasks: dict[str, TaskID] = {}
+
+    def on_progress(label: str, done: int, total: int) -> None:
+        if label not in tasks:
+            tasks[label] = prog.add_task(f"{prefix}{label}", total=total, module="")
+        prog.update(tasks[label], completed=done, total=total)
+
+    return on_progress

@@ -4,7 +4,8 @@ A scoring method is one file in :mod:`safeprune.scoring.methods` holding one :cl
 decorated with :func:`register`. It declares, once, everything the rest of the tool needs to know:
 
 * ``name``, ``requires`` (weight roles: base / aligned / unaligned), ``primary`` column and its order;
-* ``parameters``: its options as :class:`Param` (name, type, default, help, validation, CLI flag). The
+* ``parameters``: its options as :class:`Param` (name, type, default, help, validation, CLI flag), declared
+  in :mod:`safeprune.scoring.params` (light: the CLI's help reads them without torch). The
   base ``__init__`` resolves and validates them; the CLI builds its flags from them
   (:mod:`safeprune.cli.options`), so no option is written twice;
 * ``edit``: what acting on a selected module means for this method ("prune" or "project").
@@ -12,43 +13,17 @@ decorated with :func:`register`. It declares, once, everything the rest of the t
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Iterable
+from typing import Any, ClassVar, Iterable
 
 import torch
 
 from ..adapter import LoraModule
 from ..errors import UsageError
 from ..weights import WeightSource, checked_fro_norm, read_weight_and_norm
+from .params import Param
 
 REGISTRY: dict[str, type[Scorer]] = {}
 EDITS = ("prune", "project")
-
-
-@dataclass(frozen=True)
-class Param:
-    """One option of a scoring method, declared once.
-
-    ``check(value)`` returns an error message (the option is refused with a UsageError) or None.
-    ``flag`` is the CLI flag (default ``--name-with-dashes``); ``cli=False`` keeps an option for the
-    Python API only. Methods that declare the same flag share it on the command line (``--seed``)."""
-
-    name: str
-    type: Any
-    default: Any
-    help: str
-    check: Callable[[Any], str | None] | None = None
-    flag: str | None = None
-    cli: bool = True
-
-    @property
-    def cli_flag(self) -> str:
-        return self.flag or "--" + self.name.replace("_", "-")
-
-    def validate(self, value: Any) -> None:
-        msg = self.check(value) if self.check is not None else None
-        if msg:
-            raise UsageError(msg)
 
 
 def method_names(methods: str | Iterable[str]) -> list[str]:

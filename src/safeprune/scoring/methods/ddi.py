@@ -38,7 +38,7 @@ import math
 from typing import Any
 
 from ...errors import UsageError
-from ..base import ModuleContext, Param, Scorer, register
+from ..base import ModuleContext, Scorer, register
 from ..linalg import (
     OmegaCache,
     exact_left_basis,
@@ -48,6 +48,7 @@ from ..linalg import (
     range_finder,
     right_projected_energy,
 )
+from ..params import PARAMETERS
 
 _TINY = 1e-300
 
@@ -84,70 +85,7 @@ class DDIScorer(Scorer):
     descending = True
     description = "Directional Deviation Index S·O·M (data-free; needs the base weights)"
 
-    parameters = (
-        # validated by parse_subspace_dim in setup(), which says what is wrong
-        Param("subspace_dim", str, "r", "DDI subspace dimension t: 'r', '2r' or an integer."),
-        Param(
-            "oversample",
-            int,
-            8,
-            "DDI range-finder oversampling.",
-            check=lambda v: f"--oversample must be >= 0, got {v}" if v < 0 else None,
-        ),
-        Param(
-            "power_iters",
-            int,
-            2,
-            "DDI range-finder power iterations.",
-            check=lambda v: f"--power-iters must be >= 0, got {v}" if v < 0 else None,
-        ),
-        Param(
-            "subspace",
-            str,
-            "column",
-            "DDI: 'column' (sound default) or 'row' (paper wording).",
-            check=lambda v: None if v in ("column", "row") else f"--subspace must be 'column' or 'row', got {v!r}",
-        ),
-        Param(
-            "magnitude",
-            str,
-            "norm",
-            "DDI magnitude term: 'norm' (M/(1+M)) or 'raw' (M).",
-            check=lambda v: None if v in ("norm", "raw") else f"--magnitude must be 'norm' or 'raw', got {v!r}",
-        ),
-        Param(
-            "reuse_subspace",
-            bool,
-            False,
-            "Paper-faithful: reuse one subspace per module type and shape (off: each module uses its own W0).",
-        ),
-        Param(
-            "exact_subspace",
-            bool,
-            False,
-            "DDI: W0's subspace from a full SVD instead of the randomized range finder (exact; slow for large models).",
-        ),
-        Param(
-            "eps",
-            float | None,
-            None,
-            "Absolute ε (paper: 1e-6). Default: relative 1e-12·tr(G).",
-            check=lambda v: (
-                None if v is None or (v >= 0 and math.isfinite(v)) else f"--eps must be a non-negative number, got {v}"
-            ),
-        ),
-        Param("seed", int, 0, "Seed of the randomized range finder."),
-        Param(
-            "matmul_dtype",
-            str,
-            "auto",
-            "Dtype of the W0 matmuls: 'auto' (bf16 where the CPU has it) or 'float32'.",
-            check=lambda v: (
-                None if v in ("auto", "float32") else f"matmul_dtype must be 'auto' or 'float32', got {v!r}"
-            ),
-            cli=False,
-        ),
-    )
+    parameters = PARAMETERS["ddi"]
 
     def setup(self) -> None:
         self._mult, self._fixed_t = parse_subspace_dim(self.subspace_dim)

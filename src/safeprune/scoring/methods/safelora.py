@@ -28,7 +28,8 @@ import torch
 
 from ...errors import InputError
 from ...weights.pair import BLOCK_ELEMS, apply_alignment
-from ..base import ModuleContext, Param, Scorer, register
+from ..base import ModuleContext, Scorer, register
+from ..params import PARAMETERS
 
 F64 = torch.float64
 
@@ -79,16 +80,7 @@ class SafeLoRAScorer(Scorer):
     description = "SafeLoRA: cos(C·ΔW, ΔW) with C = VVᵀ/‖V‖_F, V = aligned − unaligned (low = act first)"
 
     edit = "project"
-    parameters = (
-        Param(
-            "block_elems",
-            int,
-            BLOCK_ELEMS,
-            "Entries of V = aligned − unaligned formed at a time.",
-            cli=False,
-            check=lambda v: f"block_elems must be >= 1, got {v}" if v < 1 else None,
-        ),
-    )
+    parameters = PARAMETERS["safelora"]
 
     def setup(self) -> None:
         self.block_elems = int(self.block_elems)

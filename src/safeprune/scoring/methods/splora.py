@@ -61,12 +61,13 @@ import torch
 
 from ...errors import InputError
 from ...weights.pair import BLOCK_ELEMS, apply_alignment
-from ..base import ModuleContext, Param, Scorer, register
+from ..base import ModuleContext, Scorer, register
 from ..linalg import stable_seed
+from ..params import PARAMETERS, SPLORA_MODES
 from .safelora import projected_B
 
 F64 = torch.float64
-MODES = ("sound", "official", "official-first")
+MODES = SPLORA_MODES
 OFFICIAL_EPS = 1e-6
 OFFICIAL_COPIES = 50
 TORCH_QUANTILE_LIMIT = 1 << 24
@@ -183,26 +184,7 @@ class SPLoRAScorer(Scorer):
     descending = True  # sound mode; the official modes set False on the instance
     description = "SPLoRA: E-DIEM between C·ΔW and ΔW (sound: Haar-rotation null; official: public code)"
 
-    parameters = (
-        Param(
-            "mode",
-            str,
-            "sound",
-            "SPLoRA E-DIEM: 'sound' (null of rotated updates), 'official' (public code, HEAD "
-            "rule) or 'official-first' (first-commit rule).",
-            flag="--splora-mode",
-            check=lambda v: None if v in MODES else f"--splora-mode must be one of {', '.join(MODES)}, got {v!r}",
-        ),
-        Param(
-            "null_samples",
-            int,
-            32,
-            "SPLoRA sound mode: rotated updates in the reference distribution.",
-            check=lambda v: f"--null-samples must be >= 4 (quartiles need a few samples), got {v}" if v < 4 else None,
-        ),
-        Param("seed", int, 0, "Seed of the randomized range finder."),
-        Param("block_elems", int, BLOCK_ELEMS, "Entries of V = aligned − unaligned formed at a time.", cli=False),
-    )
+    parameters = PARAMETERS["splora"]
 
     def setup(self) -> None:
         self.null_samples = int(self.null_samples)
