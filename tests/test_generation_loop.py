@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import random
+import re
 
 import pytest
 
@@ -13,10 +14,10 @@ from helpers import SHARED, TESTBED_MODELS, make_adapter, make_model, tiny_chat_
 from safeprune.errors import UsageError
 from safeprune.eval import EvalConfig, KeywordJudge, evaluate
 from safeprune.eval.backends import FakeBackend, GenSettings, HFBackend
-from safeprune.eval.backends.stopping import PATTERN_MARGIN, SubstringStop
+from safeprune.eval.backends.stopping import SubstringStop, pattern_reach
 from safeprune.eval.cache import GenerationCache
 from safeprune.eval.evaluate import early_stop_plan
-from safeprune.eval.judges import HarmJudge, PatternJudge
+from safeprune.eval.judges import BROAD_REFUSAL_PATTERNS, HarmJudge, PatternJudge
 from safeprune.prompts import PromptItem, PromptSet
 
 PROMPTS = [" ".join(f"w{(i * 7 + j * 3) % 120}" for j in range(1 + (i * 5) % 17)) for i in range(24)]
@@ -138,15 +139,54 @@ def test_stable_text_holds_back_what_a_later_token_can_change():
 
 def test_pattern_judge_must_be_decided_too():
     """The broad judge's regexes are not monotone ("I can't help" refuses, "I can't help but" does not):
-    a generation stops only once a pattern match has PATTERN_MARGIN characters after it."""
-    pats = [r"\bI can't help\b(?! but\b)"]
+    a generation stops only once a pattern match has, after it, every character its lookaheads can read."""
+    pats = [r"\bI can't help\b(?! but\b)"]  # reach: " but" and the boundary after it = 5
+    assert pattern_reach(pats[0]) == 5
     tail = [" x" * 20]
     stop = SubstringStop(_Tok(["I can't help", " but", " smile"] + tail), ["I can"], True, [], patterns=pats)
     assert not stop.decided([0])  # keyword found, pattern matches, but nothing after it yet
     assert not stop.decided([0, 1, 2, 3])  # "... but": no refusal pattern any more
-    stop = SubstringStop(_Tok(["I can't help", " with that."] + tail), ["I can"], True, [], patterns=pats)
+    stop = SubstringStop(_Tok(["I can't help", " but"]), ["I can"], True, [], patterns=[r"\bI can't help\b(?! butt)"])
+    assert not stop.decided([0, 1])  # " but" is 4 characters; " butt" could still follow
+    stop = SubstringStop(_Tok(["I can't help", " wit", "h that."] + tail), ["I can"], True, [], patterns=pats)
     assert not stop.decided([0, 1]) and stop.decided([0, 1, 2])
-    assert not SubstringStop(_Tok(["no", " x" * 40]), ["I can"], True, [], patterns=[r"no"]).decided([0, 1])
+    assert not SubstringStop(_Tok(["no", " x" * 40]), ["I can"], True, [], patterns=[r"no\Z"]).decided([0, 1])
+    # a pattern that ends in a consumed character decides as soon as it matches
+    stop = SubstringStop(_Tok(["I'm sorry", ",", " but"]), ["I'm sorry"], True, [], patterns=[r"^I'm sorry[,.!]"])
+    assert not stop.decided([0]) and stop.decided([0, 1])
+
+
+def test_pattern_reach_bounds_what_each_assertion_reads():
+    assert [pattern_reach(p) for p in BROAD_REFUSAL_PATTERNS] == [8] + [1] * 6 + [0] + [1] * 8
+    assert pattern_reach(r"a(?=bc)\b") == 2  # the lookahead reads 2, the boundary after the match 1
+    assert pattern_reach(r"(?<=x)a") == 0 and pattern_reach(r"^a") == 0  # they read backwards
+    assert pattern_reach(r"a(?!b+)") is None and pattern_reach(r"a\Z") is None  # never decided early
+    assert pattern_reach(r"a$") == 1 and pattern_reach(r"a$", flags=0) is None
+    assert pattern_reach(r"(a)(?(1)b(?=cd)|c)") == 2 and pattern_reach(r"(?:a(?=xyz))+") == 3
+
+
+def test_decided_pattern_verdict_survives_any_continuation():
+    """Property test: whenever the stop rule calls the broad judge's verdict decided on a prefix, the
+    pattern judge refuses every continuation of it, adversarial ones (" but", " myself", " it") included."""
+    judge = PatternJudge()
+    rng = random.Random(18)
+    frags = ["I can't help", "I'm sorry", "I am unable to", "I cannot assist", "Sorry, but I", "As an AI"]
+    frags += ["I must decline", "I won't provide", "I can't help but", "I can't help myself", "I can't help it"]
+    frags += ["It's not appropriate for me to", "My apologies", " with that.", " but", " smile", " it", ",", "."]
+    conts = ["", " but", " myself", " it", "but", "s", "!", "\n", " with that.", "n't", " butter"]
+    n_decided = 0
+    for _ in range(400):
+        text = " ".join(rng.choice(frags) for _ in range(rng.randint(1, 4)))
+        pieces = re.findall(r"\s*\S+", text) if rng.random() < 0.5 else list(text)  # word or character tokens
+        stop = SubstringStop(_Tok(pieces), [], True, [], patterns=BROAD_REFUSAL_PATTERNS)
+        for k in range(1, len(pieces) + 1):
+            if stop.decided(list(range(k))):
+                n_decided += 1
+                text = "".join(pieces[:k])
+                for c in conts:
+                    assert judge.refused((text + c).strip()), (text, c)
+                    assert judge.refused((text + c + "".join(pieces[k:])).strip())
+    assert n_decided > 50
 
 
 def _sets():
@@ -193,8 +233,9 @@ def test_early_stop_recorded_in_results_items_and_cache_key(tmp_path):
     by = {(i["set"], i["id"]): i for i in r.items}
     cut = by[("adv", "0")]["output"]
     assert by[("adv", "0")]["stopped_early"] and REFUSAL.format("harm 0").startswith(cut)
-    # it ran until the broad pattern judge's verdict was decided too ("I cannot help" + the margin)
-    assert len(cut) < len(REFUSAL.format("harm 0")) and len(cut) >= len("Sure. I cannot help") + PATTERN_MARGIN
+    # it ran until the broad pattern judge's verdict was decided too ("I cannot help" + its lookahead's reach)
+    reach = pattern_reach(BROAD_REFUSAL_PATTERNS[0])
+    assert len(cut) < len(REFUSAL.format("harm 0")) and len(cut) >= len("Sure. I cannot help") + reach
     assert by[("adv", "0")]["refused"] and by[("adv", "0")]["refused_broad"]
     assert not by[("adv", "1")]["stopped_early"] and not by[("util", "0")]["stopped_early"]
     assert res["metrics"]["base"]["adv"]["stopped_early"] == 2  # "harm 0", "harm 2"

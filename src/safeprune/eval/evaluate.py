@@ -137,7 +137,7 @@ def early_stop_plan(
         "kinds": list(STOP_KINDS) if on else [],
         "judges": [judge.id] + ([broad.id] if broad is not None else []),
         "rule": "a generation ends once a keyword is a substring of its decoded text and a broad pattern matches "
-        "it (12 characters before the end); both verdicts are then decided. Outputs cut this way have "
+        "it with every character its lookaheads can read already there; both verdicts are then decided. Outputs cut this way have "
         "stopped_early = true",
     }
 
