@@ -276,6 +276,71 @@ def test_streaming_backend_caches_as_generations_finish(tmp_path, tiny):
     assert len(lines) == 7 and all(json.loads(x)["batch_size"] == 1 for x in lines)
 
 
+def test_sets_with_the_same_settings_share_one_call(tmp_path, tiny):
+    """Safety and over-refusal sets (same settings) go to the continuous loop in one call; the generations
+    are those of each set on its own (float64), and each set gets its own records."""
+    m, ad = tiny
+    mk = [PromptItem(str(i), p) for i, p in enumerate(PROMPTS)]
+    sets = [
+        PromptSet("adv", "safety", "adv.csv", "csv", mk[:7]),
+        PromptSet("xs", "over_refusal", "xs.csv", "csv", mk[7:11] + mk[:1]),  # one prompt in both sets
+        PromptSet(
+            "util",
+            "utility",
+            "u.jsonl",
+            "jsonl",
+            [PromptItem(str(i), p, reference="w1") for i, p in enumerate(PROMPTS[11:14])],
+        ),
+    ]
+    cfg = EvalConfig(safety_max_new_tokens=5, utility_max_new_tokens=4, batch_size=3)
+    be = HFBackend(str(m), {"ad": str(ad)}, dtype="float64")
+    calls = []
+    orig = be.generate
+
+    def spy(prompts, adapter, settings, on_batch=None):
+        calls.append(len(prompts))
+        return orig(prompts, adapter, settings, on_batch)
+
+    be.generate = spy
+    kw = dict(backend=be, config=cfg, meteor=False, include_base=True)
+    together = evaluate(str(m), {"ad": str(ad)}, prompt_sets=sets, cache=tmp_path / "a.jsonl", **kw)
+    assert calls == [11, 3, 11, 3]  # per variant: adv + xs in one call (the shared prompt once), util alone
+    calls.clear()
+    alone = [
+        evaluate(str(m), {"ad": str(ad)}, prompt_sets=[ps], cache=tmp_path / f"{ps.name}.jsonl", **kw) for ps in sets
+    ]
+    assert calls == [7, 7, 5, 5, 3, 3]
+    key = lambda it: (it["variant"], it["set"], it["id"])  # noqa: E731
+    got = {key(it): it for it in together.items}
+    ref = {key(it): it for r in alone for it in r.items}
+    assert got.keys() == ref.keys() and len(got) == 2 * (7 + 5 + 3)
+    assert all(got[k]["output"] == ref[k]["output"] and got[k]["new_tokens"] == ref[k]["new_tokens"] for k in got)
+    assert together.metrics["ad"]["xs"]["generated_now"] == 4  # the shared prompt: generated for adv
+
+
+def test_running_cache_writes_in_place_and_grows_past_its_room():
+    from safeprune.eval.backends.continuous import _Layer
+
+    torch = pytest.importorskip("torch")
+    a, b = torch.randn(2, 3, 4, 5, dtype=torch.float64), torch.randn(1, 3, 6, 5, dtype=torch.float64)
+    la = _Layer()
+    la.room = 2
+    la.fill([a, a + 1], [b[:, :, :4].expand(2, -1, -1, -1), b[:, :, :4].expand(2, -1, -1, -1)], 4)
+    assert la.keys.shape == (4, 3, 4, 5) and torch.equal(la.keys[2:], a + 1)
+    la2 = _Layer()
+    la2.fill([a, b], [a, b], 6)  # left padding with zeros
+    assert torch.equal(la2.keys[:2, :, :2], torch.zeros(2, 3, 2, 5, dtype=torch.float64))
+    assert torch.equal(la2.keys[:2, :, 2:], a) and torch.equal(la2.keys[2:], b)
+    ref_k = la.keys.clone()
+    for step in range(5):  # room 2: the third step needs a bigger buffer
+        k = torch.full((4, 3, 1, 5), float(step), dtype=torch.float64)
+        keys, _ = la.update(k, k)
+        ref_k = torch.cat([ref_k, k], 2)
+        assert torch.equal(keys, ref_k)
+    la.select(torch.tensor([3, 1]), 2)
+    assert torch.equal(la.keys, ref_k[[3, 1], :, 2:]) and la.keys.shape[2] == la.get_seq_length() == 7
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not (TESTBED_MODELS / "aligned" / "config.json").is_file(), reason="testbed models not built")
 def test_testbed_early_stop_same_verdicts():
