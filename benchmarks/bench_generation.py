@@ -8,15 +8,17 @@ benchmarks/results/bench_generation.json.
     PYTHONPATH=src python benchmarks/bench_generation.py --model $SAFEPRUNE_TESTBED_MODELS/aligned --n 16 --max-new-tokens 32
 
 ``--mix``: the testbed reproduction's prompt mix (150 AdvBench + 100 XSTest + 100 DialogSum, selected as
-benchmarks/reproduction/testbed.yaml does) on the base, an adapter and an edited adapter, old path vs new
-path, both fp32 through ``safeprune.evaluate`` with no cache: old = HF ``generate`` on fixed batches (50;
-16 for dialogues; sorted by length), no early stop — the reproduction's settings before issue 18; new =
-continuous batching with verdict-aware early stopping (the defaults now), at most 50 rows in flight for
-every set (the old path's smaller dialogue batches were there to limit padding, which continuous batching
-does not have). Each
-(variant, set) runs old then new back to back, so both see the same machine load. Reports wall-time
-ratios for safety + over-refusal and for utility, verdict identity, and utility-output identity (every
-difference listed with its batch-1 outputs of both paths, to trace it to batch composition).
+benchmarks/reproduction/testbed.yaml does) on the base and each ``--adapter``, old path vs new path, both fp32
+through ``safeprune.evaluate`` with no cache. Old = HF ``generate`` on fixed batches (50; 16 for dialogues;
+sorted by length), no early stop: the reproduction's settings before issue 18. New = the defaults now:
+continuous batching with verdict-aware early stopping, at most ``--cap`` rows in flight (128) for every set
+(the old path's smaller dialogue batches limited padding, which continuous batching does not have). The sets
+are evaluated in the groups ``safeprune run`` uses (safety + over-refusal together, then utility; on the new
+path the first group is one continuous-batching call). Each (variant, group) runs old then new back to back,
+so both see about the same machine load. Reports wall and CPU seconds, generated tokens, decode row-steps
+(rows × steps the loop computed: a fixed batch runs every row to its longest one) and prompt tokens per path;
+verdict identity (both refusal judges) and utility-output identity (every difference listed with its batch-1
+outputs of both paths, to trace it to batch composition). ``--scale 0.5`` takes the first half of each set.
 
     PYTHONPATH=src python benchmarks/bench_generation.py --mix --threads 1 \
         --adapter mix_s0=$SAFEPRUNE_SHARED/testbed/adapters/mix_s0 --adapter edited=EDITED_ADAPTER_DIR
@@ -106,6 +108,12 @@ def run_mix(a) -> None:
             batches.setdefault((it["latency_s"], it["batch_size"]), []).append(it["new_tokens"])
         return sum(bs * max(toks) for (_, bs), toks in batches.items())
 
+    def shared_prefix(prompts, kind, cfg):
+        from safeprune.eval.backends.continuous import _common_prefix
+
+        st = cfg.settings(kind)
+        return _common_prefix([be.tokenizer(be.render(p, st), **be.encode_kwargs(st))["input_ids"] for p in prompts])
+
     def prompt_tokens(prompt, kind, cfg):
         st = cfg.settings(kind)
         return len(be.tokenizer(be.render(prompt, st), **be.encode_kwargs(st))["input_ids"])
@@ -135,6 +143,7 @@ def run_mix(a) -> None:
                         "n": len(ps),
                         "new_tokens": sum(it["new_tokens"] for it in its),
                         "stopped_early": sum(bool(it["stopped_early"]) for it in its),
+                        "new_tokens_stopped_early": sum(it["new_tokens"] for it in its if it["stopped_early"]),
                         "generation_seconds": sum(it["latency_s"] / it["batch_size"] for it in its),
                         "metrics": {
                             k: m.get(k) for k in ("asr", "asr_broad", "refusal_rate", "over_refusal", "rouge1", "auarc")
@@ -153,6 +162,8 @@ def run_mix(a) -> None:
                     "new_tokens": sum(x["new_tokens"] for x in per_set.values()),
                     "decode_row_steps": row_steps(its, path),
                     "prompt_tokens": sum(prompt_tokens(it["prompt"], group[0].kind, cfg) for it in its),
+                    # the new path encodes the token prefix all prompts of a call share once
+                    "prompt_tokens_shared_prefix": shared_prefix([it["prompt"] for it in its], group[0].kind, cfg),
                     "per_set": per_set,
                     "loadavg": os.getloadavg(),
                 }
@@ -217,7 +228,7 @@ def run_mix(a) -> None:
                 k: {"old": total("old", k, what), "new": total("new", k, what)}
                 for k in ("safety_over_refusal", "utility")
             }
-            for what in ("new_tokens", "decode_row_steps", "prompt_tokens")
+            for what in ("new_tokens", "decode_row_steps", "prompt_tokens", "prompt_tokens_shared_prefix")
         },
         "runs": runs,
         "verdicts": {
