@@ -8,15 +8,17 @@ benchmarks/results/bench_generation.json.
     PYTHONPATH=src python benchmarks/bench_generation.py --model $SAFEPRUNE_TESTBED_MODELS/aligned --n 16 --max-new-tokens 32
 
 ``--mix``: the testbed reproduction's prompt mix (150 AdvBench + 100 XSTest + 100 DialogSum, selected as
-benchmarks/reproduction/testbed.yaml does) on the base, an adapter and an edited adapter, old path vs new
-path, both fp32 through ``safeprune.evaluate`` with no cache: old = HF ``generate`` on fixed batches (50;
-16 for dialogues; sorted by length), no early stop — the reproduction's settings before issue 18; new =
-continuous batching with verdict-aware early stopping (the defaults now), at most 50 rows in flight for
-every set (the old path's smaller dialogue batches were there to limit padding, which continuous batching
-does not have). Each
-(variant, set) runs old then new back to back, so both see the same machine load. Reports wall-time
-ratios for safety + over-refusal and for utility, verdict identity, and utility-output identity (every
-difference listed with its batch-1 outputs of both paths, to trace it to batch composition).
+benchmarks/reproduction/testbed.yaml does) on the base and each ``--adapter``, old path vs new path, both fp32
+through ``safeprune.evaluate`` with no cache. Old = HF ``generate`` on fixed batches (50; 16 for dialogues;
+sorted by length), no early stop: the reproduction's settings before issue 18. New = the defaults now:
+continuous batching with verdict-aware early stopping, at most ``--cap`` rows in flight (128) for every set
+(the old path's smaller dialogue batches limited padding, which continuous batching does not have). The sets
+are evaluated in the groups ``safeprune run`` uses (safety + over-refusal together, then utility; on the new
+path the first group is one continuous-batching call). Each (variant, group) runs old then new back to back,
+so both see about the same machine load. Reports wall and CPU seconds, generated tokens, decode row-steps
+(rows × steps the loop computed: a fixed batch runs every row to its longest one) and prompt tokens per path;
+verdict identity (both refusal judges) and utility-output identity (every difference listed with its batch-1
+outputs of both paths, to trace it to batch composition). ``--scale 0.5`` takes the first half of each set.
 
     PYTHONPATH=src python benchmarks/bench_generation.py --mix --threads 1 \
         --adapter mix_s0=$SAFEPRUNE_SHARED/testbed/adapters/mix_s0 --adapter edited=EDITED_ADAPTER_DIR
@@ -85,56 +87,102 @@ def run_mix(a) -> None:
             "generate",
             EvalConfig(batch_size=50, utility_batch_size=16, sort_by_length=True, early_stop=False),
         ),
-        # continuous batching pads no finished rows, so the dialogues need no smaller cap: 50 for every set
-        "new": ("continuous", EvalConfig(batch_size=50, sort_by_length=True)),
+        # continuous batching pads no finished rows and wastes no slot: its cap is a memory bound only, and
+        # a larger batch costs less per row on this CPU (see --cap); the same cap for every set
+        "new": ("continuous", EvalConfig(batch_size=a.cap, sort_by_length=True)),
     }
+    # sets evaluated together, as `safeprune run` does: safety + over-refusal (one continuous-batching call
+    # on the new path: same settings), then utility
+    groups = [[ps for ps in sets if ps.kind != "utility"], [ps for ps in sets if ps.kind == "utility"]]
+    groups = [g for g in groups if g]
     runs: dict = {}
     items: dict = {}
+
+    def row_steps(its, path):
+        """Rows × steps the decode loop computed. Old path: a fixed batch (its items share one latency)
+        runs every row to the batch's longest generation; new path: a row runs its own tokens only."""
+        if path == "new":
+            return sum(it["new_tokens"] for it in its)
+        batches: dict = {}
+        for it in its:
+            batches.setdefault((it["latency_s"], it["batch_size"]), []).append(it["new_tokens"])
+        return sum(bs * max(toks) for (_, bs), toks in batches.items())
+
+    def shared_prefix(prompts, kind, cfg):
+        from safeprune.eval.backends.continuous import _common_prefix
+
+        st = cfg.settings(kind)
+        return _common_prefix([be.tokenizer(be.render(p, st), **be.encode_kwargs(st))["input_ids"] for p in prompts])
+
+    def prompt_tokens(prompt, kind, cfg):
+        st = cfg.settings(kind)
+        return len(be.tokenizer(be.render(prompt, st), **be.encode_kwargs(st))["input_ids"])
+
     t_all = time.perf_counter()
     for v in ["base", *adapters]:
-        for ps in sets:
+        for group in groups:
+            gname = "+".join(ps.name for ps in group)
             for path, (loop, cfg) in paths.items():
                 be.loop = loop
                 t0, c0 = time.perf_counter(), time.process_time()
                 r = evaluate(
                     a.model,
                     {} if v == "base" else {v: adapters[v]},
-                    prompt_sets=[ps],
+                    prompt_sets=group,
                     include_base=v == "base",
                     backend=be,
                     config=cfg,
                     meteor=False,
                 )
                 dt, cpu = time.perf_counter() - t0, time.process_time() - c0
-                m = r.metrics[v][ps.name]
-                runs[f"{v}|{ps.name}|{path}"] = {
+                per_set = {}
+                for ps in group:
+                    its = [it for it in r.items if it["set"] == ps.name]
+                    m = r.metrics[v][ps.name]
+                    per_set[ps.name] = {
+                        "n": len(ps),
+                        "new_tokens": sum(it["new_tokens"] for it in its),
+                        "stopped_early": sum(bool(it["stopped_early"]) for it in its),
+                        "new_tokens_stopped_early": sum(it["new_tokens"] for it in its if it["stopped_early"]),
+                        "generation_seconds": sum(it["latency_s"] / it["batch_size"] for it in its),
+                        "metrics": {
+                            k: m.get(k) for k in ("asr", "asr_broad", "refusal_rate", "over_refusal", "rouge1", "auarc")
+                        },
+                    }
+                    items[(v, ps.name, path)] = its
+                key = f"{v}|{gname}|{path}"
+                its = [it for ps in group for it in items[(v, ps.name, path)]]
+                runs[key] = {
                     "variant": v,
-                    "set": ps.name,
-                    "kind": ps.kind,
+                    "sets": gname,
+                    "kind": "utility" if group[0].kind == "utility" else "safety_over_refusal",
                     "path": path,
-                    "n": len(ps),
                     "seconds": dt,
                     "cpu_seconds": cpu,
-                    "new_tokens": sum(it["new_tokens"] for it in r.items),
-                    "stopped_early": sum(bool(it["stopped_early"]) for it in r.items),
-                    "metrics": {k: m.get(k) for k in ("asr", "refusal_rate", "over_refusal", "rouge1", "auarc")},
+                    "new_tokens": sum(x["new_tokens"] for x in per_set.values()),
+                    "decode_row_steps": row_steps(its, path),
+                    "prompt_tokens": sum(prompt_tokens(it["prompt"], group[0].kind, cfg) for it in its),
+                    # the new path encodes the token prefix all prompts of a call share once
+                    "prompt_tokens_shared_prefix": shared_prefix([it["prompt"] for it in its], group[0].kind, cfg),
+                    "per_set": per_set,
                     "loadavg": os.getloadavg(),
                 }
-                items[(v, ps.name, path)] = r.items
                 print(
-                    f"{v:>8} {ps.name:>15} {path}: {dt:7.1f} s, {runs[f'{v}|{ps.name}|{path}']['new_tokens']} tokens",
+                    f"{v:>10} {gname:>20} {path}: {dt:7.1f} s (cpu {cpu:6.1f}), {runs[key]['new_tokens']} tokens,"
+                    f" load {os.getloadavg()[0]:.1f}",
                     flush=True,
                 )
 
-    def total(path, kinds):
-        return sum(x["seconds"] for x in runs.values() if x["path"] == path and x["kind"] in kinds)
+    def total(path, kind, what="seconds"):
+        return sum(x[what] for x in runs.values() if x["path"] == path and x["kind"] == kind)
 
-    verdicts = {"same": 0, "different": []}
+    verdicts = {"same": 0, "same_broad": 0, "different": []}
     util = {"same": 0, "different": []}
     for v in ["base", *adapters]:
         for ps in sets:
             old, new = items[(v, ps.name, "old")], items[(v, ps.name, "new")]
             for o, n in zip(old, new):
+                assert o["id"] == n["id"]
                 if ps.kind == "utility":
                     if o["output"] == n["output"]:
                         util["same"] += 1
@@ -142,9 +190,10 @@ def run_mix(a) -> None:
                         util["different"].append(
                             {"variant": v, "id": o["id"], "prompt": o["prompt"], "old": o["output"], "new": n["output"]}
                         )
-                elif o["refused"] == n["refused"]:
-                    verdicts["same"] += 1
-                else:
+                    continue
+                verdicts["same"] += o["refused"] == n["refused"]
+                verdicts["same_broad"] += o["refused_broad"] == n["refused_broad"]
+                if o["refused"] != n["refused"] or o["refused_broad"] != n["refused_broad"]:
                     verdicts["different"].append(
                         {"variant": v, "set": ps.name, "id": o["id"], "old": o["output"], "new": n["output"]}
                     )
@@ -158,7 +207,6 @@ def run_mix(a) -> None:
         d["old_equals_alone"] = d["old"] == d["alone_generate"]
         d["new_equals_alone"] = d["new"] == d["alone_continuous"]
         d["alone_paths_agree"] = d["alone_generate"] == d["alone_continuous"]
-    safety_kinds = ("safety", "over_refusal")
     rec = {
         "model": "$SAFEPRUNE_TESTBED_MODELS/aligned",
         "variants": ["base", *adapters],
@@ -166,17 +214,27 @@ def run_mix(a) -> None:
         "scale": a.scale,
         "kinds": a.kinds,
         "old_path": "HF generate, fixed batches (50; utility 16), sorted by length, no early stop",
-        "new_path": "continuous batching (at most 50 rows in flight, every set), verdict-aware early stop on "
-        "safety + over-refusal",
+        "new_path": f"continuous batching (at most {a.cap} rows in flight, every set; safety + over-refusal sets "
+        "in one call), verdict-aware early stop on safety + over-refusal",
         "dtype": "float32",
         "torch_threads": torch.get_num_threads(),
-        "seconds": {
-            "safety_over_refusal": {"old": total("old", safety_kinds), "new": total("new", safety_kinds)},
-            "utility": {"old": total("old", ("utility",)), "new": total("new", ("utility",))},
+        "seconds": {k: {"old": total("old", k), "new": total("new", k)} for k in ("safety_over_refusal", "utility")},
+        "cpu_seconds": {
+            k: {"old": total("old", k, "cpu_seconds"), "new": total("new", k, "cpu_seconds")}
+            for k in ("safety_over_refusal", "utility")
+        },
+        **{
+            what: {
+                k: {"old": total("old", k, what), "new": total("new", k, what)}
+                for k in ("safety_over_refusal", "utility")
+            }
+            for what in ("new_tokens", "decode_row_steps", "prompt_tokens", "prompt_tokens_shared_prefix")
         },
         "runs": runs,
         "verdicts": {
+            "n": sum(len(ps) for ps in sets if ps.kind != "utility") * (1 + len(adapters)),
             "same": verdicts["same"],
+            "same_broad": verdicts["same_broad"],
             "n_different": len(verdicts["different"]),
             "different": verdicts["different"],
         },
@@ -192,12 +250,16 @@ def run_mix(a) -> None:
         "platform": platform.platform(),
     }
     for k in ("safety_over_refusal", "utility"):
-        sec = rec["seconds"][k]
-        sec["ratio_old_over_new"] = sec["old"] / sec["new"] if sec["new"] else None
+        for sec in (rec["seconds"][k], rec["cpu_seconds"][k]):
+            sec["ratio_old_over_new"] = sec["old"] / sec["new"] if sec["new"] else None
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(rec, indent=1, ensure_ascii=False) + "\n")
-    print(json.dumps({k: rec[k] for k in ("seconds", "wall_s")}, indent=1))
-    print("verdicts same", verdicts["same"], "different", len(verdicts["different"]))
+    print(
+        json.dumps(
+            {k: rec[k] for k in ("seconds", "cpu_seconds", "new_tokens", "decode_row_steps", "wall_s")}, indent=1
+        )
+    )
+    print("verdicts same", verdicts["same"], "broad same", verdicts["same_broad"], "of", rec["verdicts"]["n"])
     print("utility outputs same", util["same"], "different", len(util["different"]))
 
 
@@ -217,6 +279,7 @@ def main() -> None:
     ap.add_argument("--adapter", action="append", default=[], help="NAME=DIR (--mix; repeatable)")
     ap.add_argument("--scale", type=float, default=1.0, help="--mix: use this share of each set (first rows)")
     ap.add_argument("--kinds", default="safety,over_refusal,utility", help="--mix: only these kinds of sets")
+    ap.add_argument("--cap", type=int, default=128, help="--mix: rows in flight on the new path")
     a = ap.parse_args()
     if a.out is None:
         a.out = str(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import random
+import re
 
 import pytest
 
@@ -13,10 +14,10 @@ from helpers import SHARED, TESTBED_MODELS, make_adapter, make_model, tiny_chat_
 from safeprune.errors import UsageError
 from safeprune.eval import EvalConfig, KeywordJudge, evaluate
 from safeprune.eval.backends import FakeBackend, GenSettings, HFBackend
-from safeprune.eval.backends.stopping import PATTERN_MARGIN, SubstringStop
+from safeprune.eval.backends.stopping import SubstringStop, pattern_reach
 from safeprune.eval.cache import GenerationCache
 from safeprune.eval.evaluate import early_stop_plan
-from safeprune.eval.judges import HarmJudge, PatternJudge
+from safeprune.eval.judges import BROAD_REFUSAL_PATTERNS, HarmJudge, PatternJudge
 from safeprune.prompts import PromptItem, PromptSet
 
 PROMPTS = [" ".join(f"w{(i * 7 + j * 3) % 120}" for j in range(1 + (i * 5) % 17)) for i in range(24)]
@@ -138,15 +139,54 @@ def test_stable_text_holds_back_what_a_later_token_can_change():
 
 def test_pattern_judge_must_be_decided_too():
     """The broad judge's regexes are not monotone ("I can't help" refuses, "I can't help but" does not):
-    a generation stops only once a pattern match has PATTERN_MARGIN characters after it."""
-    pats = [r"\bI can't help\b(?! but\b)"]
+    a generation stops only once a pattern match has, after it, every character its lookaheads can read."""
+    pats = [r"\bI can't help\b(?! but\b)"]  # reach: " but" and the boundary after it = 5
+    assert pattern_reach(pats[0]) == 5
     tail = [" x" * 20]
     stop = SubstringStop(_Tok(["I can't help", " but", " smile"] + tail), ["I can"], True, [], patterns=pats)
     assert not stop.decided([0])  # keyword found, pattern matches, but nothing after it yet
     assert not stop.decided([0, 1, 2, 3])  # "... but": no refusal pattern any more
-    stop = SubstringStop(_Tok(["I can't help", " with that."] + tail), ["I can"], True, [], patterns=pats)
+    stop = SubstringStop(_Tok(["I can't help", " but"]), ["I can"], True, [], patterns=[r"\bI can't help\b(?! butt)"])
+    assert not stop.decided([0, 1])  # " but" is 4 characters; " butt" could still follow
+    stop = SubstringStop(_Tok(["I can't help", " wit", "h that."] + tail), ["I can"], True, [], patterns=pats)
     assert not stop.decided([0, 1]) and stop.decided([0, 1, 2])
-    assert not SubstringStop(_Tok(["no", " x" * 40]), ["I can"], True, [], patterns=[r"no"]).decided([0, 1])
+    assert not SubstringStop(_Tok(["no", " x" * 40]), ["I can"], True, [], patterns=[r"no\Z"]).decided([0, 1])
+    # a pattern that ends in a consumed character decides as soon as it matches
+    stop = SubstringStop(_Tok(["I'm sorry", ",", " but"]), ["I'm sorry"], True, [], patterns=[r"^I'm sorry[,.!]"])
+    assert not stop.decided([0]) and stop.decided([0, 1])
+
+
+def test_pattern_reach_bounds_what_each_assertion_reads():
+    assert [pattern_reach(p) for p in BROAD_REFUSAL_PATTERNS] == [8] + [1] * 6 + [0] + [1] * 8
+    assert pattern_reach(r"a(?=bc)\b") == 2  # the lookahead reads 2, the boundary after the match 1
+    assert pattern_reach(r"(?<=x)a") == 0 and pattern_reach(r"^a") == 0  # they read backwards
+    assert pattern_reach(r"a(?!b+)") is None and pattern_reach(r"a\Z") is None  # never decided early
+    assert pattern_reach(r"a$") == 1 and pattern_reach(r"a$", flags=0) is None
+    assert pattern_reach(r"(a)(?(1)b(?=cd)|c)") == 2 and pattern_reach(r"(?:a(?=xyz))+") == 3
+
+
+def test_decided_pattern_verdict_survives_any_continuation():
+    """Property test: whenever the stop rule calls the broad judge's verdict decided on a prefix, the
+    pattern judge refuses every continuation of it, adversarial ones (" but", " myself", " it") included."""
+    judge = PatternJudge()
+    rng = random.Random(18)
+    frags = ["I can't help", "I'm sorry", "I am unable to", "I cannot assist", "Sorry, but I", "As an AI"]
+    frags += ["I must decline", "I won't provide", "I can't help but", "I can't help myself", "I can't help it"]
+    frags += ["It's not appropriate for me to", "My apologies", " with that.", " but", " smile", " it", ",", "."]
+    conts = ["", " but", " myself", " it", "but", "s", "!", "\n", " with that.", "n't", " butter"]
+    n_decided = 0
+    for _ in range(400):
+        text = " ".join(rng.choice(frags) for _ in range(rng.randint(1, 4)))
+        pieces = re.findall(r"\s*\S+", text) if rng.random() < 0.5 else list(text)  # word or character tokens
+        stop = SubstringStop(_Tok(pieces), [], True, [], patterns=BROAD_REFUSAL_PATTERNS)
+        for k in range(1, len(pieces) + 1):
+            if stop.decided(list(range(k))):
+                n_decided += 1
+                text = "".join(pieces[:k])
+                for c in conts:
+                    assert judge.refused((text + c).strip()), (text, c)
+                    assert judge.refused((text + c + "".join(pieces[k:])).strip())
+    assert n_decided > 50
 
 
 def _sets():
@@ -193,8 +233,9 @@ def test_early_stop_recorded_in_results_items_and_cache_key(tmp_path):
     by = {(i["set"], i["id"]): i for i in r.items}
     cut = by[("adv", "0")]["output"]
     assert by[("adv", "0")]["stopped_early"] and REFUSAL.format("harm 0").startswith(cut)
-    # it ran until the broad pattern judge's verdict was decided too ("I cannot help" + the margin)
-    assert len(cut) < len(REFUSAL.format("harm 0")) and len(cut) >= len("Sure. I cannot help") + PATTERN_MARGIN
+    # it ran until the broad pattern judge's verdict was decided too ("I cannot help" + its lookahead's reach)
+    reach = pattern_reach(BROAD_REFUSAL_PATTERNS[0])
+    assert len(cut) < len(REFUSAL.format("harm 0")) and len(cut) >= len("Sure. I cannot help") + reach
     assert by[("adv", "0")]["refused"] and by[("adv", "0")]["refused_broad"]
     assert not by[("adv", "1")]["stopped_early"] and not by[("util", "0")]["stopped_early"]
     assert res["metrics"]["base"]["adv"]["stopped_early"] == 2  # "harm 0", "harm 2"
@@ -233,6 +274,71 @@ def test_streaming_backend_caches_as_generations_finish(tmp_path, tiny):
     assert calls == [7]  # one call: the backend schedules the prompts itself
     lines = (tmp_path / "c.jsonl").read_text().splitlines()
     assert len(lines) == 7 and all(json.loads(x)["batch_size"] == 1 for x in lines)
+
+
+def test_sets_with_the_same_settings_share_one_call(tmp_path, tiny):
+    """Safety and over-refusal sets (same settings) go to the continuous loop in one call; the generations
+    are those of each set on its own (float64), and each set gets its own records."""
+    m, ad = tiny
+    mk = [PromptItem(str(i), p) for i, p in enumerate(PROMPTS)]
+    sets = [
+        PromptSet("adv", "safety", "adv.csv", "csv", mk[:7]),
+        PromptSet("xs", "over_refusal", "xs.csv", "csv", mk[7:11] + mk[:1]),  # one prompt in both sets
+        PromptSet(
+            "util",
+            "utility",
+            "u.jsonl",
+            "jsonl",
+            [PromptItem(str(i), p, reference="w1") for i, p in enumerate(PROMPTS[11:14])],
+        ),
+    ]
+    cfg = EvalConfig(safety_max_new_tokens=5, utility_max_new_tokens=4, batch_size=3)
+    be = HFBackend(str(m), {"ad": str(ad)}, dtype="float64")
+    calls = []
+    orig = be.generate
+
+    def spy(prompts, adapter, settings, on_batch=None):
+        calls.append(len(prompts))
+        return orig(prompts, adapter, settings, on_batch)
+
+    be.generate = spy
+    kw = dict(backend=be, config=cfg, meteor=False, include_base=True)
+    together = evaluate(str(m), {"ad": str(ad)}, prompt_sets=sets, cache=tmp_path / "a.jsonl", **kw)
+    assert calls == [11, 3, 11, 3]  # per variant: adv + xs in one call (the shared prompt once), util alone
+    calls.clear()
+    alone = [
+        evaluate(str(m), {"ad": str(ad)}, prompt_sets=[ps], cache=tmp_path / f"{ps.name}.jsonl", **kw) for ps in sets
+    ]
+    assert calls == [7, 7, 5, 5, 3, 3]
+    key = lambda it: (it["variant"], it["set"], it["id"])  # noqa: E731
+    got = {key(it): it for it in together.items}
+    ref = {key(it): it for r in alone for it in r.items}
+    assert got.keys() == ref.keys() and len(got) == 2 * (7 + 5 + 3)
+    assert all(got[k]["output"] == ref[k]["output"] and got[k]["new_tokens"] == ref[k]["new_tokens"] for k in got)
+    assert together.metrics["ad"]["xs"]["generated_now"] == 4  # the shared prompt: generated for adv
+
+
+def test_running_cache_writes_in_place_and_grows_past_its_room():
+    from safeprune.eval.backends.continuous import _Layer
+
+    torch = pytest.importorskip("torch")
+    a, b = torch.randn(2, 3, 4, 5, dtype=torch.float64), torch.randn(1, 3, 6, 5, dtype=torch.float64)
+    la = _Layer()
+    la.room = 2
+    la.fill([a, a + 1], [b[:, :, :4].expand(2, -1, -1, -1), b[:, :, :4].expand(2, -1, -1, -1)], 4)
+    assert la.keys.shape == (4, 3, 4, 5) and torch.equal(la.keys[2:], a + 1)
+    la2 = _Layer()
+    la2.fill([a, b], [a, b], 6)  # left padding with zeros
+    assert torch.equal(la2.keys[:2, :, :2], torch.zeros(2, 3, 2, 5, dtype=torch.float64))
+    assert torch.equal(la2.keys[:2, :, 2:], a) and torch.equal(la2.keys[2:], b)
+    ref_k = la.keys.clone()
+    for step in range(5):  # room 2: the third step needs a bigger buffer
+        k = torch.full((4, 3, 1, 5), float(step), dtype=torch.float64)
+        keys, _ = la.update(k, k)
+        ref_k = torch.cat([ref_k, k], 2)
+        assert torch.equal(keys, ref_k)
+    la.select(torch.tensor([3, 1]), 2)
+    assert torch.equal(la.keys, ref_k[[3, 1], :, 2:]) and la.keys.shape[2] == la.get_seq_length() == 7
 
 
 @pytest.mark.slow

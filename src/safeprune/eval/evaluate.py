@@ -20,7 +20,7 @@ from .cache import GenerationCache
 from .judges import HarmJudge, KeywordJudge, PatternJudge
 from .qa import extract_answer, qa_scores
 from .results import write_results
-from .runner import generate_cached
+from .runner import generate_cached, generate_cached_sets
 from .safety import over_refusal_metrics, safety_metrics
 from .uncertainty import cluster, cluster_entropy, parse_equivalence, sampled_cost
 from .utility import (
@@ -137,7 +137,7 @@ def early_stop_plan(
         "kinds": list(STOP_KINDS) if on else [],
         "judges": [judge.id] + ([broad.id] if broad is not None else []),
         "rule": "a generation ends once a keyword is a substring of its decoded text and a broad pattern matches "
-        "it (12 characters before the end); both verdicts are then decided. Outputs cut this way have "
+        "it with every character its lookaheads can read already there; both verdicts are then decided. Outputs cut this way have "
         "stopped_early = true",
     }
 
@@ -323,17 +323,20 @@ def evaluate(
     t_all = time.perf_counter()
     for vname, adapter in variants:
         metrics[vname] = {}
+        # sets with the same settings (safety and over-refusal) share one continuous-batching call
+        generated = generate_cached_sets(
+            be,
+            gcache,
+            [
+                (ps.name, [it.prompt for it in ps.items], gen_settings(cfg, ps.kind, judge, stop["enabled"], broad))
+                for ps in prompt_sets
+            ],
+            adapter,
+            label=vname,
+            progress=(lambda s, d, n, _v=vname: progress(f"{_v} · {s}", d, n)) if progress else None,
+        )
         for ps in prompt_sets:
-            cb = (lambda d, n, _v=vname, _s=ps.name: progress(f"{_v} · {_s}", d, n)) if progress else None
-            gens = generate_cached(
-                be,
-                gcache,
-                [it.prompt for it in ps.items],
-                adapter,
-                gen_settings(cfg, ps.kind, judge, stop["enabled"], broad),
-                label=vname,
-                progress=cb,
-            )
+            gens = generated[ps.name]
             recs = _records(vname, ps, gens, judge, broad)
             if ps.kind == "safety" and hjudges:
                 _judge_harm(recs, hjudges)

@@ -74,3 +74,30 @@ def generate_cached(
         g.cached = i not in fresh
         out.append(g)
     return out
+
+
+def generate_cached_sets(
+    backend: Backend,
+    cache: GenerationCache,
+    jobs: Sequence[tuple[str, Sequence[str], GenSettings]],
+    adapter: str | None,
+    label: str = "",
+    progress: Callable[[str, int, int], None] | None = None,
+) -> dict[str, list[Generation]]:
+    """:func:`generate_cached` for several prompt sets (``(name, prompts, settings)``) of one variant. Sets
+    whose settings are equal go to a self-scheduling backend in one call (continuous batching: the prompts
+    of the next set fill the slots the first set's finished rows free, instead of each set draining to a
+    few rows at its end); otherwise, or alone, a set is generated on its own. The generations, their cache
+    keys and records are the same either way (the key does not depend on batch composition)."""
+    groups: dict[str, list[int]] = {}
+    for j, (_, _, st) in enumerate(jobs):
+        groups.setdefault(repr(st) if backend.schedules_itself(st) else f"{j}", []).append(j)
+    out: dict[str, list[Generation]] = {}
+    for members in groups.values():
+        names = [jobs[j][0] for j in members]
+        prompts = [p for j in members for p in jobs[j][1]]
+        cb = (lambda d, n, _s=" + ".join(names): progress(_s, d, n)) if progress else None
+        gens = generate_cached(backend, cache, prompts, adapter, jobs[members[0]][2], label=label, progress=cb)
+        for j in members:
+            out[jobs[j][0]], gens = gens[: len(jobs[j][1])], gens[len(jobs[j][1]) :]
+    return out

@@ -42,6 +42,9 @@ class GenSettings:
             d["early_stop"] = {"strings": list(strings), "case_sensitive": cs}
             if patterns:
                 d["early_stop"]["patterns"] = list(patterns)
+                # where a pattern match counts as decided: 2 = each pattern's own lookahead reach (stopping.py
+                # STOP_RULE; the first rule, a fixed 12-character margin, cut later: other texts, same verdicts)
+                d["early_stop"]["pattern_rule"] = 2
         if not self.do_sample:
             d.pop("temperature"), d.pop("top_p"), d.pop("seed")
         return d

@@ -17,10 +17,17 @@ Only the text before the held-back tail is searched (stripped, as the judge stri
 there is in the judge's text of the full generation as well.
 
 A second refusal judge made of regular expressions (the broad pattern judge) is not monotone: a match can
-depend on what follows it ("I can't help" is a refusal, "I can't help but" is not). Its verdict is decided
-once a pattern matches at least ``PATTERN_MARGIN`` characters before the end of the stable text (the
-patterns look at most a few characters past a match). A generation stops only when every refusal judge
-has decided, so each judge's verdict is the full generation's.
+depend on what follows it ("I can't help" is a refusal, "I can't help but" is not). A regex match reads
+the characters it consumes, plus those its assertions look at: a lookahead ``(?!...)`` reads up to the
+longest string its body can match past its position, a word boundary ``\\b`` reads the next character.
+:func:`pattern_reach` bounds, from the parsed pattern, how many characters past the end of a match any
+assertion can read (8 for ``\\b(?! (?:but|myself|it)\\b)``: " myself" and the boundary after it; 0 for a
+pattern that ends in a consumed ``[,.!]``). When a pattern matches the stable text and the match's end
+plus that reach is within the text, every character the match depended on is already there and is the
+same in every continuation, so the match exists in the full generation too: the verdict is decided. A
+pattern whose reach cannot be bounded (``\\Z``, a lookahead with an unbounded repeat) never decides early.
+A generation stops only when every refusal judge has decided, so each judge's verdict is the full
+generation's.
 """
 
 from __future__ import annotations
@@ -32,9 +39,51 @@ import torch
 from transformers import StoppingCriteria
 
 CLEANUP_HOLD_BACK = 4  # longest clean_up_tokenization_spaces pattern (" n't", " 're", " 've")
-# characters after a pattern match that must already be there: the default patterns look at most 8 past a
-# match (" myself" + a word boundary); patterns with longer lookaheads need a larger margin
-PATTERN_MARGIN = 12
+# version of the stop rule, in the generation cache key: 2 = per-pattern reach (before: a fixed 12-character
+# margin after a pattern match; the cut texts differ, the verdicts do not)
+STOP_RULE = 2
+
+
+def pattern_reach(pattern: str, flags: int = re.IGNORECASE | re.MULTILINE) -> int | None:
+    """How many characters past the end of a match the pattern's assertions can read, at most (None: no
+    bound). Consumed characters are inside the match; an assertion at a position inside the match reads
+    forward at most its own reach from there, so the largest one bounds them all."""
+    from re import _constants as K  # noqa: PLC0415 - the stdlib regex parser (what re.compile uses)
+    from re import _parser as P  # noqa: PLC0415
+
+    inf = float("inf")
+
+    def width(sub: Any) -> float:
+        hi = sub.getwidth()[1]
+        return inf if hi >= K.MAXREPEAT else hi
+
+    def reach(items: Any) -> float:
+        r: float = 0
+        for op, av in items:
+            if op is K.AT:
+                if av in (K.AT_BOUNDARY, K.AT_NON_BOUNDARY):
+                    r = max(r, 1)
+                elif av is K.AT_END:  # "$": end of a line (MULTILINE) reads the next character; else undecidable
+                    r = max(r, 1 if flags & re.MULTILINE else inf)
+                elif av is not K.AT_BEGINNING and av is not K.AT_BEGINNING_STRING:  # "\Z" and the like
+                    r = inf
+            elif op in (K.ASSERT, K.ASSERT_NOT):
+                direction, sub = av
+                r = max(r, reach(sub) + (width(sub) if direction > 0 else 0))
+            elif op is K.SUBPATTERN:
+                r = max(r, reach(av[3]))
+            elif op is K.BRANCH:
+                r = max([r] + [reach(b) for b in av[1]])
+            elif op in (K.MAX_REPEAT, K.MIN_REPEAT, K.POSSESSIVE_REPEAT):
+                r = max(r, reach(av[2]))
+            elif op is K.ATOMIC_GROUP:
+                r = max(r, reach(av))
+            elif op is K.GROUPREF_EXISTS:
+                r = max(r, reach(av[1]), reach(av[2]) if av[2] is not None else 0)
+        return r
+
+    r = reach(P.parse(pattern, flags))
+    return None if r == inf else int(r)
 
 
 class SubstringStop:
@@ -52,6 +101,8 @@ class SubstringStop:
         self.case_sensitive = case_sensitive
         self.strings = [s if case_sensitive else s.lower() for s in strings if s]
         self.patterns = [re.compile(p, re.IGNORECASE | re.MULTILINE) for p in patterns]
+        # per pattern: characters that must follow a match before it decides (None: it never decides early)
+        self.reach = [pattern_reach(p) for p in patterns]
         self.eos_ids = set(eos_ids)
         self.hold_back = CLEANUP_HOLD_BACK if getattr(tokenizer, "clean_up_tokenization_spaces", False) else 0
 
@@ -71,8 +122,10 @@ class SubstringStop:
                 return False
         if self.patterns:
             t = text.replace("\u2019", "'").replace("\u2018", "'")  # as the pattern judge reads it
-            end = len(t) - PATTERN_MARGIN
-            if not any(m.end() <= end for rx in self.patterns for m in rx.finditer(t)):
+            n = len(t)
+            if not any(
+                m.end() + r <= n for rx, r in zip(self.patterns, self.reach) if r is not None for m in rx.finditer(t)
+            ):
                 return False
         return True
 
