@@ -591,7 +591,7 @@ def test_the_newcomer_pass_runs_the_readmes_quickstart():
         mod.quickstart_commands("# safeprune\n\nno quickstart here\n")
 
 
-@pytest.mark.slow
+@pytest.mark.newcomer  # not in `make test-slow` (CI): it reruns `make test` itself; `make check-newcomer` runs it
 def test_the_newcomer_pass(tmp_path):
     """The README's Quickstart on a fresh clone of the committed HEAD (`make demo`, `make test`), borrowing this
     environment's packages (nothing is installed into it); fails on an error or a traceback. ~10 min on 2 cores."""
