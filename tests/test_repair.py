@@ -285,6 +285,7 @@ def test_from_repair_rewrites_the_fit_at_another_strength(tiny, tmp_path):
             assert torch.allclose(got.modules[name].delta_weight().double(), ref, atol=1e-5)
         man = json.loads((out / "safeprune.json").read_text())
         assert man["edit"]["strength"] == t and man["edit"]["budgets_checked"] is False
+        assert "budgets were not checked" in (out / "README.md").read_text()  # the model card says so
         if t == t0:  # its own strength: the repaired adapter itself
             a = load_adapter(rep)
             assert all(torch.allclose(got.modules[k].lora_B, a.modules[k].lora_B, atol=1e-6) for k in a.modules)

@@ -137,6 +137,7 @@ def main() -> None:
         import matplotlib.pyplot as plt
 
         fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+        seen: set[str] = set()  # methods already in the legend (drawn on the first panel)
         for ax, c, lab in (
             (axes[0], "d_rouge1", "ΔROUGE-1 (points)"),
             (axes[1], "d_over_refusal", "Δover-refusal (points)"),
@@ -156,9 +157,13 @@ def main() -> None:
                     color="C3",
                     label="random, same ΔW energy",
                 )
-            for meth in sorted({m["method"] for m in mod}):
-                pts = [m for m in mod if m["method"] == meth]
-                ax.plot([m[c] for m in pts], [m["relative_cut"] for m in pts], "^:", label=f"{meth} (modules)")
+            colours: dict[str, str] = {}
+            for run, meth in sorted({(m["run"], m["method"]) for m in mod}):
+                pts = sorted((m for m in mod if m["method"] == meth and m["run"] == run), key=lambda m: m["tau"])
+                col = colours.setdefault(meth, f"C{len(colours) + 4}")  # C0 repair, C3 random
+                leg = f"{meth} (modules)" if meth not in seen else None  # one legend entry per method
+                seen.add(meth)
+                ax.plot([m[c] for m in pts], [m["relative_cut"] for m in pts], "^:", color=col, label=leg)
             ax.axhline(60, color="grey", lw=0.8, ls=":")
             ax.axvline(-1 if c == "d_rouge1" else 5, color="grey", lw=0.8, ls=":")
             ax.set_xlabel(lab)

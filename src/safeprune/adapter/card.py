@@ -137,6 +137,12 @@ def _gates_lines(action: str, edit: dict[str, Any]) -> list[str]:
                 f"{s.get('components_off', '?')} of {s.get('components', '?')} components are (nearly) off, "
                 f"{100 * float(s.get('energy_removed', 0.0)):.1f}% of the update's energy ‖ΔW‖²_F is removed."
             )
+        src = edit.get("restrength_of")
+        if edit.get("budgets_checked") is False and isinstance(src, dict):
+            out[0] += (
+                f" This is the fit of `{_md(str(src.get('path')))}` (chosen strength {src.get('strength')}) rewritten "
+                "at another strength without refitting: its budgets were not checked at this strength."
+            )
     else:
         out = [
             f"A random control: seeded random rank-1 components (seed {edit.get('seed')}) removed until "
