@@ -438,3 +438,32 @@ def test_estimate_counts_generations_and_times_a_warm_up(world):
     r = CliRunner().invoke(app, ["run", str(cfg2), "-o", str(world / "est"), "--estimate"])
     assert r.exit_code == 0, r.output
     assert "168 generations" in r.output and "min" in r.output and not (world / "est").exists()
+
+
+def test_run_evaluate_stage_reports_generation_progress(world, tmp_path, monkeypatch, capsys):
+    """`run`'s evaluate stage draws the same per-variant, per-set bar as `eval` (off a terminal: a plain line
+    with the counts); progress=False draws nothing."""
+    import safeprune.io.progress as pg
+    from safeprune.adapter import load_adapter
+
+    monkeypatch.setattr(pg, "LOG_EVERY", 0.0)  # off a terminal: a line at every update
+    modules = sorted(load_adapter(world / "lora").modules)
+    run_experiment(
+        _config(world),
+        tmp_path / "out",
+        backend=_factory(modules),
+        log=lambda s: None,
+        progress=True,
+        stop_after="evaluate",
+    )
+    err = capsys.readouterr().err
+    assert "generating: " in err and "/" in err.split("generating: ", 1)[1].splitlines()[0]
+    run_experiment(
+        _config(world),
+        tmp_path / "out2",
+        backend=_factory(modules),
+        log=lambda s: None,
+        progress=False,
+        stop_after="evaluate",
+    )
+    assert "generating: " not in capsys.readouterr().err

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import time
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ from ...eval.evaluate import EvalConfig, EvalResult, evaluate, sampled_uncertain
 from ...eval.judges import HFClassifierJudge, KeywordJudge, OpenAIJudge
 from ...eval.results import write_results
 from ...io.files import write_text_atomic
+from ...io.progress import make_progress, task_callback
 from ...prompts import ids_from_subsets, load_prompts, subset
 from ...version import __version__
 from .config import ExperimentConfig
@@ -88,33 +90,35 @@ def stage_evaluate(cfg: ExperimentConfig, variants: list[Variant], out: Path, lo
         opts = {"device": e.device, "dtype": e.dtype, "threads": e.threads, "loop": e.loop}
     elif e.backend == "vllm" and backend is None:
         opts = {"dtype": e.dtype}
-    cb = _progress_cb(log) if progress else None
-    t0 = time.perf_counter()
-    be = backend(cfg.base, adapters) if callable(backend) else (backend or e.backend)
-    if isinstance(be, str):
-        be = make_backend(be, cfg.base, adapters, **opts)
-    cache = Path(e.cache) if e.cache else out / "cache" / "generations.jsonl"
-    common = dict(
-        backend=be, refusal_judge=judge, harm_judges=harm, config=ecfg, cache=cache, meteor=e.meteor, progress=cb
-    )
-    res = evaluate(
-        cfg.base,
-        main,
-        prompt_sets=sets,
-        include_base=e.include_base,
-        out_dir=None if controls else out / "eval",
-        **common,
-    )
-    if controls:  # the random controls on the configured kinds of sets only, merged into one result
-        rsets = [s for s in sets if s.kind in kinds]
-        r2 = evaluate(cfg.base, controls, prompt_sets=rsets, include_base=False, out_dir=None, **common)
-        merged = dict(res.results)
-        merged["metrics"] = {**res.results["metrics"], **r2.results["metrics"]}
-        merged["variants"] = {**res.results["variants"], **r2.results["variants"]}
-        merged["controls_sets"] = {"kinds": list(kinds), "sets": [s.name for s in rsets]}
-        merged["timing"] = {"seconds": res.results["timing"]["seconds"] + r2.results["timing"]["seconds"]}
-        res = EvalResult(merged, res.items + r2.items, out / "eval")
-        write_results(res, out / "eval")
+    with ExitStack() as stack:
+        # a rich bar per variant and set (counts, ETA) on a terminal; elsewhere a plain line every 30 s
+        cb = task_callback(stack.enter_context(make_progress(True)), "generating: ") if progress else None
+        t0 = time.perf_counter()
+        be = backend(cfg.base, adapters) if callable(backend) else (backend or e.backend)
+        if isinstance(be, str):
+            be = make_backend(be, cfg.base, adapters, **opts)
+        cache = Path(e.cache) if e.cache else out / "cache" / "generations.jsonl"
+        common = dict(
+            backend=be, refusal_judge=judge, harm_judges=harm, config=ecfg, cache=cache, meteor=e.meteor, progress=cb
+        )
+        res = evaluate(
+            cfg.base,
+            main,
+            prompt_sets=sets,
+            include_base=e.include_base,
+            out_dir=None if controls else out / "eval",
+            **common,
+        )
+        if controls:  # the random controls on the configured kinds of sets only, merged into one result
+            rsets = [s for s in sets if s.kind in kinds]
+            r2 = evaluate(cfg.base, controls, prompt_sets=rsets, include_base=False, out_dir=None, **common)
+            merged = dict(res.results)
+            merged["metrics"] = {**res.results["metrics"], **r2.results["metrics"]}
+            merged["variants"] = {**res.results["variants"], **r2.results["variants"]}
+            merged["controls_sets"] = {"kinds": list(kinds), "sets": [s.name for s in rsets]}
+            merged["timing"] = {"seconds": res.results["timing"]["seconds"] + r2.results["timing"]["seconds"]}
+            res = EvalResult(merged, res.items + r2.items, out / "eval")
+            write_results(res, out / "eval")
     gen = sum(
         m.get("generated_now", 0) + m.get("samples_generated_now", 0) for v in res.metrics.values() for m in v.values()
     )
@@ -129,18 +133,6 @@ def _make_judge(j):
     if j.kind == "hf_classifier":
         return HFClassifierJudge(**j.options)
     return OpenAIJudge(**j.options)
-
-
-def _progress_cb(log: Log):
-    last: dict[str, float] = {}
-
-    def cb(label: str, done: int, total: int) -> None:
-        now = time.perf_counter()
-        if done == total or now - last.get(label, 0.0) > 30:
-            last[label] = now
-            log(f"  {label}: {done}/{total}")
-
-    return cb
 
 
 # -- latency ---------------------------------------------------------------------------------------
