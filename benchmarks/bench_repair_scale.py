@@ -35,7 +35,6 @@ import platform
 import resource
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -44,35 +43,8 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "src"))
 
 
-def _status(field: str) -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024.0
-    return float("nan")
-
-
-class _AnonPeak:
-    """Samples RssAnon (private memory) every 2 ms in a thread; ``peak`` is the largest value seen."""
-
-    def __init__(self):
-        self.peak = _status("RssAnon")
-        self._stop = threading.Event()
-        self._t = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, _status("RssAnon"))
-            time.sleep(0.002)
-
-    def __enter__(self):
-        self._t.start()
-        return self
-
-    def __exit__(self, *a):
-        self._stop.set()
-        self._t.join()
-        self.peak = max(self.peak, _status("RssAnon"))
+# the memory probes of the SafeLoRA scale benchmark: /proc/self/status fields, and a 2 ms RssAnon sampler
+from bench_safelora_scale import AnonSampler, _status  # noqa: E402
 
 
 def _cpu() -> float:
@@ -91,8 +63,9 @@ def worker_adapter(args: dict) -> dict:
     warm = load_adapter(args["adapter"])  # one untimed pass (first-call costs of the kernels)
     gate_components(orthogonalise(warm), {k: torch.ones(m.r) for k, m in warm.modules.items()})
     del warm
-    anon0, rss0 = _status("RssAnon"), _status("VmRSS")
-    with _AnonPeak() as peak:
+    rss0 = _status("VmRSS")
+    peak = AnonSampler()
+    try:
         t0, c0 = time.perf_counter(), _cpu()
         ad = load_adapter(args["adapter"])
         orth = orthogonalise(ad)
@@ -102,6 +75,8 @@ def worker_adapter(args: dict) -> dict:
         removed = _energy_removed(orth, gates)
         ctl = gate_components(orth, random_control_gates(orth, removed, seed=1))
         wall, cpu = time.perf_counter() - t0, _cpu() - c0
+    finally:
+        mem = peak.stop()
     n = len(ad.modules)
     assert len(edited.modules) == n == len(ctl.modules) and energy > 0
     return {
@@ -111,7 +86,7 @@ def worker_adapter(args: dict) -> dict:
         "s_per_module": wall / n,
         "cpu_s_per_module": cpu / n,
         "rss_after_imports_mb": rss0,
-        "anon_peak_minus_imports_mb": peak.peak - anon0,
+        "anon_peak_minus_imports_mb": mem["anon_above_mb"],
         "energy_removed": removed,
     }
 
@@ -139,14 +114,16 @@ def worker_fit(args: dict) -> dict:
     gates.nll(prompts, targets, batch_size=args["batch"], weight=1.0)
     gates.zero_grad()
     steps = []
-    anon_loaded = _status("RssAnon")
-    with _AnonPeak() as step_peak:
+    step_peak = AnonSampler()
+    try:
         for _ in range(args["steps"]):
             t1, c1 = time.perf_counter(), _cpu()
             gates.nll(prompts, targets, batch_size=args["batch"], weight=1.0)
             grads = gates.grads()
             gates.zero_grad()
             steps.append((time.perf_counter() - t1, _cpu() - c1))
+    finally:
+        step_mem = step_peak.stop()
     n = len(gates.gates)
     assert all(torch.isfinite(v).all() for v in grads.values())
     nonzero = sum(int((v != 0).sum()) for v in grads.values())
@@ -166,7 +143,7 @@ def worker_fit(args: dict) -> dict:
         "rss_loaded_mb": rss_loaded,
         "peak_rss_mb": hwm,
         "peak_minus_weights_and_imports_mb": hwm - weights_mb - rss0,
-        "step_private_peak_above_loaded_mb": step_peak.peak - anon_loaded,
+        "step_private_peak_above_loaded_mb": step_mem["anon_above_mb"],
         "tokens_per_step": args["batch"] * (args["prompt_tokens"] + 8),
     }
 

@@ -448,22 +448,17 @@ def test_run_evaluate_stage_reports_generation_progress(world, tmp_path, monkeyp
 
     monkeypatch.setattr(pg, "LOG_EVERY", 0.0)  # off a terminal: a line at every update
     modules = sorted(load_adapter(world / "lora").modules)
-    run_experiment(
-        _config(world),
-        tmp_path / "out",
-        backend=_factory(modules),
-        log=lambda s: None,
-        progress=True,
-        stop_after="evaluate",
-    )
-    err = capsys.readouterr().err
-    assert "generating: " in err and "/" in err.split("generating: ", 1)[1].splitlines()[0]
-    run_experiment(
-        _config(world),
-        tmp_path / "out2",
-        backend=_factory(modules),
-        log=lambda s: None,
-        progress=False,
-        stop_after="evaluate",
-    )
-    assert "generating: " not in capsys.readouterr().err
+    for progress in (True, False):
+        run_experiment(
+            _config(world),
+            tmp_path / f"out-{progress}",
+            backend=_factory(modules),
+            log=lambda s: None,
+            progress=progress,
+            stop_after="evaluate",
+        )
+        err = capsys.readouterr().err
+        if progress:
+            assert "generating: " in err and "/" in err.split("generating: ", 1)[1].splitlines()[0]
+        else:
+            assert "generating: " not in err

@@ -120,38 +120,30 @@ def repair_cmd(
         raise UsageError("--from-repair and --strength go together")
     if from_repair is not None and random_control_of is not None:
         raise UsageError("--from-repair and --random-control cannot be combined")
-    if from_repair is not None:
-        inputs = local_inputs(adapter, from_repair)
+    derived_from = from_repair if from_repair is not None else random_control_of
+    if derived_from is not None:  # no fit: an adapter derived from a repaired one (another strength, a control)
+        inputs = local_inputs(adapter, derived_from)
         check_output_path(output, inputs, force)
-        res = restrength(load_adapter(adapter, allow_pickle=allow_pickle), from_repair, strength)
+        ad = load_adapter(adapter, allow_pickle=allow_pickle)
+        if from_repair is not None:
+            res = restrength(ad, from_repair, strength)
+            s = res.manifest["edit"]["summary"]
+            msg = (
+                f"strength {strength} (the repair chose {res.manifest['edit']['restrength_of']['strength']}): "
+                f"{100 * s['energy_removed']:.1f}% of ΔW energy removed; budgets not checked"
+            )
+        else:
+            res = random_control(ad, random_control_of, seed)
+            e = res.manifest["edit"]
+            msg = (
+                f"random control (seed {seed}): {100 * e['energy_removed']:.2f}% of ΔW energy removed "
+                f"(the repair removed {100 * e['target_energy']:.2f}%)"
+            )
         with Outputs() as outputs:
             path = stage_adapter(res, output, outputs, force=force, extra_inputs=inputs)
             outputs.commit()
         if not state["quiet"]:
-            s = res.manifest["edit"]["summary"]
-            err.print(
-                f"strength {strength} (the repair chose {res.manifest['edit']['restrength_of']['strength']}): "
-                f"{100 * s['energy_removed']:.1f}% of ΔW energy removed; budgets not checked",
-                highlight=False,
-                markup=False,
-            )
-        out.print(f"wrote {one_line(path)}", highlight=False)
-        return
-    if random_control_of is not None:
-        inputs = local_inputs(adapter, random_control_of)
-        check_output_path(output, inputs, force)
-        ctl = random_control(load_adapter(adapter, allow_pickle=allow_pickle), random_control_of, seed)
-        with Outputs() as outputs:
-            path = stage_adapter(ctl, output, outputs, force=force, extra_inputs=inputs)
-            outputs.commit()
-        if not state["quiet"]:
-            e = ctl.manifest["edit"]
-            err.print(
-                f"random control (seed {seed}): {100 * e['energy_removed']:.2f}% of ΔW energy removed "
-                f"(the repair removed {100 * e['target_energy']:.2f}%)",
-                highlight=False,
-                markup=False,
-            )
+            err.print(msg, highlight=False, markup=False)
         out.print(f"wrote {one_line(path)}", highlight=False)
         return
     base = default_base(base, adapter)

@@ -341,6 +341,16 @@ def _energy_removed(orig: LoraAdapter, gates: dict[str, torch.Tensor]) -> float:
     return 1.0 - kept / tot if tot else 0.0
 
 
+def _gate_counts(orth: LoraAdapter, gates: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """What a gate vector does, as the summary records it: the energy share removed, the components (nearly)
+    off (g < 0.5) and the number of components."""
+    return {
+        "energy_removed": _energy_removed(orth, gates),
+        "components_off": int(sum(int((v < 0.5).sum()) for v in gates.values())),
+        "components": int(sum(v.numel() for v in gates.values())),
+    }
+
+
 # Long because of the record: the steps are the helpers above; the rest is bookkeeping for the manifest.
 def repair(
     adapter: LoraAdapter | str | Path,
@@ -435,9 +445,7 @@ def repair(
         )
     final = _blend(g_star, chosen)
     edited = gate_components(orth, final)
-    summary["energy_removed"] = _energy_removed(orth, final)
-    summary["components_off"] = int(sum(int((v < 0.5).sum()) for v in final.values()))
-    summary["components"] = int(sum(v.numel() for v in final.values()))
+    summary.update(_gate_counts(orth, final))
     summary["after"] = evals[chosen]
     edited.manifest = build_manifest(
         action="repair",
@@ -556,8 +564,7 @@ def restrength(adapter: LoraAdapter | str | Path, repaired: str | Path, strength
     out = gate_components(orth, final)
     summary = {k: v for k, v in edit["summary"].items() if k not in ("after", "strength")}
     summary["strength"] = float(strength)
-    summary["energy_removed"] = _energy_removed(orth, final)
-    summary["components_off"] = int(sum(int((v < 0.5).sum()) for v in final.values()))
+    summary.update(_gate_counts(orth, final))
     checked = summary.get("check", {}).get(str(float(strength)))
     if checked is not None:
         summary["after"] = checked
