@@ -257,11 +257,9 @@ def test_early_stop_recorded_in_results_items_and_cache_key(tmp_path):
     assert "early_stop" not in GenSettings().key()
 
 
-def test_streaming_backend_caches_as_generations_finish(tmp_path, tiny):
-    m, _ = tiny
-    be = HFBackend(str(m))
-    ps = PromptSet("adv", "safety", "adv.csv", "csv", [PromptItem(str(i), p) for i, p in enumerate(PROMPTS[:7])])
-    calls = []
+def _count_calls(be) -> list[int]:
+    """Wrap ``be.generate`` so that each call appends its number of prompts to the returned list."""
+    calls: list[int] = []
     orig = be.generate
 
     def spy(prompts, adapter, settings, on_batch=None):
@@ -269,6 +267,14 @@ def test_streaming_backend_caches_as_generations_finish(tmp_path, tiny):
         return orig(prompts, adapter, settings, on_batch)
 
     be.generate = spy
+    return calls
+
+
+def test_streaming_backend_caches_as_generations_finish(tmp_path, tiny):
+    m, _ = tiny
+    be = HFBackend(str(m))
+    ps = PromptSet("adv", "safety", "adv.csv", "csv", [PromptItem(str(i), p) for i, p in enumerate(PROMPTS[:7])])
+    calls = _count_calls(be)
     cfg = EvalConfig(safety_max_new_tokens=3, batch_size=2)
     evaluate(str(m), prompt_sets=[ps], backend=be, cache=tmp_path / "c.jsonl", config=cfg, meteor=False)
     assert calls == [7]  # one call: the backend schedules the prompts itself
@@ -294,14 +300,7 @@ def test_sets_with_the_same_settings_share_one_call(tmp_path, tiny):
     ]
     cfg = EvalConfig(safety_max_new_tokens=5, utility_max_new_tokens=4, batch_size=3)
     be = HFBackend(str(m), {"ad": str(ad)}, dtype="float64")
-    calls = []
-    orig = be.generate
-
-    def spy(prompts, adapter, settings, on_batch=None):
-        calls.append(len(prompts))
-        return orig(prompts, adapter, settings, on_batch)
-
-    be.generate = spy
+    calls = _count_calls(be)
     kw = dict(backend=be, config=cfg, meteor=False, include_base=True)
     together = evaluate(str(m), {"ad": str(ad)}, prompt_sets=sets, cache=tmp_path / "a.jsonl", **kw)
     assert calls == [11, 3, 11, 3]  # per variant: adv + xs in one call (the shared prompt once), util alone

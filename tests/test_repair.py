@@ -307,6 +307,8 @@ def test_from_repair_rewrites_the_fit_at_another_strength(tiny, tmp_path):
         (["--from-repair", "REP", "--strength", "0"], "--strength must be in (0, 1]"),
         (["--from-repair", "REP", "--strength", "1.5"], "--strength must be in (0, 1]"),
         (["--from-repair", "AD", "--strength", "0.5"], "not an adapter written by safeprune repair"),
+        (["--from-repair", "REP", "--strength", "0.5"], "the repair record has no strength or gates"),
+        (["--from-repair", "BADGATES", "--strength", "0.5"], "the recorded gates do not match the adapter's modules"),
     ],
 )
 def test_from_repair_bad_input_is_one_line(tiny, tmp_path, flags, message):
@@ -314,6 +316,11 @@ def test_from_repair_bad_input_is_one_line(tiny, tmp_path, flags, message):
     rep = tmp_path / "rep"
     rep.mkdir()
     (rep / "safeprune.json").write_text(json.dumps({"action": "repair", "edit": {"summary": {}}}))
+    bad = tmp_path / "badgates"
+    bad.mkdir()
+    record = {"summary": {}, "strength": 0.75, "gates": {"model.layers.0.nope": [1.0, 1.0]}}
+    (bad / "safeprune.json").write_text(json.dumps({"action": "repair", "edit": record}))
+    flags = [str(bad) if f == "BADGATES" else f for f in flags]
     flags = [str(rep) if f == "REP" else str(adapter) if f == "AD" else f for f in flags]
     r = CliRunner().invoke(app, ["repair", str(adapter), "-o", str(tmp_path / "out")] + flags)
     assert r.exit_code == 2 and message in r.output, r.output

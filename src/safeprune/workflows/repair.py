@@ -554,11 +554,11 @@ def restrength(adapter: LoraAdapter | str | Path, repaired: str | Path, strength
     edit = _repair_record(ad, repaired)
     t0 = edit.get("strength")
     written = edit.get("gates")
-    orth = orthogonalise(ad)
     if not isinstance(t0, (int, float)) or not (0 < t0 <= 1) or not isinstance(written, dict):
         raise InputError("the repair record has no strength or gates", Path(repaired) / MANIFEST_NAME)
-    if set(written) != set(orth.modules) or any(len(written[k]) != orth.modules[k].r for k in orth.modules):
+    if set(written) != set(ad.modules) or any(len(written[k]) != ad.modules[k].r for k in ad.modules):
         raise InputError("the recorded gates do not match the adapter's modules", Path(repaired) / MANIFEST_NAME)
+    orth = orthogonalise(ad)  # same module names and rank as ad: checked before the work
     g_star = {k: (1.0 - (1.0 - torch.tensor(v, dtype=torch.float64)) / t0).clamp(0.0, 1.0) for k, v in written.items()}
     final = {k: v.float() for k, v in _blend(g_star, float(strength)).items()}
     out = gate_components(orth, final)
