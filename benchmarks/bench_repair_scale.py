@@ -102,7 +102,7 @@ def worker_fit(args: dict) -> dict:
     rss0 = _status("VmRSS")
     ad = load_adapter(args["adapter"])
     t0 = time.perf_counter()
-    gates = ComponentGates(args["base"], ad, orthogonalise(ad))
+    gates = ComponentGates(args["base"], ad, orthogonalise(ad), checkpoint=bool(args.get("checkpoint")))
     load_s = time.perf_counter() - t0
     weights_mb = sum(p.numel() * p.element_size() for p in gates.model.parameters()) / 2**20
     rss_loaded = _status("VmRSS")
@@ -180,20 +180,27 @@ def main() -> None:
         adapter = synth.write_adapter(work / f"ad{L}", spec, synth.ATTN, r=8, alpha=16)
         side = synth.run_worker(Path(__file__), "adapter", {"adapter": str(adapter)})
         loads.append(os.getloadavg()[0])
-        fit = synth.run_worker(
-            Path(__file__),
-            "fit",
-            {
-                "adapter": str(adapter),
-                "base": str(base),
-                "batch": a.batch,
-                "prompt_tokens": a.prompt_tokens,
-                "steps": a.steps,
-            },
+        fits = {}
+        for ckpt in (False, True):
+            fits[ckpt] = synth.run_worker(
+                Path(__file__),
+                "fit",
+                {
+                    "adapter": str(adapter),
+                    "base": str(base),
+                    "batch": a.batch,
+                    "prompt_tokens": a.prompt_tokens,
+                    "steps": a.steps,
+                    "checkpoint": ckpt,
+                },
+            )
+            loads.append(os.getloadavg()[0])
+        fit = fits[False]
+        rows.append({"layers": L, "adapter_side": side, "fit_step": fit, "fit_step_checkpointed": fits[True]})
+        print(
+            f"{spec.name}: adapter side {side['s_per_module']:.4f} s/module, fit step {fit['step_wall_s']:.2f} s "
+            f"({fits[True]['step_wall_s']:.2f} s checkpointed)"
         )
-        loads.append(os.getloadavg()[0])
-        rows.append({"layers": L, "adapter_side": side, "fit_step": fit})
-        print(f"{spec.name}: adapter side {side['s_per_module']:.4f} s/module, fit step {fit['step_wall_s']:.2f} s")
     res = {
         "command": "python benchmarks/bench_repair_scale.py " + " ".join(sys.argv[1:]),
         "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
@@ -247,6 +254,32 @@ def render(res: dict) -> str:
             f"{', '.join(f'{x:+.2f}' for x in resid)} s). The constant is the embedding and the 32000-word lm_head, "
             "which do not grow with the layers.",
         ]
+    ck = [r for r in rows if "fit_step_checkpointed" in r]
+    if ck:
+        out += [
+            "",
+            "The fit step with activation checkpointing (`repair --checkpoint`, automatic from 1B parameters): each "
+            "decoder layer keeps only its input and is recomputed in the backward pass.",
+            "",
+            "| layers | step CPU s plain | step CPU s checkpointed | ratio | private peak above the loaded model MB "
+            "plain | checkpointed |",
+            "|---|---|---|---|---|---|",
+        ]
+        for r in ck:
+            f, c = r["fit_step"], r["fit_step_checkpointed"]
+            out.append(
+                f"| {r['layers']} | {f['step_cpu_s']:.2f} | {c['step_cpu_s']:.2f} | "
+                f"{c['step_cpu_s'] / f['step_cpu_s']:.2f} | {f['step_private_peak_above_loaded_mb']:.0f} | "
+                f"{c['step_private_peak_above_loaded_mb']:.0f} |"
+            )
+        if len(ck) >= 2:
+            import numpy as np
+
+            L = np.array([r["layers"] for r in ck], float)
+            for key, label in (("fit_step", "plain"), ("fit_step_checkpointed", "checkpointed")):
+                y = np.array([r[key]["step_private_peak_above_loaded_mb"] for r in ck])
+                b, a0 = np.polyfit(L, y, 1)
+                out.append(f"\nPrivate peak above the loaded model, {label}: ≈ {a0:.0f} + {b:.1f} MB · layers.")
     out += [
         "",
         f"CPU-time ratios against {first['layers']} layer(s) (linear in modules ⇔ per-module ratio ≈ 1; CPU time, "

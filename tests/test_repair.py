@@ -347,12 +347,16 @@ def test_repair_scale_benchmark_smoke(tmp_path):
         base = synth.write_base(tmp_path / f"b{L}", spec)
         ad = synth.write_adapter(tmp_path / f"a{L}", spec, synth.ATTN, r=4, alpha=8)
         side = bench_repair_scale.worker_adapter({"adapter": str(ad)})
-        fit = bench_repair_scale.worker_fit(
-            {"adapter": str(ad), "base": str(base), "batch": 2, "prompt_tokens": 5, "steps": 1}
-        )
+        fits = [
+            bench_repair_scale.worker_fit(
+                {"adapter": str(ad), "base": str(base), "batch": 2, "prompt_tokens": 5, "steps": 1, "checkpoint": c}
+            )
+            for c in (False, True)
+        ]
+        fit = fits[0]
         assert side["modules"] == fit["modules"] == 4 * L and 0 < side["energy_removed"] < 1
-        assert fit["components"] == fit["nonzero_gate_grads"] == 16 * L
-        rows.append({"layers": L, "adapter_side": side, "fit_step": fit})
+        assert all(f["components"] == f["nonzero_gate_grads"] == 16 * L for f in fits)
+        rows.append({"layers": L, "adapter_side": side, "fit_step": fit, "fit_step_checkpointed": fits[1]})
     md = bench_repair_scale.render(
         {
             "command": "x",
@@ -364,4 +368,86 @@ def test_repair_scale_benchmark_smoke(tmp_path):
             "seconds": 1,
         }
     )
-    assert "Fit step CPU seconds ≈" in md and md.count("\n| 2 |") == 2
+    assert "Fit step CPU seconds ≈" in md and md.count("\n| 2 |") == 3
+    assert "checkpointed: ≈" in md
+
+
+def test_activation_checkpointing_gives_the_same_gradients(tiny, tmp_path):
+    """checkpoint=True: each decoder layer runs twice per backward (recompute), dropout stays off (the
+    adapter here has lora_dropout 0.5), and the NLLs and gate gradients equal the plain pass's."""
+    import shutil
+
+    base, adapter, _ = tiny
+    drop = tmp_path / "drop"
+    shutil.copytree(adapter, drop)
+    cfg = json.loads((drop / "adapter_config.json").read_text())
+    cfg["lora_dropout"] = 0.5
+    (drop / "adapter_config.json").write_text(json.dumps(cfg))
+    ad = load_adapter(drop)
+    orth = orthogonalise(ad)
+    rng = random.Random(2)
+    prompts = [[rng.randrange(7, 120) for _ in range(rng.randint(3, 7))] for _ in range(4)]
+    targets = [[rng.randrange(7, 120) for _ in range(3)] for _ in range(4)]
+    out = {}
+    for ckpt in (False, True):
+        g = ComponentGates(base, ad, orth, checkpoint=ckpt)
+        calls = []
+        first = g.model.get_base_model().model.layers[0].input_layernorm  # the layer's first op
+        h = first.register_forward_pre_hook(lambda *a: calls.append(1))
+        try:
+            assert g.checkpoint is ckpt
+            g.zero_grad()
+            vals = g.nll(prompts, targets, batch_size=2, weight=1.0)
+            out[ckpt] = (vals, g.grads(), len(calls))
+            assert not any(m.training for m in g.model.modules() if "dropout" in type(m).__name__.lower())
+        finally:
+            h.remove()
+            g.close()
+    (v0, g0, c0), (v1, g1, c1) = out[False], out[True]
+    assert c0 == 2 and c1 == 4  # two batches; the checkpointed layer is recomputed in each backward
+    assert torch.allclose(v0, v1, rtol=0, atol=1e-12)
+    assert all(torch.allclose(g0[k], g1[k], rtol=1e-5, atol=1e-8) for k in g0)
+    assert any(float(g.abs().max()) > 0 for g in g0.values())
+
+
+def test_activation_checkpointing_is_automatic_from_a_billion_parameters(tiny, monkeypatch):
+    import safeprune.scoring.gates as gates_mod
+
+    base, adapter, _ = tiny
+    ad = load_adapter(adapter)
+    g = ComponentGates(base, ad)  # a tiny model: off
+    g.close()
+    assert g.checkpoint is False
+    monkeypatch.setattr(gates_mod, "AUTO_CHECKPOINT_PARAMS", 1)
+    g = ComponentGates(base, ad)
+    g.close()
+    assert g.checkpoint is True
+
+
+@pytest.mark.parametrize(
+    "device,msg",
+    [("cuda:7", "no such CUDA device"), ("tpu", "not a torch device"), ("meta", "only cpu, cuda and mps")],
+)
+def test_repair_device_errors_are_one_line(tiny, tmp_path, device, msg):
+    base, adapter, data = tiny
+    r = CliRunner().invoke(
+        app, ["repair", str(adapter), "-b", str(base), "-o", str(tmp_path / "o"), "--device", device]
+    )
+    assert r.exit_code == 2, r.output
+    lines = [ln for ln in r.output.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and msg in lines[0] and "Traceback" not in r.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_gates_on_an_explicit_device_return_cpu_tensors(tiny):
+    base, adapter, _ = tiny
+    ad = load_adapter(adapter)
+    g = ComponentGates(base, ad, device="cpu")
+    try:
+        assert g.device == torch.device("cpu") and all(p.device == g.device for p in g.model.parameters())
+        g.zero_grad()
+        v = g.nll([[9, 17, 33]], [[41, 5]], weight=1.0)
+        assert v.device.type == "cpu" and v.dtype == torch.float64
+        assert all(t.device.type == "cpu" for t in list(g.values().values()) + list(g.grads().values()))
+    finally:
+        g.close()

@@ -83,6 +83,18 @@ def repair_cmd(
     ] = None,
     seed: Annotated[int, typer.Option("--seed", help="Probe split seed.")] = D.seed,
     threads: Annotated[int, typer.Option("--threads", help="torch CPU threads.")] = D.threads,
+    checkpoint: Annotated[
+        Optional[bool],
+        typer.Option(
+            "--checkpoint/--no-checkpoint",
+            help="Activation checkpointing in the fit: each layer recomputed in the backward pass, so its "
+            "activations are not held (default: on for bases of 1B parameters or more).",
+            show_default=False,
+        ),
+    ] = D.checkpoint,
+    device: Annotated[
+        str, typer.Option("--device", help="Where the fit runs: cpu, cuda, cuda:N or mps (float32 either way).")
+    ] = D.device,
     summary_out: Annotated[
         Optional[Path], typer.Option("--summary", help="Also write the before/after summary as JSON here.")
     ] = None,
@@ -173,6 +185,8 @@ def repair_cmd(
         refusal=refusal,
         seed=seed,
         threads=threads,
+        checkpoint=checkpoint,
+        device=device,
     )
     opts.check()
     ad = load_adapter(adapter, allow_pickle=allow_pickle)

@@ -11,7 +11,10 @@ model as a normal PEFT adapter.
 The objectives are teacher-forced negative log-likelihoods (mean over the target tokens of each item):
 NLL(target | prompt) for a refusal target on harmful prompts, for the same refusal on harmless prompts,
 and for the task's reference answer on task prompts. :meth:`ComponentGates.nll` computes them in
-batches and, when asked, back-propagates each batch at once (memory bounded by one batch).
+batches and, when asked, back-propagates each batch at once (memory bounded by one batch). With ``checkpoint=True``
+each decoder layer keeps only its input for the backward pass and recomputes its inside (PyTorch activation
+checkpointing, non-reentrant, through transformers' per-layer hook): the activations held for a batch grow by
+one hidden state per layer instead of every intermediate of every layer, for one extra forward per backward.
 """
 
 from __future__ import annotations
@@ -38,14 +41,29 @@ def _pad_right(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor
     return ids, mask
 
 
+# ``checkpoint=None`` turns activation checkpointing on from this many parameters (a 7B fit holds gigabytes
+# of activations per batch without it; below, the recompute's extra forward is not worth it)
+AUTO_CHECKPOINT_PARAMS = 1_000_000_000
+
+
 class ComponentGates:
     """The base with ``adapter`` attached by PEFT, its factors replaced by ``factors`` (same names and
     shapes, e.g. the orthogonalised adapter), and one gate vector (length r, all ones) per LoRA module.
     ``close()`` removes the hooks."""
 
-    def __init__(self, base: Any, adapter: LoraAdapter, factors: LoraAdapter | None = None, *, pad_id: int = 0):
+    def __init__(
+        self,
+        base: Any,
+        adapter: LoraAdapter,
+        factors: LoraAdapter | None = None,
+        *,
+        pad_id: int = 0,
+        checkpoint: bool | None = None,
+        device: str = "cpu",
+    ):
         if adapter.path is None:
             raise UsageError("component gates load the adapter with PEFT: give an adapter directory")
+        self.device = check_device(device)
         self.pad_id = pad_id
         model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
         self.model = PeftModel.from_pretrained(model, str(adapter.path)).eval()
@@ -72,12 +90,39 @@ class ComponentGates:
                 raise InputError(f"module {name}: factor shapes differ from the loaded adapter's", adapter.path)
             lb.data.copy_(m.lora_B.to(lb.dtype))
             la.data.copy_(m.lora_A.to(la.dtype))
-            g = self.gates[name] = torch.nn.Parameter(torch.ones(m.r))
+            g = self.gates[name] = torch.nn.Parameter(torch.ones(m.r, device=self.device))
             self._handles.append(mod.lora_B[key].register_forward_pre_hook(self._hook(g)))
         missing = set(factors.modules) - set(self.gates)
         if missing:
             self.close()
             raise InputError(f"PEFT did not attach {len(missing)} module(s), e.g. {sorted(missing)[0]}", adapter.path)
+        self.model.to(self.device)
+        if checkpoint is None:  # auto: on for models of a billion parameters or more
+            checkpoint = sum(p.numel() for p in self.model.parameters()) >= AUTO_CHECKPOINT_PARAMS
+        self.checkpoint = bool(checkpoint)
+        if self.checkpoint:
+            self._enable_checkpointing(base)
+
+    def _enable_checkpointing(self, base: Any) -> None:
+        """Checkpoint every decoder layer while the model stays in eval mode (dropout off): transformers only
+        checkpoints a layer whose own ``training`` flag is set, so that flag alone is set on the layers."""
+        try:
+            from transformers.modeling_layers import GradientCheckpointingLayer
+        except ImportError:  # transformers < 4.52
+            self.close()
+            raise UsageError("activation checkpointing needs transformers >= 4.52") from None
+        inner = self.model.get_base_model()
+        layers = [m for m in inner.modules() if isinstance(m, GradientCheckpointingLayer)]
+        if not getattr(inner, "supports_gradient_checkpointing", False) or not layers:
+            self.close()
+            raise UsageError(f"{type(inner).__name__} ({base}) does not support activation checkpointing")
+        enable = getattr(inner, "activation_checkpointing_enable", None)
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:  # transformers < 5
+            inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        for m in layers:
+            m.training = True  # the flag only, not its submodules: LoRA dropout stays off
 
     @staticmethod
     def _hook(g: torch.nn.Parameter):
@@ -94,7 +139,8 @@ class ComponentGates:
     # -- gate values ---------------------------------------------------------------------------------
 
     def values(self) -> dict[str, torch.Tensor]:
-        return {k: g.detach().clone() for k, g in self.gates.items()}
+        """The gates as CPU tensors (wherever the model runs)."""
+        return {k: g.detach().to("cpu", copy=True) for k, g in self.gates.items()}
 
     def set(self, values: dict[str, torch.Tensor] | float) -> None:
         for k, g in self.gates.items():
@@ -118,7 +164,8 @@ class ComponentGates:
 
     def grads(self) -> dict[str, torch.Tensor]:
         return {
-            k: (g.grad.detach().clone() if g.grad is not None else torch.zeros_like(g)) for k, g in self.gates.items()
+            k: (g.grad.detach().to("cpu", copy=True) if g.grad is not None else torch.zeros(g.shape))
+            for k, g in self.gates.items()
         }
 
     # -- objectives ----------------------------------------------------------------------------------
@@ -148,6 +195,7 @@ class ComponentGates:
                 labels = torch.full_like(ids, -100)
                 for row, (p, t) in enumerate(zip(P, T)):
                     labels[row, len(p) : len(p) + len(t)] = torch.tensor(list(t), dtype=torch.long)
+                ids, mask, labels = ids.to(self.device), mask.to(self.device), labels.to(self.device)
                 grad = weight != 0 and adapter
                 with torch.set_grad_enabled(grad):
                     logits = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1]
@@ -160,7 +208,7 @@ class ComponentGates:
                     per = tok.sum(1) / (lab != -100).sum(1)
                     if grad:
                         (weight * per.sum() / n).backward()
-                out.append(per.detach().double())
+                out.append(per.detach().double().cpu())
         return torch.cat(out)
 
     @torch.no_grad()
@@ -189,8 +237,8 @@ class ComponentGates:
                     ids[row, width - L :] = torch.tensor(list(prompts[i]), dtype=torch.long)
                     mask[row, width - L :] = 1
                 out = self.model.generate(
-                    input_ids=ids,
-                    attention_mask=mask,
+                    input_ids=ids.to(self.device),
+                    attention_mask=mask.to(self.device),
                     max_new_tokens=max_new_tokens,
                     do_sample=False,
                     pad_token_id=self.pad_id,
@@ -207,3 +255,18 @@ class ComponentGates:
 @contextmanager
 def _null():
     yield
+
+
+def check_device(name: str) -> torch.device:
+    """A torch device that exists here, or a one-line UsageError."""
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise UsageError(f"--device {name!r} is not a torch device (cpu, cuda, cuda:1, mps)") from None
+    if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
+        raise UsageError(f"--device {name}: no such CUDA device here (torch sees {torch.cuda.device_count()})")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise UsageError(f"--device {name}: MPS is not available here")
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise UsageError(f"--device {name}: only cpu, cuda and mps are supported")
+    return dev

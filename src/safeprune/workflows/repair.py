@@ -384,7 +384,7 @@ def repair(
         raise InputError(f"cannot load the tokenizer ({e})", base) from None
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
     eos_id = tok.eos_token_id
-    gates = ComponentGates(base, ad, orth, pad_id=pad_id)
+    gates = ComponentGates(base, ad, orth, pad_id=pad_id, checkpoint=opts.checkpoint, device=opts.device)
     try:
         with make_progress(progress) as prog:
             task_id = prog.add_task("repair", total=opts.steps + 3 + len(STRENGTHS), module="")

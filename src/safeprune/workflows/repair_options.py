@@ -33,6 +33,9 @@ class RepairOptions:
     seed: int = 0
     threads: int = 1
     batch_size: int = 16
+    # activation checkpointing in the fit (None: on for bases of a billion parameters or more)
+    checkpoint: bool | None = None
+    device: str = "cpu"  # where the fit and the check generations run (cpu, cuda, cuda:N, mps)
 
     def check(self) -> None:
         if self.method not in METHODS:
@@ -59,5 +62,9 @@ class RepairOptions:
                 raise UsageError(f"--{k.replace('_', '-')} must be a finite number >= 0, got {v!r}")
         if self.lr == 0:
             raise UsageError("--lr must be > 0")
+        if self.device != "cpu":  # before any model is loaded (the check imports torch)
+            from ..scoring.gates import check_device
+
+            check_device(self.device)
         if self.target_asr is not None and not (0 <= self.target_asr <= 100):
             raise UsageError(f"--target-asr is a percentage in [0, 100], got {self.target_asr!r}")
