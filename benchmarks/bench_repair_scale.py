@@ -216,6 +216,16 @@ def main() -> None:
     print(render(res))
 
 
+def _line(rows: list[dict], value) -> tuple[float, float, list[float]]:
+    """Least-squares value ≈ a + b · layers over ``rows``: (a, b, residuals)."""
+    import numpy as np
+
+    L = np.array([r["layers"] for r in rows], float)
+    y = np.array([value(r) for r in rows], float)
+    b, a0 = np.polyfit(L, y, 1)
+    return float(a0), float(b), [float(x) for x in y - (a0 + b * L)]
+
+
 def render(res: dict) -> str:
     rows = res["rows"]
     first = rows[0]
@@ -242,12 +252,7 @@ def render(res: dict) -> str:
             f"{f['tokens_per_step']} |"
         )
     if len(rows) >= 2:  # least-squares line: fit step seconds = a + b · layers (embedding + lm_head are a)
-        import numpy as np
-
-        L = np.array([r["layers"] for r in rows], float)
-        y = np.array([r["fit_step"]["step_cpu_s"] for r in rows])
-        b, a0 = np.polyfit(L, y, 1)
-        resid = y - (a0 + b * L)
+        a0, b, resid = _line(rows, lambda r: r["fit_step"]["step_cpu_s"])
         out += [
             "",
             f"Fit step CPU seconds ≈ {a0:.2f} + {b:.2f} · layers (least squares; residuals "
@@ -273,12 +278,8 @@ def render(res: dict) -> str:
                 f"{c['step_private_peak_above_loaded_mb']:.0f} |"
             )
         if len(ck) >= 2:
-            import numpy as np
-
-            L = np.array([r["layers"] for r in ck], float)
             for key, label in (("fit_step", "plain"), ("fit_step_checkpointed", "checkpointed")):
-                y = np.array([r[key]["step_private_peak_above_loaded_mb"] for r in ck])
-                b, a0 = np.polyfit(L, y, 1)
+                a0, b, _ = _line(ck, lambda r: r[key]["step_private_peak_above_loaded_mb"])
                 out.append(f"\nPrivate peak above the loaded model, {label}: ≈ {a0:.0f} + {b:.1f} MB · layers.")
     out += [
         "",
