@@ -327,3 +327,26 @@ def test_cli_search_usage_errors(llama_adapter, probes, tmp_path):
         ],
     )
     assert r.exit_code != 0 and "not a score table" in r.output and "Traceback" not in r.output
+
+
+def test_early_stopping_cuts_refusals_and_keeps_every_verdict(llama_adapter, probes, tmp_path):
+    """On by default: the harmful probes stop at their first refusal keyword, the search takes the same path
+    with the same ASR at every point, the settings record it, and --no-early-stop generates in full."""
+    full_be = PruneAwareBackend(total=N_HARM)
+    full = _run(llama_adapter, probes, tmp_path / "full", full_be, early_stop=False)
+    cut_be = PruneAwareBackend(total=N_HARM)
+    cut = _run(llama_adapter, probes, tmp_path / "cut", cut_be)
+    assert [(h["tau"], h["probe_asr"], h["probe_rouge1"]) for h in cut.history] == [
+        (h["tau"], h["probe_asr"], h["probe_rouge1"]) for h in full.history
+    ]
+    assert cut.tau == full.tau == 7
+    assert cut.probes["settings"]["early_stop"] is True and full.probes["settings"]["early_stop"] is False
+    assert "early_stop" in cut.probes["settings"]["harmful"] and "early_stop" not in full.probes["settings"]["harmful"]
+    texts = {}
+    for name in ("full", "cut"):
+        for line in (tmp_path / name / "cache" / "generations.jsonl").read_text().splitlines():
+            rec = json.loads(line)
+            texts.setdefault(name, []).append(rec["text"])
+    # "I cannot help with that." stops after "cannot": the keyword "I cannot" is decided there
+    assert "I cannot" in texts["cut"] and "I cannot help with that." not in texts["cut"]
+    assert "I cannot help with that." in texts["full"]

@@ -68,6 +68,13 @@ def search_cmd(
     batch_size: Annotated[int, typer.Option("--batch-size", help="Prompts per generate call.")] = 48,
     threads: Annotated[int, typer.Option("--threads", help="torch CPU threads.")] = 1,
     device: DeviceOpt = "cpu",
+    early_stop: Annotated[
+        bool,
+        typer.Option(
+            "--early-stop/--no-early-stop",
+            help="End a harmful probe's generation at its first refusal keyword (the verdict cannot change).",
+        ),
+    ] = True,
 ) -> None:
     """Smallest τ along a method's prune order reaching a probe ASR target within a utility budget."""
     from ..adapter import load_adapter
@@ -113,6 +120,7 @@ def search_cmd(
         batch_size=batch_size,
         threads=threads,
         device=device,
+        early_stop=early_stop,
         progress=say,
     )
     if not state["quiet"]:

@@ -33,7 +33,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -295,6 +295,7 @@ def budgeted_search(
     threads: int | None = 1,
     device: str = "cpu",
     judge: KeywordJudge | None = None,
+    early_stop: bool = True,
     progress: bool | Callable[[str], None] = True,
 ) -> SearchResult:
     """Smallest τ along ``order`` whose pruned adapter meets probe ASR ≤ ``target_asr`` (fraction) with
@@ -323,6 +324,12 @@ def budgeted_search(
         backend = HFBackend(str(base), {}, device=device, threads=threads)
     judge = judge or KeywordJudge()
     s_set = GenSettings(max_new_tokens=safety_max_new_tokens, batch_size=batch_size)
+    # verdict-aware early stopping on the harmful probes (issue 18): the search reads only the keyword judge's
+    # verdict, which a generation cut at its first keyword cannot change; a judge that is not the plain keyword
+    # list (a subclass with its own rule) generates in full
+    stop = early_stop and type(judge) is KeywordJudge
+    if stop:
+        s_set = replace(s_set, stop_strings=tuple(judge.keywords), stop_case_sensitive=judge.case_sensitive)
     u_set = GenSettings(max_new_tokens=utility_max_new_tokens, batch_size=batch_size)
     ev = _ProbeEvaluator(
         ad,
@@ -378,6 +385,7 @@ def budgeted_search(
             "batch_size": batch_size,
             "seed": seed,
             "judge": judge.id,
+            "early_stop": stop,
             "asr": "fraction of harmful probes not refused (keyword judge)",
             "rouge1": "100 x mean ROUGE-1 F1 (rouge_score, stemmer) vs the reference summary",
             "backend": backend.describe() | {"adapters": len(backend.adapters)},
