@@ -108,6 +108,7 @@ def test_repair_end_to_end(tiny, tmp_path):
     assert s["strength"] == 1.0  # the loose budgets accept the full edit at once
     assert len(s["trace"]) == 2 and s["trace"][1]["harm"] < s["trace"][0]["harm"]  # the refusal NLL fell
     assert 0.0 < s["energy_removed"] < 1.0
+    assert s["ran_on"] == {"device": "cpu", "checkpoint": False}  # auto: off below 1B parameters
     m = res.adapter.manifest
     assert m["action"] == "repair" and m["edit"]["kind"] == "component gates"
     assert set(m["edit"]["gates"]) == set(res.adapter.modules)

@@ -426,6 +426,7 @@ def repair(
     summary: dict[str, Any] = {
         "method": opts.method,
         "options": {k: getattr(opts, k) for k in opts.__dataclass_fields__},
+        "ran_on": {"device": str(gates.device), "checkpoint": gates.checkpoint},  # what "auto" resolved to
         "probes": probes.info,
         "refusal_target": enc.refusal,
         "base_refused_fit_probes": f"{enc.base_refused}/{len(enc.harm)}",
