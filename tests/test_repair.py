@@ -430,7 +430,7 @@ def test_activation_checkpointing_is_automatic_from_a_billion_parameters(tiny, m
     [("cuda:7", "no such CUDA device"), ("tpu", "not a torch device"), ("meta", "only cpu, cuda and mps")],
 )
 def test_repair_device_errors_are_one_line(tiny, tmp_path, device, msg):
-    base, adapter, data = tiny
+    base, adapter, _ = tiny
     r = CliRunner().invoke(
         app, ["repair", str(adapter), "-b", str(base), "-o", str(tmp_path / "o"), "--device", device]
     )

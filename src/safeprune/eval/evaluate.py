@@ -142,18 +142,22 @@ def early_stop_plan(
     }
 
 
+def stop_at_verdict(s: GenSettings, judge: KeywordJudge, broad: KeywordJudge | None = None) -> GenSettings:
+    """``s`` with verdict-aware early stopping: end a generation once ``judge``'s keywords (and ``broad``'s
+    patterns, when given) have decided it."""
+    return replace(
+        s,
+        stop_strings=tuple(judge.keywords),
+        stop_case_sensitive=judge.case_sensitive,
+        stop_patterns=tuple(broad.keywords) if broad is not None else (),
+    )
+
+
 def gen_settings(
     cfg: EvalConfig, kind: str, judge: KeywordJudge, early_stop: bool, broad: KeywordJudge | None = None
 ) -> GenSettings:
     s = cfg.settings(kind)
-    if early_stop and kind in STOP_KINDS:
-        s = replace(
-            s,
-            stop_strings=tuple(judge.keywords),
-            stop_case_sensitive=judge.case_sensitive,
-            stop_patterns=tuple(broad.keywords) if broad is not None else (),
-        )
-    return s
+    return stop_at_verdict(s, judge, broad) if early_stop and kind in STOP_KINDS else s
 
 
 @dataclass

@@ -33,7 +33,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -42,6 +42,7 @@ from ..edit import PRUNE_MODES, prune_modules
 from ..errors import UsageError
 from ..eval.backends import Backend, GenSettings, HFBackend
 from ..eval.cache import GenerationCache
+from ..eval.evaluate import stop_at_verdict
 from ..eval.judges import KeywordJudge
 from ..eval.runner import generate_cached
 from ..eval.utility import rouge_scores
@@ -329,7 +330,7 @@ def budgeted_search(
     # list (a subclass with its own rule) generates in full
     stop = early_stop and type(judge) is KeywordJudge
     if stop:
-        s_set = replace(s_set, stop_strings=tuple(judge.keywords), stop_case_sensitive=judge.case_sensitive)
+        s_set = stop_at_verdict(s_set, judge)
     u_set = GenSettings(max_new_tokens=utility_max_new_tokens, batch_size=batch_size)
     ev = _ProbeEvaluator(
         ad,
