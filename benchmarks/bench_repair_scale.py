@@ -99,11 +99,18 @@ def worker_fit(args: dict) -> dict:
     from safeprune.edit.components import orthogonalise
     from safeprune.scoring.gates import ComponentGates
 
+    dev = args.get("device", "cpu")
+    on_gpu = dev.startswith("cuda")
     rss0 = _status("VmRSS")
     ad = load_adapter(args["adapter"])
     t0 = time.perf_counter()
-    gates = ComponentGates(args["base"], ad, orthogonalise(ad), checkpoint=bool(args.get("checkpoint")))
+    gates = ComponentGates(args["base"], ad, orthogonalise(ad), checkpoint=bool(args.get("checkpoint")), device=dev)
     load_s = time.perf_counter() - t0
+
+    def sync() -> None:
+        if on_gpu:
+            torch.cuda.synchronize()
+
     weights_mb = sum(p.numel() * p.element_size() for p in gates.model.parameters()) / 2**20
     rss_loaded = _status("VmRSS")
     g = torch.Generator().manual_seed(0)
@@ -113,17 +120,29 @@ def worker_fit(args: dict) -> dict:
     # one untimed step (allocator warm-up), then the timed steps
     gates.nll(prompts, targets, batch_size=args["batch"], weight=1.0)
     gates.zero_grad()
+    sync()
+    if on_gpu:
+        gpu_loaded = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
     steps = []
     step_peak = AnonSampler()
     try:
         for _ in range(args["steps"]):
             t1, c1 = time.perf_counter(), _cpu()
             gates.nll(prompts, targets, batch_size=args["batch"], weight=1.0)
-            grads = gates.grads()
+            grads = gates.grads()  # copied to the CPU: waits for the device
             gates.zero_grad()
+            sync()
             steps.append((time.perf_counter() - t1, _cpu() - c1))
     finally:
         step_mem = step_peak.stop()
+    gpu = {}
+    if on_gpu:
+        gpu = {
+            "gpu": torch.cuda.get_device_name(),
+            "gpu_allocated_loaded_mb": gpu_loaded / 2**20,
+            "gpu_step_peak_above_loaded_mb": (torch.cuda.max_memory_allocated() - gpu_loaded) / 2**20,
+        }
     n = len(gates.gates)
     assert all(torch.isfinite(v).all() for v in grads.values())
     nonzero = sum(int((v != 0).sum()) for v in grads.values())
@@ -145,6 +164,8 @@ def worker_fit(args: dict) -> dict:
         "peak_minus_weights_and_imports_mb": hwm - weights_mb - rss0,
         "step_private_peak_above_loaded_mb": step_mem["anon_above_mb"],
         "tokens_per_step": args["batch"] * (args["prompt_tokens"] + 8),
+        "device": dev,
+        **gpu,
     }
 
 
@@ -165,6 +186,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--prompt-tokens", type=int, default=24)
     ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--device", default="cpu", help="where the fit step runs (cpu, cuda): repair --device")
     ap.add_argument("--workdir", type=Path, default=None, help="where the synthetic models go (default: a temp dir)")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "repair_scale")
     a = ap.parse_args()
@@ -174,6 +196,23 @@ def main() -> None:
     t_start = time.time()
     loads = [os.getloadavg()[0]]
     rows = []
+
+    def save() -> dict:  # after every layer count, so a run stopped early keeps what it measured
+        res = {
+            "command": "python benchmarks/bench_repair_scale.py " + " ".join(sys.argv[1:]),
+            "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+            "machine": f"{os.cpu_count()} CPUs, {platform.processor() or platform.machine()}",
+            "device": a.device,
+            "load_average_samples": [round(x, 2) for x in loads],
+            "spec": spec0.name,
+            "rows": rows,
+            "seconds": round(time.time() - t_start, 1),
+        }
+        a.out.parent.mkdir(parents=True, exist_ok=True)
+        a.out.with_suffix(".json").write_text(json.dumps(res, indent=1) + "\n")
+        a.out.with_suffix(".md").write_text(render(res))
+        return res
+
     for L in layers:
         spec = spec0.with_layers(L)
         base = synth.write_base(work / f"base{L}", spec)
@@ -192,6 +231,7 @@ def main() -> None:
                     "prompt_tokens": a.prompt_tokens,
                     "steps": a.steps,
                     "checkpoint": ckpt,
+                    "device": a.device,
                 },
             )
             loads.append(os.getloadavg()[0])
@@ -199,20 +239,11 @@ def main() -> None:
         rows.append({"layers": L, "adapter_side": side, "fit_step": fit, "fit_step_checkpointed": fits[True]})
         print(
             f"{spec.name}: adapter side {side['s_per_module']:.4f} s/module, fit step {fit['step_wall_s']:.2f} s "
-            f"({fits[True]['step_wall_s']:.2f} s checkpointed)"
+            f"({fits[True]['step_wall_s']:.2f} s checkpointed)",
+            flush=True,
         )
-    res = {
-        "command": "python benchmarks/bench_repair_scale.py " + " ".join(sys.argv[1:]),
-        "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-        "machine": f"{os.cpu_count()} CPUs, {platform.processor() or platform.machine()}",
-        "load_average_samples": [round(x, 2) for x in loads],
-        "spec": spec0.name,
-        "rows": rows,
-        "seconds": round(time.time() - t_start, 1),
-    }
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.with_suffix(".json").write_text(json.dumps(res, indent=1) + "\n")
-    a.out.with_suffix(".md").write_text(render(res))
+        save()
+    res = save()
     print(render(res))
 
 
@@ -281,6 +312,33 @@ def render(res: dict) -> str:
             for key, label in (("fit_step", "plain"), ("fit_step_checkpointed", "checkpointed")):
                 a0, b, _ = _line(ck, lambda r: r[key]["step_private_peak_above_loaded_mb"])
                 out.append(f"\nPrivate peak above the loaded model, {label}: ≈ {a0:.0f} + {b:.1f} MB · layers.")
+    gpu = [r for r in rows if "gpu_step_peak_above_loaded_mb" in r["fit_step"]]
+    if gpu:
+        out += [
+            "",
+            f"On the GPU (`repair --device {res.get('device')}`, {gpu[0]['fit_step']['gpu']}; float32 weights; "
+            "wall seconds per step with the device synchronised; GPU memory from torch's allocator):",
+            "",
+            "| layers | tokens/step | step s plain | step s checkpointed | GPU MB loaded | step peak above loaded MB "
+            "plain | checkpointed |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for r in gpu:
+            f, c = r["fit_step"], r.get("fit_step_checkpointed", r["fit_step"])
+            out.append(
+                f"| {r['layers']} | {f['tokens_per_step']} | {f['step_wall_s']:.3f} | {c['step_wall_s']:.3f} | "
+                f"{f['gpu_allocated_loaded_mb']:.0f} | {f['gpu_step_peak_above_loaded_mb']:.0f} | "
+                f"{c['gpu_step_peak_above_loaded_mb']:.0f} |"
+            )
+        if len(gpu) >= 2:
+            for key, label in (("fit_step", "plain"), ("fit_step_checkpointed", "checkpointed")):
+                if all(key in r for r in gpu):
+                    a0, b, _ = _line(gpu, lambda r: r[key]["gpu_step_peak_above_loaded_mb"])
+                    a1, b1, _ = _line(gpu, lambda r: r[key]["step_wall_s"])
+                    out.append(
+                        f"\nGPU, {label}: step peak above the loaded model ≈ {a0:.0f} + {b:.1f} MB · layers; "
+                        f"step ≈ {a1:.3f} + {b1:.4f} s · layers."
+                    )
     out += [
         "",
         f"CPU-time ratios against {first['layers']} layer(s) (linear in modules ⇔ per-module ratio ≈ 1; CPU time, "

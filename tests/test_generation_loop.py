@@ -363,3 +363,30 @@ def test_testbed_early_stop_same_verdicts():
         assert sum(c.stopped_early for c in cut) <= sum(j.refused(f.text) for f in full)
         n_cut += sum(c.stopped_early for c in cut)
     assert n_cut > 0
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA device (the GPU machine)")
+def test_continuous_equals_generate_on_cuda(tiny):
+    """On a GPU the continuous loop's float64 tokens equal HF generate's there and the CPU's, with rows ending
+    at different steps, and the early stop keeps every keyword verdict."""
+    m, ad = tiny
+    s = GenSettings(max_new_tokens=10, batch_size=5)
+    cpu = HFBackend(str(m), {"ad": str(ad)}, dtype="float64", loop="generate")
+    cont = HFBackend(str(m), {"ad": str(ad)}, dtype="float64", device="cuda")
+    gen = HFBackend(str(m), {"ad": str(ad)}, dtype="float64", loop="generate", device="cuda")
+    assert cont.describe()["loop"] == "continuous" and next(cont.model.parameters()).device.type == "cuda"
+    common = cpu.tokenizer.convert_tokens_to_ids(cpu.generate(PROMPTS, "ad", s)[0].text.split()[1])
+    for b in (cpu, cont, gen):
+        _frequent_eos(b, common)
+    for adapter in (None, "ad"):
+        ref = cpu.generate(PROMPTS, adapter, s)
+        got = cont.generate(PROMPTS, adapter, s)
+        assert 0 < sum(g.finished for g in got) < len(PROMPTS)
+        assert [g.text for g in got] == [g.text for g in gen.generate(PROMPTS, adapter, s)] == [g.text for g in ref]
+        assert [g.mean_nll for g in got] == pytest.approx([r.mean_nll for r in ref], abs=1e-6)
+        words = sorted({w for g in ref for w in g.text.split()})[:3]
+        stop = GenSettings(max_new_tokens=10, batch_size=5, stop_strings=tuple(words))
+        judge = KeywordJudge(words)
+        cut = cont.generate(PROMPTS, adapter, stop)
+        assert [judge.refused(c.text) for c in cut] == [judge.refused(r.text) for r in ref]
+        assert all(r.text.startswith(c.text) for c, r in zip(cut, ref))

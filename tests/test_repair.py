@@ -452,3 +452,64 @@ def test_gates_on_an_explicit_device_return_cpu_tensors(tiny):
         assert all(t.device.type == "cpu" for t in list(g.values().values()) + list(g.grads().values()))
     finally:
         g.close()
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run on the GPU machine)")
+
+
+@cuda
+@pytest.mark.parametrize("ckpt", [False, True])
+def test_gates_on_cuda_match_the_cpu(tiny, ckpt):
+    """The same NLLs and gate gradients on CUDA as on the CPU (float32 both; TF32 off for the comparison),
+    returned as CPU tensors, with and without activation checkpointing."""
+    base, adapter, _ = tiny
+    ad = load_adapter(adapter)
+    orth = orthogonalise(ad)
+    rng = random.Random(3)
+    prompts = [[rng.randrange(7, 120) for _ in range(rng.randint(3, 9))] for _ in range(6)]
+    targets = [[rng.randrange(7, 120) for _ in range(4)] for _ in range(6)]
+    out = {}
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        for dev in ("cpu", "cuda"):
+            g = ComponentGates(base, ad, orth, checkpoint=ckpt, device=dev)
+            try:
+                assert all(p.device.type == dev for p in g.model.parameters())
+                g.set({k: torch.linspace(0.2, 1.0, v.numel()) for k, v in g.values().items()})
+                g.zero_grad()
+                vals = g.nll(prompts, targets, batch_size=4, weight=1.0)
+                out[dev] = (vals, g.grads(), g.generate(prompts, 5, batch_size=4))
+            finally:
+                g.close()
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    (v0, g0, t0), (v1, g1, t1) = out["cpu"], out["cuda"]
+    assert v1.device.type == "cpu" and all(t.device.type == "cpu" for t in g1.values())
+    assert torch.allclose(v0, v1, rtol=1e-5, atol=1e-6)
+    assert all(torch.allclose(g0[k], g1[k], rtol=1e-4, atol=1e-6) for k in g0)
+    assert any(float(t.abs().max()) > 0 for t in g1.values())
+    assert t0 == t1  # greedy continuations: same tokens
+
+
+@cuda
+def test_repair_end_to_end_on_cuda(tiny, tmp_path):
+    """`repair --device cuda` writes the adapter the CPU fit writes (same strength, gates within float32
+    noise), records where it ran, and PEFT loads it."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base, adapter, data = tiny
+    res = {}
+    for dev in ("cpu", "cuda"):
+        opts = RepairOptions(max_utility_drop=100.0, max_over_refusal_rise=100.0, device=dev, **SMALL)
+        res[dev] = repair(adapter, base, options=opts, data=data, progress=False)
+    s = res["cuda"].summary
+    assert s["ran_on"]["device"] == "cuda" and s["strength"] == res["cpu"].summary["strength"]
+    gc, gg = res["cpu"].adapter.manifest["edit"]["gates"], res["cuda"].adapter.manifest["edit"]["gates"]
+    assert set(gc) == set(gg)
+    for k in gc:
+        assert torch.allclose(torch.tensor(gc[k]), torch.tensor(gg[k]), atol=1e-3), k
+    out = res["cuda"].adapter.save(tmp_path / "o")
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), str(out))
+    assert model.peft_config["default"].r == load_adapter(adapter).modules[next(iter(gc))].r

@@ -199,7 +199,9 @@ class _Batch:
             order = list(range(n))
             for h, q in zip(holes, movers):
                 order[h] = q
-            dst, src = torch.tensor(holes, dtype=torch.long), torch.tensor(movers, dtype=torch.long)
+            dev = self.mask.device
+            dst = torch.tensor(holes, dtype=torch.long, device=dev)
+            src = torch.tensor(movers, dtype=torch.long, device=dev)
             for la in layers:
                 la.move(dst, src, n)
             self.mask = self.mask.index_select(0, torch.tensor(order, device=self.mask.device))
