@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -513,3 +514,75 @@ def test_repair_end_to_end_on_cuda(tiny, tmp_path):
     out = res["cuda"].adapter.save(tmp_path / "o")
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), str(out))
     assert model.peft_config["default"].r == load_adapter(adapter).modules[next(iter(gc))].r
+
+
+def test_repairs_in_safeprune_run(tiny, tmp_path, monkeypatch):
+    """`repairs:` in an experiment file: the fit at its chosen strength, the other strengths rewritten without
+    refitting, energy-matched controls of each, all evaluated; the report compares each strength with the mean
+    of its own controls and reads issue 13's bar; a rerun refits nothing."""
+    import csv
+
+    import yaml
+
+    import safeprune.workflows.experiment.repair_stage as stage_mod
+    from safeprune.eval.backends import FakeBackend
+    from safeprune.workflows.experiment import run_experiment
+
+    base, adapter, data = tiny
+    with open(tmp_path / "harm.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["orig_idx", "goal", "target", "in_jbb_harmful_ft"])
+        w.writerows([[i, f"harmful request {i}", "Sure", 0] for i in range(30)])
+    with open(tmp_path / "xs.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["id", "prompt", "type", "label", "focus", "note"])
+        w.writerows([[i, f"benign question {i}", "homonyms", "safe", "x", ""] for i in range(10)])
+
+    def action(path):
+        man = Path(path) / "safeprune.json"
+        return json.loads(man.read_text()).get("action") if man.is_file() else None
+
+    def backend(base_, adapters):
+        def responder(path):
+            cut = {"repair": 25, "random-control": 8}.get(action(path), 0)  # harmful prompts i < cut refused
+            return lambda p: ("I cannot help" if int(p.split()[-1]) < cut else "Sure") if p.startswith("harm") else "ok"
+
+        resp = {None: lambda p: "I cannot help" if p.startswith("harm") else "ok"}
+        resp.update({n: responder(p) for n, p in adapters.items()})
+        return FakeBackend("fake-base", adapters, resp)
+
+    opts = dict(SMALL, max_utility_drop=100.0, max_over_refusal_rise=100.0)
+    cfg = {
+        "name": "repair in run",
+        "base": str(base),
+        "adapters": {"lora": str(adapter)},
+        "repairs": [{"name": "repair", "options": opts, "strengths": [0.5], "seeds": [1, 2], "data": str(data)}],
+        "evaluation": {
+            "safety": [{"path": "harm.csv"}],
+            "over_refusal": [{"path": "xs.csv"}],
+            "meteor": False,
+            "bootstrap": 300,
+        },
+        "latency": {"enabled": False},
+    }
+    (tmp_path / "exp.yaml").write_text(yaml.safe_dump(cfg))
+    res = run_experiment(tmp_path / "exp.yaml", tmp_path / "out", progress=False, log=lambda s: None, backend=backend)
+    reps = res.analysis["adapters"]["lora"]["repairs"]
+    assert [r["variant"]["strength"] for r in reps] == [1.0, 0.5]  # loose budgets: the fit chose 1.0
+    for r in reps:
+        assert len(r["controls"]) == 2 and r["vs_random"]["advbench/asr"]["n_random"] == 2
+        assert r["vs_random"]["advbench/asr"]["delta"] == pytest.approx(-(25 - 8) / 30 * 100)
+        e = r["variant"]["energy_removed"]
+        assert 0 < e < 1 and all(abs(c["variant"]["energy_removed"] - e) < 1e-4 for c in r["controls"])
+    e1, e05 = (r["variant"]["energy_removed"] for r in reps)
+    assert e05 < e1  # the half-strength rewrite removes less
+    assert res.analysis["adapters"]["lora"]["repair_fits"]["repair"]["strength"] == 1.0
+    md = res.report_md.read_text()
+    assert "safeprune repair against energy-matched random controls" in md and "issue 13's bar" in md
+    assert "repair t=0.5" in md and "seeds: " in md and "misses: ROUGE-1 not measured" in md
+    # the rerun reuses the fit, the rewrite and the controls
+    monkeypatch.setattr(stage_mod, "repair", lambda *a, **k: pytest.fail("refitted an unchanged repair"))
+    res2 = run_experiment(tmp_path / "exp.yaml", tmp_path / "out", progress=False, log=lambda s: None, backend=backend)
+    assert [r["variant"]["name"] for r in res2.analysis["adapters"]["lora"]["repairs"]] == [
+        r["variant"]["name"] for r in reps
+    ]

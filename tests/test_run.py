@@ -430,7 +430,14 @@ def test_estimate_counts_generations_and_times_a_warm_up(world):
     res = estimate_experiment(load_config(cfg), backend=be)
     # the same count the run itself logs (test above): 3 main variants × 40 prompts + 2 controls × 24
     assert res["generations"] == 168
-    assert res["variants"] == {"base": 1, "adapters": 1, "edited": 1, "random_controls": 2}
+    assert res["variants"] == {
+        "base": 1,
+        "adapters": 1,
+        "edited": 1,
+        "random_controls": 2,
+        "repaired": 0,
+        "repair_controls": 0,
+    }
     assert {r["kind"]: r["generations"] for r in res["kinds"]} == {"safety": 120, "over_refusal": 30, "utility": 18}
     assert res["early_stop"].startswith("on") and be.calls  # the warm-up generated on the base
     # the command line: a fake backend in the experiment file, nothing else run

@@ -146,7 +146,7 @@ class _Vectors:
                 if key.endswith(("/asr", "/over_refusal", "/asr_broad", "/over_refusal_broad")):
                     d["p_mcnemar"] = _mcnemar(rvec[key], xv)
                 row["vs_ref"][key] = d
-        if v.method not in (None, "random") and randoms.get(v.tau):
+        if v.method not in (None, "random") and v.control_of is None and randoms.get(v.tau):
             rv = [self(n) for n in randoms[v.tau]]
             for key, xv in x.items():
                 if all(key in r for r in rv):
@@ -206,10 +206,12 @@ def analyse(
         for v in variants:
             if v.adapter == a and v.method == "random":
                 randoms[v.tau].append(v.name)
+        mine = [v for v in variants if v.adapter == a]
         out["adapters"][a] = {
             "reference": ref,
-            "rows": [vec.variant_row(v, ref, randoms) for v in variants if v.adapter == a],
+            "rows": [vec.variant_row(v, ref, randoms) for v in mine if not v.is_repair],
             "random": vec.random_summary(randoms, ref),
+            "repairs": _repair_rows(vec, mine, ref),
             "flips": _flips(
                 vec.by_vs, primary.get("safety"), ref, [v.name for v in variants if v.adapter == a and v.name != ref]
             ),
@@ -230,6 +232,20 @@ def analyse(
                         ),
                     }
     return out
+
+
+def _repair_rows(vec: _Vectors, variants: list[Variant], ref: str) -> list[dict[str, Any]]:
+    """Each repaired variant (``repairs:``) against the adapter and against the mean of its own energy-matched
+    random controls (paired per prompt); each control's own row beside it (``controls``)."""
+    rows = []
+    for v in variants:
+        if not v.is_repair or v.control_of is not None:
+            continue
+        ctl = [c.name for c in variants if c.control_of == v.name]
+        row = vec.variant_row(v, ref, {None: ctl})  # type: ignore[dict-item]
+        row["controls"] = [vec.variant_row(c, ref, {}) for c in variants if c.control_of == v.name]
+        rows.append(row)
+    return rows
 
 
 def _first_variant(by_vs, set_name: str) -> str:

@@ -88,4 +88,6 @@ def variant_label(v: dict[str, Any]) -> str:
         return f"{v['adapter']} (LoRA)" if v.get("adapter") else "base (no adapter)"
     if v["method"] == "random":
         return f"random-s{v.get('seed')} τ={v['tau']}"
+    if v.get("strength") is not None:  # safeprune repair, or one of its energy-matched controls
+        return f"{v['method']}" + (f"-s{v['seed']}" if v.get("control_of") else "") + f" t={v['strength']:g}"
     return f"{v['method']} τ={v['tau']}" + (f" ({'/'.join(v['auto'])})" if v.get("auto") else "")

@@ -11,6 +11,8 @@
       - {name: safelora, taus: [10]}   # action defaults to "project" for safelora, "prune" otherwise
       - {name: splora-official, method: splora, options: {mode: official}, taus: [10]}
     random: {seeds: [0, 1, 2, 3, 4]}   # the seeded random-pruning control, always run
+    repairs:                           # optional: safeprune repair, its strength curve, energy-matched controls
+      - {name: repair, options: {max_utility_drop: 5}, strengths: [0.5, 1.0], seeds: [1, 2, 3, 4, 5]}
     evaluation:
       safety: [{path: ../shared/data/advbench/harmful_behaviors.csv, sample: 150, seed: 20251122}]
       over_refusal: [{path: ../shared/data/xstest/xstest_prompts.csv, sample: 100, seed: 20251122}]
@@ -132,6 +134,49 @@ class RandomSpec(_Strict):
         return list(dict.fromkeys(v))
 
 
+class RepairSpec(_Strict):
+    """``safeprune repair`` on every adapter (:mod:`safeprune.workflows.repair`): one fit with ``options``
+    (:class:`~safeprune.workflows.repair_options.RepairOptions` fields; its budgets choose the strength), the
+    same fit rewritten at each of ``strengths`` without refitting, and for every strength written the
+    energy-matched random controls (the same share of ΔW energy removed from seeded random components)."""
+
+    name: str = "repair"
+    options: dict[str, Any] = Field(default_factory=dict)
+    strengths: list[float] = Field(default_factory=list)  # besides the one the fit chose
+    seeds: list[int] = Field(default_factory=lambda: [1, 2, 3, 4, 5])  # random controls at every strength
+    data: str | None = None  # the probe data folder (default: $SAFEPRUNE_DATA or ../shared/data)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return _check_name(v, "repair name")
+
+    @field_validator("options")
+    @classmethod
+    def _options(cls, v: dict[str, Any]) -> dict[str, Any]:
+        from dataclasses import fields
+
+        from ..repair_options import RepairOptions
+
+        known = {f.name for f in fields(RepairOptions)}
+        unknown = sorted(set(v) - known)
+        if unknown:
+            raise ValueError(f"unknown repair option(s) {unknown}; known: {', '.join(sorted(known))}")
+        try:
+            RepairOptions(**v).check()
+        except UsageError as e:
+            raise ValueError(str(e)) from None
+        return v
+
+    @field_validator("strengths")
+    @classmethod
+    def _strengths(cls, v: list[float]) -> list[float]:
+        for t in v:
+            if not (0.0 < t <= 1.0):
+                raise ValueError(f"a strength is in (0, 1], got {t}")
+        return list(dict.fromkeys(float(t) for t in v))
+
+
 class PromptSetSpec(_Strict):
     path: str
     name: str | None = None
@@ -215,8 +260,9 @@ class ExperimentConfig(_Strict):
     unaligned: str | None = None
     adapters: dict[str, str] = Field(default_factory=dict)
     finetune: list[FinetuneSpec] = Field(default_factory=list)
-    methods: list[MethodSpec]
+    methods: list[MethodSpec] = Field(default_factory=list)
     random: RandomSpec = Field(default_factory=RandomSpec)
+    repairs: list[RepairSpec] = Field(default_factory=list)  # safeprune repair pipelines + their controls
     evaluation: EvalSpec
     latency: LatencySpec = Field(default_factory=LatencySpec)
     paper: PaperRef | None = None
@@ -245,8 +291,11 @@ class ExperimentConfig(_Strict):
             raise ValueError(f"method names must be unique: {labels}")
         if "random" in labels:
             raise ValueError("'random' is the built-in control; configure it under random:")
-        if not self.methods:
-            raise ValueError("give at least one method")
+        rnames = [r.name for r in self.repairs]
+        if len(set(rnames)) != len(rnames) or set(rnames) & set(labels):
+            raise ValueError(f"repair names must be unique and differ from the method names: {rnames}")
+        if not self.methods and not self.repairs:
+            raise ValueError("give at least one method (methods:) or repair (repairs:)")
         if any(needs_pair(m.method) for m in self.methods) and not self.unaligned:
             raise ValueError("safelora/splora need `unaligned:` (and `aligned:`, default base)")
         return self
@@ -294,6 +343,8 @@ class ExperimentConfig(_Strict):
             for s in group:
                 s.path = r(s.path)
                 s.rows_from = r(s.rows_from)
+        for rp in d.repairs:
+            rp.data = r(rp.data)
         d.evaluation.refusal_keywords = r(d.evaluation.refusal_keywords)
         d.evaluation.cache = r(d.evaluation.cache)
         return d

@@ -26,11 +26,17 @@ def count_variants(cfg: ExperimentConfig) -> dict[str, int]:
     int_taus = {t for m in cfg.methods for t in m.taus if isinstance(t, int)}
     n_auto = sum(1 for m in cfg.methods for t in m.taus if not isinstance(t, int))
     r_taus = len(cfg.random.taus) if cfg.random.taus is not None else len(int_taus) + n_auto
+    # repairs: the fit's strength and the others asked for (at most; the fit's choice may be one of them),
+    # and the energy-matched controls of each, evaluated on every kind of set
+    rep = sum(1 + len(r.strengths) for r in cfg.repairs)
+    rep_ctl = sum((1 + len(r.strengths)) * len(r.seeds) for r in cfg.repairs)
     return {
         "base": int(cfg.evaluation.include_base),
         "adapters": n_adapters,
         "edited": n_adapters * per_adapter,
         "random_controls": n_adapters * len(cfg.random.seeds) * r_taus,
+        "repaired": n_adapters * rep,
+        "repair_controls": n_adapters * rep_ctl,
     }
 
 
@@ -41,7 +47,7 @@ def estimate_experiment(config: ExperimentConfig | str | Path, backend: Backend 
     e = cfg.evaluation
     sets = load_sets(cfg)
     nv = count_variants(cfg)
-    full = nv["base"] + nv["adapters"] + nv["edited"]
+    full = nv["base"] + nv["adapters"] + nv["edited"] + nv["repaired"] + nv["repair_controls"]
     kinds_rc = set(cfg.random.kinds or ("safety", "over_refusal", "utility"))
     judge = KeywordJudge.from_file(e.refusal_keywords) if e.refusal_keywords else KeywordJudge()
     ecfg = EvalConfig(
@@ -109,7 +115,13 @@ def estimate_lines(res: dict[str, Any]) -> list[str]:
     nv = res["variants"]
     out = [
         f"variants: base {nv['base']}, adapters {nv['adapters']}, edited {nv['edited']}, "
-        f"random controls {nv['random_controls']}",
+        f"random controls {nv['random_controls']}"
+        + (
+            f", repaired {nv['repaired']} (+ {nv['repair_controls']} energy-matched controls; the fits' own time "
+            "is not in the estimate)"
+            if nv.get("repaired")
+            else ""
+        ),
         f"early stopping: {res['early_stop']}",
     ]
     for r in res["kinds"]:

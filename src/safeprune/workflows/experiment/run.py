@@ -15,6 +15,7 @@ from ...io.files import write_text_atomic
 from .analysis import analyse
 from .config import ExperimentConfig, load_config
 from .eval_stages import stage_evaluate, stage_latency
+from .repair_stage import repair_summaries, stage_repair
 from .report import build_report
 from .stages import stage_edit, stage_finetune, stage_score
 
@@ -72,6 +73,8 @@ def run_experiment(
     if stop_after == "score":
         return RunResult(out, {}, out / "report.md", out / "report.html", timing)
     variants, auto_info = timed("edit", stage_edit, cfg, adapters, tables, out, log)
+    if cfg.repairs:
+        variants += timed("repair", stage_repair, cfg, adapters, out, log, progress)
     write_text_atomic(out / "variants.json", json.dumps([v.to_dict() for v in variants], indent=1))
     if stop_after == "edit":
         return RunResult(out, {}, out / "report.md", out / "report.html", timing)
@@ -80,6 +83,9 @@ def run_experiment(
     t0 = time.perf_counter()
     analysis = analyse(res.results, res.items, variants, n_boot=cfg.evaluation.bootstrap, seed=cfg.seed)
     analysis["auto_tau"] = auto_info
+    if cfg.repairs:
+        for a, fits in repair_summaries(out, cfg, list(adapters)).items():
+            analysis["adapters"].setdefault(a, {})["repair_fits"] = fits
     analysis["timing"] = timing
     timing["total (before the report)"] = time.perf_counter() - t_all
     write_text_atomic(out / "analysis.json", dumps(analysis))

@@ -26,6 +26,15 @@ class Variant:
     auto: list[str] = field(default_factory=list)  # auto-τ rules that resolved to this τ
     params_kept: float = 1.0  # share of the adapter's LoRA parameters kept
     modules_kept: int | None = None
+    # safeprune repair variants (``repairs:``): the edit strength written, the share of ΔW energy removed,
+    # and for an energy-matched random control the repaired variant it matches ("lora:repair@t0.75")
+    strength: float | None = None
+    energy_removed: float | None = None
+    control_of: str | None = None
+
+    @property
+    def is_repair(self) -> bool:
+        return self.strength is not None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -37,6 +46,11 @@ def variant_name(adapter: str, method: str, tau: int) -> str:
 
 def random_name(adapter: str, seed: int, tau: int) -> str:
     return f"{adapter}:random-s{seed}@{tau}"
+
+
+def repair_name(adapter: str, repair: str, strength: float, seed: int | None = None) -> str:
+    """ "lora:repair@t0.75", and its random control "lora:repair-random-s1@t0.75"."""
+    return f"{adapter}:{repair}" + (f"-random-s{seed}" if seed is not None else "") + f"@t{strength:g}"
 
 
 def digest(obj: Any) -> str:
