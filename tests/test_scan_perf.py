@@ -150,7 +150,7 @@ def test_threads_setting_and_restore(monkeypatch, llama_dir, llama_adapter):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU error")
 def test_cuda_without_gpu_is_a_usage_error(llama_dir, llama_adapter):
-    with pytest.raises(UsageError, match="no CUDA"):
+    with pytest.raises(UsageError, match="no such CUDA device"):
         resolve_device("cuda")
     with pytest.raises(UsageError):
         scan(llama_adapter, llama_dir, "ddi", device="cuda")

@@ -29,6 +29,7 @@ from transformers import AutoModelForCausalLM
 
 from ..adapter import LoraAdapter
 from ..errors import InputError, UsageError
+from ..io.devices import resolve_device
 
 
 def _pad_right(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -258,15 +259,5 @@ def _null():
 
 
 def check_device(name: str) -> torch.device:
-    """A torch device that exists here, or a one-line UsageError."""
-    try:
-        dev = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise UsageError(f"--device {name!r} is not a torch device (cpu, cuda, cuda:1, mps)") from None
-    if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
-        raise UsageError(f"--device {name}: no such CUDA device here (torch sees {torch.cuda.device_count()})")
-    if dev.type == "mps" and not torch.backends.mps.is_available():
-        raise UsageError(f"--device {name}: MPS is not available here")
-    if dev.type not in ("cpu", "cuda", "mps"):
-        raise UsageError(f"--device {name}: only cpu, cuda and mps are supported")
-    return dev
+    """A torch device that exists here, or a one-line UsageError (:func:`safeprune.io.devices.resolve_device`)."""
+    return resolve_device(name)

@@ -21,6 +21,7 @@ import torch
 
 from ..adapter import LoraAdapter, LoraModule, adapter_fingerprint, load_adapter, parse_module_types
 from ..errors import NonFiniteError, UsageError
+from ..io.devices import resolve_device as _resolve_device
 from ..io.progress import make_progress
 from ..weights import (
     WeightSource,
@@ -48,15 +49,8 @@ def _check_row_finite(row: dict[str, Any], adapter: LoraAdapter, allowed: frozen
 
 
 def resolve_device(device: str | None) -> torch.device:
-    d = (device or "cpu").lower()
-    if d == "auto":
-        d = "cuda" if torch.cuda.is_available() else "cpu"
-    if d.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError("--device cuda was asked for but no CUDA GPU is available")
-    try:
-        return torch.device(d)
-    except RuntimeError:
-        raise UsageError(f"unknown device {device!r} (use cpu, cuda, cuda:N or auto)") from None
+    """``--device`` (default cpu; ``auto``: a CUDA GPU when there is one): :func:`safeprune.io.devices.resolve_device`."""
+    return _resolve_device(device)
 
 
 def scan_threads(threads: int | None = None) -> int:

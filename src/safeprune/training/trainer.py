@@ -26,6 +26,7 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from ..errors import InputError, UsageError
 from ..io.commit import swap_dir_into_place
+from ..io.devices import resolve_device
 from ..io.hashing import sha256_hex
 from ..weights.resolve import resolve_model
 from .callbacks import progress_callback
@@ -87,11 +88,9 @@ def _encode(tok, examples: list[dict], max_length: int, truncated: str, data) ->
 
 def _placement(device: str, bf16: bool | None) -> tuple[bool, bool]:
     """(use the CPU, bf16 autocast): bf16 by default only on a CUDA GPU that supports it."""
-    use_cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
-    if device not in ("auto", "cpu", "cuda"):
-        raise UsageError(f"device must be auto, cpu or cuda (got {device!r})")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UsageError("device cuda asked for but no CUDA GPU is available")
+    if device not in ("auto", "cpu", "cuda"):  # the Trainer places the model itself: cpu or its GPU(s)
+        raise UsageError(f"--device must be auto, cpu or cuda for finetune (got {device!r})")
+    use_cpu = resolve_device(device).type == "cpu"  # the shared rule and its messages
     if bf16 is None:
         bf16 = (not use_cpu) and torch.cuda.is_bf16_supported()
     return use_cpu, bool(bf16)

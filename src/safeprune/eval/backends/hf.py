@@ -24,6 +24,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessorList, StoppingCriteriaList
 
 from ...errors import InputError, UsageError
+from ...io.devices import resolve_device
 from ...weights.resolve import resolve_model
 from .base import Backend, Generation, GenSettings
 from .continuous import cache_kwarg, continuous_generate
@@ -84,14 +85,12 @@ class HFBackend(Backend):
         if loop not in LOOPS:
             raise UsageError(f"unknown generation loop {loop!r}; known: {', '.join(LOOPS)}")
         self.loop = loop
+        self.device = str(resolve_device(device))  # auto: a CUDA GPU if there is one; bad names: one line
         if threads:
             torch.set_num_threads(threads)
         ref = resolve_model(base)  # HF directory, sharded, .safetensors in one, .gguf, hub id from the cache
         bp, kw = ref.directory, ref.kwargs()
         self.base = str(ref.path)  # what the generation cache's model hash reads
-        self.device = (
-            "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
-        )
         self.dtype = dtype
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(bp, local_files_only=True, **kw)
