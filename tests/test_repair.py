@@ -580,6 +580,7 @@ def test_repairs_in_safeprune_run(tiny, tmp_path, monkeypatch):
     md = res.report_md.read_text()
     assert "safeprune repair against energy-matched random controls" in md and "issue 13's bar" in md
     assert "repair t=0.5" in md and "seeds: " in md and "misses: ROUGE-1 not measured" in md
+    assert (tmp_path / "out" / "plots" / "lora_repair_tradeoff.png").stat().st_size > 0  # the trade-off curve
     # the rerun reuses the fit, the rewrite and the controls
     monkeypatch.setattr(stage_mod, "repair", lambda *a, **k: pytest.fail("refitted an unchanged repair"))
     res2 = run_experiment(tmp_path / "exp.yaml", tmp_path / "out", progress=False, log=lambda s: None, backend=backend)

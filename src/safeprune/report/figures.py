@@ -162,6 +162,44 @@ def risk_coverage(curves: dict[str, dict[str, Any]], path: Path, title: str, whi
     return save_figure(fig, path)
 
 
+def repair_tradeoff(
+    reps: list[dict[str, Any]], asr_key: str, util_key: str | None, orr_key: str | None, path: Path, title: str
+) -> Path:
+    """The repair's trade-off curve: the relative ASR cut against ΔROUGE-1 and against Δover-refusal (both vs
+    the unedited adapter), one point per strength, and each strength's energy-matched random controls (their
+    mean, and each seed as a small cross)."""
+    panels = [(k, lab) for k, lab in ((util_key, "ΔROUGE-1 (points)"), (orr_key, "Δover-refusal (points)")) if k]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 3.9), dpi=110, squeeze=False)
+    for ax, (key, label) in zip(axes[0], panels):
+        pts, labels = [], []
+        for r in sorted(reps, key=lambda r: r["variant"]["strength"]):
+            d, dx = r["vs_ref"].get(asr_key), r["vs_ref"].get(key)
+            ref = r["metrics"][asr_key]["value"] - d["delta"] if d else None
+            if not d or not dx or not ref:
+                continue
+            pts.append((dx["delta"], -100 * d["delta"] / ref))
+            labels.append((dx["delta"], -100 * d["delta"] / ref, f"t={r['variant']['strength']:g}"))
+            ctl = [c for c in r.get("controls") or [] if c["vs_ref"].get(asr_key) and c["vs_ref"].get(key)]
+            if ctl:
+                cx = [c["vs_ref"][key]["delta"] for c in ctl]
+                cy = [-100 * c["vs_ref"][asr_key]["delta"] / ref for c in ctl]
+                ax.scatter(cx, cy, marker="x", s=14, color="gray", alpha=0.6)
+                ax.scatter([sum(cx) / len(cx)], [sum(cy) / len(cy)], marker="s", s=30, color="gray")
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color=COLORS[0], label="repair", lw=1.6)
+        ax.scatter([], [], marker="s", color="gray", label="random controls, same ΔW energy (mean; × = seeds)")
+        ax.axhline(60, color="green", ls=":", lw=1)
+        ax.axvline(-1 if key == util_key else 5, color="green", ls=":", lw=1)
+        ax.set_xlabel(label)
+        ax.set_ylabel("ASR cut relative to the adapter (%)")
+        ax.grid(alpha=0.3)
+        _label_points(ax, labels)
+    axes[0][0].legend(fontsize=7, loc="best")
+    fig.suptitle(title + " (dotted: issue 13's bar)", fontsize=10)
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
 def _label_points(ax, points: list[tuple[float, float, str]]) -> None:
     """τ labels beside their points, none on top of another (see :func:`place_labels`)."""
     if not points:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from ...report import figures
 from .cells import chance_verdict, ci, dci, f1, main_tau, variant_label
 from .figure_sections import flips_section, heatmap_section, risk_coverage_section, tau_section
 
@@ -216,6 +217,10 @@ def _repairs_section(c: _Section) -> None:
                 [f"  controls of t={v['strength']:g}", "", "seeds: " + ", ".join(f1(x) for x in seeds)]
                 + [""] * (len(heads) - 3)
             )
+    path = figures.repair_tradeoff(
+        reps, asr_k, r1_k, orr_k, c.plots / f"{c.a}_repair_tradeoff.png", f"{c.a}: safeprune repair's trade-off"
+    )
+    doc.img(path, f"{c.a}: ASR cut against ΔROUGE-1 and Δover-refusal, per strength, beside its random controls")
     doc.table(
         heads,
         body,
