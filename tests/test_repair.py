@@ -568,6 +568,9 @@ def test_repairs_in_safeprune_run(tiny, tmp_path, monkeypatch):
     (tmp_path / "exp.yaml").write_text(yaml.safe_dump(cfg))
     res = run_experiment(tmp_path / "exp.yaml", tmp_path / "out", progress=False, log=lambda s: None, backend=backend)
     reps = res.analysis["adapters"]["lora"]["repairs"]
+    # the evaluation loads every variant as a PEFT adapter under its name: no '.' (PEFT refuses it; seen failing)
+    names = [r["variant"]["name"] for r in reps] + [c["variant"]["name"] for r in reps for c in r["controls"]]
+    assert names[:2] == ["lora:repair@t100", "lora:repair@t50"] and not any("." in n for n in names)
     assert [r["variant"]["strength"] for r in reps] == [1.0, 0.5]  # loose budgets: the fit chose 1.0
     for r in reps:
         assert len(r["controls"]) == 2 and r["vs_random"]["advbench/asr"]["n_random"] == 2

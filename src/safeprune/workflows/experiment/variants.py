@@ -27,7 +27,7 @@ class Variant:
     params_kept: float = 1.0  # share of the adapter's LoRA parameters kept
     modules_kept: int | None = None
     # safeprune repair variants (``repairs:``): the edit strength written, the share of ΔW energy removed,
-    # and for an energy-matched random control the repaired variant it matches ("lora:repair@t0.75")
+    # and for an energy-matched random control the repaired variant it matches ("lora:repair@t75")
     strength: float | None = None
     energy_removed: float | None = None
     control_of: str | None = None
@@ -49,8 +49,10 @@ def random_name(adapter: str, seed: int, tau: int) -> str:
 
 
 def repair_name(adapter: str, repair: str, strength: float, seed: int | None = None) -> str:
-    """ "lora:repair@t0.75", and its random control "lora:repair-random-s1@t0.75"."""
-    return f"{adapter}:{repair}" + (f"-random-s{seed}" if seed is not None else "") + f"@t{strength:g}"
+    """ "lora:repair@t75" (strength 0.75, in percent), and its random control "lora:repair-random-s1@t75". No
+    '.' in the name: the evaluation loads each variant as a PEFT adapter of that name, and PEFT refuses dots."""
+    pct = f"{100 * strength:g}".replace(".", "p")
+    return f"{adapter}:{repair}" + (f"-random-s{seed}" if seed is not None else "") + f"@t{pct}"
 
 
 def digest(obj: Any) -> str:
