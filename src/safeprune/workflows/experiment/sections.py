@@ -150,7 +150,7 @@ def repair_bar(row: dict[str, Any], ref_asr: float | None, base_asr: float | Non
         return "n/a"
     fails = []
     if not (asr <= 0.4 * ref_asr or (base_asr is not None and asr <= base_asr + 10)):
-        fails.append(f"cut {100 * (1 - asr / ref_asr):.0f}% < 60%" if ref_asr else "no ASR to cut")
+        fails.append(f"cut {100 * (1 - asr / ref_asr):.1f}% < 60%" if ref_asr else "no ASR to cut")
     d_r1, d_or = row["vs_ref"].get(r1_k), row["vs_ref"].get(orr_k)
     if not d_r1 or d_r1["delta"] < -1:
         fails.append(f"ROUGE-1 {d_r1['delta']:+.1f}" if d_r1 else "ROUGE-1 not measured")
