@@ -18,10 +18,11 @@ def test_one_device_rule_for_every_command(name, msg):
     from safeprune.io.devices import resolve_device
     from safeprune.scoring.scanner import resolve_device as scan_device
     from safeprune.training.trainer import _placement
+    from safeprune.workflows.repair_options import RepairOptions
 
     assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
     assert resolve_device(None).type == "cpu" and scan_device("cpu").type == "cpu"
-    for fn in (resolve_device, scan_device, __import__("safeprune.scoring.gates", fromlist=["x"]).check_device):
+    for fn in (resolve_device, scan_device, lambda d: RepairOptions(device=d).check()):  # scan, repair
         with pytest.raises(UsageError, match=msg):
             fn(name)
     with pytest.raises(UsageError, match=msg):

@@ -64,7 +64,7 @@ class ComponentGates:
     ):
         if adapter.path is None:
             raise UsageError("component gates load the adapter with PEFT: give an adapter directory")
-        self.device = check_device(device)
+        self.device = resolve_device(device)
         self.pad_id = pad_id
         model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
         self.model = PeftModel.from_pretrained(model, str(adapter.path)).eval()
@@ -256,8 +256,3 @@ class ComponentGates:
 @contextmanager
 def _null():
     yield
-
-
-def check_device(name: str) -> torch.device:
-    """A torch device that exists here, or a one-line UsageError (:func:`safeprune.io.devices.resolve_device`)."""
-    return resolve_device(name)

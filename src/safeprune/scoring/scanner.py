@@ -21,7 +21,7 @@ import torch
 
 from ..adapter import LoraAdapter, LoraModule, adapter_fingerprint, load_adapter, parse_module_types
 from ..errors import NonFiniteError, UsageError
-from ..io.devices import resolve_device as _resolve_device
+from ..io.devices import resolve_device  # re-exported: safeprune.scoring.resolve_device
 from ..io.progress import make_progress
 from ..weights import (
     WeightSource,
@@ -46,11 +46,6 @@ def _check_row_finite(row: dict[str, Any], adapter: LoraAdapter, allowed: frozen
                 f"score {k!r} of module {row['module']!r} is {v} (degenerate weights); refusing to rank it",
                 adapter.path or "adapter",
             )
-
-
-def resolve_device(device: str | None) -> torch.device:
-    """``--device`` (default cpu; ``auto``: a CUDA GPU when there is one): :func:`safeprune.io.devices.resolve_device`."""
-    return _resolve_device(device)
 
 
 def scan_threads(threads: int | None = None) -> int:

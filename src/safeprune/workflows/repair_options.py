@@ -63,8 +63,8 @@ class RepairOptions:
         if self.lr == 0:
             raise UsageError("--lr must be > 0")
         if self.device != "cpu":  # before any model is loaded (the check imports torch)
-            from ..scoring.gates import check_device
+            from ..io.devices import resolve_device
 
-            check_device(self.device)
+            resolve_device(self.device)
         if self.target_asr is not None and not (0 <= self.target_asr <= 100):
             raise UsageError(f"--target-asr is a percentage in [0, 100], got {self.target_asr!r}")

@@ -241,9 +241,9 @@ def _repair_rows(vec: _Vectors, variants: list[Variant], ref: str) -> list[dict[
     for v in variants:
         if not v.is_repair or v.control_of is not None:
             continue
-        ctl = [c.name for c in variants if c.control_of == v.name]
-        row = vec.variant_row(v, ref, {None: ctl})  # type: ignore[dict-item]
-        row["controls"] = [vec.variant_row(c, ref, {}) for c in variants if c.control_of == v.name]
+        ctl = [c for c in variants if c.control_of == v.name]
+        row = vec.variant_row(v, ref, {None: [c.name for c in ctl]})  # type: ignore[dict-item]
+        row["controls"] = [vec.variant_row(c, ref, {}) for c in ctl]
         rows.append(row)
     return rows
 

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ...adapter.names import MANIFEST_NAME
 from ...io.datapaths import data_root
 from ...io.files import write_text_atomic
 from ...version import __version__
@@ -71,7 +72,7 @@ def _repair_variants(
             if not fresh(dest, dest / "key.json", key):
                 _save(restrength(apath, fitted, t), dest, key)
         name = repair_name(aname, spec.name, t)
-        energy = _energy(dest)
+        edit = _edit_record(dest)
         out_vars.append(
             Variant(
                 name=name,
@@ -80,11 +81,11 @@ def _repair_variants(
                 path=str(dest),
                 action="repair",
                 strength=t,
-                energy_removed=energy,
+                energy_removed=_energy(edit),
                 selected=[],
             )
         )
-        gates = digest((read_key(dest / "safeprune.json") or {}).get("edit", {}).get("gates"))
+        gates = digest(edit.get("gates"))
         for seed in spec.seeds:
             cdest = root / f"{spec.name}-random-s{seed}@t{t:g}"
             ckey = {
@@ -105,7 +106,7 @@ def _repair_variants(
                     path=str(cdest),
                     action="random-control",
                     strength=t,
-                    energy_removed=_energy(cdest),
+                    energy_removed=_energy(_edit_record(cdest)),
                     control_of=name,
                     selected=[],
                 )
@@ -116,8 +117,13 @@ def _repair_variants(
     return out_vars
 
 
-def _energy(dest: Path) -> float | None:
-    edit: dict[str, Any] = (read_key(dest / "safeprune.json") or {}).get("edit", {})
+def _edit_record(dest: Path) -> dict[str, Any]:
+    """The ``edit`` record of a written variant's manifest (gates, energy removed)."""
+    return (read_key(dest / MANIFEST_NAME) or {}).get("edit", {})
+
+
+def _energy(edit: dict[str, Any]) -> float | None:
+    """The share of ΔW energy an edit removed: a control records it at the top, a repair in its summary."""
     v = edit.get("energy_removed", (edit.get("summary") or {}).get("energy_removed"))
     return float(v) if isinstance(v, (int, float)) else None
 
