@@ -143,6 +143,22 @@ def test_config_errors_name_the_file_and_field(world):
     bad.write_text("name: x\nbase: base\nadapters: {lora: lora}\nmethods: [{name: ddi}]\nevaluation: {}\nbogus: 1\n")
     with pytest.raises(InputError, match="evaluation|bogus"):
         load_config(bad)
+    # repairs: options are RepairOptions fields with valid values, strengths in (0, 1], names unique
+    ev = "evaluation: {safety: [{path: harmful_behaviors.csv}]}\n"
+    for repairs, msg in (
+        ("[{options: {stepz: 3}}]", r"bad\.yaml.*repairs\.0\.options.*unknown repair option.*stepz"),
+        ("[{options: {steps: 0}}]", r"bad\.yaml.*repairs\.0\.options.*--steps must be an integer >= 1"),
+        ("[{strengths: [1.5]}]", r"bad\.yaml.*repairs\.0\.strengths.*strength is in \(0, 1\]"),
+        ("[{name: ddi}]", r"bad\.yaml.*repair names must be unique and differ from the method names"),
+    ):
+        bad.write_text(
+            f"name: x\nbase: base\nadapters: {{lora: lora}}\nmethods: [{{name: ddi}}]\nrepairs: {repairs}\n" + ev
+        )
+        with pytest.raises(InputError, match=msg):
+            load_config(bad)
+    bad.write_text("name: x\nbase: base\nadapters: {lora: lora}\n" + ev)
+    with pytest.raises(InputError, match=r"at least one method \(methods:\) or repair \(repairs:\)"):
+        load_config(bad)
     bad.write_text("name: [unclosed\n")
     with pytest.raises(InputError, match="YAML"):
         load_config(bad)
