@@ -29,6 +29,7 @@ tokens); the table shows how much of it is the repair's own.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -104,7 +105,14 @@ def worker_fit(args: dict) -> dict:
     rss0 = _status("VmRSS")
     ad = load_adapter(args["adapter"])
     t0 = time.perf_counter()
-    gates = ComponentGates(args["base"], ad, orthogonalise(ad), checkpoint=bool(args.get("checkpoint")), device=dev)
+    gates = ComponentGates(
+        args["base"],
+        ad,
+        orthogonalise(ad),
+        checkpoint=bool(args.get("checkpoint")),
+        device=dev,
+        offload=args.get("offload", "none"),
+    )
     load_s = time.perf_counter() - t0
 
     def sync() -> None:
@@ -145,6 +153,7 @@ def worker_fit(args: dict) -> dict:
         }
     n = len(gates.gates)
     assert all(torch.isfinite(v).all() for v in grads.values())
+    digest = hashlib.sha256(b"".join(grads[k].numpy().tobytes() for k in sorted(grads))).hexdigest()
     nonzero = sum(int((v != 0).sum()) for v in grads.values())
     gates.close()
     hwm = _status("VmHWM")
@@ -153,6 +162,7 @@ def worker_fit(args: dict) -> dict:
         "modules": n,
         "components": sum(v.numel() for v in grads.values()),
         "nonzero_gate_grads": nonzero,
+        "gate_grads_sha256": digest,  # equal digests: bit-identical gradients (e.g. with and without offloading)
         "load_s": load_s,
         "step_wall_s": wall,
         "step_cpu_s": min(s[1] for s in steps),

@@ -109,7 +109,7 @@ def test_repair_end_to_end(tiny, tmp_path):
     assert s["strength"] == 1.0  # the loose budgets accept the full edit at once
     assert len(s["trace"]) == 2 and s["trace"][1]["harm"] < s["trace"][0]["harm"]  # the refusal NLL fell
     assert 0.0 < s["energy_removed"] < 1.0
-    assert s["ran_on"] == {"device": "cpu", "checkpoint": False}  # auto: off below 1B parameters
+    assert s["ran_on"] == {"device": "cpu", "checkpoint": False, "offload": "none"}  # auto: off below 1B parameters
     m = res.adapter.manifest
     assert m["action"] == "repair" and m["edit"]["kind"] == "component gates"
     assert set(m["edit"]["gates"]) == set(res.adapter.modules)
@@ -412,6 +412,96 @@ def test_activation_checkpointing_gives_the_same_gradients(tiny, tmp_path):
     assert any(float(g.abs().max()) > 0 for g in g0.values())
 
 
+def test_offloaded_checkpoint_inputs_give_the_same_gradients(tiny, monkeypatch):
+    """offload="disk": each checkpointed layer's input is written to a file during the forward pass (one per
+    layer and batch), read back in the backward pass and deleted; the NLLs and gate gradients are bit for bit
+    those of checkpointing alone, and the spill folder is removed on close."""
+    import safeprune.io.offload as off
+
+    base, adapter, _ = tiny
+    ad = load_adapter(adapter)
+    orth = orthogonalise(ad)
+    rng = random.Random(3)
+    prompts = [[rng.randrange(7, 120) for _ in range(rng.randint(3, 7))] for _ in range(4)]
+    targets = [[rng.randrange(7, 120) for _ in range(3)] for _ in range(4)]
+    packed, alive = [], []
+    pack = off.DiskSpill.pack
+
+    def counting_pack(self, t):
+        packed.append(tuple(t.shape))
+        alive.append(self.files())  # files already on disk when this one is written
+        return pack(self, t)
+
+    monkeypatch.setattr(off.DiskSpill, "pack", counting_pack)
+    out = {}
+    for kind in ("none", "disk"):
+        g = ComponentGates(base, ad, orth, checkpoint=True, offload=kind)
+        try:
+            g.zero_grad()
+            out[kind] = (g.nll(prompts, targets, batch_size=2, weight=1.0), g.grads())
+            if kind == "disk":
+                spill = g._spill.dir
+                assert spill.is_dir() and g._spill.files() == 0  # every spilled input deleted after its backward
+        finally:
+            g.close()
+    assert not spill.exists()
+    n_layers = len(g.model.get_base_model().model.layers)
+    hidden = g.model.get_base_model().config.hidden_size
+    assert len(packed) == 2 * n_layers  # two batches × one input per layer, nothing else
+    assert all(s[0] == 2 and s[-1] == hidden for s in packed)
+    assert alive == [0, 1, 0, 1]  # the first batch's files are gone before the second batch writes
+    (v0, g0), (v1, g1) = out["none"], out["disk"]
+    assert torch.equal(v0, v1)
+    assert all(torch.equal(g0[k], g1[k]) for k in g0)
+    assert any(float(x.abs().max()) > 0 for x in g1.values())
+
+
+def test_offload_is_refused_where_it_cannot_work(tiny):
+    base, adapter, _ = tiny
+    ad = load_adapter(adapter)
+    with pytest.raises(UsageError, match="on the CPU use --offload disk"):
+        ComponentGates(base, ad, offload="cpu")
+    with pytest.raises(UsageError, match="needs --checkpoint"):
+        ComponentGates(base, ad, checkpoint=False, offload="disk")
+    with pytest.raises(UsageError, match="must be one of none, cpu, disk"):
+        ComponentGates(base, ad, offload="ram")
+    g = ComponentGates(base, ad, offload="disk")  # checkpointing follows from offloading
+    g.close()
+    assert g.checkpoint is True
+
+
+def test_repair_with_disk_offload_writes_the_same_adapter(tiny, tmp_path):
+    """`safeprune repair --offload disk` (the checkpointed inputs in temporary files) fits the same gates as
+    `--checkpoint` alone: the same strength and bit-identical adapter tensors."""
+    base, adapter, data = tiny
+    res = {}
+    for kind in ("none", "disk"):
+        opts = RepairOptions(
+            max_utility_drop=100.0, max_over_refusal_rise=100.0, checkpoint=True, offload=kind, **SMALL
+        )
+        res[kind] = repair(adapter, base, options=opts, data=data, progress=False)
+    assert res["disk"].summary["ran_on"] == {"device": "cpu", "checkpoint": True, "offload": "disk"}
+    assert res["disk"].summary["strength"] == res["none"].summary["strength"]
+    a, b = res["none"].adapter.modules, res["disk"].adapter.modules
+    assert set(a) == set(b) and all(torch.equal(a[k].lora_B, b[k].lora_B) for k in a)
+
+
+@pytest.mark.parametrize(
+    "args,msg",
+    [
+        (["--offload", "cpu"], "on the CPU use --offload disk"),
+        (["--offload", "disk", "--no-checkpoint"], "needs --checkpoint"),
+        (["--offload", "gpu"], "must be one of none, cpu, disk"),
+    ],
+)
+def test_repair_offload_errors_are_one_line(tiny, tmp_path, args, msg):
+    base, adapter, _ = tiny
+    r = CliRunner().invoke(app, ["repair", str(adapter), "-b", str(base), "-o", str(tmp_path / "o"), *args])
+    assert r.exit_code == 2, r.output
+    lines = [ln for ln in r.output.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and msg in lines[0] and not (tmp_path / "o").exists()
+
+
 def test_activation_checkpointing_is_automatic_from_a_billion_parameters(tiny, monkeypatch):
     import safeprune.scoring.gates as gates_mod
 
@@ -456,6 +546,29 @@ def test_gates_on_an_explicit_device_return_cpu_tensors(tiny):
 
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run on the GPU machine)")
+
+
+@cuda
+@pytest.mark.parametrize("kind", ["cpu", "disk"])
+def test_offload_from_cuda_gives_the_same_gradients(tiny, kind):
+    """On a GPU, --offload cpu (host memory, pinned) and --offload disk give bit-identical NLLs and gate
+    gradients to checkpointing alone on the same GPU."""
+    base, adapter, _ = tiny
+    ad = load_adapter(adapter)
+    orth = orthogonalise(ad)
+    rng = random.Random(4)
+    prompts = [[rng.randrange(7, 120) for _ in range(rng.randint(3, 9))] for _ in range(6)]
+    targets = [[rng.randrange(7, 120) for _ in range(4)] for _ in range(6)]
+    out = {}
+    for k in ("none", kind):
+        g = ComponentGates(base, ad, orth, checkpoint=True, device="cuda", offload=k)
+        try:
+            g.zero_grad()
+            out[k] = (g.nll(prompts, targets, batch_size=3, weight=1.0), g.grads())
+        finally:
+            g.close()
+    (v0, g0), (v1, g1) = out["none"], out[kind]
+    assert torch.equal(v0, v1) and all(torch.equal(g0[k], g1[k]) for k in g0)
 
 
 @cuda

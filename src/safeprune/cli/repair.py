@@ -95,6 +95,15 @@ def repair_cmd(
     device: Annotated[
         str, typer.Option("--device", help="Where the fit runs: cpu, cuda, cuda:N or mps (float32 either way).")
     ] = D.device,
+    offload: Annotated[
+        str,
+        typer.Option(
+            "--offload",
+            help="Where each checkpointed layer's input waits for the backward pass: none (the device), cpu (host "
+            "memory, from a GPU) or disk (temporary files under $TMPDIR). With cpu or disk the fit's memory above "
+            "the model does not grow with the layers; gradients are the same. Implies --checkpoint.",
+        ),
+    ] = D.offload,
     summary_out: Annotated[
         Optional[Path], typer.Option("--summary", help="Also write the before/after summary as JSON here.")
     ] = None,
@@ -187,6 +196,7 @@ def repair_cmd(
         threads=threads,
         checkpoint=checkpoint,
         device=device,
+        offload=offload,
     )
     opts.check()
     ad = load_adapter(adapter, allow_pickle=allow_pickle)

@@ -15,6 +15,9 @@ batches and, when asked, back-propagates each batch at once (memory bounded by o
 each decoder layer keeps only its input for the backward pass and recomputes its inside (PyTorch activation
 checkpointing, non-reentrant, through transformers' per-layer hook): the activations held for a batch grow by
 one hidden state per layer instead of every intermediate of every layer, for one extra forward per backward.
+With ``offload`` (``cpu`` from an accelerator, or ``disk``; :mod:`safeprune.io.offload`) that one input per layer
+leaves the device too, so what the fit holds above the loaded model no longer grows with the number of layers;
+the spilled inputs are read back bit for bit (same gradients).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from transformers import AutoModelForCausalLM
 from ..adapter import LoraAdapter
 from ..errors import InputError, UsageError
 from ..io.devices import resolve_device
+from ..io.offload import DiskSpill, check_offload, saved_tensors
 
 
 def _pad_right(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -61,10 +65,16 @@ class ComponentGates:
         pad_id: int = 0,
         checkpoint: bool | None = None,
         device: str = "cpu",
+        offload: str = "none",
     ):
         if adapter.path is None:
             raise UsageError("component gates load the adapter with PEFT: give an adapter directory")
         self.device = resolve_device(device)
+        check_offload(offload, str(self.device))
+        if offload != "none" and checkpoint is False:
+            raise UsageError(f"--offload {offload} moves the checkpointed layers' inputs: it needs --checkpoint")
+        self.offload = offload
+        self._spill: DiskSpill | None = None
         self.pad_id = pad_id
         model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
         self.model = PeftModel.from_pretrained(model, str(adapter.path)).eval()
@@ -98,8 +108,8 @@ class ComponentGates:
             self.close()
             raise InputError(f"PEFT did not attach {len(missing)} module(s), e.g. {sorted(missing)[0]}", adapter.path)
         self.model.to(self.device)
-        if checkpoint is None:  # auto: on for models of a billion parameters or more
-            checkpoint = sum(p.numel() for p in self.model.parameters()) >= AUTO_CHECKPOINT_PARAMS
+        if checkpoint is None:  # auto: on for models of a billion parameters or more, and with offloading
+            checkpoint = offload != "none" or sum(p.numel() for p in self.model.parameters()) >= AUTO_CHECKPOINT_PARAMS
         self.checkpoint = bool(checkpoint)
         if self.checkpoint:
             self._enable_checkpointing(base)
@@ -124,6 +134,21 @@ class ComponentGates:
             inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         for m in layers:
             m.training = True  # the flag only, not its submodules: LoRA dropout stays off
+        if self.offload != "none":
+            self._spill = DiskSpill() if self.offload == "disk" else None
+            for m in layers:
+                m._gradient_checkpointing_func = self._offloaded(m._gradient_checkpointing_func)
+
+    def _offloaded(self, ckpt: Any) -> Any:
+        """The layer's checkpoint call with the tensors it saves (the layer's input; the inside of the layer is
+        recomputed, not saved) sent where ``offload`` says."""
+        pin = self.device.type == "cuda"
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            with saved_tensors(self.offload, self._spill, pin_memory=pin):
+                return ckpt(*args, **kwargs)
+
+        return call
 
     @staticmethod
     def _hook(g: torch.nn.Parameter):
@@ -136,6 +161,8 @@ class ComponentGates:
         for h in self._handles:
             h.remove()
         self._handles = []
+        if getattr(self, "_spill", None) is not None:
+            self._spill.close()
 
     # -- gate values ---------------------------------------------------------------------------------
 

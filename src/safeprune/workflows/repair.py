@@ -384,7 +384,9 @@ def repair(
         raise InputError(f"cannot load the tokenizer ({e})", base) from None
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
     eos_id = tok.eos_token_id
-    gates = ComponentGates(base, ad, orth, pad_id=pad_id, checkpoint=opts.checkpoint, device=opts.device)
+    gates = ComponentGates(
+        base, ad, orth, pad_id=pad_id, checkpoint=opts.checkpoint, device=opts.device, offload=opts.offload
+    )
     try:
         with make_progress(progress) as prog:
             task_id = prog.add_task("repair", total=opts.steps + 3 + len(STRENGTHS), module="")
@@ -426,7 +428,11 @@ def repair(
     summary: dict[str, Any] = {
         "method": opts.method,
         "options": {k: getattr(opts, k) for k in opts.__dataclass_fields__},
-        "ran_on": {"device": str(gates.device), "checkpoint": gates.checkpoint},  # what "auto" resolved to
+        "ran_on": {
+            "device": str(gates.device),
+            "checkpoint": gates.checkpoint,
+            "offload": gates.offload,
+        },  # what "auto" resolved to
         "probes": probes.info,
         "refusal_target": enc.refusal,
         "base_refused_fit_probes": f"{enc.base_refused}/{len(enc.harm)}",

@@ -36,6 +36,9 @@ class RepairOptions:
     # activation checkpointing in the fit (None: on for bases of a billion parameters or more)
     checkpoint: bool | None = None
     device: str = "cpu"  # where the fit and the check generations run (cpu, cuda, cuda:N, mps)
+    # where the checkpointed layers' inputs wait for the backward pass: none (the device), cpu (host memory,
+    # from an accelerator) or disk (temporary files): with cpu/disk the fit's memory does not grow with the layers
+    offload: str = "none"
 
     def check(self) -> None:
         if self.method not in METHODS:
@@ -66,5 +69,10 @@ class RepairOptions:
             from ..io.devices import resolve_device
 
             resolve_device(self.device)
+        from ..io.offload import check_offload
+
+        check_offload(self.offload, self.device)
+        if self.offload != "none" and self.checkpoint is False:
+            raise UsageError(f"--offload {self.offload} moves the checkpointed layers' inputs: it needs --checkpoint")
         if self.target_asr is not None and not (0 <= self.target_asr <= 100):
             raise UsageError(f"--target-asr is a percentage in [0, 100], got {self.target_asr!r}")
