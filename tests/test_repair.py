@@ -36,15 +36,20 @@ SMALL = dict(
 )
 
 
+def _items(seed: int, n: int, longest: int = 7, target: int = 3) -> tuple[list[list[int]], list[list[int]]]:
+    """``n`` seeded random prompts (3..``longest`` tokens) and targets (``target`` tokens) of the tiny vocabulary."""
+    rng = random.Random(seed)
+    prompts = [[rng.randrange(7, 120) for _ in range(rng.randint(3, longest))] for _ in range(n)]
+    return prompts, [[rng.randrange(7, 120) for _ in range(target)] for _ in range(n)]
+
+
 def test_component_gate_gradient_matches_finite_difference(tiny):
     base, adapter, _ = tiny
     torch.set_num_threads(1)
     ad = load_adapter(adapter)
     g = ComponentGates(base, ad, orthogonalise(ad))
     try:
-        rng = random.Random(1)
-        prompts = [[rng.randrange(7, 120) for _ in range(rng.randint(3, 7))] for _ in range(5)]
-        targets = [[rng.randrange(7, 120) for _ in range(3)] for _ in range(5)]
+        prompts, targets = _items(1, 5)
         g.zero_grad()
         base_val = float(g.nll(prompts, targets, batch_size=2, weight=1.0).mean())
         grads = g.grads()
@@ -387,9 +392,7 @@ def test_activation_checkpointing_gives_the_same_gradients(tiny, tmp_path):
     (drop / "adapter_config.json").write_text(json.dumps(cfg))
     ad = load_adapter(drop)
     orth = orthogonalise(ad)
-    rng = random.Random(2)
-    prompts = [[rng.randrange(7, 120) for _ in range(rng.randint(3, 7))] for _ in range(4)]
-    targets = [[rng.randrange(7, 120) for _ in range(3)] for _ in range(4)]
+    prompts, targets = _items(2, 4)
     out = {}
     for ckpt in (False, True):
         g = ComponentGates(base, ad, orth, checkpoint=ckpt)
@@ -421,9 +424,7 @@ def test_offloaded_checkpoint_inputs_give_the_same_gradients(tiny, monkeypatch):
     base, adapter, _ = tiny
     ad = load_adapter(adapter)
     orth = orthogonalise(ad)
-    rng = random.Random(3)
-    prompts = [[rng.randrange(7, 120) for _ in range(rng.randint(3, 7))] for _ in range(4)]
-    targets = [[rng.randrange(7, 120) for _ in range(3)] for _ in range(4)]
+    prompts, targets = _items(3, 4)
     packed, alive = [], []
     pack = off.DiskSpill.pack
 
@@ -556,9 +557,7 @@ def test_offload_from_cuda_gives_the_same_gradients(tiny, kind):
     base, adapter, _ = tiny
     ad = load_adapter(adapter)
     orth = orthogonalise(ad)
-    rng = random.Random(4)
-    prompts = [[rng.randrange(7, 120) for _ in range(rng.randint(3, 9))] for _ in range(6)]
-    targets = [[rng.randrange(7, 120) for _ in range(4)] for _ in range(6)]
+    prompts, targets = _items(4, 6, longest=9, target=4)
     out = {}
     for k in ("none", kind):
         g = ComponentGates(base, ad, orth, checkpoint=True, device="cuda", offload=k)
@@ -579,9 +578,7 @@ def test_gates_on_cuda_match_the_cpu(tiny, ckpt):
     base, adapter, _ = tiny
     ad = load_adapter(adapter)
     orth = orthogonalise(ad)
-    rng = random.Random(3)
-    prompts = [[rng.randrange(7, 120) for _ in range(rng.randint(3, 9))] for _ in range(6)]
-    targets = [[rng.randrange(7, 120) for _ in range(4)] for _ in range(6)]
+    prompts, targets = _items(3, 6, longest=9, target=4)
     out = {}
     tf32 = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False
