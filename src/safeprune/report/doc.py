@@ -83,12 +83,14 @@ class Doc:
                     rel = path
                 out += [f"![{cap}]({rel.as_posix()})", "", f"*{cap}*", ""]
             elif kind == "code":
-                out += ["```", b, "```", ""]
+                f = _fence(b)
+                out += [f, b, f, ""]
             elif kind == "details":
                 summary, items = b
                 out += [f"<details><summary>{html.escape(summary)}</summary>", ""]
                 for head, text in items:
-                    out += [f"**{head}**", "", "```", text, "```", ""]
+                    f = _fence(text)
+                    out += [f"**{head}**", "", f, text, f, ""]
                 out += ["</details>", ""]
         return "\n".join(out).rstrip() + "\n"
 
@@ -135,6 +137,13 @@ class Doc:
                 out.append(f"<details><summary>{e(summary)}</summary>{inner}</details>")
         out.append("</body></html>")
         return "\n".join(out) + "\n"
+
+
+def _fence(text: str) -> str:
+    """A code fence longer than any run of backticks in ``text``: a model's output that contains a fence of its
+    own (a code answer) must not close the block and spill the rest into the report as Markdown."""
+    longest = max((len(m) for m in re.findall(r"`+", text)), default=0)
+    return "`" * max(3, longest + 1)
 
 
 def _md(c: Any) -> str:
