@@ -16,32 +16,26 @@ steady-state run is kept. Texts are compared with eager's.
 
 from __future__ import annotations
 
-import argparse
-import csv
 import json
 import os
 import platform
-import random
+import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_torch_settings import advbench_prompts, parse_args  # noqa: E402
+
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default=os.path.join(os.environ.get("SAFEPRUNE_TESTBED_MODELS", "../models"), "aligned"))
-    ap.add_argument("--n", type=int, default=16)
-    ap.add_argument("--max-new-tokens", type=int, default=32)
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "compile.json"))
-    a = ap.parse_args()
+    a = parse_args("compile.json")
 
     import torch
 
     from safeprune.eval.backends import GenSettings, HFBackend
-    from safeprune.io.datapaths import data_root
 
     torch.set_num_threads(1)
-    rows = list(csv.DictReader(open(data_root() / "advbench" / "harmful_behaviors.csv", encoding="utf-8")))
-    prompts = [r["goal"] for r in random.Random(0).sample(rows, a.n)]
+    prompts = advbench_prompts(a.n)
     s = GenSettings(max_new_tokens=a.max_new_tokens, batch_size=a.n)
 
     def runs(be, k: int) -> tuple[list[float], list]:

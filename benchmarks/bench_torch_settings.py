@@ -24,22 +24,33 @@ import time
 from pathlib import Path
 
 
-def main() -> None:
+def parse_args(out_name: str) -> argparse.Namespace:
+    """The options both CPU-settings benchmarks take (bench_compile.py reuses them)."""
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default=os.path.join(os.environ.get("SAFEPRUNE_TESTBED_MODELS", "../models"), "aligned"))
     ap.add_argument("--n", type=int, default=16)
     ap.add_argument("--max-new-tokens", type=int, default=32)
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "torch_settings.json"))
-    a = ap.parse_args()
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / out_name))
+    return ap.parse_args()
+
+
+def advbench_prompts(n: int) -> list[str]:
+    """``n`` AdvBench goals, a seeded sample (the same for every benchmark that calls this)."""
+    from safeprune.io.datapaths import data_root
+
+    rows = list(csv.DictReader(open(data_root() / "advbench" / "harmful_behaviors.csv", encoding="utf-8")))
+    return [r["goal"] for r in random.Random(0).sample(rows, n)]
+
+
+def main() -> None:
+    a = parse_args("torch_settings.json")
 
     import torch
 
     from safeprune.eval.backends import GenSettings, HFBackend
     from safeprune.eval.judges import KeywordJudge
-    from safeprune.io.datapaths import data_root
 
-    rows = list(csv.DictReader(open(data_root() / "advbench" / "harmful_behaviors.csv", encoding="utf-8")))
-    prompts = [r["goal"] for r in random.Random(0).sample(rows, a.n)]
+    prompts = advbench_prompts(a.n)
     s = GenSettings(max_new_tokens=a.max_new_tokens, batch_size=a.n)
     judge = KeywordJudge()
     fp32 = HFBackend(a.model, threads=1)
