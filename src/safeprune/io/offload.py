@@ -25,14 +25,21 @@ from ..errors import UsageError
 KINDS = ("none", "cpu", "disk")
 
 
-def check_offload(kind: str, device: str) -> None:
-    """Refuse an unknown kind, and ``cpu`` offloading for a fit that already runs on the CPU."""
+def _check_kind(kind: str) -> None:
     if kind not in KINDS:
         raise UsageError(f"--offload must be one of {', '.join(KINDS)}, got {kind!r}")
+
+
+def check_offload(kind: str, device: str, checkpoint: bool | None) -> None:
+    """Refuse an unknown kind, ``cpu`` offloading for a fit that already runs on the CPU, and offloading with
+    checkpointing turned off (``checkpoint`` False; None is automatic, which offloading turns on)."""
+    _check_kind(kind)
     if kind == "cpu" and str(device).split(":")[0] == "cpu":
         raise UsageError(
             "--offload cpu moves saved activations from an accelerator to host memory; on the CPU use --offload disk"
         )
+    if kind != "none" and checkpoint is False:
+        raise UsageError(f"--offload {kind} moves the checkpointed layers' inputs: it needs --checkpoint")
 
 
 class _Spilled:
@@ -83,6 +90,7 @@ def saved_tensors(kind: str, spill: DiskSpill | None = None, *, pin_memory: bool
     """The context in which the tensors autograd saves go where ``kind`` says (``disk`` needs ``spill``)."""
     import torch
 
+    _check_kind(kind)
     if kind == "none":
         yield
     elif kind == "cpu":
@@ -93,5 +101,3 @@ def saved_tensors(kind: str, spill: DiskSpill | None = None, *, pin_memory: bool
             raise UsageError("disk offloading needs a spill folder")
         with torch.autograd.graph.saved_tensors_hooks(spill.pack, spill.unpack):
             yield
-    else:
-        raise UsageError(f"--offload must be one of {', '.join(KINDS)}, got {kind!r}")

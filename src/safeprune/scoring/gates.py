@@ -70,9 +70,7 @@ class ComponentGates:
         if adapter.path is None:
             raise UsageError("component gates load the adapter with PEFT: give an adapter directory")
         self.device = resolve_device(device)
-        check_offload(offload, str(self.device))
-        if offload != "none" and checkpoint is False:
-            raise UsageError(f"--offload {offload} moves the checkpointed layers' inputs: it needs --checkpoint")
+        check_offload(offload, str(self.device), checkpoint)
         self.offload = offload
         self._spill: DiskSpill | None = None
         self.pad_id = pad_id

@@ -71,8 +71,6 @@ class RepairOptions:
             resolve_device(self.device)
         from ..io.offload import check_offload
 
-        check_offload(self.offload, self.device)
-        if self.offload != "none" and self.checkpoint is False:
-            raise UsageError(f"--offload {self.offload} moves the checkpointed layers' inputs: it needs --checkpoint")
+        check_offload(self.offload, self.device, self.checkpoint)
         if self.target_asr is not None and not (0 <= self.target_asr <= 100):
             raise UsageError(f"--target-asr is a percentage in [0, 100], got {self.target_asr!r}")
