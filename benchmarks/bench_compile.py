@@ -16,15 +16,13 @@ steady-state run is kept. Texts are compared with eager's.
 
 from __future__ import annotations
 
-import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_torch_settings import advbench_prompts, parse_args  # noqa: E402
+from bench_torch_settings import advbench_prompts, parse_args, write_record  # noqa: E402
 
 
 def main() -> None:
@@ -84,19 +82,7 @@ def main() -> None:
     for r in res.values():
         if "best_s" in r:
             r["speed_vs_eager"] = res["eager"]["best_s"] / r["best_s"]
-    rec = {
-        "model": "$SAFEPRUNE_TESTBED_MODELS/aligned",
-        "n_prompts": a.n,
-        "max_new_tokens": a.max_new_tokens,
-        "cases": res,
-        "loadavg": os.getloadavg(),
-        "cpu_count": os.cpu_count(),
-        "platform": platform.platform(),
-        "torch": torch.__version__,
-    }
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(rec, indent=1) + "\n")
-    print(json.dumps(res, indent=1))
+    write_record(a, res, loadavg=os.getloadavg())
 
 
 if __name__ == "__main__":

@@ -218,15 +218,10 @@ def main() -> None:
             "rows": rows,
             "seconds": round(time.time() - t_start, 1),
         }
-        a.out.parent.mkdir(parents=True, exist_ok=True)
-        a.out.with_suffix(".json").write_text(json.dumps(res, indent=1) + "\n")
-        a.out.with_suffix(".md").write_text(render(res))
-        return res
+        return synth.write_results(a.out, res, render)
 
     for L in layers:
-        spec = spec0.with_layers(L)
-        base = synth.write_base(work / f"base{L}", spec)
-        adapter = synth.write_adapter(work / f"ad{L}", spec, synth.ATTN, r=8, alpha=16)
+        spec, base, adapter = synth.layered_models(work, spec0, L)
         side = synth.run_worker(Path(__file__), "adapter", {"adapter": str(adapter)})
         loads.append(os.getloadavg()[0])
         fits = {}

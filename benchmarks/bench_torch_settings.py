@@ -42,6 +42,25 @@ def advbench_prompts(n: int) -> list[str]:
     return [r["goal"] for r in random.Random(0).sample(rows, n)]
 
 
+def write_record(a: argparse.Namespace, cases: dict, **extra) -> None:
+    """The benchmark's record (its options, the cases, the machine) to ``a.out``; the cases printed."""
+    import torch
+
+    rec = {
+        "model": "$SAFEPRUNE_TESTBED_MODELS/aligned",
+        "n_prompts": a.n,
+        "max_new_tokens": a.max_new_tokens,
+        "cases": cases,
+        **extra,
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+    }
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(rec, indent=1) + "\n")
+    print(json.dumps(cases, indent=1))
+
+
 def main() -> None:
     a = parse_args("torch_settings.json")
 
@@ -122,18 +141,7 @@ def main() -> None:
     res["bf16, 1 thread"]["same_verdict_as_fp32"] = sum(
         judge.refused(x.text) == judge.refused(y.text) for x, y in zip(b, ref)
     )
-    rec = {
-        "model": "$SAFEPRUNE_TESTBED_MODELS/aligned",
-        "n_prompts": a.n,
-        "max_new_tokens": a.max_new_tokens,
-        "cases": res,
-        "cpu_count": os.cpu_count(),
-        "platform": platform.platform(),
-        "torch": torch.__version__,
-    }
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(rec, indent=1) + "\n")
-    print(json.dumps(res, indent=1))
+    write_record(a, res)
 
 
 if __name__ == "__main__":

@@ -289,6 +289,22 @@ def write_adapter(
     return out
 
 
+def layered_models(work: Path, spec0: Spec, layers: int) -> tuple[Spec, Path, Path]:
+    """``spec0`` cut to ``layers`` layers, its base and its q/k/v/o adapter (r = 8), as the repair benchmarks build
+    them: ``work/base{L}`` and ``work/ad{L}`` (gpu_checks.sh points both at one work folder)."""
+    spec = spec0.with_layers(layers)
+    base = write_base(work / f"base{layers}", spec)
+    return spec, base, write_adapter(work / f"ad{layers}", spec, ATTN, r=8, alpha=16)
+
+
+def write_results(out: Path, res: dict, render: Callable[[dict], str]) -> dict:
+    """A benchmark's results as ``out``.json and its rendered Markdown as ``out``.md; ``res`` returned."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(res, indent=1) + "\n")
+    out.with_suffix(".md").write_text(render(res))
+    return res
+
+
 def run_worker(script: Path, kind: str, args: dict) -> dict:
     """Run ``python SCRIPT _worker KIND ARGS_JSON`` in a fresh process and return the JSON it prints last.
 
