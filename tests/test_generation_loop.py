@@ -340,6 +340,100 @@ def test_running_cache_writes_in_place_and_grows_past_its_room():
     assert torch.equal(la.keys, ref_k[[3, 1], :, 2:]) and la.keys.shape[2] == la.get_seq_length() == 7
 
 
+def test_lanes_keep_generate_tokens(tiny, monkeypatch):
+    """Prompts of very different lengths run in separate lanes when the padding a join would add costs more
+    than a lane; the float64 tokens still equal generate's, alone and batched."""
+    import safeprune.eval.backends.continuous as cont_mod
+
+    m, ad = tiny
+    cont = HFBackend(str(m), {"ad": str(ad)}, dtype="float64")
+    gen = HFBackend(str(m), {"ad": str(ad)}, dtype="float64", loop="generate")
+    prompts = [" ".join(f"w{(i * 11 + j) % 120}" for j in range(40 if i % 5 == 0 else 2 + i % 3)) for i in range(20)]
+    s = GenSettings(max_new_tokens=8, batch_size=7)
+    ref = gen.generate(prompts, "ad", GenSettings(max_new_tokens=8, batch_size=1))
+    common = cont.tokenizer.convert_tokens_to_ids(ref[1].text.split()[0])
+    for b in (cont, gen):
+        _frequent_eos(b, common)
+    ref = gen.generate(prompts, "ad", GenSettings(max_new_tokens=8, batch_size=1))
+    one = cont.generate(prompts, "ad", s)  # the tiny model's own limit (738): one lane
+    assert cont.loop_stats["lanes_max"] == 1
+    monkeypatch.setattr(cont_mod, "lane_padding_limit", lambda model: 20)
+    got = cont.generate(prompts, "ad", s)
+    assert cont.loop_stats["lanes_max"] >= 2
+    assert cont.loop_stats["forwards"] > 0 and cont.loop_stats["prefill_forwards"] > 0
+    assert 0 < sum(g.finished for g in got) < len(prompts)
+    assert [g.text for g in got] == [g.text for g in one] == [g.text for g in ref]
+    assert [g.new_tokens for g in got] == [g.new_tokens for g in ref]
+
+
+def test_pick_lane_bounds_each_lanes_padding():
+    torch = pytest.importorskip("torch")
+    from safeprune.eval.backends.continuous import _Batch, _pick_lane
+
+    def group(widths: list[int], cols: int) -> _Batch:
+        b = _Batch("past_key_values")
+        b.rows = list(range(len(widths)))
+        b.mask = torch.tensor([[0] * (cols - w) + [1] * w for w in widths])
+        return b
+
+    long = group([100, 90], 100)  # padding 10
+    short = group([10, 10, 8, 9], 10)  # padding 3; joining the long lane pads it by 4 × 90
+    assert _pick_lane([long], {}, short, limit=400) == 0  # 10 + 3 + 360 = 373 ≤ 400
+    assert _pick_lane([long], {}, short, limit=300) == 1  # over: a new lane
+    assert _pick_lane([long], {}, short, limit=300, most=1) == 0  # no more lanes: the least padding
+    other = group([12, 11], 12)
+    # a lane being formed in this admission counts the groups already bound for it
+    assert _pick_lane([long, _Batch("past_key_values")], {1: [other]}, short, limit=300) == 1
+    assert _pick_lane([], {}, short, limit=0) == 0
+
+
+def test_lane_padding_limit_is_weights_over_kv_per_token(tiny):
+    from safeprune.eval.backends.continuous import lane_padding_limit
+
+    m, _ = tiny
+    b = HFBackend(str(m))
+    cfg = b.model.config
+    kv = cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads) * 2 * cfg.num_hidden_layers
+    params = sum(p.numel() for p in b.model.parameters())
+    tied = b.model.get_output_embeddings().weight is b.model.get_input_embeddings().weight
+    read = params - (0 if tied else b.model.get_input_embeddings().weight.numel())
+    assert lane_padding_limit(b.model) == read // kv > 1
+
+
+def test_choose_in_row_chunks_gives_the_same_bits():
+    torch = pytest.importorskip("torch")
+    from safeprune.eval.backends.continuous import _choose
+
+    x = torch.randn(37, 500, generator=torch.Generator().manual_seed(0)) * 5
+    tok, logp, ent = _choose(x, chunk=4)
+    assert (tok, logp, ent) == _choose(x, chunk=37)  # the same bits in chunks of 4 rows as all at once
+    ref = torch.log_softmax(x.double(), -1)
+    assert tok == x.argmax(-1).tolist()
+    assert logp == pytest.approx(ref.max(-1).values.tolist(), abs=1e-5)
+    assert ent == pytest.approx((-(ref.exp() * ref).sum(-1)).tolist(), abs=1e-4)
+
+
+def test_output_layer_gets_a_contiguous_input_and_the_hook_is_removed(tiny):
+    m, _ = tiny
+    b = HFBackend(str(m))
+    head = b.model.get_output_embeddings()
+    seen: list[bool] = []
+    h = head.register_forward_hook(lambda mod, args, out: seen.append(args[0].is_contiguous()))
+    b.generate(PROMPTS[:6], None, GenSettings(max_new_tokens=3, batch_size=4))
+    h.remove()
+    assert seen and all(seen)  # the prefill's last-position slice is made contiguous
+    assert not head._forward_pre_hooks
+
+
+def test_prefill_groups_bound_padding_and_size():
+    from safeprune.eval.backends.continuous import _prefill_groups
+
+    assert [len(g) for g in _prefill_groups([250] * 20)] == [8, 8, 4]  # 8 × 250 ≤ 2,048 tokens
+    assert [len(g) for g in _prefill_groups([20] * 100)] == [64, 36]  # short prompts: 64 rows a forward
+    assert _prefill_groups([470, 100, 100]) == [[0], [1, 2]]  # padding bound
+    assert _prefill_groups([3000, 3000]) == [[0], [1]]  # one prompt over the size: a group of its own
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not (TESTBED_MODELS / "aligned" / "config.json").is_file(), reason="testbed models not built")
 def test_testbed_early_stop_same_verdicts():
