@@ -12,9 +12,18 @@ import sys
 
 
 def main() -> None:
+    sigint_seen = bool  # () -> False until the handler is in place
     try:
+        from .io.commit import note_sigint, sigint_seen  # light: no torch
+
+        signal.signal(signal.SIGINT, note_sigint)
         from .cli import main as run
     except KeyboardInterrupt:
+        sys.stderr.write("interrupted: no output was written\n")
+        sys.exit(130)
+    except ImportError:
+        if not sigint_seen():  # a Ctrl-C inside a C extension's import surfaces as ImportError
+            raise
         sys.stderr.write("interrupted: no output was written\n")
         sys.exit(130)
     try:

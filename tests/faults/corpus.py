@@ -1087,6 +1087,42 @@ def _(c: Ctx) -> Setup:
     return Setup(c.prune(), None, c.out, patch=_interrupt_mid_write)
 
 
+def _interrupt_inside_an_import(monkeypatch: Any) -> None:
+    """Ctrl-C that lands inside a C extension's module initialisation (torch and its dependencies load lazily,
+    for seconds): Python hands it back as ``ImportError: initialization failed``, not KeyboardInterrupt — the
+    SIGINT stress test once got "internal error", exit 1. The SIGINT handler has recorded the signal."""
+    import safetensors.torch as st
+
+    import safeprune.io.commit as commit
+
+    def interrupted_import(tensors, filename, metadata=None):
+        monkeypatch.setattr(commit, "_SIGINT", [True])
+        raise ImportError("initialization failed")
+
+    monkeypatch.setattr(st, "save_file", interrupted_import)
+
+
+@case("interrupt_inside_a_c_extension_import", r"^interrupted: no output was written$", code=130)
+def _(c: Ctx) -> Setup:
+    c.valid()
+    return Setup(c.prune(), None, c.out, patch=_interrupt_inside_an_import)
+
+
+def _import_error_without_sigint(monkeypatch: Any) -> None:
+    import safetensors.torch as st
+
+    def broken(tensors, filename, metadata=None):
+        raise ImportError("initialization failed")
+
+    monkeypatch.setattr(st, "save_file", broken)
+
+
+@case("import_error_is_not_an_interrupt", r"^internal error: ImportError: initialization failed", code=1)
+def _(c: Ctx) -> Setup:
+    c.valid()
+    return Setup(c.prune(), None, c.out, patch=_import_error_without_sigint)
+
+
 # -------------------------------------------------------------------------------------------------
 # 9. more header lies
 # -------------------------------------------------------------------------------------------------

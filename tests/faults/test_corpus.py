@@ -330,3 +330,61 @@ def test_output_path_with_escapes_is_echoed_escaped(tmp_path):
     code, stdout, stderr, _ = run_cli(c.prune())
     assert code == 0, stderr
     assert "\x1b" not in stdout and "\\x1b[2Jq\\nr" in stdout
+
+
+def test_sigint_handler_records_then_interrupts(monkeypatch):
+    import signal
+
+    import safeprune.io.commit as commit
+
+    monkeypatch.setattr(commit, "_SIGINT", [])
+    assert not commit.sigint_seen()
+    with pytest.raises(KeyboardInterrupt):
+        commit.note_sigint(signal.SIGINT, None)
+    assert commit.sigint_seen()
+
+
+def test_entry_point_ends_an_interrupted_import_with_130(monkeypatch, capsys):
+    """``safeprune`` (console.main) installs the handler first; a Ctrl-C that surfaces from loading the
+    command line as ImportError ends like any Ctrl-C, and an ImportError without one is not hidden."""
+    import signal
+    import types
+
+    import safeprune.io.commit as commit
+    from safeprune import console
+
+    previous = signal.getsignal(signal.SIGINT)
+    fake = types.ModuleType("safeprune.cli")
+
+    def boom():
+        raise AssertionError("not reached")
+
+    fake.main = boom
+    try:
+        for seen, expect in (([True], 130), ([], None)):
+            monkeypatch.setattr(commit, "_SIGINT", seen)
+            monkeypatch.setattr(commit, "note_sigint", lambda s, f: None)
+            monkeypatch.delitem(sys.modules, "safeprune.cli", raising=False)
+            monkeypatch.setattr("builtins.__import__", _failing_import("safeprune.cli", __import__), raising=True)
+            if expect:
+                with pytest.raises(SystemExit) as e:
+                    console.main()
+                assert e.value.code == 130 and "interrupted: no output was written" in capsys.readouterr().err
+                assert signal.getsignal(signal.SIGINT) is not previous  # the recording handler is in place
+            else:
+                with pytest.raises(ImportError, match="initialization failed"):
+                    console.main()
+            monkeypatch.undo()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _failing_import(name, real):
+    def imp(n, globals=None, locals=None, fromlist=(), level=0):
+        pkg = (globals or {}).get("__package__") or ""
+        full = n if level == 0 else pkg.rsplit(".", level - 1)[0] + ("." + n if n else "")
+        if full == name or (full == "safeprune" and "cli" in (fromlist or ())):
+            raise ImportError("initialization failed")
+        return real(n, globals, locals, fromlist, level)
+
+    return imp

@@ -36,6 +36,22 @@ def forget_committed() -> None:
     _COMMITTED.clear()
 
 
+_SIGINT: list[bool] = []  # a SIGINT arrived in this process (see note_sigint)
+
+
+def note_sigint(signum: int, frame) -> None:
+    """SIGINT handler: remember the interrupt, then raise ``KeyboardInterrupt`` as Python's default handler
+    does. A Ctrl-C that lands inside a C extension's module initialisation (torch and its dependencies load
+    for seconds) comes back as ``ImportError: initialization failed``, not ``KeyboardInterrupt``; the command
+    line reads :func:`sigint_seen` to end that case like any other Ctrl-C (exit 130, nothing written)."""
+    _SIGINT.append(True)
+    signal.default_int_handler(signum, frame)
+
+
+def sigint_seen() -> bool:
+    return bool(_SIGINT)
+
+
 def interrupted_message() -> str:
     if not _COMMITTED:
         return "no output was written"
