@@ -1087,40 +1087,36 @@ def _(c: Ctx) -> Setup:
     return Setup(c.prune(), None, c.out, patch=_interrupt_mid_write)
 
 
-def _interrupt_inside_an_import(monkeypatch: Any) -> None:
-    """Ctrl-C that lands inside a C extension's module initialisation (torch and its dependencies load lazily,
-    for seconds): Python hands it back as ``ImportError: initialization failed``, not KeyboardInterrupt — the
-    SIGINT stress test once got "internal error", exit 1. The SIGINT handler has recorded the signal."""
-    import safetensors.torch as st
+def _import_fails(sigint: bool) -> Callable[[Any], None]:
+    """Writing the weights raises ``ImportError: initialization failed``: what a Ctrl-C that lands inside a
+    C extension's module initialisation (torch and its dependencies load lazily, for seconds) becomes instead
+    of KeyboardInterrupt — the SIGINT stress test once got "internal error", exit 1. With ``sigint`` the SIGINT
+    handler has recorded the signal (an interrupt); without, it is a broken install (an internal error)."""
 
-    import safeprune.io.commit as commit
+    def patch(monkeypatch: Any) -> None:
+        import safetensors.torch as st
 
-    def interrupted_import(tensors, filename, metadata=None):
-        monkeypatch.setattr(commit, "_SIGINT", [True])
-        raise ImportError("initialization failed")
+        import safeprune.io.commit as commit
 
-    monkeypatch.setattr(st, "save_file", interrupted_import)
+        def save(tensors, filename, metadata=None):
+            monkeypatch.setattr(commit, "_SIGINT", [True] if sigint else [])
+            raise ImportError("initialization failed")
+
+        monkeypatch.setattr(st, "save_file", save)
+
+    return patch
 
 
 @case("interrupt_inside_a_c_extension_import", r"^interrupted: no output was written$", code=130)
 def _(c: Ctx) -> Setup:
     c.valid()
-    return Setup(c.prune(), None, c.out, patch=_interrupt_inside_an_import)
-
-
-def _import_error_without_sigint(monkeypatch: Any) -> None:
-    import safetensors.torch as st
-
-    def broken(tensors, filename, metadata=None):
-        raise ImportError("initialization failed")
-
-    monkeypatch.setattr(st, "save_file", broken)
+    return Setup(c.prune(), None, c.out, patch=_import_fails(sigint=True))
 
 
 @case("import_error_is_not_an_interrupt", r"^internal error: ImportError: initialization failed", code=1)
 def _(c: Ctx) -> Setup:
     c.valid()
-    return Setup(c.prune(), None, c.out, patch=_import_error_without_sigint)
+    return Setup(c.prune(), None, c.out, patch=_import_fails(sigint=False))
 
 
 # -------------------------------------------------------------------------------------------------
