@@ -442,8 +442,9 @@ def lane_padding_limit(model: Any) -> int:
     dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
     params = sum(p.numel() for p in base.parameters())
     emb_in, emb_out = base.get_input_embeddings(), base.get_output_embeddings()
-    if emb_in is not None and (emb_out is None or emb_out.weight is not emb_in.weight):
-        params -= emb_in.weight.numel()
+    w_in = getattr(emb_in, "weight", None)
+    if w_in is not None and getattr(emb_out, "weight", None) is not w_in:  # untied: the input table is looked up
+        params -= w_in.numel()
     return max(1, params // (2 * cfg.num_hidden_layers * kv * dim))
 
 
