@@ -12,17 +12,16 @@ import sys
 
 
 def main() -> None:
-    sigint_seen = bool  # () -> False until the handler is in place
+    def is_interrupt(e: BaseException) -> bool:  # until the recording handler is in place
+        return isinstance(e, KeyboardInterrupt)
+
     try:
-        from .io.commit import note_sigint, sigint_seen  # light: no torch
+        from .io.commit import is_interrupt, note_sigint  # light: no torch
 
         signal.signal(signal.SIGINT, note_sigint)
         from .cli import main as run
-    except KeyboardInterrupt:
-        sys.stderr.write("interrupted: no output was written\n")
-        sys.exit(130)
-    except ImportError:
-        if not sigint_seen():  # a Ctrl-C inside a C extension's import surfaces as ImportError
+    except (KeyboardInterrupt, ImportError) as e:  # a Ctrl-C inside a C extension's import is an ImportError
+        if not is_interrupt(e):
             raise
         sys.stderr.write("interrupted: no output was written\n")
         sys.exit(130)

@@ -23,7 +23,7 @@ from typer.core import TyperCommand, TyperGroup
 from typing_extensions import Annotated
 
 from ..errors import SafepruneError, SafepruneWarning, UsageError
-from ..io.commit import forget_committed, interrupted_message, sigint_seen
+from ..io.commit import forget_committed, interrupted_message, is_interrupt
 from ..io.noise import silence_library_noise
 from ..io.text import one_line
 from ..version import __version__
@@ -108,7 +108,7 @@ class _LazyGroup(TyperGroup):
             try:  # the command's module loads torch/transformers (seconds): Ctrl-C here ends like anywhere else
                 importlib.import_module(f"{__package__}.{module}")
             except (KeyboardInterrupt, ImportError) as e:
-                if isinstance(e, ImportError) and not sigint_seen():
+                if not is_interrupt(e):
                     raise
                 sys.stderr.write("interrupted: no output was written\n")
                 sys.exit(130)
@@ -214,7 +214,7 @@ def handle_errors(fn: Callable) -> Callable:
         except Exception as e:  # a bug: say so in one line, details with --debug
             if state["debug"]:
                 raise
-            if isinstance(e, ImportError) and sigint_seen():  # Ctrl-C inside a C extension's (lazy) import
+            if is_interrupt(e):  # Ctrl-C inside a C extension's (lazy) import: an ImportError
                 report("interrupted", "bold red", interrupted_message())
                 raise typer.Exit(130) from None
             report("internal error", "bold red", f"{type(e).__name__}: {e} (rerun with --debug for a traceback)")

@@ -43,13 +43,19 @@ def note_sigint(signum: int, frame) -> None:
     """SIGINT handler: remember the interrupt, then raise ``KeyboardInterrupt`` as Python's default handler
     does. A Ctrl-C that lands inside a C extension's module initialisation (torch and its dependencies load
     for seconds) comes back as ``ImportError: initialization failed``, not ``KeyboardInterrupt``; the command
-    line reads :func:`sigint_seen` to end that case like any other Ctrl-C (exit 130, nothing written)."""
+    line asks :func:`is_interrupt` and ends that case like any other Ctrl-C (exit 130, nothing written)."""
     _SIGINT.append(True)
     signal.default_int_handler(signum, frame)
 
 
 def sigint_seen() -> bool:
     return bool(_SIGINT)
+
+
+def is_interrupt(e: BaseException) -> bool:
+    """Whether ``e`` is a Ctrl-C: ``KeyboardInterrupt``, or the ImportError one becomes inside a C extension's
+    module initialisation (see :func:`note_sigint`)."""
+    return isinstance(e, KeyboardInterrupt) or (isinstance(e, ImportError) and sigint_seen())
 
 
 def interrupted_message() -> str:
