@@ -455,7 +455,7 @@ def _pick_lane(lanes: list[_Batch], joins: dict[int, list[_Batch]], g: _Batch, l
     ``most`` run, else the lane it adds the least padding to. The padding a lane carries is paid at every
     step; ``limit`` is what one more forward pass a step costs (:func:`lane_padding_limit`)."""
     w, real_g = g.mask.shape[1], int(g.mask.sum())
-    best, best_extra, fits = len(lanes), None, False
+    scored = []  # (over the limit, padding the group adds, lane): the smallest wins
     for i, b in enumerate(lanes):
         parts = ([b] if b.rows else []) + joins.get(i, [])
         rows = sum(len(p.rows) for p in parts)
@@ -463,9 +463,7 @@ def _pick_lane(lanes: list[_Batch], joins: dict[int, list[_Batch]], g: _Batch, l
         real = sum(int(p.mask.sum()) for p in parts)
         new_width = max(width, w)
         extra = rows * (new_width - width) + len(g.rows) * (new_width - w)
-        ok = (rows + len(g.rows)) * new_width - real - real_g <= limit
-        if (ok and not fits) or (ok == fits and (best_extra is None or extra < best_extra)):
-            best, best_extra, fits = i, extra, ok
-    if not fits and len(lanes) < most:
+        scored.append(((rows + len(g.rows)) * new_width - real - real_g > limit, extra, i))
+    if not scored or (min(scored)[0] and len(lanes) < most):
         return len(lanes)
-    return best
+    return min(scored)[2]
