@@ -89,8 +89,8 @@ def run_mix(a) -> None:
             EvalConfig(batch_size=50, utility_batch_size=16, sort_by_length=True, early_stop=False),
         ),
         # continuous batching pads no finished rows and wastes no slot: its cap is a memory bound only, and
-        # a larger batch costs less per row on this CPU (a decode step per row: 4.7 ms at 128 rows, 4.3 at
-        # 256); 256 safety rows of ~110 tokens hold 1.3 GB of keys/values, 128 dialogues up to 7 GB
+        # a larger batch costs less per row on this CPU (a decode step per row: 8.6 ms at 16 rows, 4.1 at 128,
+        # 4.0 at 256, 3.8 at 384: results/decode_costs.json); 256 safety rows of ~110 tokens hold 1.3 GB of keys/values, 128 dialogues up to 7 GB
         "new": ("continuous", EvalConfig(batch_size=a.cap, utility_batch_size=a.utility_cap, sort_by_length=True)),
     }
     # sets evaluated together, as `safeprune run` does: safety + over-refusal (one continuous-batching call

@@ -82,8 +82,8 @@ def _choose(logits: torch.Tensor, chunk: int = 16) -> tuple[list[int], list[floa
     """Greedy token, its log-probability and the entropy of the distribution, per row (float32, like
     ``generate`` and the ``_TokenStats`` processor of the generate path). Rows are processed ``chunk`` at a
     time: each row's values are the same bits (a row's softmax does not read the others), and 16 rows of a
-    50k vocabulary stay in the CPU's caches between the five passes (256 rows at once: 170 ms a step, in
-    chunks: 68 ms)."""
+    50k vocabulary stay in the CPU's caches between the five passes (256 rows at once: 160 ms a step, in
+    chunks: 51 ms; ``benchmarks/results/decode_costs.json``)."""
     scores = logits.to(dtype=torch.float32)
     tok = torch.argmax(scores, dim=-1)
     chosen, ent = [], []
@@ -284,9 +284,10 @@ def _prefill_groups(
 ) -> list[list[int]]:
     """Split prompts (longest first) into prefill groups whose left padding stays under ``max_waste`` of
     their tokens (one padded group of prompts from 470 down to 100 tokens would encode twice the tokens)
-    and whose padded size stays under ``max_tokens`` (measured on SmolLM2 with one thread: 250-token
-    dialogues cost 3.0 ms a token in groups of 4 or 8, 3.4 in groups of 16 — the activations of a large
-    forward no longer stay in the CPU's caches — while short prompts gain from more rows per forward)."""
+    and whose padded size stays under ``max_tokens`` (an ad hoc measurement on SmolLM2, one thread, another job on
+    the other core: 250-token dialogues cost 3.0 ms a token in groups of 4 or 8, 3.4 in groups of 16 — the
+    activations of a large forward no longer stay in the CPU's caches — while short prompts gain from more
+    rows per forward)."""
     groups: list[list[int]] = []
     for j, n in enumerate(lengths):
         g = groups[-1] if groups else None
@@ -334,8 +335,8 @@ def continuous_generate(
 def _contiguous_head(model: Any):
     """Give the output layer a contiguous input while generating. A prefill keeps the logits of the last
     position only (``logits_to_keep=1``), a strided ``[rows, 1, hidden]`` view that ``linear`` turns into a
-    batched product over the weight expanded per row: one read of the 49,152 × 576 matrix per row (160 ms
-    for 16 rows on SmolLM2) instead of one per forward (8 ms). The values are the same up to float rounding."""
+    batched product over the weight expanded per row: one read of the 49,152 × 576 matrix per row (153 ms
+    for 16 rows on SmolLM2, 26 ms contiguous; ``benchmarks/results/decode_costs.json``). The values are the same up to float rounding."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
     if not isinstance(head, torch.nn.Module):
@@ -434,7 +435,8 @@ def lane_padding_limit(model: Any) -> int:
     are memory reads on a CPU: a lane's forward pass reads every weight once (the input embedding table
     only in the rows it looks up), a padded column makes each layer read its keys and values. So the limit
     is the number of parameters read per step over the key/value numbers per token: 11,700 for SmolLM2-135M
-    (one thread, measured: a forward pass costs about 65 ms, a padded column 7 µs per row, so 9,000)."""
+    (with mix_s0's LoRA 11,756; measured with one thread in ``benchmarks/results/decode_costs.json``: a forward
+    pass costs 63 ms, a padded column 5.2 µs per row, so 12,000)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     cfg = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
     heads = cfg.num_attention_heads
