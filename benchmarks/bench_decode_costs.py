@@ -19,11 +19,13 @@ writes benchmarks/results/decode_costs.json
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
+import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_torch_settings import save_record  # noqa: E402
 
 
 def best(f, n: int = 5) -> float:
@@ -128,13 +130,9 @@ def main() -> None:
         "torch_threads": 1,
         "timing": "CPU seconds of this process (best of 5, or the mean of 5 steps after one)",
         "loadavg": os.getloadavg(),
-        "platform": platform.platform(),
-        "torch": torch.__version__,
         **res,
     }
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(rec, indent=1) + "\n")
-    print(json.dumps(rec, indent=1))
+    save_record(a.out, rec, rec)
 
 
 if __name__ == "__main__":

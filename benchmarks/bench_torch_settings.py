@@ -42,23 +42,26 @@ def advbench_prompts(n: int) -> list[str]:
     return [r["goal"] for r in random.Random(0).sample(rows, n)]
 
 
-def write_record(a: argparse.Namespace, cases: dict, **extra) -> None:
-    """The benchmark's record (its options, the cases, the machine) to ``a.out``; the cases printed."""
+def save_record(out: str | Path, rec: dict, printed: dict) -> None:
+    """``rec`` and the machine it ran on (CPU count, platform, torch) as JSON to ``out``; ``printed`` printed."""
     import torch
 
+    rec = {**rec, "cpu_count": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__}
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(rec, indent=1) + "\n")
+    print(json.dumps(printed, indent=1))
+
+
+def write_record(a: argparse.Namespace, cases: dict, **extra) -> None:
+    """The benchmark's record (its options, the cases, the machine) to ``a.out``; the cases printed."""
     rec = {
         "model": "$SAFEPRUNE_TESTBED_MODELS/aligned",
         "n_prompts": a.n,
         "max_new_tokens": a.max_new_tokens,
         "cases": cases,
         **extra,
-        "cpu_count": os.cpu_count(),
-        "platform": platform.platform(),
-        "torch": torch.__version__,
     }
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(rec, indent=1) + "\n")
-    print(json.dumps(cases, indent=1))
+    save_record(a.out, rec, cases)
 
 
 def main() -> None:
