@@ -484,3 +484,46 @@ def test_continuous_equals_generate_on_cuda(tiny):
         cut = cont.generate(PROMPTS, adapter, stop)
         assert [judge.refused(c.text) for c in cut] == [judge.refused(r.text) for r in ref]
         assert all(r.text.startswith(c.text) for c, r in zip(cut, ref))
+
+
+def test_running_cache_takes_new_rows_into_its_spare_rows():
+    from safeprune.eval.backends.continuous import _Layer
+
+    torch = pytest.importorskip("torch")
+    a = torch.randn(4, 2, 5, 3, dtype=torch.float64)
+    la = _Layer()
+    la.room = 2
+    la.fill([a], [a + 1], 5)
+    buf = la._k
+    la.move(torch.tensor([0]), torch.tensor([3]), 2)  # rows 0 and 1 kept (row 3 moved onto row 0)
+    assert la.keys.shape[0] == 2
+    b = torch.randn(2, 2, 3, 3, dtype=torch.float64)
+    assert la.append([b], [b + 1])  # two spare rows: in place, left-padded with zeros
+    assert la._k is buf and la.keys.shape == (4, 2, 5, 3)
+    assert torch.equal(la.keys[2:, :, :2], torch.zeros(2, 2, 2, 3, dtype=torch.float64))
+    assert torch.equal(la.keys[2:, :, 2:], b) and torch.equal(la.values[2:, :, 2:], b + 1)
+    assert torch.equal(la.keys[:2], torch.stack([a[3], a[1]]))
+    assert not la.append([b[:1]], [b[:1]])  # no spare row left
+    la.move(torch.tensor([], dtype=torch.long), torch.tensor([], dtype=torch.long), 3)
+    wide = torch.randn(1, 2, 6, 3, dtype=torch.float64)
+    assert not la.append([wide], [wide]) and la.keys.shape[0] == 3  # wider than the running cache: refused
+
+
+def test_grouped_refills_into_spare_rows_keep_generate_tokens(tiny):
+    """Slots are refilled a group at a time (an eighth of the rows in flight) and the new rows are written
+    into the rows finished sequences freed; the float64 tokens still equal generate's alone."""
+    m, ad = tiny
+    cont = HFBackend(str(m), {"ad": str(ad)}, dtype="float64")
+    gen = HFBackend(str(m), {"ad": str(ad)}, dtype="float64", loop="generate")
+    one = GenSettings(max_new_tokens=8, batch_size=1)
+    common = cont.tokenizer.convert_tokens_to_ids(gen.generate(PROMPTS[:1], "ad", one)[0].text.split()[0])
+    for b in (cont, gen):
+        _frequent_eos(b, common)
+    prompts = PROMPTS * 2
+    ref = gen.generate(prompts, "ad", one)
+    got = cont.generate(prompts, "ad", GenSettings(max_new_tokens=8, batch_size=16))  # refills of 2
+    assert 0 < sum(g.finished for g in got) < len(got)
+    assert cont.loop_stats["joins_in_place"] > 0
+    assert cont.loop_stats["prefill_forwards"] < len(prompts) - 16  # not one prefill per freed slot
+    assert [g.text for g in got] == [g.text for g in ref]
+    assert [g.new_tokens for g in got] == [g.new_tokens for g in ref]

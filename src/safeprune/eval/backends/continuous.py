@@ -11,6 +11,8 @@ or ``max_new_tokens``) and refilled with the next prompt:
   then joined to the running cache along the batch dimension (shorter ones left-padded with zero
   keys/values, masked out);
 * finished rows are dropped from the cache, and leading columns that are padding in every row are cut;
+* free slots are refilled in groups (an eighth of the rows in flight, :data:`REFILL_SHARE`), and the new
+  rows are written into the rows the finished ones freed in the running cache, when they fit;
 * rows of very different lengths run in separate *lanes* (running batches stepped one after the other): a
   decode step reads every cached column of every row, padding included, so one 1,000-token dialogue in a
   batch of 250-token ones makes every row read four times the keys/values it needs. A prefilled group joins
@@ -128,6 +130,24 @@ class _Layer(DynamicLayer if DynamicLayer is not None else object):  # type: ign
             r += n
         self._view(width)
 
+    def append(self, keys: list[torch.Tensor], values: list[torch.Tensor]) -> bool:
+        """Write the rows of other caches into this buffer's spare rows (rows a finished sequence freed),
+        each left-padded with zeros to the running width: a copy of the new rows only. False (nothing
+        written) when they do not fit: too many rows, or wider than the running cache."""
+        rows, width = self.keys.shape[0], self.keys.shape[2]
+        n = sum(k.shape[0] for k in keys)
+        if rows + n > self._k.shape[0] or any(k.shape[2] > width for k in keys):
+            return False
+        r = rows
+        for k, v in zip(keys, values):
+            m, pad = k.shape[0], width - k.shape[2]
+            for buf, src in ((self._k, k), (self._v, v)):
+                buf[r : r + m, :, :pad].zero_()  # masked out, but 0 * garbage could be NaN
+                buf[r : r + m, :, pad:width].copy_(src)
+            r += m
+        self._view(width, rows + n)
+        return True
+
     def select(self, idx: torch.Tensor, first: int) -> None:
         """Keep the rows ``idx``, from column ``first`` on (a copy of the kept rows)."""
         width = self.keys.shape[2] - first
@@ -173,11 +193,16 @@ class _Batch:
         self.mask: torch.Tensor | None = None
         self.cache: Any = None
 
-    def join(self, parts: list[_Batch]) -> None:
-        """Add the rows of other batches (freshly prefilled groups): one copy per layer."""
-        parts = [b for b in ([self] if self.rows else []) + parts if b.rows]
+    def join(self, parts: list[_Batch]) -> bool:
+        """Add the rows of other batches (freshly prefilled groups): into the spare rows of the running
+        cache when they fit (True: a copy of the new rows), else into a new cache holding all rows (a copy
+        of every row, per layer)."""
+        parts = [b for b in parts if b.rows]
+        if self.rows and parts and self._append(parts):
+            return True
+        parts = ([self] if self.rows else []) + parts
         if not parts:
-            return
+            return False
         width = max(b.mask.shape[1] for b in parts)
         cache = parts[0].cache
         layers = []
@@ -190,6 +215,24 @@ class _Batch:
         self.mask = torch.cat([_left_pad(b.mask, width, 1) for b in parts], 0)
         self.cache = cache
         self.rows = [r for b in parts for r in b.rows]
+        return False
+
+    def _append(self, parts: list[_Batch]) -> bool:
+        """Join in place: the new rows go into the spare rows of every layer's buffer (rows that finished
+        sequences freed, see :meth:`keep`), when all of them fit and none is wider than the running cache;
+        else False and nothing changed."""
+        layers = self.cache.layers
+        width = self.mask.shape[1]
+        if not all(isinstance(la, _Layer) for la in layers) or any(b.mask.shape[1] > width for b in parts):
+            return False
+        if len(self.rows) + sum(len(b.rows) for b in parts) > layers[0]._k.shape[0]:
+            return False
+        for i, la in enumerate(layers):
+            if not la.append([b.cache.layers[i].keys for b in parts], [b.cache.layers[i].values for b in parts]):
+                raise RuntimeError("the layers of a running cache disagree on their rows or width")
+        self.mask = torch.cat([self.mask] + [_left_pad(b.mask, width, 1) for b in parts], 0)
+        self.rows = self.rows + [r for b in parts for r in b.rows]
+        return True
 
     def keep(self, which: list[int]) -> None:
         """Keep these rows (positions in ``self.rows``). The running cache removes a few rows in place (the
@@ -277,6 +320,11 @@ class _Prefix:
 
 
 PREFILL_TOKENS = 2048  # padded tokens per prefill forward: larger ones run slower per token on a CPU
+# free slots are refilled once 1/REFILL_SHARE of the rows in flight are free (or the queue is that short):
+# a refill costs a prefill forward pass and a join whatever its size (250 safety prompts through 64 slots
+# with mix_s0: 77 prefills and 76 copied joins refilling every step, 70-77 s; 20 prefills and 15 in-place
+# joins refilling 8 at a time, 65-66 s; same texts; notes/issue18.md, seventh session)
+REFILL_SHARE = 8
 
 
 def _prefill_groups(
@@ -387,10 +435,11 @@ def _generate(backend: Any, texts: list[str], settings: GenSettings, on_batch) -
 
     lanes: list[_Batch] = []
     limit = lane_padding_limit(model)
-    stats = {"lanes_max": 0, "forwards": 0, "prefill_forwards": 0}
+    stats = {"lanes_max": 0, "forwards": 0, "prefill_forwards": 0, "joins_in_place": 0, "joins_copied": 0}
+    refill = max(1, cap // REFILL_SHARE)
     while queue or lanes:
         running = sum(len(b.rows) for b in lanes)
-        if queue and running < cap:
+        if queue and (not running or cap - running >= min(refill, len(queue))):
             new = [_Row(queue.popleft()) for _ in range(min(cap - running, len(queue)))]
             joins: dict[int, list[_Batch]] = {}
             for chunk in _prefill_groups([len(ids[r.index]) - len(prefix.tokens) for r in new]):
@@ -411,7 +460,7 @@ def _generate(backend: Any, texts: list[str], settings: GenSettings, on_batch) -
                         lanes.append(_Batch(kwarg, room=max_new + 1))
                     joins.setdefault(lane, []).append(g)
             for lane, groups in joins.items():
-                lanes[lane].join(groups)
+                stats["joins_in_place" if lanes[lane].join(groups) else "joins_copied"] += 1
             stats["lanes_max"] = max(stats["lanes_max"], len(lanes))
         for batch in lanes:
             t0 = time.perf_counter()
