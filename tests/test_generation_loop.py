@@ -527,3 +527,45 @@ def test_grouped_refills_into_spare_rows_keep_generate_tokens(tiny):
     assert cont.loop_stats["prefill_forwards"] < len(prompts) - 16  # not one prefill per freed slot
     assert [g.text for g in got] == [g.text for g in ref]
     assert [g.new_tokens for g in got] == [g.new_tokens for g in ref]
+
+
+def test_automatic_batch_size_fits_a_share_of_free_memory(tiny, monkeypatch):
+    """batch_size 0: as many rows as the keys/values of the longest prompt plus the new tokens (and three
+    float32 logit rows) fit in a quarter of the free memory, at most ROWS_MAX; the tokens are generate's."""
+    import safeprune.eval.backends.continuous as cont_mod
+
+    m, ad = tiny
+    cont = HFBackend(str(m), {"ad": str(ad)}, dtype="float64")
+    base, layers, kv, dim = cont_mod._kv_dims(cont.model)
+    vocab = base.get_output_embeddings().weight.shape[0]
+    per_row = 2 * layers * kv * dim * 8 * 30 + 3 * 4 * vocab  # float64, 30 tokens
+    assert cont_mod.auto_rows(cont.model, 30, "cpu", free=4 * 7 * per_row + 3) == 7
+    assert cont_mod.auto_rows(cont.model, 30, "cpu", free=1) == 1
+    assert cont_mod.auto_rows(cont.model, 30, "cpu", free=1 << 50) == cont_mod.ROWS_MAX
+    assert cont_mod.free_memory("cpu") > 0
+    ids = [
+        cont.tokenizer(cont.render(p, GenSettings()), **cont.encode_kwargs(GenSettings()))["input_ids"] for p in PROMPTS
+    ]
+    longest = max(len(x) for x in ids) + 6
+    monkeypatch.setattr(
+        cont_mod, "free_memory", lambda device: 4 * 3 * (2 * layers * kv * dim * 8 * longest + 12 * vocab)
+    )
+    got = cont.generate(PROMPTS, "ad", GenSettings(max_new_tokens=6, batch_size=0))
+    assert cont.loop_stats["rows_cap"] == 3
+    gen = HFBackend(str(m), {"ad": str(ad)}, dtype="float64", loop="generate")
+    ref = gen.generate(PROMPTS, "ad", GenSettings(max_new_tokens=6, batch_size=0))  # auto on generate: 3 too
+    assert [g.text for g in got] == [g.text for g in ref]
+
+
+def test_batch_size_auto_or_a_positive_integer():
+    from safeprune.eval.evaluate import batch_rows
+
+    assert batch_rows("auto") == batch_rows("AUTO") == 0
+    assert batch_rows("12") == batch_rows(12) == 12
+    assert batch_rows(None) is None
+    for bad in ("0", 0, -3, "many", True):
+        with pytest.raises(UsageError, match="--batch-size must be 'auto' or a positive integer"):
+            batch_rows(bad, "--batch-size")
+    assert EvalConfig().settings("safety").batch_size == 0  # automatic by default
+    assert EvalConfig(batch_size=8).settings("utility").batch_size == 8
+    assert EvalConfig(batch_size=8, utility_batch_size=2).settings("utility").batch_size == 2

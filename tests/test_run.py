@@ -156,6 +156,18 @@ def test_config_errors_name_the_file_and_field(world):
         )
         with pytest.raises(InputError, match=msg):
             load_config(bad)
+    # batch sizes: auto (the default) or a positive integer
+    for bs, ok in (("auto", True), ("64", True), ("0", False), ("lots", False)):
+        bad.write_text(
+            "name: x\nbase: base\nadapters: {lora: lora}\nmethods: [{name: ddi}]\n"
+            f"evaluation: {{safety: [{{path: harmful_behaviors.csv}}], batch_size: {bs}, utility_batch_size: {bs}}}\n"
+        )
+        if ok:
+            e = load_config(bad).evaluation
+            assert e.batch_size == e.utility_batch_size == (bs if bs == "auto" else int(bs))
+        else:
+            with pytest.raises(InputError, match=r"bad\.yaml.*evaluation\.batch_size"):
+                load_config(bad)
     bad.write_text("name: x\nbase: base\nadapters: {lora: lora}\n" + ev)
     with pytest.raises(InputError, match=r"at least one method \(methods:\) or repair \(repairs:\)"):
         load_config(bad)

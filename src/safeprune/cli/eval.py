@@ -137,8 +137,13 @@ def eval_cmd(
     ] = None,
     backend: Annotated[str, typer.Option("--backend", help="hf (transformers), vllm (optional extra) or fake.")] = "hf",
     batch_size: Annotated[
-        int, typer.Option("--batch-size", help="Rows in flight (continuous batching) or prompts per generate call.")
-    ] = 16,
+        str,
+        typer.Option(
+            "--batch-size",
+            help="Rows in flight (continuous batching) or prompts per generate call; auto: as many as fit a "
+            "quarter of the free memory, at most 256.",
+        ),
+    ] = "auto",
     safety_tokens: Annotated[
         int, typer.Option("--max-new-tokens", help="Max new tokens for safety / over-refusal prompts.")
     ] = 64,
@@ -210,7 +215,7 @@ def eval_cmd(
     ] = "continuous",
 ) -> None:
     """Generate and score the base and/or adapters on the same prompts; write results for `compare`."""
-    from ..eval.evaluate import EvalConfig, evaluate, sampled_uncertainty_cost
+    from ..eval.evaluate import EvalConfig, batch_rows, evaluate, sampled_uncertainty_cost
     from ..eval.judges import KeywordJudge, parse_judge_spec
     from ..eval.results import summary_markdown
 
@@ -238,7 +243,7 @@ def eval_cmd(
     cfg = EvalConfig(
         safety_max_new_tokens=safety_tokens,
         utility_max_new_tokens=utility_tokens,
-        batch_size=batch_size,
+        batch_size=batch_rows(batch_size, "--batch-size"),
         system_prompt=system_prompt,
         chat_template=not no_chat_template,
         do_sample=do_sample,

@@ -43,7 +43,7 @@ SCORED_KINDS = ("utility", "qa")  # kinds with references: utility metrics, AUAR
 class EvalConfig:
     safety_max_new_tokens: int = 64
     utility_max_new_tokens: int = 96
-    batch_size: int = 16
+    batch_size: int = 0  # rows in flight; 0: automatic (as many as fit a quarter of the free memory, at most 256)
     system_prompt: str | None = None
     chat_template: bool = True
     do_sample: bool = False
@@ -52,7 +52,7 @@ class EvalConfig:
     seed: int = 0
     auarc_threshold: float = 0.15
     sort_by_length: bool = False
-    utility_batch_size: int | None = None  # long prompts (dialogues): smaller batches pad less
+    utility_batch_size: int | None = None  # None: batch_size (the automatic size accounts for long prompts)
     # verdict-aware early stopping of safety / over-refusal generations once every refusal judge's verdict
     # is decided: None = on iff no model-based judge is set; True = on (an error with one); False = off
     early_stop: bool | None = None
@@ -99,9 +99,30 @@ class EvalConfig:
             seed=self.seed,
             system_prompt=self.system_prompt,
             chat_template=self.chat_template,
-            batch_size=(self.utility_batch_size or self.batch_size) if kind == "utility" else self.batch_size,
+            batch_size=(
+                self.utility_batch_size
+                if kind == "utility" and self.utility_batch_size is not None
+                else self.batch_size
+            ),
             sort_by_length=self.sort_by_length,
         )
+
+
+def batch_rows(value: int | str | None, where: str = "batch size") -> int | None:
+    """A batch size as given by a user (``"auto"``, a positive integer or its text, None) as
+    :class:`EvalConfig` takes it: 0 for automatic, None stays None. Anything else: a one-line UsageError."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        if value.strip().lower() == "auto":
+            return 0
+        try:
+            value = int(value)
+        except ValueError:
+            raise UsageError(f"{where} must be 'auto' or a positive integer, got {value!r}") from None
+    if isinstance(value, bool) or value < 1:
+        raise UsageError(f"{where} must be 'auto' or a positive integer, got {value!r}")
+    return value
 
 
 STOP_KINDS = ("safety", "over_refusal")

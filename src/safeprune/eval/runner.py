@@ -61,7 +61,8 @@ def generate_cached(
             [prompts[i] for i in todo], adapter, settings, on_batch=lambda js, gs: store([todo[j] for j in js], gs)
         )
     elif todo:
-        bs = max(1, settings.batch_size)
+        # 0: automatic; a backend batched by calls (vLLM, fake) takes 50 prompts a call, safeprune run's old default
+        bs = settings.batch_size if settings.batch_size > 0 else 50
         for s in range(0, len(todo), bs):  # one backend call per batch so each batch is cached at once
             chunk = todo[s : s + bs]
             store(chunk, backend.generate([prompts[i] for i in chunk], adapter, settings))

@@ -21,7 +21,7 @@ class GenSettings:
     seed: int = 0
     system_prompt: str | None = None  # None: the chat template's own default
     chat_template: bool = True
-    batch_size: int = 16
+    batch_size: int = 16  # rows in flight (continuous batching) or prompts per call; 0: automatic (memory-bounded)
     sort_by_length: bool = False  # batch prompts of similar length together (less padding, faster)
     # verdict-aware early stopping: end a generation once one of these strings is in its decoded text
     # (the keyword judge's list; empty: off). See ``stopping.py``.

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import os
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -403,7 +404,12 @@ def _generate(backend: Any, texts: list[str], settings: GenSettings, on_batch) -
     ids = [tok(t, **backend.encode_kwargs(settings))["input_ids"] for t in texts]
     queue = deque(sorted(range(len(texts)), key=lambda i: (-len(ids[i]), i)))
     eos, stop = backend.eos_ids(), backend.stopper(settings)
-    cap, max_new = max(1, settings.batch_size), max(1, settings.max_new_tokens)
+    max_new = max(1, settings.max_new_tokens)
+    cap = (
+        settings.batch_size
+        if settings.batch_size > 0
+        else auto_rows(model, max((len(x) for x in ids), default=1) + max_new, backend.device)
+    )
     pad = tok.pad_token_id if tok.pad_token_id is not None else next(iter(eos), 0)
     prefix = _Prefix(model, kwarg, ids[0][: _common_prefix(ids)] if ids else [], backend.device)
     results: dict[int, Generation] = {}
@@ -435,7 +441,14 @@ def _generate(backend: Any, texts: list[str], settings: GenSettings, on_batch) -
 
     lanes: list[_Batch] = []
     limit = lane_padding_limit(model)
-    stats = {"lanes_max": 0, "forwards": 0, "prefill_forwards": 0, "joins_in_place": 0, "joins_copied": 0}
+    stats = {
+        "rows_cap": cap,
+        "lanes_max": 0,
+        "forwards": 0,
+        "prefill_forwards": 0,
+        "joins_in_place": 0,
+        "joins_copied": 0,
+    }
     refill = max(1, cap // REFILL_SHARE)
     while queue or lanes:
         running = sum(len(b.rows) for b in lanes)
@@ -479,6 +492,16 @@ def _generate(backend: Any, texts: list[str], settings: GenSettings, on_batch) -
     return [results[i] for i in range(len(texts))]
 
 
+def _kv_dims(model: Any) -> tuple[Any, int, int, int]:
+    """The base model, its decoder layers, key/value heads and head size."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    cfg = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
+    heads = cfg.num_attention_heads
+    kv = getattr(cfg, "num_key_value_heads", None) or heads
+    dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    return base, cfg.num_hidden_layers, kv, dim
+
+
 def lane_padding_limit(model: Any) -> int:
     """Padding (rows × cached columns) a join may add to a lane before a new lane is cheaper. Both costs
     are memory reads on a CPU: a lane's forward pass reads every weight once (the input embedding table
@@ -486,17 +509,53 @@ def lane_padding_limit(model: Any) -> int:
     is the number of parameters read per step over the key/value numbers per token: 11,700 for SmolLM2-135M
     (with mix_s0's LoRA 11,756; measured with one thread in ``benchmarks/results/decode_costs.json``: a forward
     pass costs 63 ms, a padded column 5.2 µs per row, so 12,000)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    cfg = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
-    heads = cfg.num_attention_heads
-    kv = getattr(cfg, "num_key_value_heads", None) or heads
-    dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    base, layers, kv, dim = _kv_dims(model)
     params = sum(p.numel() for p in base.parameters())
     emb_in, emb_out = base.get_input_embeddings(), base.get_output_embeddings()
     w_in = getattr(emb_in, "weight", None)
     if w_in is not None and getattr(emb_out, "weight", None) is not w_in:  # untied: the input table is looked up
         params -= w_in.numel()
-    return max(1, params // (2 * cfg.num_hidden_layers * kv * dim))
+    return max(1, params // (2 * layers * kv * dim))
+
+
+# An automatic batch size (``batch_size`` 0): as many rows in flight as the keys/values of their longest
+# prompt plus the new tokens fit in MEMORY_SHARE of the free memory, at most ROWS_MAX. A decode step's cost per
+# row falls with the rows in flight up to about 128-256 and is flat beyond (SmolLM2, one thread: 8.6 ms a
+# row at 16 rows, 4.9 at 64, 4.1 at 128, 4.0 at 256, 3.8 at 384; benchmarks/results/decode_costs.json),
+# while the cache grows with every row.
+ROWS_MAX = 256
+MEMORY_SHARE = 0.25
+
+
+def free_memory(device: str) -> int:
+    """Bytes free for the cache: on a CUDA device what the allocator reports free, else the system's
+    ``MemAvailable`` (``/proc/meminfo``), else the free physical pages, else 4 GiB."""
+    if str(device).startswith("cuda") and torch.cuda.is_available():
+        return int(torch.cuda.mem_get_info(torch.device(device))[0])
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 4 << 30
+
+
+def auto_rows(model: Any, tokens_per_row: int, device: str, free: int | None = None) -> int:
+    """Rows in flight for an automatic batch size: per row, the keys and values of ``tokens_per_row``
+    tokens in every layer (in the model's dtype) and three float32 rows of logits (the output, a softmax
+    chunk, its exponent); ``MEMORY_SHARE`` of ``free`` bytes (default :func:`free_memory`), at most
+    ``ROWS_MAX``, at least 1."""
+    base, layers, kv, dim = _kv_dims(model)
+    item = next(base.parameters()).element_size()
+    vocab = base.get_output_embeddings().weight.shape[0] if base.get_output_embeddings() is not None else 0
+    per_row = 2 * layers * kv * dim * item * max(1, tokens_per_row) + 3 * 4 * vocab
+    free = free_memory(device) if free is None else free
+    return max(1, min(ROWS_MAX, int(MEMORY_SHARE * free) // per_row))
 
 
 def _pick_lane(lanes: list[_Batch], joins: dict[int, list[_Batch]], g: _Batch, limit: int, most: int = 4) -> int:

@@ -27,7 +27,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import (
@@ -208,9 +208,11 @@ class EvalSpec(_Strict):
     uq_samples: int = Field(5, ge=2)
     uq_temperature: float = Field(1.0, gt=0)
     uq_equivalence: str = "rougeL:0.5"
-    batch_size: int = 50
+    # rows in flight; auto: as many as fit a quarter of the free memory (the longest prompt's keys/values),
+    # at most 256 (safeprune.eval.backends.continuous.auto_rows)
+    batch_size: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"
     sort_by_length: bool = True  # batch prompts of similar length together (less padding)
-    utility_batch_size: int = 16  # utility prompts (dialogues) are long: smaller batches pad less
+    utility_batch_size: Annotated[int, Field(ge=1)] | Literal["auto"] | None = None  # None: batch_size
     backend: Literal["hf", "vllm", "fake"] = "hf"
     device: str = "cpu"
     dtype: str = "float32"

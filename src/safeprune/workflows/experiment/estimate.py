@@ -10,7 +10,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from ...eval.backends import Backend, GenSettings, make_backend
-from ...eval.evaluate import EvalConfig, early_stop_plan, gen_settings
+from ...eval.evaluate import EvalConfig, batch_rows, early_stop_plan, gen_settings
 from ...eval.judges import KeywordJudge, PatternJudge
 from .config import ExperimentConfig, load_config
 from .eval_stages import load_sets
@@ -53,11 +53,11 @@ def estimate_experiment(config: ExperimentConfig | str | Path, backend: Backend 
     ecfg = EvalConfig(
         safety_max_new_tokens=e.safety_max_new_tokens,
         utility_max_new_tokens=e.utility_max_new_tokens,
-        batch_size=e.batch_size,
+        batch_size=batch_rows(e.batch_size),
         system_prompt=e.system_prompt,
         seed=cfg.seed,
         sort_by_length=e.sort_by_length,
-        utility_batch_size=e.utility_batch_size,
+        utility_batch_size=batch_rows(e.utility_batch_size),
         early_stop=e.early_stop,
     )
     model_judges = [SimpleNamespace(id=j.kind) for j in e.judges]  # not loaded for an estimate

@@ -11,7 +11,7 @@ from typing import Any
 
 from ...errors import InputError, UsageError
 from ...eval.backends import GenSettings, make_backend
-from ...eval.evaluate import EvalConfig, EvalResult, evaluate, sampled_uncertainty_cost
+from ...eval.evaluate import EvalConfig, EvalResult, batch_rows, evaluate, sampled_uncertainty_cost
 from ...eval.judges import HFClassifierJudge, KeywordJudge, OpenAIJudge
 from ...eval.results import write_results
 from ...io.files import write_text_atomic
@@ -66,11 +66,11 @@ def stage_evaluate(cfg: ExperimentConfig, variants: list[Variant], out: Path, lo
     ecfg = EvalConfig(
         safety_max_new_tokens=e.safety_max_new_tokens,
         utility_max_new_tokens=e.utility_max_new_tokens,
-        batch_size=e.batch_size,
+        batch_size=batch_rows(e.batch_size),
         system_prompt=e.system_prompt,
         seed=cfg.seed,
         sort_by_length=e.sort_by_length,
-        utility_batch_size=e.utility_batch_size,
+        utility_batch_size=batch_rows(e.utility_batch_size),
         qa_max_new_tokens=e.qa_max_new_tokens,
         uncertainty=e.uncertainty,
         uq_samples=e.uq_samples,
