@@ -22,7 +22,7 @@ import platform
 import time
 from pathlib import Path
 
-from bench_generation import mix_sets
+from bench_generation import evaluate_variant, mix_sets
 
 
 def main() -> None:
@@ -35,7 +35,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "batch_size.json"))
     a = ap.parse_args()
 
-    from safeprune.eval import EvalConfig, evaluate
+    from safeprune.eval import EvalConfig
     from safeprune.eval.backends import GenSettings, HFBackend
     from safeprune.eval.backends.continuous import MEMORY_SHARE, ROWS_MAX, free_memory
 
@@ -57,15 +57,7 @@ def main() -> None:
             outs = {}
             for path, cfg in paths.items():
                 t0 = time.perf_counter()
-                r = evaluate(
-                    a.model,
-                    {} if v == "base" else {v: adapters[v]},
-                    prompt_sets=group,
-                    include_base=v == "base",
-                    backend=be,
-                    config=cfg,
-                    meteor=False,
-                )
+                r = evaluate_variant(be, a.model, adapters, v, group, cfg)
                 dt = time.perf_counter() - t0
                 outs[path] = [it["output"] for it in r.items]
                 runs.append(

@@ -71,10 +71,26 @@ def mix_sets(shared: Path, scale: float):
     return sets
 
 
+def evaluate_variant(be, model: str, adapters: dict, variant: str, sets, cfg):
+    """``safeprune.evaluate`` of one variant (``"base"``: the base alone) on ``sets`` with the loaded
+    backend, without a cache or METEOR."""
+    from safeprune.eval import evaluate
+
+    return evaluate(
+        model,
+        {} if variant == "base" else {variant: adapters[variant]},
+        prompt_sets=sets,
+        include_base=variant == "base",
+        backend=be,
+        config=cfg,
+        meteor=False,
+    )
+
+
 def run_mix(a) -> None:
     import torch
 
-    from safeprune.eval import EvalConfig, evaluate
+    from safeprune.eval import EvalConfig
     from safeprune.eval.backends import GenSettings, HFBackend
 
     shared = Path(os.environ.get("SAFEPRUNE_SHARED") or Path(__file__).resolve().parents[2] / "shared")
@@ -127,15 +143,7 @@ def run_mix(a) -> None:
             for path, (loop, cfg) in paths.items():
                 be.loop = loop
                 t0, c0 = time.perf_counter(), time.process_time()
-                r = evaluate(
-                    a.model,
-                    {} if v == "base" else {v: adapters[v]},
-                    prompt_sets=group,
-                    include_base=v == "base",
-                    backend=be,
-                    config=cfg,
-                    meteor=False,
-                )
+                r = evaluate_variant(be, a.model, adapters, v, group, cfg)
                 dt, cpu = time.perf_counter() - t0, time.process_time() - c0
                 per_set = {}
                 for ps in group:

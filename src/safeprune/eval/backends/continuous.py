@@ -122,14 +122,19 @@ class _Layer(DynamicLayer if DynamicLayer is not None else object):  # type: ign
         """The rows of several caches stacked, each left-padded with zeros to ``width`` columns."""
         rows = sum(k.shape[0] for k in keys)
         self._k, self._v = self._alloc(keys[0], rows, width), self._alloc(values[0], rows, width)
-        r = 0
+        self._write(keys, values, 0, width)
+        self._view(width)
+
+    def _write(self, keys: list[torch.Tensor], values: list[torch.Tensor], first: int, width: int) -> None:
+        """Copy the caches' rows into the buffers from row ``first`` on, each left-padded with zeros to
+        ``width`` columns."""
+        r = first
         for k, v in zip(keys, values):
             n, pad = k.shape[0], width - k.shape[2]
             for buf, src in ((self._k, k), (self._v, v)):
                 buf[r : r + n, :, :pad].zero_()  # masked out, but 0 * garbage could be NaN
                 buf[r : r + n, :, pad:width].copy_(src)
             r += n
-        self._view(width)
 
     def append(self, keys: list[torch.Tensor], values: list[torch.Tensor]) -> bool:
         """Write the rows of other caches into this buffer's spare rows (rows a finished sequence freed),
@@ -139,13 +144,7 @@ class _Layer(DynamicLayer if DynamicLayer is not None else object):  # type: ign
         n = sum(k.shape[0] for k in keys)
         if rows + n > self._k.shape[0] or any(k.shape[2] > width for k in keys):
             return False
-        r = rows
-        for k, v in zip(keys, values):
-            m, pad = k.shape[0], width - k.shape[2]
-            for buf, src in ((self._k, k), (self._v, v)):
-                buf[r : r + m, :, :pad].zero_()  # masked out, but 0 * garbage could be NaN
-                buf[r : r + m, :, pad:width].copy_(src)
-            r += m
+        self._write(keys, values, rows, width)
         self._view(width, rows + n)
         return True
 
