@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Callable, Sequence
 
 from .backends import Backend, Generation, GenSettings
+from .backends.base import CALL_ROWS
 from .cache import GenerationCache, cache_key
 
 
@@ -61,8 +62,7 @@ def generate_cached(
             [prompts[i] for i in todo], adapter, settings, on_batch=lambda js, gs: store([todo[j] for j in js], gs)
         )
     elif todo:
-        # 0: automatic; a backend batched by calls (vLLM, fake) takes 50 prompts a call, safeprune run's old default
-        bs = settings.batch_size if settings.batch_size > 0 else 50
+        bs = settings.batch_size if settings.batch_size > 0 else CALL_ROWS  # 0: automatic
         for s in range(0, len(todo), bs):  # one backend call per batch so each batch is cached at once
             chunk = todo[s : s + bs]
             store(chunk, backend.generate([prompts[i] for i in chunk], adapter, settings))

@@ -11,6 +11,10 @@ from typing import Any, Callable, Sequence
 from ...adapter import ADAPTER_FILES, adapter_fingerprint, fingerprint_dir  # noqa: F401  (re-exported)
 from ...errors import UsageError
 
+# an automatic batch size (``GenSettings.batch_size`` 0) where prompts go in fixed batches (HF generate,
+# backends batched by calls): at most this many a batch, ``safeprune run``'s default before it was automatic
+CALL_ROWS = 50
+
 
 @dataclass
 class GenSettings:

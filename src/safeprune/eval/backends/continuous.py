@@ -219,16 +219,17 @@ class _Batch:
 
     def _append(self, parts: list[_Batch]) -> bool:
         """Join in place: the new rows go into the spare rows of every layer's buffer (rows that finished
-        sequences freed, see :meth:`keep`), when all of them fit and none is wider than the running cache;
-        else False and nothing changed."""
+        sequences freed, see :meth:`keep`), when all of them fit and none is wider than the running cache
+        (:meth:`_Layer.append` decides, on the first layer, before anything is written); else False and
+        nothing changed."""
         layers = self.cache.layers
+        if not all(isinstance(la, _Layer) for la in layers):
+            return False
         width = self.mask.shape[1]
-        if not all(isinstance(la, _Layer) for la in layers) or any(b.mask.shape[1] > width for b in parts):
-            return False
-        if len(self.rows) + sum(len(b.rows) for b in parts) > layers[0]._k.shape[0]:
-            return False
         for i, la in enumerate(layers):
             if not la.append([b.cache.layers[i].keys for b in parts], [b.cache.layers[i].values for b in parts]):
+                if i == 0:
+                    return False
                 raise RuntimeError("the layers of a running cache disagree on their rows or width")
         self.mask = torch.cat([self.mask] + [_left_pad(b.mask, width, 1) for b in parts], 0)
         self.rows = self.rows + [r for b in parts for r in b.rows]
@@ -551,7 +552,8 @@ def auto_rows(model: Any, tokens_per_row: int, device: str, free: int | None = N
     ``ROWS_MAX``, at least 1."""
     base, layers, kv, dim = _kv_dims(model)
     item = next(base.parameters()).element_size()
-    vocab = base.get_output_embeddings().weight.shape[0] if base.get_output_embeddings() is not None else 0
+    w_out = getattr(base.get_output_embeddings(), "weight", None)
+    vocab = w_out.shape[0] if w_out is not None else 0
     per_row = 2 * layers * kv * dim * item * max(1, tokens_per_row) + 3 * 4 * vocab
     free = free_memory(device) if free is None else free
     return max(1, min(ROWS_MAX, int(MEMORY_SHARE * free) // per_row))

@@ -26,14 +26,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessorLis
 from ...errors import InputError, UsageError
 from ...io.devices import resolve_device
 from ...weights.resolve import resolve_model
-from .base import Backend, Generation, GenSettings
+from .base import CALL_ROWS, Backend, Generation, GenSettings
 from .continuous import auto_rows, cache_kwarg, continuous_generate
 from .stopping import KeywordStoppingCriteria, SubstringStop
 
 # "continuous": safeprune's own greedy loop (continuous batching over the KV cache, see continuous.py);
 # "generate": HF generate on fixed batches (sampling always uses it)
 LOOPS = ("continuous", "generate")
-GENERATE_ROWS = 50  # an automatic batch size on the generate loop: fixed batches pad every row to the longest
 
 
 class _TokenStats:
@@ -192,11 +191,11 @@ class HFBackend(Backend):
         eos_ids = self.eos_ids()
         stop = self.stopper(settings)
         bs = settings.batch_size
-        if bs <= 0:  # automatic: memory-bounded (see continuous.auto_rows), at most the earlier default of 50
+        if bs <= 0:  # automatic: memory-bounded (see continuous.auto_rows), at most CALL_ROWS (fixed batches pad)
             longest = max(
                 (len(self.tokenizer(t, **self.encode_kwargs(settings))["input_ids"]) for t in texts), default=1
             )
-            bs = min(GENERATE_ROWS, auto_rows(self.model, longest + settings.max_new_tokens, self.device))
+            bs = min(CALL_ROWS, auto_rows(self.model, longest + settings.max_new_tokens, self.device))
         # longest first within the call: less padding per batch; results put back in order
         order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
         results: dict[int, Generation] = {}
