@@ -604,6 +604,20 @@ def test_cli_eval_and_compare_fake_backend(tmp_path):
     assert r.exit_code == 2 and "not a safeprune eval output directory" in r.output
     r = runner.invoke(app, ["eval", "--backend", "fake", "--base", "fake", "-o", str(tmp_path / "o2")])
     assert r.exit_code == 2 and "--safety" in r.output
+    for bad in ("0", "lots"):  # --batch-size: auto or a positive integer; nothing written otherwise
+        o3 = tmp_path / f"o3_{bad}"
+        args = ["eval", "--backend", "fake", "--base", "fake", "--safety", str(sets[0].path), "--batch-size", bad]
+        r = runner.invoke(app, [*args, "-o", str(o3)])
+        assert r.exit_code == 2, r.output
+        assert f"--batch-size must be 'auto' or a positive integer, got {bad if bad == 'lots' else 0!r}" in r.output
+        assert not o3.exists()
+    r = runner.invoke(
+        app,
+        ["-q", "eval", "--backend", "fake", "--base", "fake", "--safety", str(sets[0].path)]
+        + ["--limit", "3", "--no-meteor", "--batch-size", "auto", "-o", str(tmp_path / "o4")],
+    )
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "o4" / "results.json").read_text())["settings"]["batch_size"] == 0
     assert isinstance(UsageError("x"), SafepruneError)
 
 
