@@ -569,3 +569,70 @@ def test_batch_size_auto_or_a_positive_integer():
     assert EvalConfig().settings("safety").batch_size == 0  # automatic by default
     assert EvalConfig(batch_size=8).settings("utility").batch_size == 8
     assert EvalConfig(batch_size=8, utility_batch_size=2).settings("utility").batch_size == 2
+
+
+def test_fused_output_layer_gives_the_tokens_and_statistics_of_choose():
+    """The output layer computed in vocabulary chunks with the statistics accumulated per chunk: the same
+    tokens as the argmax of the whole product (the first of tied maxima, also across chunks), the
+    log-probability and entropy within float32 rounding, with and without a bias, any chunk size."""
+    torch = pytest.importorskip("torch")
+    from safeprune.eval.backends.continuous import _choose, _fused_choose
+
+    g = torch.Generator().manual_seed(1)
+    x, w, bias = torch.randn(23, 40, generator=g), torch.randn(1000, 40, generator=g), torch.randn(1000, generator=g)
+    # two equal columns in different chunks, and a row whose maximum is their tie: small integers, so every
+    # product is exact whatever the order of its sums
+    w[300] = w[700] = torch.arange(40) % 5 - 2.0
+    x[0] = (torch.arange(40) % 5 - 2.0) * 4
+    bias[700] = bias[300]
+    for b in (None, bias):
+        logits = torch.nn.functional.linear(x, w, b)
+        ref = _choose(logits)
+        assert ref[0][0] == 300
+        for chunk in (64, 333, 1000, 4096):
+            tok, logp, ent = _fused_choose(x, w, b, chunk=chunk)
+            assert tok == ref[0]
+            assert logp == pytest.approx(ref[1], abs=1e-4)
+            assert ent == pytest.approx(ref[2], abs=1e-4)
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_loop_fuses_the_output_layer_after_checking_it(tiny, dtype):
+    """On a CPU the loop fuses the output layer once its first forward's fused statistics agree with the
+    model's logits: the generations are those of the unfused loop (float64: the same tokens and statistics
+    to rounding; float32: the same tokens on these prompts). A model that changes its logits after the layer
+    fails the check and keeps the unfused path, with the generate loop's tokens."""
+    m, ad = tiny
+    from safeprune.eval.backends import continuous
+
+    s = GenSettings(max_new_tokens=8, batch_size=6)
+    fused_be = HFBackend(str(m), {"ad": str(ad)}, dtype=dtype)
+    got = fused_be.generate(PROMPTS, "ad", s)
+    assert fused_be.loop_stats["fused_head"] is True
+    plain_be = HFBackend(str(m), {"ad": str(ad)}, dtype=dtype)
+    orig = continuous._Head.__init__
+
+    def unfusable(self, model, device):
+        orig(self, model, device)
+        self.fusable = False
+
+    continuous._Head.__init__ = unfusable
+    try:
+        ref = plain_be.generate(PROMPTS, "ad", s)
+    finally:
+        continuous._Head.__init__ = orig
+    assert plain_be.loop_stats["fused_head"] is False
+    assert [g.text for g in got] == [r.text for r in ref]
+    assert [g.mean_nll for g in got] == pytest.approx([r.mean_nll for r in ref], abs=1e-5)
+    assert [g.mean_entropy for g in got] == pytest.approx([r.mean_entropy for r in ref], abs=1e-5)
+
+    scaled = HFBackend(str(m), {"ad": str(ad)}, dtype=dtype)
+    gen = HFBackend(str(m), {"ad": str(ad)}, dtype=dtype, loop="generate")
+    for b in (scaled, gen):  # logits scaled after the output layer (as a soft-capping model does)
+        b.model.get_output_embeddings().register_forward_hook(lambda mod, args, out: out * 3.0)
+    got = scaled.generate(PROMPTS, "ad", s)
+    assert scaled.loop_stats["fused_head"] is False
+    ref = gen.generate(PROMPTS, "ad", GenSettings(max_new_tokens=8, batch_size=1))
+    if dtype == "float64":
+        assert [g.text for g in got] == [r.text for r in ref]
+        assert [g.mean_nll for g in got] == pytest.approx([r.mean_nll for r in ref], abs=1e-4)
