@@ -21,7 +21,9 @@ or ``max_new_tokens``) and refilled with the next prompt:
   the padding's keys/values (:func:`lane_padding_limit`);
 * each step feeds one token per row with the position ``number of real tokens so far`` and the attention
   mask of real tokens, as ``generate`` does; the token is the argmax of the float32 logits, as in
-  ``generate``, and ``mean_nll`` / ``mean_entropy`` are computed as the ``generate`` path computes them.
+  ``generate``, and ``mean_nll`` / ``mean_entropy`` are computed as the ``generate`` path computes them;
+  on a CPU the output layer is fused with those statistics over vocabulary chunks, so the logits are never
+  written (:class:`_Head`, checked against the model's own logits on the first forward of each call).
 
 Greedy tokens equal ``generate``'s for the same prompt up to floating-point rounding: the rows a prompt
 shares a batch with and the number of padding columns change the order of floating-point sums, which can
