@@ -23,22 +23,20 @@ import argparse
 import json
 import os
 import platform
-import time
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_decode_costs import best  # noqa: E402
 
 
 def best_gflops(x, w, n: int = 8) -> float:
-    """``x @ w.T`` at its best of ``n`` calls after one (warm caches: an upper bound on the rate in a loop)."""
+    """``x @ w.T`` into one output buffer at its best of ``n`` calls after one (warm caches: an upper bound on
+    the rate in a loop); timed by ``bench_decode_costs.best``."""
     import torch
 
     out = torch.empty(x.shape[0], w.shape[0])
-    torch.mm(x, w.t(), out=out)
-    best = float("inf")
-    for _ in range(n):
-        t0 = time.perf_counter()
-        torch.mm(x, w.t(), out=out)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * x.shape[0] * x.shape[1] * w.shape[0] / best / 1e9
+    return 2 * x.shape[0] * x.shape[1] * w.shape[0] / best(lambda: torch.mm(x, w.t(), out=out), n) / 1e9
 
 
 def linear_shapes(model) -> tuple[list[tuple[int, int]], tuple[int, int]]:

@@ -100,6 +100,7 @@ def _choose(logits: torch.Tensor, chunk: int = 16) -> tuple[list[int], list[floa
 
 
 HEAD_CHUNK = 4096  # vocabulary columns per product of the fused output layer
+FUSE_HEAD = True  # fuse the output layer on a CPU when its check passes (:class:`_Head`); False: never
 
 
 def _fused_choose(
@@ -111,8 +112,9 @@ def _fused_choose(
     token's log-probability is ``max - lse`` and the entropy ``lse - sum(p * logit)``. The tokens are those
     of the whole product's argmax (the first maximum wins); the log-probability and entropy agree with
     :func:`_choose`'s to float32 rounding of the summation order (within 1e-6 and 7e-6 on random
-    SmolLM2-sized data). The 50 MB of logits of a 256-row step is never written or read back: 1.46x faster
-    at 200 rows, 1.14x at 128 (``benchmarks/bench_fused_head.py``)."""
+    SmolLM2-sized data). The 50 MB of logits of a 256-row step is never written or read back: 1.10x faster
+    at 256 rows, 1.03x at 128, 1.11x at 64 in isolation, ~1% of a whole safety call
+    (``benchmarks/results/fused_head.json``, ``fused_head_loop.json``)."""
     x = x.to(weight.dtype).contiguous()
     rows, vocab = x.shape[0], weight.shape[0]
     m = torch.full((rows,), float("-inf"), device=x.device)
@@ -440,7 +442,8 @@ class _Head:
         head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
         self.module = head if isinstance(head, torch.nn.Module) else None
         self.fusable = (
-            type(head) is torch.nn.Linear
+            FUSE_HEAD
+            and type(head) is torch.nn.Linear
             and str(device).startswith("cpu")  # measured there; a GPU writes its logits fast enough
             and head.weight.dtype in (torch.float32, torch.float64)
         )
